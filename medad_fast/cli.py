@@ -1,0 +1,46 @@
+"""`medad-fast` command line.
+
+Each sub-command lives in the module that does the work; that module exposes
+``add_arguments(parser)`` and ``main(args) -> int`` (the exit code). The CLI only
+wires them together, so `python -m medad_fast.cli` and `torchrun -m medad_fast.cli`
+work the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, one-line help)
+COMMANDS = {
+    "info": ("medad_fast._extension", "print build and runtime facts as JSON"),
+    "phantom": ("medad_fast.data.phantom", "write a procedural liver-CT phantom dataset (BMAD layout)"),
+    "prepare": ("medad_fast.data.volumes", "convert LiTS/BTCV NIfTI or DICOM series to the BMAD layout"),
+    "train": ("medad_fast.train", "train the model on BMAD-layout data"),
+    "evaluate": ("medad_fast.evaluate", "evaluate a run or checkpoint: metrics.json, heatmaps, ROC plot"),
+    "predict": ("medad_fast.predict", "score images with a checkpoint and write heatmaps"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medad-fast",
+        description="Frequency-aware self-supervised lesion detection (liver CT).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Fake (meta) kernels and autograd formulas of the compiled ops, registered the
+PyTorch way (``torch.library.register_fake`` / ``register_autograd``) so the ops work
+under ``torch.compile`` and in training. Imported by :mod:`medad_fast._extension`
+once ``_C`` has registered the schemas.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_lib = "medad_fast::"
+
+
+@torch.library.register_fake(_lib + "perlin_noise")
+def _perlin_noise_fake(angles, res, height, width, rotation):
+    return angles.new_empty((angles.shape[0], height, width))
+
+
+@torch.library.register_fake(_lib + "synthesize_anomalies")
+def _synthesize_anomalies_fake(images, sources, angles, res, rotation, beta, anomalous,
+                               threshold, roi_threshold):
+    return torch.empty_like(images, memory_format=torch.contiguous_format), \
+        torch.empty_like(images, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(_lib + "butterworth_highpass")
+def _butterworth_highpass_fake(x, d0, order):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(_lib + "skip_merge")
+def _skip_merge_fake(encoder, decoder, alpha):
+    B, C, H, W = encoder.shape
+    return encoder.new_empty((B, 2 * C, H, W))
+
+
+@torch.library.register_fake(_lib + "skip_merge_backward")
+def _skip_merge_backward_fake(grad, alpha):
+    B, C2, H, W = grad.shape
+    return grad.new_empty((B, C2 // 2, H, W)), grad.new_empty((B, C2 // 2, H, W))
+
+
+# butterworth_highpass is linear and self-adjoint: backward = the same filter.
+def _butterworth_setup(ctx, inputs, output):
+    _, ctx.d0, ctx.order = inputs
+
+
+def _butterworth_backward(ctx, grad):
+    return torch.ops.medad_fast.butterworth_highpass(grad, ctx.d0, ctx.order), None, None
+
+
+torch.library.register_autograd(_lib + "butterworth_highpass", _butterworth_backward,
+                                setup_context=_butterworth_setup)
+
+
+def _skip_merge_setup(ctx, inputs, output):
+    ctx.alpha = inputs[2]
+
+
+def _skip_merge_backward(ctx, grad):
+    grad_encoder, grad_decoder = torch.ops.medad_fast.skip_merge_backward(grad, ctx.alpha)
+    return grad_encoder, grad_decoder, None
+
+
+torch.library.register_autograd(_lib + "skip_merge", _skip_merge_backward,
+                                setup_context=_skip_merge_setup)

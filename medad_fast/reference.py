@@ -1,0 +1,150 @@
+"""Pure-PyTorch versions of every op: the test oracle, the benchmark baseline, and the
+fallback when the compiled extension is missing.
+
+Written to be obviously correct rather than fast. The compiled kernels in ``csrc/`` must
+match these to float rounding; the math they share lives in ``csrc/include/medad_fast/``.
+Argument checking is done once, in :mod:`medad_fast.ops`; the functions here assume valid
+arguments (``ops`` calls them as the fallback after its checks).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["perlin_noise", "synthesize_anomalies", "butterworth_highpass", "skip_merge",
+           "butterworth_highpass_textbook"]
+
+
+def _fade(t: torch.Tensor) -> torch.Tensor:
+    # DRAEM's quintic fade 6t^5 - 15t^4 + 10t^3
+    return t * t * t * (t * (t * 6 - 15) + 10)
+
+
+def perlin_noise(angles: torch.Tensor, res: torch.Tensor, height: int, width: int,
+                 rotation: torch.Tensor | None = None) -> torch.Tensor:
+    """2-D Perlin noise per sample, evaluated at continuous coordinates.
+
+    Args:
+        angles: ``[B, Ry+1, Rx+1]`` gradient angles (radians) of the lattice nodes; sample
+            ``b`` uses the top-left ``[ry+1, rx+1]`` corner.
+        res: ``[B, 2]`` integer lattice resolution ``(ry, rx)`` in cells per axis.
+        height, width: output size; any size works.
+        rotation: ``[B]`` angle (radians) the noise field is rotated by about the image
+            centre, or None. Output pixels whose pre-image lies outside the field
+            (``[-0.5, H-0.5] x [-0.5, W-0.5]``, the pixel squares) get 0.
+
+    Returns:
+        ``[B, H, W]`` noise of the dtype of ``angles``.
+
+    Pixel ``(i, j)`` samples the lattice at ``(i * ry / H, j * rx / W)`` (DRAEM's grid);
+    the cell index is clamped to ``[0, r-1]`` so the half-pixel border extrapolates the
+    edge cell smoothly instead of indexing outside the lattice.
+    """
+    dtype, device = angles.dtype, angles.device
+    B = angles.shape[0]
+    ys = torch.arange(height, dtype=dtype, device=device).view(1, height, 1).expand(B, height, width)
+    xs = torch.arange(width, dtype=dtype, device=device).view(1, 1, width).expand(B, height, width)
+    inside = torch.ones(B, height, width, dtype=torch.bool, device=device)
+    if rotation is not None:
+        cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
+        c = torch.cos(rotation.to(dtype)).view(B, 1, 1)
+        s = torch.sin(rotation.to(dtype)).view(B, 1, 1)
+        dy, dx = ys - cy, xs - cx
+        ys, xs = cy + (c * dy - s * dx), cx + (s * dy + c * dx)
+        inside = (ys >= -0.5) & (ys <= height - 0.5) & (xs >= -0.5) & (xs <= width - 0.5)
+    ry = res[:, 0].to(dtype).view(B, 1, 1)
+    rx = res[:, 1].to(dtype).view(B, 1, 1)
+    u = ys * (ry / height)
+    v = xs * (rx / width)
+    cell_y = torch.minimum(torch.clamp(torch.floor(u), min=0), ry - 1)
+    cell_x = torch.minimum(torch.clamp(torch.floor(v), min=0), rx - 1)
+    ty, tx = u - cell_y, v - cell_x
+    iy, ix = cell_y.long(), cell_x.long()
+    b = torch.arange(B, device=device).view(B, 1, 1).expand(B, height, width)
+
+    def dot(oy: int, ox: int) -> torch.Tensor:
+        a = angles[b, iy + oy, ix + ox]
+        return torch.cos(a) * (ty - oy) + torch.sin(a) * (tx - ox)
+
+    fy, fx = _fade(ty), _fade(tx)
+    n0 = torch.lerp(dot(0, 0), dot(1, 0), fy)
+    n1 = torch.lerp(dot(0, 1), dot(1, 1), fy)
+    noise = math.sqrt(2.0) * torch.lerp(n0, n1, fx)
+    return torch.where(inside, noise, torch.zeros((), dtype=dtype, device=device))
+
+
+def synthesize_anomalies(images: torch.Tensor, sources: torch.Tensor, angles: torch.Tensor,
+                         res: torch.Tensor, rotation: torch.Tensor | None, beta: torch.Tensor,
+                         anomalous: torch.Tensor, threshold: float = 0.5,
+                         roi_threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Liver-aware Perlin anomaly synthesis (DESIGN §1.1), unfused.
+
+    ``M = [P > threshold] * [I > roi_threshold] * anomalous``,
+    ``I_a = I + beta * M * (A - I)``.
+
+    Shapes: images, sources ``[B, 1, H, W]``; beta ``[B]``; anomalous ``[B]`` bool.
+    Returns ``(augmented [B,1,H,W], mask [B,1,H,W])`` in the dtype of ``images``.
+    """
+    B, _, H, W = images.shape
+    noise = perlin_noise(angles.to(images.dtype), res, H, W,
+                         None if rotation is None else rotation.to(images.dtype))
+    mask = (noise > threshold).unsqueeze(1) & (images > roi_threshold) & anomalous.view(B, 1, 1, 1)
+    mask = mask.to(images.dtype)
+    augmented = images + beta.to(images.dtype).view(B, 1, 1, 1) * mask * (sources - images)
+    return augmented, mask
+
+
+def _frequency_distance(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # wrapped integer frequencies: index u < n/2 -> u, else u - n
+    u = torch.arange(n, dtype=dtype, device=device)
+    return torch.where(u < n / 2, u, u - n)
+
+
+def _butterworth_gain(distance_sq: torch.Tensor, d0: float, order: int) -> torch.Tensor:
+    # H = 1 / (1 + (D0/D)^(2n)); H = 0 at D = 0
+    ratio = (d0 * d0) / distance_sq.clamp_min(1)
+    gain = 1.0 / (1.0 + ratio ** order)
+    return torch.where(distance_sq > 0, gain, torch.zeros_like(gain))
+
+
+def butterworth_highpass(x: torch.Tensor, d0: float, order: int = 2) -> torch.Tensor:
+    """Butterworth high-pass filter on the last two dims (rfft2 / irfft2 form).
+
+    Shape: ``[..., H, W]`` -> same shape and dtype (real). No renormalisation.
+    """
+    H, W = x.shape[-2:]
+    real_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    fy = _frequency_distance(H, real_dtype, x.device).view(H, 1)
+    fx = torch.arange(W // 2 + 1, dtype=real_dtype, device=x.device).view(1, -1)
+    gain = _butterworth_gain(fy * fy + fx * fx, d0, order)
+    spectrum = torch.fft.rfft2(x.to(real_dtype))
+    return torch.fft.irfft2(spectrum * gain, s=(H, W)).to(x.dtype)
+
+
+def butterworth_highpass_textbook(x: torch.Tensor, d0: float, order: int = 2) -> torch.Tensor:
+    """The textbook form, ``real(ifft2(ifftshift(H * fftshift(fft2(x)))))``, with ``H``
+    built on the centred grid (``D`` = distance from the centre index ``(H//2, W//2)``).
+    Kept as the independent oracle for :func:`butterworth_highpass`.
+    """
+    H, W = x.shape[-2:]
+    real_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cy, cx = H // 2, W // 2
+    yy = (torch.arange(H, dtype=real_dtype, device=x.device) - cy).view(H, 1)
+    xx = (torch.arange(W, dtype=real_dtype, device=x.device) - cx).view(1, W)
+    distance = torch.sqrt(yy * yy + xx * xx)
+    with torch.no_grad():
+        gain = torch.where(distance > 0, 1.0 / (1.0 + (d0 / distance.clamp_min(1e-12)) ** (2 * order)),
+                           torch.zeros_like(distance))
+    centred = torch.fft.fftshift(torch.fft.fft2(x.to(real_dtype)), dim=(-2, -1))
+    out = torch.fft.ifft2(torch.fft.ifftshift(gain * centred, dim=(-2, -1)))
+    return out.real.to(x.dtype)
+
+
+def skip_merge(encoder: torch.Tensor, decoder: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Weight-decay skip connection ``concat(alpha E + (1 - alpha) D, stopgrad(D))``.
+
+    Shapes: encoder, decoder ``[B, C, H, W]`` -> ``[B, 2C, H, W]``.
+    """
+    return torch.cat([alpha * encoder + (1.0 - alpha) * decoder, decoder.detach()], dim=1)

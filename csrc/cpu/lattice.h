@@ -1,0 +1,47 @@
+// Per-sample Perlin set-up shared by the CPU perlin_noise and synthesize_anomalies kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "medad_fast/perlin.h"
+
+namespace medad_fast {
+
+// Per-sample lattice and rotation, prepared once per call (the gradient tables are
+// cos/sin of the angles, so the kernel does no transcendental math per pixel).
+template <typename T>
+struct SampleSetup {
+  PerlinLattice<T> lattice;
+  bool rotate;
+  T c, s;
+};
+
+template <typename T>
+inline std::vector<SampleSetup<T>> prepare_samples(const at::Tensor& grad_cos, const at::Tensor& grad_sin,
+                                            const at::Tensor& res, const c10::optional<at::Tensor>& rot_cos,
+                                            const c10::optional<at::Tensor>& rot_sin, int64_t height,
+                                            int64_t width) {
+  const int64_t batch = grad_cos.size(0);
+  const int64_t plane = grad_cos.size(1) * grad_cos.size(2);
+  const auto r = res.accessor<int64_t, 2>();
+  std::vector<SampleSetup<T>> samples(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    auto& sample = samples[b];
+    sample.lattice = {grad_cos.data_ptr<T>() + b * plane, grad_sin.data_ptr<T>() + b * plane,
+                      grad_cos.size(2), r[b][0], r[b][1],
+                      static_cast<T>(r[b][0]) / static_cast<T>(height),
+                      static_cast<T>(r[b][1]) / static_cast<T>(width)};
+    sample.rotate = rot_cos.has_value();
+    sample.c = sample.rotate ? rot_cos->data_ptr<T>()[b] : T(1);
+    sample.s = sample.rotate ? rot_sin->data_ptr<T>()[b] : T(0);
+  }
+  return samples;
+}
+
+// Grain: about 16k pixels per task, so small images do not pay for threads.
+inline int64_t rows_per_task(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
+
+}  // namespace medad_fast

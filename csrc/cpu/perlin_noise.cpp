@@ -1,0 +1,51 @@
+// CPU kernel of perlin_noise: one pass per pixel, rows in parallel.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "lattice.h"
+
+namespace medad_fast {
+namespace {
+
+at::Tensor perlin_noise_cpu(const at::Tensor& angles, const at::Tensor& res, int64_t height, int64_t width,
+                            const c10::optional<at::Tensor>& rotation) {
+  check_floating(angles, "angles");
+  TORCH_CHECK(height >= 1 && width >= 1, "height and width must be >= 1; got ", height, " x ", width);
+  const int64_t batch = angles.size(0);
+  check_lattice(angles, res, rotation, batch);
+  auto out = at::empty({batch, height, width}, angles.options());
+  if (out.numel() == 0) return out;
+  const auto res_c = res.contiguous();
+  check_res_values(res_c, angles);
+  const auto grad_cos = angles.cos().contiguous();
+  const auto grad_sin = angles.sin().contiguous();
+  c10::optional<at::Tensor> rot_cos, rot_sin;
+  if (rotation.has_value()) {
+    rot_cos = rotation->cos().contiguous();
+    rot_sin = rotation->sin().contiguous();
+  }
+  AT_DISPATCH_FLOATING_TYPES(angles.scalar_type(), "perlin_noise_cpu", [&] {
+    const auto samples = prepare_samples<scalar_t>(grad_cos, grad_sin, res_c, rot_cos, rot_sin, height, width);
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    const scalar_t H = static_cast<scalar_t>(height), W = static_cast<scalar_t>(width);
+    at::parallel_for(0, batch * height, rows_per_task(width), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const auto& sample = samples[row / height];
+        const int64_t i = row % height;
+        scalar_t* dst = out_ptr + row * width;
+        for (int64_t j = 0; j < width; ++j) {
+          dst[j] = perlin_pixel(sample.lattice, i, j, sample.rotate, sample.c, sample.s, H, W);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(medad_fast, CPU, m) { m.impl("perlin_noise", &perlin_noise_cpu); }
+
+}  // namespace medad_fast

@@ -1,0 +1,86 @@
+// CPU kernel of synthesize_anomalies: noise, rotation, threshold, liver mask and blend
+// in one pass per pixel, rows in parallel.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "lattice.h"
+
+namespace medad_fast {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> synthesize_anomalies_cpu(
+    const at::Tensor& images, const at::Tensor& sources, const at::Tensor& angles, const at::Tensor& res,
+    const c10::optional<at::Tensor>& rotation, const at::Tensor& beta, const at::Tensor& anomalous,
+    double threshold, double roi_threshold) {
+  check_floating(images, "images");
+  TORCH_CHECK(images.dim() == 4 && images.size(1) == 1, "images must have shape [B, 1, H, W]; got ",
+              images.sizes());
+  const int64_t batch = images.size(0), height = images.size(2), width = images.size(3);
+  check_same(sources, images, "sources", "images");
+  TORCH_CHECK(sources.sizes() == images.sizes(), "sources must have the shape of images ", images.sizes(),
+              "; got ", sources.sizes());
+  check_same(angles, images, "angles", "images");
+  check_lattice(angles, res, rotation, batch);
+  check_same(beta, images, "beta", "images");
+  TORCH_CHECK(beta.dim() == 1 && beta.size(0) == batch, "beta must have shape [B=", batch, "]; got ",
+              beta.sizes());
+  TORCH_CHECK(anomalous.scalar_type() == at::kBool, "anomalous must be bool; got ", anomalous.scalar_type());
+  check_same(anomalous, images, "anomalous", "images", /*same_dtype=*/false);
+  TORCH_CHECK(anomalous.dim() == 1 && anomalous.size(0) == batch, "anomalous must have shape [B=", batch,
+              "]; got ", anomalous.sizes());
+
+  auto augmented = at::empty(images.sizes(), images.options());
+  auto mask = at::empty(images.sizes(), images.options());
+  if (images.numel() == 0) return {augmented, mask};
+
+  const auto res_c = res.contiguous();
+  check_res_values(res_c, angles);
+  const auto images_c = images.contiguous();
+  const auto sources_c = sources.contiguous();
+  const auto beta_c = beta.contiguous();
+  const auto anomalous_c = anomalous.contiguous();
+  const auto grad_cos = angles.cos().contiguous();
+  const auto grad_sin = angles.sin().contiguous();
+  c10::optional<at::Tensor> rot_cos, rot_sin;
+  if (rotation.has_value()) {
+    rot_cos = rotation->cos().contiguous();
+    rot_sin = rotation->sin().contiguous();
+  }
+  AT_DISPATCH_FLOATING_TYPES(images.scalar_type(), "synthesize_anomalies_cpu", [&] {
+    const auto samples = prepare_samples<scalar_t>(grad_cos, grad_sin, res_c, rot_cos, rot_sin, height, width);
+    const scalar_t* img = images_c.data_ptr<scalar_t>();
+    const scalar_t* src = sources_c.data_ptr<scalar_t>();
+    const scalar_t* beta_ptr = beta_c.data_ptr<scalar_t>();
+    const bool* anomalous_ptr = anomalous_c.data_ptr<bool>();
+    scalar_t* aug = augmented.data_ptr<scalar_t>();
+    scalar_t* msk = mask.data_ptr<scalar_t>();
+    const scalar_t H = static_cast<scalar_t>(height), W = static_cast<scalar_t>(width);
+    const scalar_t thr = static_cast<scalar_t>(threshold), roi = static_cast<scalar_t>(roi_threshold);
+    at::parallel_for(0, batch * height, rows_per_task(width), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / height, i = row % height;
+        const auto& sample = samples[b];
+        const int64_t offset = row * width;
+        if (!anomalous_ptr[b]) {  // normal sample: copy, empty mask
+          std::copy(img + offset, img + offset + width, aug + offset);
+          std::fill(msk + offset, msk + offset + width, scalar_t(0));
+          continue;
+        }
+        for (int64_t j = 0; j < width; ++j) {
+          synthesize_pixel(sample.lattice, i, j, sample.rotate, sample.c, sample.s, H, W, true,
+                           img[offset + j], src[offset + j], beta_ptr[b], thr, roi, aug[offset + j],
+                           msk[offset + j]);
+        }
+      }
+    });
+  });
+  return {augmented, mask};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(medad_fast, CPU, m) { m.impl("synthesize_anomalies", &synthesize_anomalies_cpu); }
+
+}  // namespace medad_fast

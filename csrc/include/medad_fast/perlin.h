@@ -1,0 +1,95 @@
+// Perlin noise at continuous coordinates and the fused synthesis rule (DESIGN §1.1).
+// The formulas mirror medad_fast/reference.py line for line.
+#pragma once
+
+#include "medad_fast/macros.h"
+
+namespace medad_fast {
+
+// DRAEM's quintic fade 6t^5 - 15t^4 + 10t^3.
+template <typename T>
+MEDAD_HOST_DEVICE inline T perlin_fade(T t) {
+  return t * t * t * (t * (t * T(6) - T(15)) + T(10));
+}
+
+template <typename T>
+MEDAD_HOST_DEVICE inline T lerp(T a, T b, T w) {
+  return a + w * (b - a);
+}
+
+// The lattice of one sample: gradient tables (cos, sin of the node angles) with row
+// stride `stride` (= Rx + 1 of the batch tensor), ry x rx cells, and the pixel->lattice
+// scales ry / H, rx / W.
+template <typename T>
+struct PerlinLattice {
+  const T* grad_cos;
+  const T* grad_sin;
+  int64_t stride;
+  int64_t ry, rx;
+  T scale_y, scale_x;
+};
+
+// Noise at the continuous pixel coordinate (y, x) of the unrotated field. The cell index
+// is clamped to the lattice so the half-pixel border extrapolates the edge cell smoothly.
+template <typename T>
+MEDAD_HOST_DEVICE inline T perlin_at(const PerlinLattice<T>& lattice, T y, T x) {
+  const T u = y * lattice.scale_y;
+  const T v = x * lattice.scale_x;
+  const int64_t cell_y = clamp_index(static_cast<int64_t>(floor_of(u)), 0, lattice.ry - 1);
+  const int64_t cell_x = clamp_index(static_cast<int64_t>(floor_of(v)), 0, lattice.rx - 1);
+  const T ty = u - static_cast<T>(cell_y);
+  const T tx = v - static_cast<T>(cell_x);
+  const int64_t k00 = cell_y * lattice.stride + cell_x;
+  const int64_t k10 = k00 + lattice.stride;
+  const T* gc = lattice.grad_cos;
+  const T* gs = lattice.grad_sin;
+  const T n00 = gc[k00] * ty + gs[k00] * tx;
+  const T n10 = gc[k10] * (ty - T(1)) + gs[k10] * tx;
+  const T n01 = gc[k00 + 1] * ty + gs[k00 + 1] * (tx - T(1));
+  const T n11 = gc[k10 + 1] * (ty - T(1)) + gs[k10 + 1] * (tx - T(1));
+  const T fy = perlin_fade(ty);
+  const T fx = perlin_fade(tx);
+  return T(1.4142135623730951) * lerp(lerp(n00, n10, fy), lerp(n01, n11, fy), fx);
+}
+
+// Pre-image (y, x) of output pixel (i, j) when the field is rotated by an angle with
+// cosine c and sine s about the centre (cy, cx). False when it falls outside the field
+// [-0.5, H-0.5] x [-0.5, W-0.5] (the noise there is 0, as resampling with zero fill gives).
+template <typename T>
+MEDAD_HOST_DEVICE inline bool rotate_into_field(T i, T j, T cy, T cx, T c, T s, T height, T width,
+                                                T& y, T& x) {
+  const T dy = i - cy;
+  const T dx = j - cx;
+  y = cy + (c * dy - s * dx);
+  x = cx + (s * dy + c * dx);
+  return y >= T(-0.5) && y <= height - T(0.5) && x >= T(-0.5) && x <= width - T(0.5);
+}
+
+// Noise of output pixel (i, j), rotation included when `rotate`.
+template <typename T>
+MEDAD_HOST_DEVICE inline T perlin_pixel(const PerlinLattice<T>& lattice, int64_t i, int64_t j,
+                                        bool rotate, T c, T s, T height, T width) {
+  T y = static_cast<T>(i);
+  T x = static_cast<T>(j);
+  if (rotate) {
+    const T cy = (height - T(1)) / T(2);
+    const T cx = (width - T(1)) / T(2);
+    if (!rotate_into_field(y, x, cy, cx, c, s, height, width, y, x)) return T(0);
+  }
+  return perlin_at(lattice, y, x);
+}
+
+// One pixel of the fused synthesis: M = anomalous * [I > roi] * [P > threshold],
+// I_a = I + beta M (A - I). The noise is only evaluated where it can matter.
+template <typename T>
+MEDAD_HOST_DEVICE inline void synthesize_pixel(const PerlinLattice<T>& lattice, int64_t i, int64_t j,
+                                               bool rotate, T c, T s, T height, T width,
+                                               bool anomalous, T image, T source, T beta,
+                                               T threshold, T roi_threshold, T& augmented, T& mask) {
+  const bool inside = anomalous && image > roi_threshold &&
+                      perlin_pixel(lattice, i, j, rotate, c, s, height, width) > threshold;
+  mask = inside ? T(1) : T(0);
+  augmented = inside ? image + beta * (source - image) : image;
+}
+
+}  // namespace medad_fast

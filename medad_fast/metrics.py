@@ -1,0 +1,427 @@
+"""Exact evaluation metrics: AUROC, average precision, AUPRO, best Dice.
+
+Every metric is computed EXACTLY (no score binning, no float16 histograms, no
+subsampling), and fast enough for pixel-level evaluation over ~10^8 pixels on a
+CPU: 2-3 s for AUROC or AP over 10^8 float32 pixels (2 % positive) on a busy 2-core
+machine, where scikit-learn needs ~8 s for 10^7.
+
+How it is fast
+--------------
+All pixel metrics are functions of a handful of counts taken at the distinct
+scores of the POSITIVE samples (anomalous pixels, a small fraction of all pixels):
+
+* ``values[k]``     the distinct positive scores, ascending (``U`` of them),
+* ``pos_count[k]``  how many positives score exactly ``values[k]``,
+* ``neg_below[k]``  how many negatives score strictly below ``values[k]``,
+* ``neg_equal[k]``  how many negatives score exactly ``values[k]`` (ties).
+
+Lowering the decision threshold across scores that only negatives hold moves a
+ROC / PR / PRO curve only horizontally (more false positives, same true
+positives), so the curves at these ``2 U`` points (just above and at each
+positive value) ARE the exact curves. The counts come from one ``np.sort`` of all
+scores (a vectorised AVX2/AVX-512 sort in NumPy >= 2, several times faster than
+``torch.sort`` on CPU) plus two ``np.searchsorted`` of the ``U`` positive values
+into it; everything after that is O(U) integer arithmetic.
+
+Definitions
+-----------
+* AUROC: Mann-Whitney U / (P N); a tie between a positive and a negative counts
+  1/2. Computed in exact integer arithmetic, one rounding at the end.
+* AP: scikit-learn's ``average_precision_score``: ``sum_n (R_n - R_{n-1}) P_n``
+  over the distinct thresholds (tied scores form one threshold).
+* AUPRO: the MVTec AD definition (also anomalib's): connected components of the
+  ground-truth masks (8-connectivity within a slice, never across slices, via
+  ``scipy.ndimage.label``); at each threshold, PRO = mean over ALL regions of the
+  fraction of the region's pixels at or above the threshold; FPR = fraction of
+  normal pixels (mask == 0, over all slices) at or above it. The area under the
+  piecewise-linear (FPR, PRO) curve from FPR 0 to ``max_fpr`` (trapezoid rule,
+  the curve interpolated linearly at ``max_fpr``), divided by ``max_fpr``.
+  Exact: every distinct threshold is used, not a quantile grid.
+* Best Dice: max over all thresholds ``t`` of the global Dice
+  ``2 TP / (2 TP + FP + FN)`` of ``map >= t`` against the masks, pooled over all
+  pixels of all slices. Exact over every distinct threshold.
+
+Inputs may be torch tensors (any device, any float/int/bool dtype) or numpy
+arrays. Bad input (shape mismatch, empty input, NaN scores, labels that are
+not 0/1, only one class present) raises ``ValueError`` naming the argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "roc_auc",
+    "average_precision",
+    "roc_curve",
+    "aupro",
+    "best_dice",
+    "compute_metrics",
+]
+
+# 8-connectivity inside each slice, nothing across slices of an [N, H, W] stack.
+_REGION_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
+_REGION_STRUCTURE[1] = True
+
+
+# --------------------------------------------------------------------------- #
+# Input conversion and checks
+# --------------------------------------------------------------------------- #
+def _to_numpy(x, name: str) -> np.ndarray:
+    """Torch tensor (any device) or array-like -> numpy array (no copy when possible)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency of the package
+        torch = None
+    if torch is not None and isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()  # exact widening; numpy has no bfloat16
+        return x.cpu().numpy()
+    array = np.asarray(x)
+    if array.dtype == object:
+        raise ValueError(f"{name} must be a numeric array or tensor, got objects of {type(x).__name__}")
+    return array
+
+
+def _as_labels(x, name: str) -> np.ndarray:
+    """Binary labels of any shape -> bool array of the same shape."""
+    labels = _to_numpy(x, name)
+    if labels.size == 0:
+        raise ValueError(f"{name} is empty")
+    if labels.dtype == bool:
+        return labels
+    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+        raise ValueError(f"{name} must hold bool or 0/1 values, got dtype {labels.dtype}")
+    not_binary = (labels != 0) & (labels != 1)
+    if not_binary.any():
+        bad = labels[not_binary].flat[0].item()
+        raise ValueError(f"{name} must hold bool or 0/1 values, found {bad!r}")
+    return labels != 0
+
+
+def _as_scores(x, name: str) -> np.ndarray:
+    """Real-valued scores of any shape -> numpy array with a dtype np.sort handles fast."""
+    scores = _to_numpy(x, name)
+    if scores.size == 0:
+        raise ValueError(f"{name} is empty")
+    if scores.dtype == bool:
+        return scores.astype(np.uint8)
+    if scores.dtype == np.float16:
+        return scores.astype(np.float32)  # exact; float16 sorts slowly
+    if not (np.issubdtype(scores.dtype, np.integer) or np.issubdtype(scores.dtype, np.floating)):
+        raise ValueError(f"{name} must be real-valued (float/int), got dtype {scores.dtype}")
+    return scores
+
+
+def _check_same_shape(labels: np.ndarray, scores: np.ndarray, labels_name: str, scores_name: str) -> None:
+    if labels.shape != scores.shape:
+        raise ValueError(
+            f"{labels_name} and {scores_name} must have the same shape, "
+            f"got {tuple(labels.shape)} and {tuple(scores.shape)}"
+        )
+
+
+def _as_image_stack(x: np.ndarray, name: str) -> np.ndarray:
+    """[N, H, W] or [N, 1, H, W] -> [N, H, W] (a view)."""
+    if x.ndim == 4 and x.shape[1] == 1:
+        return x[:, 0]
+    if x.ndim != 3:
+        raise ValueError(f"{name} must have shape [N, H, W] or [N, 1, H, W], got {tuple(x.shape)}")
+    return x
+
+
+# --------------------------------------------------------------------------- #
+# Core: counts at the distinct positive scores
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class _RankCounts:
+    """Counts at the U distinct scores of the positives (all arrays have shape [U]).
+
+    ``pos_weight`` (float64, optional) is the summed per-positive weight at each value;
+    AUPRO uses ``1 / (n_regions * region_size)`` per anomalous pixel.
+    """
+
+    values: np.ndarray
+    pos_count: np.ndarray  # int64
+    neg_below: np.ndarray  # int64, negatives with score < values[k]
+    neg_equal: np.ndarray  # int64, negatives with score == values[k]
+    n_positive: int
+    n_negative: int
+    pos_weight: np.ndarray | None = None
+
+    @property
+    def pos_at_or_above(self) -> np.ndarray:
+        """[U] positives with score >= values[k]."""
+        return self.n_positive - (np.cumsum(self.pos_count) - self.pos_count)
+
+    @property
+    def neg_at_or_above(self) -> np.ndarray:
+        """[U] negatives with score >= values[k]."""
+        return self.n_negative - self.neg_below
+
+
+def _rank_counts(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    labels_name: str,
+    scores_name: str,
+    metric: str,
+    positive_weights: np.ndarray | None = None,
+) -> _RankCounts:
+    """Exact counts for ``labels``/``scores`` of the same shape (validated arrays).
+
+    ``positive_weights`` [P] float64, in the C order of ``scores[labels]``.
+    """
+    _check_same_shape(labels, scores, labels_name, scores_name)
+    labels_flat = labels.reshape(-1)
+    scores_flat = scores.reshape(-1)
+    n_positive = int(np.count_nonzero(labels_flat))
+    n_negative = labels_flat.size - n_positive
+    if n_positive == 0:
+        raise ValueError(f"{labels_name} contains only normal samples (no positives); {metric} is undefined")
+    if n_negative == 0:
+        raise ValueError(f"{labels_name} contains only abnormal samples (no negatives); {metric} is undefined")
+
+    # One sort of everything; NaN sorts last, so the NaN check is free here.
+    sorted_scores = np.sort(scores_flat)
+    if np.issubdtype(sorted_scores.dtype, np.floating) and np.isnan(sorted_scores[-1]):
+        raise ValueError(f"{scores_name} contains NaN")
+
+    positive_scores = scores_flat[labels_flat]
+    if positive_weights is None:
+        positive_sorted = np.sort(positive_scores)
+        weights_sorted = None
+    else:
+        order = np.argsort(positive_scores)
+        positive_sorted = positive_scores[order]
+        weights_sorted = positive_weights[order]
+    # Start index of every run of equal positive scores.
+    run_starts = np.flatnonzero(np.concatenate(([True], positive_sorted[1:] != positive_sorted[:-1])))
+    values = positive_sorted[run_starts]
+    pos_count = np.diff(np.append(run_starts, positive_sorted.size)).astype(np.int64)
+
+    all_below = np.searchsorted(sorted_scores, values, side="left").astype(np.int64)
+    all_at_or_below = np.searchsorted(sorted_scores, values, side="right").astype(np.int64)
+    pos_below = np.cumsum(pos_count) - pos_count
+    return _RankCounts(
+        values=values,
+        pos_count=pos_count,
+        neg_below=all_below - pos_below,
+        neg_equal=(all_at_or_below - all_below) - pos_count,
+        n_positive=n_positive,
+        n_negative=n_negative,
+        pos_weight=None if weights_sorted is None else np.add.reduceat(weights_sorted, run_starts),
+    )
+
+
+def _auroc_from(counts: _RankCounts) -> float:
+    # 2 U = sum over positives of (2 * negatives below + negatives tied), in exact integers.
+    twice_u = 2 * int(np.dot(counts.pos_count, counts.neg_below)) + int(np.dot(counts.pos_count, counts.neg_equal))
+    return twice_u / (2 * counts.n_positive * counts.n_negative)  # int / int: one correct rounding
+
+
+def _average_precision_from(counts: _RankCounts) -> float:
+    # Recall only moves at thresholds that positives hold: by pos_count / P, at the
+    # precision of the threshold (all samples with score >= value, ties included).
+    tp = counts.pos_at_or_above.astype(np.float64)
+    fp = counts.neg_at_or_above.astype(np.float64)
+    return float(np.sum(counts.pos_count / counts.n_positive * (tp / (tp + fp))))
+
+
+def _best_dice_from(counts: _RankCounts) -> float:
+    # Dice = 2TP / (2TP + FP + FN) = 2TP / (TP + FP + P). Thresholds between positive
+    # values only add false positives, so the maximum is at a positive value.
+    tp = counts.pos_at_or_above.astype(np.float64)
+    fp = counts.neg_at_or_above.astype(np.float64)
+    return float(np.max(2.0 * tp / (tp + fp + counts.n_positive)))
+
+
+def _curve_points(counts: _RankCounts, positive_mass: np.ndarray, total_mass: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exact piecewise-linear curve (FPR, y) from (0, 0) to (1, 1), FPR non-decreasing.
+
+    ``positive_mass[k]`` is what the positives at ``values[k]`` add to y (counts for the
+    ROC curve, region weights for the PRO curve). For each value, from the highest down:
+    the point just above it, then the point at it (the tie segment between them is a
+    straight line, as in scikit-learn's and MVTec's curves).
+    """
+    mass_at_or_above = np.cumsum(positive_mass[::-1])[::-1]
+    mass_above = mass_at_or_above - positive_mass
+    neg_at_or_above = counts.neg_at_or_above
+    neg_above = neg_at_or_above - counts.neg_equal
+    n_values = counts.values.size
+    fpr = np.empty(2 * n_values + 2)
+    y = np.empty(2 * n_values + 2)
+    fpr[0], y[0] = 0.0, 0.0
+    fpr[1:-1:2] = neg_above[::-1] / counts.n_negative
+    fpr[2:-1:2] = neg_at_or_above[::-1] / counts.n_negative
+    y[1:-1:2] = mass_above[::-1] / total_mass
+    y[2:-1:2] = mass_at_or_above[::-1] / total_mass
+    fpr[-1], y[-1] = 1.0, 1.0
+    return fpr, y
+
+
+def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Trapezoid area under the polyline (x non-decreasing from 0) on [0, x_max]."""
+    n_inside = int(np.searchsorted(x, x_max, side="right"))  # points with x <= x_max
+    xs, ys = x[:n_inside], y[:n_inside]
+    if n_inside < x.size and xs[-1] < x_max:
+        # Close the curve exactly at x_max, interpolating on the segment that crosses it.
+        x0, y0, x1, y1 = x[n_inside - 1], y[n_inside - 1], x[n_inside], y[n_inside]
+        y_at_max = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
+        xs = np.append(xs, x_max)
+        ys = np.append(ys, y_at_max)
+    return float(np.trapezoid(ys, xs))
+
+
+def _region_weights(masks: np.ndarray) -> np.ndarray:
+    """[P] weight ``1 / (n_regions * region_size)`` per mask pixel, C order of ``masks[masks]``.
+
+    ``masks`` [N, H, W] bool. Regions: 8-connected components within each slice.
+    """
+    # Label only the slices that hold lesions (normal slices contribute no mask pixels,
+    # so the C order of the mask pixels is unchanged).
+    has_lesion = masks.reshape(masks.shape[0], -1).any(axis=1)
+    lesion_slices = masks[has_lesion]
+    region_map, n_regions = ndimage.label(lesion_slices, structure=_REGION_STRUCTURE)
+    region_of_pixel = region_map[lesion_slices]  # 1..n_regions
+    region_size = np.bincount(region_of_pixel, minlength=n_regions + 1)
+    return 1.0 / (n_regions * region_size[region_of_pixel].astype(np.float64))
+
+
+def _aupro_from(counts: _RankCounts, max_fpr: float) -> float:
+    fpr, pro = _curve_points(counts, counts.pos_weight, float(np.sum(counts.pos_weight)))
+    return _area_up_to(fpr, pro, max_fpr) / max_fpr
+
+
+def _check_max_fpr(max_fpr: float) -> float:
+    max_fpr = float(max_fpr)
+    if not 0.0 < max_fpr <= 1.0:
+        raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
+    return max_fpr
+
+
+def _pixel_arrays(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``masks`` [N, H, W] bool and ``maps`` [N, H, W] real."""
+    mask_array = _as_image_stack(_as_labels(masks, "masks"), "masks")
+    map_array = _as_image_stack(_as_scores(maps, "maps"), "maps")
+    _check_same_shape(mask_array, map_array, "masks", "maps")
+    return mask_array, map_array
+
+
+def _pixel_counts(mask_array: np.ndarray, map_array: np.ndarray, metric: str) -> _RankCounts:
+    """Counts of validated pixel arrays, with the AUPRO region weights."""
+    weights = _region_weights(mask_array) if mask_array.any() else None
+    return _rank_counts(mask_array, map_array, "masks", "maps", metric, positive_weights=weights)
+
+
+# --------------------------------------------------------------------------- #
+# Public API
+# --------------------------------------------------------------------------- #
+def roc_auc(labels, scores) -> float:
+    """Exact area under the ROC curve (Mann-Whitney U; a positive/negative tie counts 1/2).
+
+    labels: bool or 0/1, any shape; scores: real, same shape (both flattened).
+    Equals ``sklearn.metrics.roc_auc_score(labels.ravel(), scores.ravel())``.
+    """
+    labels_array = _as_labels(labels, "labels")
+    scores_array = _as_scores(scores, "scores")
+    return _auroc_from(_rank_counts(labels_array, scores_array, "labels", "scores", "AUROC"))
+
+
+def average_precision(labels, scores) -> float:
+    """Exact average precision as ``sklearn.metrics.average_precision_score`` defines it.
+
+    ``sum_n (R_n - R_{n-1}) P_n`` over the distinct score thresholds, descending.
+    labels: bool or 0/1, any shape; scores: real, same shape (both flattened).
+    """
+    labels_array = _as_labels(labels, "labels")
+    scores_array = _as_scores(scores, "scores")
+    return _average_precision_from(_rank_counts(labels_array, scores_array, "labels", "scores", "average precision"))
+
+
+def roc_curve(labels, scores, max_points: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """ROC curve for plotting: ``(fpr, tpr)`` float64 arrays from (0, 0) to (1, 1).
+
+    The exact curve has up to ``2 * (distinct positive scores) + 2`` vertices; when
+    that is more than ``max_points``, evenly spaced vertices are kept (first and
+    last always), which is fine for a plot but NOT for computing an area: use
+    :func:`roc_auc` for the number.
+    """
+    if int(max_points) < 2:
+        raise ValueError(f"max_points must be >= 2, got {max_points}")
+    labels_array = _as_labels(labels, "labels")
+    scores_array = _as_scores(scores, "scores")
+    counts = _rank_counts(labels_array, scores_array, "labels", "scores", "the ROC curve")
+    fpr, tpr = _curve_points(counts, counts.pos_count.astype(np.float64), float(counts.n_positive))
+    if fpr.size > max_points:
+        keep = np.unique(np.linspace(0, fpr.size - 1, int(max_points)).round().astype(np.int64))
+        fpr, tpr = fpr[keep], tpr[keep]
+    return fpr, tpr
+
+
+def aupro(masks, maps, max_fpr: float = 0.3) -> float:
+    """Normalised area under the per-region-overlap curve up to ``max_fpr`` (exact).
+
+    masks: [N, H, W] (or [N, 1, H, W]) bool / 0-1 ground truth; maps: same shape, real.
+    Regions are the 8-connected components of each slice's mask. PRO(t) is the mean
+    over regions of the fraction of the region with ``map >= t``; FPR(t) the fraction
+    of mask-free pixels with ``map >= t``. Every distinct threshold is used; the area
+    (trapezoid, curve interpolated at ``max_fpr``) is divided by ``max_fpr``, so the
+    result lies in [0, 1].
+    """
+    max_fpr = _check_max_fpr(max_fpr)
+    counts = _pixel_counts(*_pixel_arrays(masks, maps), "AUPRO")
+    return _aupro_from(counts, max_fpr)
+
+
+def best_dice(masks, maps) -> float:
+    """Maximum over all thresholds t of the global Dice of ``maps >= t`` against ``masks``.
+
+    masks: bool / 0-1, any shape (e.g. [N, H, W]); maps: real, same shape. Pixels of all
+    slices are pooled (one TP/FP/FN count), every distinct threshold is tried (exact).
+    """
+    labels_array = _as_labels(masks, "masks")
+    scores_array = _as_scores(maps, "maps")
+    return _best_dice_from(_rank_counts(labels_array, scores_array, "masks", "maps", "best Dice"))
+
+
+def compute_metrics(image_labels, image_scores, masks, maps) -> dict:
+    """All evaluation metrics of a test split, as a JSON-ready dict.
+
+    image_labels: [N] bool / 0-1 (1 = abnormal slice); image_scores: [N] real;
+    masks: [N, H, W] or [N, 1, H, W] bool / 0-1; maps: same shape as masks, real.
+    Pixel metrics pool ALL pixels of ALL slices, normal slices included.
+
+    Returns ``image_auroc, pixel_auroc, image_ap, pixel_ap, aupro_0.3, best_dice``
+    (floats) and ``n_images, n_abnormal_images, n_pixels, n_abnormal_pixels`` (ints).
+    Raises ValueError naming the argument when a split holds one class only.
+    """
+    image_label_array = _as_labels(image_labels, "image_labels")
+    image_score_array = _as_scores(image_scores, "image_scores")
+    if image_label_array.ndim != 1:
+        raise ValueError(f"image_labels must have shape [N], got {tuple(image_label_array.shape)}")
+    mask_array, map_array = _pixel_arrays(masks, maps)
+    n_images = int(image_label_array.size)
+    if mask_array.shape[0] != n_images:
+        raise ValueError(
+            f"masks must hold one slice per image: image_labels has {n_images} entries, "
+            f"masks has shape {tuple(np.shape(masks))}"
+        )
+    image_counts = _rank_counts(image_label_array, image_score_array, "image_labels", "image_scores", "AUROC")
+    pixel_counts = _pixel_counts(mask_array, map_array, "AUROC")
+    return {
+        "image_auroc": _auroc_from(image_counts),
+        "pixel_auroc": _auroc_from(pixel_counts),
+        "image_ap": _average_precision_from(image_counts),
+        "pixel_ap": _average_precision_from(pixel_counts),
+        "aupro_0.3": _aupro_from(pixel_counts, 0.3),
+        "best_dice": _best_dice_from(pixel_counts),
+        "n_images": n_images,
+        "n_abnormal_images": image_counts.n_positive,
+        "n_pixels": pixel_counts.n_positive + pixel_counts.n_negative,
+        "n_abnormal_pixels": pixel_counts.n_positive,
+    }

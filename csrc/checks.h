@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 namespace medad_fast {
 
 inline void check_floating(const at::Tensor& t, const char* name, bool allow_half = false) {
@@ -47,6 +49,62 @@ inline void check_res_values(const at::Tensor& res_cpu, const at::Tensor& angles
     TORCH_CHECK(r[b][0] + 1 <= angles.size(1) && r[b][1] + 1 <= angles.size(2), "res (", r[b][0], ", ",
                 r[b][1], ") of sample ", b, " needs more lattice nodes than angles has: ", angles.sizes());
   }
+}
+
+// Full argument checks of each op, shared by the CPU and CUDA entry points.
+inline void check_perlin_inputs(const at::Tensor& angles, const at::Tensor& res, int64_t height, int64_t width,
+                                const c10::optional<at::Tensor>& rotation) {
+  check_floating(angles, "angles");
+  TORCH_CHECK(height >= 1 && width >= 1, "height and width must be >= 1; got ", height, " x ", width);
+  check_lattice(angles, res, rotation, angles.dim() == 3 ? angles.size(0) : -1);
+}
+
+inline void check_synthesis_inputs(const at::Tensor& images, const at::Tensor& sources, const at::Tensor& angles,
+                                   const at::Tensor& res, const c10::optional<at::Tensor>& rotation,
+                                   const at::Tensor& beta, const at::Tensor& anomalous) {
+  check_floating(images, "images");
+  TORCH_CHECK(images.dim() == 4 && images.size(1) == 1, "images must have shape [B, 1, H, W]; got ",
+              images.sizes());
+  const int64_t batch = images.size(0);
+  check_same(sources, images, "sources", "images");
+  TORCH_CHECK(sources.sizes() == images.sizes(), "sources must have the shape of images ", images.sizes(),
+              "; got ", sources.sizes());
+  check_same(angles, images, "angles", "images");
+  check_lattice(angles, res, rotation, batch);
+  check_same(beta, images, "beta", "images");
+  TORCH_CHECK(beta.dim() == 1 && beta.size(0) == batch, "beta must have shape [B=", batch, "]; got ",
+              beta.sizes());
+  TORCH_CHECK(anomalous.scalar_type() == at::kBool, "anomalous must be bool; got ", anomalous.scalar_type());
+  check_same(anomalous, images, "anomalous", "images", /*same_dtype=*/false);
+  TORCH_CHECK(anomalous.dim() == 1 && anomalous.size(0) == batch, "anomalous must have shape [B=", batch,
+              "]; got ", anomalous.sizes());
+}
+
+inline void check_butterworth_inputs(const at::Tensor& x, double d0, int64_t order) {
+  check_floating(x, "x");
+  TORCH_CHECK(x.dim() >= 2, "x must have at least 2 dims [..., H, W]; got ", x.sizes());
+  TORCH_CHECK(d0 > 0 && std::isfinite(d0), "d0 must be a finite number > 0; got ", d0);
+  TORCH_CHECK(order >= 1, "order must be >= 1; got ", order);
+}
+
+inline void check_alpha(double alpha) {
+  TORCH_CHECK(alpha >= 0.0 && alpha <= 1.0, "alpha must be in [0, 1]; got ", alpha);
+}
+
+inline void check_skip_merge_inputs(const at::Tensor& encoder, const at::Tensor& decoder, double alpha,
+                                    bool allow_half) {
+  check_floating(encoder, "encoder", allow_half);
+  check_same(decoder, encoder, "decoder", "encoder");
+  TORCH_CHECK(encoder.dim() == 4, "encoder must have shape [B, C, H, W]; got ", encoder.sizes());
+  TORCH_CHECK(decoder.sizes() == encoder.sizes(), "decoder must have the shape of encoder ", encoder.sizes(),
+              "; got ", decoder.sizes());
+  check_alpha(alpha);
+}
+
+inline void check_skip_merge_grad(const at::Tensor& grad, double alpha, bool allow_half) {
+  check_floating(grad, "grad", allow_half);
+  TORCH_CHECK(grad.dim() == 4 && grad.size(1) % 2 == 0, "grad must have shape [B, 2C, H, W]; got ", grad.sizes());
+  check_alpha(alpha);
 }
 
 }  // namespace medad_fast

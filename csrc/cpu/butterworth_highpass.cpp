@@ -13,10 +13,7 @@ namespace medad_fast {
 namespace {
 
 at::Tensor butterworth_highpass_cpu(const at::Tensor& x, double d0, int64_t order) {
-  check_floating(x, "x");
-  TORCH_CHECK(x.dim() >= 2, "x must have at least 2 dims [..., H, W]; got ", x.sizes());
-  TORCH_CHECK(d0 > 0 && std::isfinite(d0), "d0 must be a finite number > 0; got ", d0);
-  TORCH_CHECK(order >= 1, "order must be >= 1; got ", order);
+  check_butterworth_inputs(x, d0, order);
   const int64_t height = x.size(-2), width = x.size(-1);
   if (x.numel() == 0) return at::empty(x.sizes(), x.options());
 

@@ -11,10 +11,8 @@ namespace {
 
 at::Tensor perlin_noise_cpu(const at::Tensor& angles, const at::Tensor& res, int64_t height, int64_t width,
                             const c10::optional<at::Tensor>& rotation) {
-  check_floating(angles, "angles");
-  TORCH_CHECK(height >= 1 && width >= 1, "height and width must be >= 1; got ", height, " x ", width);
+  check_perlin_inputs(angles, res, height, width, rotation);
   const int64_t batch = angles.size(0);
-  check_lattice(angles, res, rotation, batch);
   auto out = at::empty({batch, height, width}, angles.options());
   if (out.numel() == 0) return out;
   const auto res_c = res.contiguous();

@@ -23,17 +23,8 @@ void for_each_sample_piece(int64_t begin, int64_t end, int64_t plane, const Fn& 
   }
 }
 
-void check_skip_inputs(const at::Tensor& encoder, const at::Tensor& decoder, double alpha) {
-  check_floating(encoder, "encoder");
-  check_same(decoder, encoder, "decoder", "encoder");
-  TORCH_CHECK(encoder.dim() == 4, "encoder must have shape [B, C, H, W]; got ", encoder.sizes());
-  TORCH_CHECK(decoder.sizes() == encoder.sizes(), "decoder must have the shape of encoder ", encoder.sizes(),
-              "; got ", decoder.sizes());
-  TORCH_CHECK(alpha >= 0.0 && alpha <= 1.0, "alpha must be in [0, 1]; got ", alpha);
-}
-
 at::Tensor skip_merge_cpu(const at::Tensor& encoder, const at::Tensor& decoder, double alpha) {
-  check_skip_inputs(encoder, decoder, alpha);
+  check_skip_merge_inputs(encoder, decoder, alpha, /*allow_half=*/false);
   const int64_t B = encoder.size(0), C = encoder.size(1), H = encoder.size(2), W = encoder.size(3);
   auto out = at::empty({B, 2 * C, H, W}, encoder.options());
   if (out.numel() == 0) return out;
@@ -60,10 +51,7 @@ at::Tensor skip_merge_cpu(const at::Tensor& encoder, const at::Tensor& decoder, 
 }
 
 std::tuple<at::Tensor, at::Tensor> skip_merge_backward_cpu(const at::Tensor& grad, double alpha) {
-  check_floating(grad, "grad");
-  TORCH_CHECK(grad.dim() == 4 && grad.size(1) % 2 == 0, "grad must have shape [B, 2C, H, W]; got ",
-              grad.sizes());
-  TORCH_CHECK(alpha >= 0.0 && alpha <= 1.0, "alpha must be in [0, 1]; got ", alpha);
+  check_skip_merge_grad(grad, alpha, /*allow_half=*/false);
   const int64_t B = grad.size(0), C = grad.size(1) / 2, H = grad.size(2), W = grad.size(3);
   auto grad_encoder = at::empty({B, C, H, W}, grad.options());
   auto grad_decoder = at::empty({B, C, H, W}, grad.options());

@@ -14,23 +14,8 @@ std::tuple<at::Tensor, at::Tensor> synthesize_anomalies_cpu(
     const at::Tensor& images, const at::Tensor& sources, const at::Tensor& angles, const at::Tensor& res,
     const c10::optional<at::Tensor>& rotation, const at::Tensor& beta, const at::Tensor& anomalous,
     double threshold, double roi_threshold) {
-  check_floating(images, "images");
-  TORCH_CHECK(images.dim() == 4 && images.size(1) == 1, "images must have shape [B, 1, H, W]; got ",
-              images.sizes());
+  check_synthesis_inputs(images, sources, angles, res, rotation, beta, anomalous);
   const int64_t batch = images.size(0), height = images.size(2), width = images.size(3);
-  check_same(sources, images, "sources", "images");
-  TORCH_CHECK(sources.sizes() == images.sizes(), "sources must have the shape of images ", images.sizes(),
-              "; got ", sources.sizes());
-  check_same(angles, images, "angles", "images");
-  check_lattice(angles, res, rotation, batch);
-  check_same(beta, images, "beta", "images");
-  TORCH_CHECK(beta.dim() == 1 && beta.size(0) == batch, "beta must have shape [B=", batch, "]; got ",
-              beta.sizes());
-  TORCH_CHECK(anomalous.scalar_type() == at::kBool, "anomalous must be bool; got ", anomalous.scalar_type());
-  check_same(anomalous, images, "anomalous", "images", /*same_dtype=*/false);
-  TORCH_CHECK(anomalous.dim() == 1 && anomalous.size(0) == batch, "anomalous must have shape [B=", batch,
-              "]; got ", anomalous.sizes());
-
   auto augmented = at::empty(images.sizes(), images.options());
   auto mask = at::empty(images.sizes(), images.options());
   if (images.numel() == 0) return {augmented, mask};

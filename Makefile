@@ -1,0 +1,56 @@
+# The two commands of the README: `make demo` and `make test`. Both create/refresh .venv,
+# install torch (TORCH_SPEC overrides the CPU build) and build the extension.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+NVCC ?= nvcc
+CUDA_ARCHS ?= 80 90
+PYTEST_ARGS ?=
+DEPS := pybind11 ninja setuptools wheel numpy scipy nibabel pydicom scikit-learn tqdm matplotlib pillow \
+        pytest pytest-benchmark
+EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+STAMP := $(VENV)/.medad_fast-built
+
+.PHONY: setup test demo bench cuda-check clean
+
+setup: $(STAMP)
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+# Rebuilt when the venv is new or a C++/CUDA source or the build files changed.
+$(STAMP): $(VPY) $(EXT_SOURCES)
+	$(VPY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(VPY) -m pip install -q --disable-pip-version-check $(DEPS)
+	MAX_JOBS=$${MAX_JOBS:-2} $(VPY) -m pip install -q --disable-pip-version-check --no-build-isolation -e .
+	$(VENV)/bin/medad-fast info
+	touch $(STAMP)
+
+test: setup
+	$(VPY) -m pytest tests -q $(PYTEST_ARGS)
+
+demo: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
+
+bench: setup
+	$(VPY) benchmarks/report.py
+
+# Compile every CUDA source with nvcc (no torch headers needed), for each architecture.
+cuda-check:
+	@command -v $(NVCC) >/dev/null || { echo "cuda-check: $(NVCC) not found on PATH"; exit 1; }
+	@mkdir -p .cuda-check
+	@set -e; for src in csrc/cuda/*.cu; do \
+	  for arch in $(CUDA_ARCHS); do \
+	    echo "nvcc -c $$src (sm_$$arch)"; \
+	    $(NVCC) -c -std=c++17 -O3 --expt-relaxed-constexpr -Icsrc/include \
+	      -gencode arch=compute_$$arch,code=sm_$$arch "$$src" -o .cuda-check/$$(basename $$src .cu).sm_$$arch.o; \
+	  done; \
+	done
+	@echo "cuda-check: all CUDA sources compile for sm_$(subst $() $(),$(comma) sm_,$(CUDA_ARCHS))"
+
+comma := ,
+
+clean:
+	rm -rf build .cuda-check medad_fast/_C*.so *.egg-info

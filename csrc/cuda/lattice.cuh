@@ -1,0 +1,24 @@
+// The per-sample Perlin lattice of a batch on the device, shared by the perlin_noise and
+// synthesize_anomalies kernels.
+#pragma once
+
+#include "launchers.h"
+#include "medad_fast/perlin.h"
+
+namespace medad_fast {
+namespace cuda {
+
+// The lattice of sample b; res is clamped to the table so a bad value cannot read out of
+// bounds (the Python wrapper reports it before launch).
+template <typename T>
+__device__ __forceinline__ PerlinLattice<T> sample_lattice(const LatticeArgs<T>& args, int64_t b, int64_t height,
+                                                           int64_t width) {
+  const int64_t ry = clamp_index(args.res[2 * b], 1, args.lattice_h - 1);
+  const int64_t rx = clamp_index(args.res[2 * b + 1], 1, args.lattice_w - 1);
+  const int64_t plane = args.lattice_h * args.lattice_w;
+  return {args.grad_cos + b * plane, args.grad_sin + b * plane, args.lattice_w, ry, rx,
+          static_cast<T>(ry) / static_cast<T>(height), static_cast<T>(rx) / static_cast<T>(width)};
+}
+
+}  // namespace cuda
+}  // namespace medad_fast

@@ -16,11 +16,13 @@ BMAD's liver slices, in the BMAD layout, with pixel masks:
   parenchyma. They are dark/bright tubes and dots in NORMAL slices, so a "dark blob"
   detector is not a perfect lesion detector.
 - **Lesions** (abnormal slices only, 1-3 of them): lobulated ellipses of radius 2-12 % of
-  the image side (log-uniform), hypodense (75 %) or hyperdense, |contrast| log-uniform
-  between ``0.04 / difficulty`` and 0.35 (subtle to strong), edge blur from sharp to very
-  blurred (up to ``0.4 * difficulty`` of the radius), optional enhancing rim, internal
-  heterogeneity and, for large hypodense ones, a necrotic core. The pixel mask is the
-  lesion's nominal outline (where its edge profile crosses 1/2) clipped to the liver.
+  the image side (log-uniform), hypodense (75 %) or hyperdense, optional enhancing rim,
+  internal heterogeneity and, for large hypodense ones, a necrotic core. Conspicuous
+  lesions have |contrast| 0.1-0.35 and edge blur up to 1/4 of the radius; a fraction
+  ``0.3 * difficulty`` of the lesions is SUBTLE: |contrast| from ``0.04 / difficulty`` to
+  0.1, edge blur up to ``0.4 * difficulty`` of the radius (very blurred). Vessels do not
+  run through lesions (tumours displace them). The pixel mask is the lesion's nominal
+  outline (where its edge profile crosses 1/2) clipped to the liver.
 
 Randomness: :func:`generate_slice` draws everything from the ``numpy.random.Generator``
 it is given. :func:`write_phantom_dataset` gives every slice its own generator seeded by
@@ -57,9 +59,15 @@ KIND_CODES = {"good": 0, "Ungood": 1}
 MIN_SIZE = 16
 
 # Lesion parameter ranges (fractions of the image side / intensity units in [0, 1]).
+# Lesion parameter ranges (radius as a fraction of the image side, |contrast| in intensity
+# units, edge blur as a fraction of the radius). A lesion is "subtle" with probability
+# SUBTLE_FRACTION * difficulty; subtle ones reach down to |contrast| 0.04 / difficulty.
 LESION_RADIUS_RANGE = (0.02, 0.12)
-LESION_MAX_CONTRAST = 0.35
-LESION_MIN_CONTRAST_AT_DIFFICULTY_1 = 0.04
+CONSPICUOUS_CONTRAST_RANGE = (0.1, 0.35)
+CONSPICUOUS_MAX_BLUR = 0.25
+SUBTLE_FRACTION = 0.3
+SUBTLE_MIN_CONTRAST = 0.04  # at difficulty 1
+SUBTLE_MAX_BLUR = 0.4  # at difficulty 1
 HYPODENSE_PROBABILITY = 0.75
 
 
@@ -256,13 +264,18 @@ def _draw_lesion(rng: np.random.Generator, liver: _LiverShape, liver_mask: np.nd
     else:  # pragma: no cover - the liver always holds its own centre
         cy, cx = int(round(liver.cy)), int(round(liver.cx))
 
-    min_contrast = min(LESION_MIN_CONTRAST_AT_DIFFICULTY_1 / difficulty, 0.3)
-    magnitude = math.exp(rng.uniform(math.log(min_contrast), math.log(LESION_MAX_CONTRAST)))
+    subtle = rng.uniform() < min(SUBTLE_FRACTION * difficulty, 0.9)
+    if subtle:
+        contrast_range = (min(SUBTLE_MIN_CONTRAST / difficulty, 0.09), CONSPICUOUS_CONTRAST_RANGE[0])
+        max_blur = float(np.clip(SUBTLE_MAX_BLUR * difficulty, 0.1, 0.8))
+    else:
+        contrast_range, max_blur = CONSPICUOUS_CONTRAST_RANGE, CONSPICUOUS_MAX_BLUR
+    magnitude = math.exp(rng.uniform(math.log(contrast_range[0]), math.log(contrast_range[1])))
     hypodense = rng.uniform() < HYPODENSE_PROBABILITY
-    max_blur = float(np.clip(0.4 * difficulty, 0.1, 0.8))
     blur = math.exp(rng.uniform(math.log(0.02), math.log(max_blur)))  # fraction of the radius
     rim = rng.uniform() < 0.25
     return {
+        "subtle": bool(subtle),
         "center_yx": [cy, cx],
         "radius_px": radius,
         "aspect": rng.uniform(0.6, 1.0),
@@ -375,7 +388,7 @@ def _render_slice(rng: np.random.Generator, size: int, abnormal: bool,
 
 
 def _json_lesion(lesion: dict[str, Any]) -> dict[str, Any]:
-    keep = ("center_yx", "radius_px", "aspect", "angle", "contrast", "edge_px", "rim", "necrotic_core")
+    keep = ("subtle", "center_yx", "radius_px", "aspect", "angle", "contrast", "edge_px", "rim", "necrotic_core")
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in lesion.items() if k in keep}
 
 
@@ -387,9 +400,11 @@ def generate_slice(rng: np.random.Generator, size: int, abnormal: bool,
         rng: the only source of randomness (same generator state -> same slice).
         size: image side S (>= 16).
         abnormal: draw 1-3 lesions (the mask is non-empty exactly when True).
-        difficulty: > 0; larger allows subtler (lower-contrast, blurrier) lesions.
-            The lowest |contrast| is ``0.04 / difficulty``, the largest edge blur
-            ``0.4 * difficulty`` of the radius (clipped to [0.1, 0.8]).
+        difficulty: > 0; larger gives more and subtler lesions. A lesion is "subtle"
+            with probability ``min(0.3 * difficulty, 0.9)``: |contrast| log-uniform in
+            ``[0.04 / difficulty, 0.1]`` and edge blur up to ``0.4 * difficulty`` of the radius
+            (clipped to [0.1, 0.8]); otherwise |contrast| is log-uniform in [0.1, 0.35] and
+            the blur up to 0.25 of the radius.
 
     Returns:
         image: float32 [S, S] in [0, 1]; exactly 0 outside the liver, >= 1/255 inside.

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
+from tqdm import tqdm
 
 from medad_fast.io import atomic_write_json, save_png
 
@@ -518,8 +519,6 @@ def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100
                 if rel and rel not in keep and ".." not in Path(rel).parts and not Path(rel).is_absolute():
                     (out / rel).unlink(missing_ok=True)
     atomic_write_json(out / MANIFEST_NAME, manifest)
-
-    from tqdm import tqdm
 
     with tqdm(total=len(plan), desc="phantom", unit="slice", disable=not progress) as bar:
         for entry, (split, kind, index, image_rel, mask_rel) in zip(manifest["slices"], plan):

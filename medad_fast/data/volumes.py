@@ -1,0 +1,1069 @@
+"""Raw CT volumes -> liver slices in the BMAD layout (``medad-fast prepare``).
+
+Sources (``KIND``):
+
+- ``lits``: ``volume-N.nii[.gz]`` + ``segmentation-N.nii[.gz]`` anywhere under SRC (LiTS ships
+  them in several "Training Batch" folders); label 1 = liver, 2 = tumour.
+- ``btcv``: ``img/imgXXXX.nii.gz`` + ``label/labelXXXX.nii.gz`` (or both flat in SRC, or
+  anywhere below it); label 6 = liver; no tumours, so every slice is normal.
+- ``dicom``: 3D-IRCADb-style patient folders, each holding ``PATIENT_DICOM/`` (the CT series)
+  and ``MASKS_DICOM/liver/`` plus optional ``MASKS_DICOM/livertumor*/`` (mask series, nonzero
+  stored value = inside). SRC is one patient folder or a folder containing them.
+
+Geometry. Every volume is brought to ONE display orientation through its affine (NIfTI) or
+its ImageOrientationPatient / ImagePositionPatient (DICOM): the closest canonical RAS+
+orientation (``nibabel.orientations.io_orientation``), then a fixed flip + transpose so that a
+slice ``[row, col]`` is what a radiologist looks at: anterior at the top, the patient's right
+on the image left (rows run anterior -> posterior, columns patient right -> left). Slices are
+the axial ones; ``slice_index`` counts them from the most inferior (0) to the most superior.
+DICOM slices are ordered by ImagePositionPatient projected on the slice normal, RescaleSlope/
+Intercept is applied per file, and a gap larger than 1.5 x the median spacing is reported as a
+missing slice (the volume is then rejected: slices would otherwise be silently misplaced).
+
+Intensities. HU window ``[lo, hi]`` (default [-200, 250]) mapped linearly to 0..255; pixels
+outside the liver (liver label or tumour) are set to EXACTLY 0 and liver pixels to at least 1,
+so ``image > 0`` is the liver mask (what the method's liver localisation relies on). Optional
+``--hist-eq``: histogram equalisation of the liver pixels only, per slice (BMAD's
+preprocessing), mapped onto 1..255 so the liver stays > 0. ``--size S`` resizes to S x S
+(area averaging to shrink, bilinear to enlarge; masks nearest: :mod:`medad_fast.io`).
+
+A slice is written when it contains liver; it is abnormal (``Ungood``, with a 0/255 tumour mask)
+when it contains tumour at the source resolution. If resizing erases a small tumour, its mask
+falls back to "any area coverage", so an abnormal slice never has an empty mask.
+
+Split by PATIENT (never by slice): ``--test-fraction`` and ``--val-fraction`` of the patients
+(at least one each when the fraction is > 0 and there are enough patients), the rest train.
+Train keeps only the NORMAL slices of its patients (abnormal ones are dropped and counted).
+
+Output (BMAD layout, file stem ``<patient>_<slice_index:04d>``)::
+
+    OUT/train/good/*.png
+    OUT/{valid,test}/good/img/*.png
+    OUT/{valid,test}/Ungood/img/*.png   OUT/{valid,test}/Ungood/label/*.png   (masks 0/255)
+    OUT/manifest.json
+
+``manifest.json`` lists every written slice (image, mask, source file, patient, slice index,
+split, label 0/1), the per-source settings, the patient split and status, and the counts.
+
+Robustness. A volume that cannot be read (corrupt file, label shape that does not match its
+image, DICOM series with a missing slice, no liver in the labels...) is reported with a
+message naming the file; the other volumes are still processed and the exit code is 1 with a
+summary. All files are written atomically; the manifest is rewritten after every volume, so an
+interrupted or partly failed run is resumed by running the same command again (finished
+volumes are skipped, half-written ones are redone, nothing is duplicated). A different
+source (e.g. BTCV for train, then LiTS for valid/test) can be added to the same OUT. SRC is only
+read. OUT must be missing, empty, or a previous ``prepare`` output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from medad_fast.io import atomic_write_json, resize_images, resize_masks, save_png
+
+__all__ = [
+    "KINDS",
+    "DEFAULT_WINDOW",
+    "VolumeError",
+    "CaseTask",
+    "CaseVolume",
+    "RenderedSlices",
+    "PrepareReport",
+    "discover_cases",
+    "read_nifti_case",
+    "read_dicom_case",
+    "read_dicom_series",
+    "render_slices",
+    "equalize_liver_histogram",
+    "split_counts",
+    "split_patients",
+    "prepare_dataset",
+    "add_arguments",
+    "main",
+]
+
+KINDS = ("lits", "btcv", "dicom")
+DEFAULT_WINDOW = (-200.0, 250.0)
+DEFAULT_VAL_FRACTION = 0.1
+DEFAULT_TEST_FRACTION = 0.2
+GENERATOR_NAME = "medad_fast.prepare"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "valid", "test")
+
+# Label values per NIfTI source: (liver values, tumour values). Tumour counts as liver too.
+NIFTI_LABELS = {"lits": ((1,), (2,)), "btcv": ((6,), ())}
+# Largest label value a source may hold (LiTS: 0/1/2; a larger value means another dataset,
+# e.g. BTCV's 13 organs, whose label 1 = spleen would silently be taken for liver).
+NIFTI_MAX_LABEL = {"lits": 2, "btcv": None}
+# File name prefixes (image, label) per NIfTI source: <prefix><number>.nii[.gz].
+NIFTI_PREFIXES = {"lits": ("volume-", "segmentation-"), "btcv": ("img", "label")}
+# Label volumes are read in chunks of this many slices along the axial axis (bounded memory).
+LABEL_CHUNK_SLICES = 64
+# A gap between consecutive DICOM slices larger than this multiple of the median spacing
+# means at least one slice is missing.
+MISSING_SLICE_GAP_FACTOR = 1.5
+# Files in a DICOM folder that are never slices.
+DICOM_IGNORED_NAMES = {"dicomdir", "thumbs.db", "desktop.ini"}
+DICOM_IGNORED_SUFFIXES = {".txt", ".md", ".json", ".xml", ".csv", ".zip", ".png", ".jpg", ".jpeg"}
+
+
+class VolumeError(Exception):
+    """A volume (or DICOM series) that cannot be converted; the message names the file."""
+
+
+# --------------------------------------------------------------------------- data classes
+
+
+@dataclass(frozen=True)
+class CaseTask:
+    """One patient to convert.
+
+    ``image``: NIfTI file, or the patient folder for DICOM. ``label``: NIfTI label file, None
+    for DICOM (the masks live inside the patient folder). ``problem``: set when discovery
+    already knows the case cannot be converted (e.g. an image without its label).
+    """
+
+    patient: str
+    kind: str
+    image: str
+    label: str | None
+    problem: str | None = None
+
+
+@dataclass
+class CaseVolume:
+    """The axial slab of one patient that spans the liver, in display orientation.
+
+    ``hu``: float32 [n, H, W] Hounsfield units; ``liver``: bool [n, H, W] liver INCLUDING
+    tumour; ``tumour``: bool [n, H, W]; ``slice_indices``: int64 [n], axial index of each slice
+    in the whole volume (0 = most inferior). Rows run anterior -> posterior, columns patient
+    right -> left (radiological display).
+    """
+
+    hu: np.ndarray
+    liver: np.ndarray
+    tumour: np.ndarray
+    slice_indices: np.ndarray
+    source: str
+
+
+@dataclass
+class RenderedSlices:
+    """Slices ready to write: ``images`` uint8 [n, S, S] (0 outside the liver, >= 1 inside),
+    ``masks`` bool [n, S, S] (tumour), ``abnormal`` bool [n], ``slice_indices`` int64 [n]."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    abnormal: np.ndarray
+    slice_indices: np.ndarray
+
+
+@dataclass
+class PrepareReport:
+    """What one ``prepare`` run did. ``failed``: patient -> message naming the file.
+    ``counts``: the manifest's counts (whole OUT, all sources)."""
+
+    out: Path
+    n_cases: int
+    converted: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already done by a previous run
+    failed: dict[str, str] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def _safe_id(name: str) -> str:
+    """A file-name-safe patient id part: anything but letters, digits, '.' and '-' -> '-'."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", name).strip("-") or "patient"
+
+
+def _walk_files(root: Path, prune: Iterable[str] = ()) -> list[Path]:
+    """All regular files under ``root`` (sorted, hidden entries skipped), not descending
+    into directories whose lower-cased name is in ``prune``."""
+    prune = {p.lower() for p in prune}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in prune)
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return found
+
+
+def _discover_nifti(kind: str, src: Path) -> list[CaseTask]:
+    image_prefix, label_prefix = NIFTI_PREFIXES[kind]
+    image_re, label_re = (re.compile(re.escape(prefix) + r"(\d+)\.nii(\.gz)?") for prefix in NIFTI_PREFIXES[kind])
+    images: dict[str, list[Path]] = {}
+    labels: dict[str, list[Path]] = {}
+    for path in _walk_files(src):
+        for pattern, table in ((image_re, images), (label_re, labels)):
+            match = pattern.fullmatch(path.name)
+            if match:
+                table.setdefault(match.group(1), []).append(path)
+    tasks = []
+    for number in sorted(set(images) | set(labels), key=lambda n: (int(n), n)):
+        patient = f"{kind}-{number}"
+        image_files, label_files = images.get(number, []), labels.get(number, [])
+        problem = None
+        if len(image_files) > 1 or len(label_files) > 1:
+            problem = "several files for one patient: " + ", ".join(map(str, image_files + label_files))
+        elif not label_files:
+            problem = f"{image_files[0]}: no label file {label_prefix}{number}.nii[.gz] found under {src}"
+        elif not image_files:
+            problem = f"{label_files[0]}: no image file {image_prefix}{number}.nii[.gz] found under {src}"
+        tasks.append(CaseTask(patient, kind, str((image_files or label_files)[0]),
+                              str(label_files[0]) if label_files else None, problem))
+    return tasks
+
+
+def _find_child(folder: Path, name: str) -> Path | None:
+    """The child of ``folder`` called ``name`` (case-insensitive), or None."""
+    if not folder.is_dir():
+        return None
+    for child in sorted(folder.iterdir()):
+        if child.name.lower() == name.lower():
+            return child
+    return None
+
+
+def _discover_dicom(src: Path) -> list[CaseTask]:
+    tasks = []
+    for dirpath, dirnames, filenames in os.walk(src):
+        here = Path(dirpath)
+        names = {d.lower() for d in dirnames}
+        if "patient_dicom" in names:
+            tasks.append(CaseTask(f"dicom-{_safe_id(here.name)}", "dicom", str(here), None))
+            dirnames[:] = []  # a patient folder holds no further patients
+            continue
+        zipped = {f.lower() for f in filenames}
+        if "patient_dicom.zip" in zipped:
+            tasks.append(CaseTask(f"dicom-{_safe_id(here.name)}", "dicom", str(here), None,
+                                  problem=f"{here / 'PATIENT_DICOM.zip'}: unzip PATIENT_DICOM.zip and "
+                                          "MASKS_DICOM.zip first (prepare reads DICOM folders)"))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    return sorted(tasks, key=lambda t: t.patient)
+
+
+def discover_cases(kind: str, src: str | Path) -> list[CaseTask]:
+    """Find the patients of ``kind`` under ``src`` (sorted by patient id).
+
+    Raises ``FileNotFoundError`` naming ``src`` when there is nothing of that kind, and
+    ``ValueError`` when two cases map to the same patient id.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"SRC folder not found: {src}")
+    tasks = _discover_dicom(src) if kind == "dicom" else _discover_nifti(kind, src)
+    if not tasks:
+        expected = {
+            "lits": "volume-N.nii[.gz] + segmentation-N.nii[.gz]",
+            "btcv": "img/imgXXXX.nii.gz + label/labelXXXX.nii.gz",
+            "dicom": "patient folders with PATIENT_DICOM/ and MASKS_DICOM/liver/",
+        }[kind]
+        raise FileNotFoundError(f"no {kind} data found under {src} (expected {expected})")
+    seen: dict[str, CaseTask] = {}
+    for task in tasks:
+        if task.patient in seen:
+            raise ValueError(f"two cases map to the same patient id {task.patient!r}: "
+                             f"{seen[task.patient].image} and {task.image}; rename one of them")
+        seen[task.patient] = task
+    return tasks
+
+
+# --------------------------------------------------------------------------- orientation
+
+
+def _orientation(affine: np.ndarray, where: str) -> np.ndarray:
+    """``nibabel`` orientation (array axes -> closest RAS+ axes) of a voxel-to-world affine."""
+    import nibabel as nib
+
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise VolumeError(f"{where}: the voxel-to-world affine is missing or degenerate, cannot orient the volume")
+    return nib.orientations.io_orientation(affine)
+
+
+def _to_display(array_ijk: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """[I, J, K] voxel array -> [slice, row, col] display stack (see the module docstring).
+
+    After ``apply_orientation`` the axes point to patient Right, Anterior, Superior; rows must
+    run anterior -> posterior and columns right -> left, so both in-plane axes are flipped,
+    and ``[R, A, S] -> [S, A, R]``.
+    """
+    import nibabel as nib
+
+    canonical = nib.orientations.apply_orientation(array_ijk, ornt)
+    return np.ascontiguousarray(np.flip(canonical, (0, 1)).transpose(2, 1, 0))
+
+
+def _axial_axis_range(ornt: np.ndarray, shape: tuple[int, ...], first: int, last: int) -> tuple[int, int, int]:
+    """The array axis that becomes the axial (S) axis, and the index range ``[lo, hi)`` on it
+    that holds display slices ``first..last`` (inclusive)."""
+    axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
+    n = shape[axis]
+    if ornt[axis, 1] < 0:
+        return axis, n - 1 - last, n - first
+    return axis, first, last + 1
+
+
+def _liver_range(codes_display: np.ndarray) -> tuple[int, int] | None:
+    """First and last display slice holding liver (code >= 1); None when there is none."""
+    present = np.flatnonzero(codes_display.reshape(codes_display.shape[0], -1).any(axis=1))
+    if present.size == 0:
+        return None
+    return int(present[0]), int(present[-1])
+
+
+def _case_volume(codes_display: np.ndarray, hu_display: np.ndarray, first: int, source: str) -> CaseVolume:
+    codes = codes_display[first:first + hu_display.shape[0]]
+    return CaseVolume(hu=hu_display, liver=codes >= 1, tumour=codes == 2,
+                      slice_indices=np.arange(first, first + hu_display.shape[0], dtype=np.int64), source=source)
+
+
+# --------------------------------------------------------------------------- NIfTI
+
+
+def _load_nifti(path: Path):
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+    except Exception as e:  # nibabel raises many types for broken files
+        raise VolumeError(f"{path}: cannot read NIfTI header ({type(e).__name__}: {e})") from e
+    shape = tuple(int(s) for s in image.shape)
+    while len(shape) > 3 and shape[-1] == 1:  # [X, Y, Z, 1] -> [X, Y, Z]
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise VolumeError(f"{path}: expected a 3-D volume, got shape {tuple(image.shape)}")
+    return image, shape
+
+
+def _read_nifti_block(image, path: Path, axis: int, lo: int, hi: int, convert) -> np.ndarray:
+    """``convert(data)`` of ``image[..., lo:hi, ...]`` (``axis`` sliced), read in chunks so the
+    float64 that nibabel may return never exists for the whole volume."""
+    extra = (0,) * (len(image.shape) - 3)
+    chunks = []
+    try:
+        for start in range(lo, hi, LABEL_CHUNK_SLICES):
+            index = [slice(None)] * 3
+            index[axis] = slice(start, min(start + LABEL_CHUNK_SLICES, hi))
+            chunks.append(convert(np.asarray(image.dataobj[tuple(index) + extra])))
+    except VolumeError:
+        raise
+    except Exception as e:  # truncated / corrupt data: zlib.error, EOFError, OSError, ValueError...
+        raise VolumeError(f"{path}: cannot read the voxel data ({type(e).__name__}: {e})") from e
+    return np.concatenate(chunks, axis=axis)
+
+
+def _label_codes(labels: np.ndarray, liver_values: tuple[int, ...], tumour_values: tuple[int, ...]) -> np.ndarray:
+    """Label volume -> uint8 codes: 0 background, 1 liver, 2 tumour (float labels rounded)."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        labels = np.rint(labels)
+    codes = np.zeros(labels.shape, dtype=np.uint8)
+    codes[np.isin(labels, liver_values)] = 1
+    if tumour_values:
+        codes[np.isin(labels, tumour_values)] = 2
+    return codes
+
+
+def read_nifti_case(image_path: str | Path, label_path: str | Path, kind: str) -> CaseVolume:
+    """Read a LiTS or BTCV image + label pair; return the liver slab in display orientation.
+
+    The image's affine orients BOTH volumes (labels are defined voxel-wise on the image grid;
+    some datasets carry a sloppy label header). Only the label volume is read whole (as
+    uint8); the image is read only over the slices that hold liver.
+    Raises ``VolumeError`` naming the file: unreadable file, not 3-D, label shape differing
+    from the image shape, no liver label in the label volume.
+    """
+    liver_values, tumour_values = NIFTI_LABELS[kind]
+    image_path, label_path = Path(image_path), Path(label_path)
+    image, shape = _load_nifti(image_path)
+    label, label_shape = _load_nifti(label_path)
+    if label_shape != shape:
+        raise VolumeError(f"{label_path}: label shape {label_shape} does not match the image shape {shape} "
+                          f"of {image_path}")
+    ornt = _orientation(image.affine, str(image_path))
+
+    value_range = [math.inf, -math.inf]
+
+    def to_codes(chunk: np.ndarray) -> np.ndarray:
+        if chunk.size:
+            value_range[0] = min(value_range[0], float(np.nanmin(chunk)))
+            value_range[1] = max(value_range[1], float(np.nanmax(chunk)))
+        return _label_codes(chunk, liver_values, tumour_values)
+
+    codes_ijk = _read_nifti_block(label, label_path, 2, 0, shape[2], to_codes)
+    codes_display = _to_display(codes_ijk, ornt)
+    del codes_ijk
+    max_label = NIFTI_MAX_LABEL[kind]
+    if max_label is not None and (value_range[0] < 0 or value_range[1] > max_label):
+        raise VolumeError(f"{label_path}: label values range {value_range[0]:g}..{value_range[1]:g}, but {kind} "
+                          f"labels are 0..{max_label} — is this the right KIND?")
+    span = _liver_range(codes_display)
+    if span is None:
+        wanted = " or ".join(map(str, liver_values + tumour_values))
+        raise VolumeError(f"{label_path}: no liver voxel (label {wanted} for {kind}); label values range "
+                          f"{value_range[0]:g}..{value_range[1]:g} — is this the right KIND?")
+    first, last = span
+    axis, lo, hi = _axial_axis_range(ornt, shape, first, last)
+    hu_ijk = _read_nifti_block(image, image_path, axis, lo, hi, lambda a: a.astype(np.float32, copy=False))
+    # The block is the axial range [first, last]; orienting it puts its slices in display order.
+    return _case_volume(codes_display, _to_display(hu_ijk, ornt), first, str(image_path))
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+@dataclass
+class DicomSeries:
+    """A DICOM series sorted along its slice normal (ascending).
+
+    ``files``: [n] paths; ``positions``: float64 [n] mm along ``normal`` (unit vector, LPS);
+    ``affine``: RAS voxel-to-world of the voxel array ``[col, row, slice]``; ``shape``: (rows, cols).
+    Pixel data is not read here (see :func:`_read_dicom_pixels`).
+    """
+
+    folder: Path
+    files: list[Path]
+    positions: np.ndarray
+    normal: np.ndarray
+    affine: np.ndarray
+    shape: tuple[int, int]
+
+
+def _dicom_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise VolumeError(f"{folder}: DICOM folder not found")
+    files = [p for p in sorted(folder.iterdir())
+             if p.is_file() and not p.name.startswith(".") and p.name.lower() not in DICOM_IGNORED_NAMES
+             and p.suffix.lower() not in DICOM_IGNORED_SUFFIXES]
+    if not files:
+        raise VolumeError(f"{folder}: no DICOM files")
+    return files
+
+
+def _read_dicom_header(path: Path):
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
+    except Exception as e:
+        raise VolumeError(f"{path}: cannot read DICOM ({type(e).__name__}: {e})") from e
+    return dataset
+
+
+def _float_list(dataset, keyword: str, count: int, path: Path) -> np.ndarray | None:
+    value = dataset.get(keyword)
+    if value is None:
+        return None
+    try:
+        array = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise VolumeError(f"{path}: invalid {keyword} {value!r}") from e
+    if array.shape != (count,) or not np.isfinite(array).all():
+        raise VolumeError(f"{path}: invalid {keyword} {value!r}")
+    return array
+
+
+def read_dicom_series(folder: str | Path) -> DicomSeries:
+    """Read the headers of the CT series in ``folder``, sort and check it.
+
+    Slices are sorted by ImagePositionPatient projected on the normal (row x column cosine).
+    Raises ``VolumeError`` naming the folder or file: unreadable file, not an image, several
+    series or orientations or sizes mixed, duplicate positions, missing slices (a gap larger
+    than ``MISSING_SLICE_GAP_FACTOR`` x the median spacing), multi-frame files.
+    """
+    folder = Path(folder)
+    files = _dicom_files(folder)
+    positions, series_uids, sizes = [], set(), set()
+    orientation = spacing = None
+    for path in files:
+        ds = _read_dicom_header(path)
+        if "Rows" not in ds or "Columns" not in ds:
+            raise VolumeError(f"{path}: not a DICOM image (no Rows/Columns)")
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise VolumeError(f"{path}: multi-frame DICOM is not supported (expected one file per slice)")
+        ipp = _float_list(ds, "ImagePositionPatient", 3, path)
+        iop = _float_list(ds, "ImageOrientationPatient", 6, path)
+        if ipp is None or iop is None:
+            raise VolumeError(f"{path}: no ImagePositionPatient/ImageOrientationPatient, cannot place the slice")
+        if orientation is None:
+            orientation = iop
+            ps = _float_list(ds, "PixelSpacing", 2, path)
+            spacing = ps if ps is not None else np.ones(2)
+        elif np.abs(iop - orientation).max() > 1e-3:
+            raise VolumeError(f"{path}: ImageOrientationPatient {iop.tolist()} differs from the rest of the "
+                              f"series in {folder}")
+        series_uids.add(str(ds.get("SeriesInstanceUID", "")))
+        sizes.add((int(ds.get("Rows", 0)), int(ds.get("Columns", 0))))
+        positions.append(ipp)
+    if len(series_uids) > 1:
+        raise VolumeError(f"{folder}: holds {len(series_uids)} different series (SeriesInstanceUID); "
+                          "put each series in its own folder")
+    if len(sizes) > 1:
+        raise VolumeError(f"{folder}: slices of different sizes {sorted(sizes)}")
+    row_cosine, col_cosine = orientation[:3], orientation[3:]
+    normal = np.cross(row_cosine, col_cosine)
+    if np.linalg.norm(normal) < 1e-3:
+        raise VolumeError(f"{folder}: degenerate ImageOrientationPatient {orientation.tolist()}")
+    normal /= np.linalg.norm(normal)
+    ipps = np.stack(positions)
+    along = ipps @ normal
+    order = np.argsort(along, kind="stable")
+    files = [files[i] for i in order]
+    along, ipps = along[order], ipps[order]
+
+    if len(files) > 1:
+        steps = np.diff(along)
+        spacing_z = float(np.median(steps))
+        duplicate = np.flatnonzero(steps < max(1e-3, 0.01 * spacing_z))
+        if duplicate.size:
+            i = int(duplicate[0])
+            raise VolumeError(f"{folder}: two slices at the same position {along[i]:.3f} mm: "
+                              f"{files[i].name} and {files[i + 1].name}")
+        gaps = np.flatnonzero(steps > MISSING_SLICE_GAP_FACTOR * spacing_z)
+        if gaps.size:
+            i = int(gaps[0])
+            n_missing = int(round(steps[i] / spacing_z)) - 1
+            raise VolumeError(f"{folder}: missing slice(s): a gap of {steps[i]:.2f} mm between {files[i].name} and "
+                              f"{files[i + 1].name} where the series spacing is {spacing_z:.2f} mm "
+                              f"(about {n_missing} slice(s) missing, {gaps.size} gap(s) in all)")
+        slice_step = (ipps[-1] - ipps[0]) / (len(files) - 1)
+    else:
+        slice_step = normal * 1.0
+
+    # Voxel [col i, row j, slice k] -> LPS mm; PixelSpacing = (between rows, between columns).
+    lps = np.eye(4)
+    lps[:3, 0] = row_cosine * spacing[1]
+    lps[:3, 1] = col_cosine * spacing[0]
+    lps[:3, 2] = slice_step
+    lps[:3, 3] = ipps[0]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
+    (rows, cols), = sizes
+    return DicomSeries(folder, files, along, normal, affine, (rows, cols))
+
+
+def _read_dicom_pixels(path: Path, shape: tuple[int, int], rescale: bool) -> np.ndarray:
+    """Pixel data of one slice, float32 [rows, cols]; ``rescale`` applies slope/intercept (HU)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), force=True)
+        pixels = ds.pixel_array
+    except Exception as e:  # compressed without a decoder, truncated, ...
+        raise VolumeError(f"{path}: cannot decode the pixel data ({type(e).__name__}: {e})") from e
+    if pixels.shape != shape:
+        raise VolumeError(f"{path}: pixel data has shape {pixels.shape}, expected {shape}")
+    pixels = pixels.astype(np.float32)
+    if rescale:
+        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+        pixels = pixels * np.float32(slope) + np.float32(intercept)
+    return pixels
+
+
+def _read_mask_series(folder: Path, ct: DicomSeries) -> np.ndarray:
+    """A mask series aligned to ``ct``: bool [n, rows, cols], True where the STORED value is
+    nonzero. Slices are matched to the CT by position along the CT normal; masks without
+    ImagePositionPatient are matched by file name (3D-IRCADb names both ``image_N``)."""
+    files = _dicom_files(folder)
+    normal_positions = {}
+    by_name = {p.name: p for p in files}
+    headers_have_ipp = True
+    for path in files:
+        ds = _read_dicom_header(path)
+        ipp = _float_list(ds, "ImagePositionPatient", 3, path)
+        if ipp is None:
+            headers_have_ipp = False
+            break
+        normal_positions[path] = float(ipp @ ct.normal)
+    if len(files) != len(ct.files):
+        raise VolumeError(f"{folder}: {len(files)} mask slices but the CT series {ct.folder} has {len(ct.files)}")
+    if headers_have_ipp:
+        mask_files = sorted(files, key=lambda p: normal_positions[p])
+        mask_positions = np.array([normal_positions[p] for p in mask_files])
+        spacing = float(np.median(np.diff(ct.positions))) if len(ct.files) > 1 else 1.0
+        mismatch = np.flatnonzero(np.abs(mask_positions - ct.positions) > max(1e-2, 0.1 * abs(spacing)))
+        if mismatch.size:
+            i = int(mismatch[0])
+            raise VolumeError(f"{folder}: mask slice {mask_files[i].name} at {mask_positions[i]:.2f} mm does not "
+                              f"match CT slice {ct.files[i].name} at {ct.positions[i]:.2f} mm")
+    else:
+        missing = [p.name for p in ct.files if p.name not in by_name]
+        if missing:
+            raise VolumeError(f"{folder}: masks have no ImagePositionPatient and their file names do not match "
+                              f"the CT files (e.g. no {missing[0]})")
+        mask_files = [by_name[p.name] for p in ct.files]
+    return np.stack([_read_dicom_pixels(p, ct.shape, rescale=False) != 0 for p in mask_files])
+
+
+def read_dicom_case(patient_dir: str | Path) -> CaseVolume:
+    """Read a 3D-IRCADb-style patient folder; return the liver slab in display orientation.
+
+    ``PATIENT_DICOM/`` is the CT series; ``MASKS_DICOM/liver/`` (required) and
+    ``MASKS_DICOM/livertumor*/`` (optional, united) the masks. Only the CT slices spanning
+    the liver are decoded. Raises ``VolumeError`` naming the folder or file.
+    """
+    patient_dir = Path(patient_dir)
+    ct_dir = _find_child(patient_dir, "PATIENT_DICOM")
+    masks_dir = _find_child(patient_dir, "MASKS_DICOM")
+    if ct_dir is None:
+        raise VolumeError(f"{patient_dir}: no PATIENT_DICOM folder")
+    if masks_dir is None or _find_child(masks_dir, "liver") is None:
+        raise VolumeError(f"{patient_dir}: no MASKS_DICOM/liver folder (the liver mask series is required)")
+    liver_dir = _find_child(masks_dir, "liver")
+    ct = read_dicom_series(ct_dir)
+    ornt = _orientation(ct.affine, str(ct_dir))
+    codes = _read_mask_series(liver_dir, ct).astype(np.uint8)
+    for tumour_dir in sorted(masks_dir.iterdir()):
+        if tumour_dir.is_dir() and tumour_dir.name.lower().startswith("livertumor"):
+            codes[_read_mask_series(tumour_dir, ct)] = 2
+    # [slice, row, col] -> voxel array [col, row, slice], the axes of the affine.
+    codes_display = _to_display(codes.transpose(2, 1, 0), ornt)
+    span = _liver_range(codes_display)
+    if span is None:
+        raise VolumeError(f"{liver_dir}: the liver mask series is empty")
+    first, last = span
+    axis, lo, hi = _axial_axis_range(ornt, (ct.shape[1], ct.shape[0], len(ct.files)), first, last)
+    if axis == 2:  # usual axial acquisition: decode only the files spanning the liver
+        hu = np.stack([_read_dicom_pixels(p, ct.shape, rescale=True) for p in ct.files[lo:hi]])
+        hu_ijk = hu.transpose(2, 1, 0)
+    else:  # coronal/sagittal acquisition: every file holds part of every axial slice
+        hu = np.stack([_read_dicom_pixels(p, ct.shape, rescale=True) for p in ct.files])
+        hu_ijk = np.take(hu.transpose(2, 1, 0), np.arange(lo, hi), axis=axis)
+    return _case_volume(codes_display, _to_display(hu_ijk, ornt), first, str(ct_dir))
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def equalize_liver_histogram(image: np.ndarray, liver: np.ndarray) -> np.ndarray:
+    """Histogram-equalise the liver pixels of one slice onto 1..255; background stays 0.
+
+    ``image``: uint8 [H, W]; ``liver``: bool [H, W]. With ``c`` the cumulative histogram of
+    the liver values and ``c_min`` its first nonzero value, a liver pixel ``v`` becomes
+    ``1 + round(254 (c(v) - c_min) / (N - c_min))`` (the textbook mapping, shifted so the
+    liver stays > 0). A liver of a single grey value is left unchanged.
+    """
+    out = np.where(liver, image, 0).astype(np.uint8)
+    values = image[liver]
+    if values.size == 0:
+        return out
+    cdf = np.cumsum(np.bincount(values, minlength=256))
+    cdf_min = cdf[values.min()]
+    if cdf[-1] == cdf_min:
+        return out
+    lut = 1 + np.rint(254.0 * (cdf - cdf_min) / (cdf[-1] - cdf_min))
+    out[liver] = np.clip(lut, 1, 255).astype(np.uint8)[values]
+    return out
+
+
+def render_slices(volume: CaseVolume, window: tuple[float, float] = DEFAULT_WINDOW, hist_eq: bool = False,
+                  size: int | None = None) -> RenderedSlices:
+    """Liver slices of ``volume`` as 8-bit images (see the module docstring for the rules)."""
+    import torch
+
+    has_liver = volume.liver.reshape(volume.liver.shape[0], -1).any(axis=1)
+    # Boolean indexing copies, so the window is applied in place on the copy (CT slabs are
+    # hundreds of MB; no further temporaries).
+    scaled = volume.hu[has_liver].astype(np.float32, copy=False)
+    liver, tumour = volume.liver[has_liver], volume.tumour[has_liver]
+    slice_indices = volume.slice_indices[has_liver]
+    abnormal = tumour.reshape(tumour.shape[0], -1).any(axis=1)
+    lo, hi = window
+    scaled -= np.float32(lo)
+    scaled *= np.float32(255.0 / (hi - lo))
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    np.nan_to_num(scaled, copy=False, nan=0.0)
+
+    if size is not None and scaled.shape[0] and scaled.shape[1:] != (size, size):
+        resized = resize_images(torch.from_numpy(scaled)[:, None], size)
+        scaled = resized[:, 0].numpy()
+        liver_small = resize_masks(torch.from_numpy(liver)[:, None], size)[:, 0].numpy()
+        tumour_small = resize_masks(torch.from_numpy(tumour)[:, None], size)[:, 0].numpy()
+        lost = abnormal & ~tumour_small.reshape(tumour_small.shape[0], -1).any(axis=1)
+        if lost.any():  # a tumour smaller than a pixel after shrinking: keep any covered pixel
+            coverage = resize_images(torch.from_numpy(tumour[lost].astype(np.float32))[:, None], size)
+            tumour_small[lost] = coverage[:, 0].numpy() > 0
+        liver, tumour = liver_small | tumour_small, tumour_small
+        keep = liver.reshape(liver.shape[0], -1).any(axis=1)
+        scaled, liver, tumour = scaled[keep], liver[keep], tumour[keep]
+        abnormal, slice_indices = abnormal[keep], slice_indices[keep]
+
+    images = np.rint(scaled, out=scaled).astype(np.uint8)  # already within 0..255
+    del scaled
+    np.maximum(images, 1, out=images, where=liver)  # liver pixels >= 1 ...
+    images[~liver] = 0  # ... and everything else exactly 0
+    if hist_eq:
+        images = np.stack([equalize_liver_histogram(im, lv) for im, lv in zip(images, liver)]) if len(images) else images
+    return RenderedSlices(images=images, masks=tumour, abnormal=abnormal, slice_indices=slice_indices)
+
+
+# --------------------------------------------------------------------------- split
+
+
+def split_counts(n_patients: int, val_fraction: float, test_fraction: float) -> dict[str, int]:
+    """How many patients go to each split.
+
+    Every split with a positive fraction gets at least one patient while there are patients
+    left (priority test, train, valid); the rest is shared by largest remainder towards
+    ``fraction * n_patients``.
+    """
+    fractions = {"test": test_fraction, "train": 1.0 - val_fraction - test_fraction, "valid": val_fraction}
+    counts = {name: 0 for name in fractions}
+    remaining = n_patients
+    for name, fraction in fractions.items():
+        if fraction > 1e-12 and remaining > 0:
+            counts[name] = 1
+            remaining -= 1
+    wanted = {name: max(0.0, fraction * n_patients - counts[name]) for name, fraction in fractions.items()}
+    for name in fractions:
+        extra = min(int(math.floor(wanted[name] + 1e-9)), remaining)
+        counts[name] += extra
+        remaining -= extra
+        wanted[name] -= extra
+    for name in sorted(fractions, key=lambda k: -(wanted[k] - math.floor(wanted[k] + 1e-9))):
+        if remaining == 0:
+            break
+        if fractions[name] > 1e-12:
+            counts[name] += 1
+            remaining -= 1
+    counts["train"] += remaining  # only when every fraction is 0 (cannot happen) or rounding left some
+    return {"train": counts["train"], "valid": counts["valid"], "test": counts["test"]}
+
+
+def split_patients(patients: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
+    """Patient -> split, deterministic in ``seed`` and independent of the input order."""
+    ordered = sorted(patients)
+    counts = split_counts(len(ordered), val_fraction, test_fraction)
+    permutation = np.random.default_rng(seed).permutation(len(ordered))
+    names = ["test"] * counts["test"] + ["valid"] * counts["valid"] + ["train"] * counts["train"]
+    return {ordered[i]: name for i, name in zip(permutation, names)}
+
+
+# --------------------------------------------------------------------------- one case (worker)
+
+
+def _stem(patient: str, slice_index: int) -> str:
+    return f"{patient}_{slice_index:04d}"
+
+
+def _case_dirs(out: Path) -> list[Path]:
+    return [out / "train" / "good"] + [out / split / kind / sub for split in ("valid", "test")
+                                       for kind, sub in (("good", "img"), ("Ungood", "img"), ("Ungood", "label"))]
+
+
+def _remove_patient_files(out: Path, patient: str) -> None:
+    """Delete what an interrupted earlier attempt at this patient left (slices, temp files)."""
+    pattern = re.compile(r"\.?" + re.escape(patient) + r"_\d{4,}\.png(\.[0-9a-f]+\.tmp)?")
+    for folder in _case_dirs(out):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if pattern.fullmatch(path.name):
+                    path.unlink(missing_ok=True)
+
+
+def _read_case(task: CaseTask) -> CaseVolume:
+    if task.problem:
+        raise VolumeError(task.problem)
+    if task.kind == "dicom":
+        return read_dicom_case(task.image)
+    return read_nifti_case(task.image, task.label, task.kind)
+
+
+def process_case(task: CaseTask, split: str, settings: dict[str, Any], out: str) -> dict[str, Any]:
+    """Convert one patient and write its slices under ``out``; never raises for bad data.
+
+    Returns ``{"patient", "slices": [manifest entries], "dropped_abnormal": n, "error": str|None}``.
+    """
+    result: dict[str, Any] = {"patient": task.patient, "slices": [], "dropped_abnormal": 0, "error": None}
+    try:
+        volume = _read_case(task)
+        rendered = render_slices(volume, tuple(settings["window"]), settings["hist_eq"], settings["size"])
+        out_dir = Path(out)
+        _remove_patient_files(out_dir, task.patient)
+        for image, mask, abnormal, index in zip(rendered.images, rendered.masks, rendered.abnormal,
+                                                rendered.slice_indices):
+            stem = _stem(task.patient, int(index))
+            if split == "train":
+                if abnormal:
+                    result["dropped_abnormal"] += 1
+                    continue
+                image_rel, mask_rel = f"train/good/{stem}.png", None
+            elif abnormal:
+                image_rel, mask_rel = f"{split}/Ungood/img/{stem}.png", f"{split}/Ungood/label/{stem}.png"
+            else:
+                image_rel, mask_rel = f"{split}/good/img/{stem}.png", None
+            save_png(out_dir / image_rel, image)
+            if mask_rel:
+                save_png(out_dir / mask_rel, mask)
+            result["slices"].append({"image": image_rel, "mask": mask_rel, "split": split, "label": int(abnormal),
+                                     "patient": task.patient, "slice_index": int(index), "source": volume.source})
+    except VolumeError as e:
+        result["error"] = str(e)
+    except MemoryError:
+        result["error"] = f"{task.image}: out of memory while converting (try fewer --workers)"
+    except Exception as e:  # a bug or an unforeseen file problem: report it, keep going
+        result["error"] = f"{task.image}: unexpected {type(e).__name__}: {e}"
+    return result
+
+
+def _worker_init() -> None:
+    # One process per volume already; more threads per process would only oversubscribe.
+    import torch
+
+    torch.set_num_threads(1)
+
+
+# --------------------------------------------------------------------------- manifest / OUT
+
+
+def _read_own_manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest of a previous prepare run in ``out``; None when ``out`` is missing or
+    empty. Raises ``ValueError`` when ``out`` holds something else."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"OUT {out} exists and is not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    path = out / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest.get("generator") != GENERATOR_NAME:
+            raise ValueError
+    except (OSError, ValueError, AttributeError):
+        raise ValueError(f"OUT {out} is not empty and is not the output of `medad-fast prepare` "
+                         f"(no valid {MANIFEST_NAME} from it); choose a new or empty folder") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: written by another version of prepare (format {manifest.get('format_version')}); "
+                         "choose a new folder")
+    return manifest
+
+
+def _counts(manifest: dict[str, Any]) -> dict[str, Any]:
+    images = {"train": {"good": 0}, "valid": {"good": 0, "Ungood": 0}, "test": {"good": 0, "Ungood": 0}}
+    for entry in manifest["slices"]:
+        images[entry["split"]]["Ungood" if entry["label"] else "good"] += 1
+    patients = {split: 0 for split in SPLITS}
+    volumes = {"done": 0, "failed": 0, "pending": 0}
+    dropped = 0
+    for source in manifest["sources"]:
+        for info in source["patients"].values():
+            patients[info["split"]] += 1
+            volumes[info["status"]] += 1
+            dropped += info.get("dropped_abnormal", 0)
+    return {**images, "slices": len(manifest["slices"]), "patients": patients, "volumes": volumes,
+            "train_abnormal_dropped": dropped}
+
+
+def _source_entry(manifest: dict[str, Any], kind: str, src: Path, settings: dict[str, Any],
+                  tasks: list[CaseTask]) -> dict[str, Any]:
+    """Find (resume) or create the manifest entry of this source, checking consistency."""
+    patients_now = {t.patient for t in tasks}
+    for entry in manifest["sources"]:
+        if entry["kind"] == kind and entry["src"] == str(src):
+            if entry["settings"] != settings:
+                differing = sorted(k for k in settings if entry["settings"].get(k) != settings[k])
+                raise ValueError(f"OUT was prepared from {src} with other settings ({', '.join(differing)}: "
+                                 f"{ {k: entry['settings'].get(k) for k in differing} }); re-run with the same "
+                                 "settings to resume, or choose a new OUT")
+            before = set(entry["patients"])
+            if before != patients_now:
+                added, removed = sorted(patients_now - before), sorted(before - patients_now)
+                raise ValueError(f"the patients under {src} changed since OUT was prepared (new: {added[:5]}, "
+                                 f"gone: {removed[:5]}); the patient split would change, choose a new OUT")
+            return entry
+    others = {p: e["src"] for e in manifest["sources"] for p in e["patients"]}
+    clash = sorted(patients_now & set(others))
+    if clash:
+        raise ValueError(f"patient id {clash[0]!r} of {src} is already in OUT (from {others[clash[0]]}); "
+                         "choose a new OUT")
+    split = split_patients(sorted(patients_now), settings["val_fraction"], settings["test_fraction"], settings["seed"])
+    by_patient = {t.patient: t for t in tasks}
+    entry = {"kind": kind, "src": str(src), "settings": settings,
+             "patients": {p: {"split": split[p], "status": "pending", "image": by_patient[p].image,
+                              "label": by_patient[p].label, "error": None, "slices": 0, "dropped_abnormal": 0}
+                          for p in sorted(patients_now)}}
+    manifest["sources"].append(entry)
+    return entry
+
+
+def _record(manifest: dict[str, Any], entry: dict[str, Any], result: dict[str, Any]) -> None:
+    patient = result["patient"]
+    manifest["slices"] = [s for s in manifest["slices"] if s["patient"] != patient] + result["slices"]
+    info = entry["patients"][patient]
+    info.update(status="failed" if result["error"] else "done", error=result["error"],
+                slices=len(result["slices"]), dropped_abnormal=result["dropped_abnormal"])
+    manifest["slices"].sort(key=lambda s: (s["patient"], s["slice_index"]))
+    manifest["counts"] = _counts(manifest)
+
+
+def _check_settings(window, hist_eq, val_fraction, test_fraction, seed, size, workers) -> dict[str, Any]:
+    lo, hi = (float(w) for w in window)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"--window: LO must be smaller than HI (finite), got {lo} {hi}")
+    for name, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if not (0.0 <= float(value) <= 1.0):
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    if float(val_fraction) + float(test_fraction) > 1.0 + 1e-9:
+        raise ValueError(f"--val-fraction + --test-fraction must be <= 1, got {val_fraction} + {test_fraction}")
+    if size is not None and (isinstance(size, bool) or int(size) != size or size < 8):
+        raise ValueError(f"--size must be an integer >= 8, got {size!r}")
+    if isinstance(workers, bool) or int(workers) != workers or workers < 1:
+        raise ValueError(f"--workers must be an integer >= 1, got {workers!r}")
+    if isinstance(seed, bool) or int(seed) != seed:
+        raise ValueError(f"--seed must be an integer, got {seed!r}")
+    return {"window": [lo, hi], "hist_eq": bool(hist_eq), "size": None if size is None else int(size),
+            "val_fraction": float(val_fraction), "test_fraction": float(test_fraction), "seed": int(seed)}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def prepare_dataset(kind: str, src: str | Path, out: str | Path, *, window: tuple[float, float] = DEFAULT_WINDOW,
+                    hist_eq: bool = False, val_fraction: float = DEFAULT_VAL_FRACTION,
+                    test_fraction: float = DEFAULT_TEST_FRACTION, seed: int = 0, size: int | None = None,
+                    workers: int = 1, progress: bool = True, log=None) -> PrepareReport:
+    """Convert every patient of ``kind`` under ``src`` into the BMAD layout under ``out``.
+
+    Bad arguments, a missing/empty ``src``, an ``out`` that is not ours, or a resume with other
+    settings raise ``ValueError`` / ``FileNotFoundError`` before anything is written. Per-volume
+    problems do not raise: they are in ``report.failed`` (patient -> message naming the file)
+    and in the manifest, and the next run with the same arguments retries them.
+    ``log``: callable for per-volume messages (default: print to stderr through tqdm).
+
+    ``workers > 1`` runs volumes in worker processes started by ``forkserver`` (clean
+    processes, no inherited threads), so a calling SCRIPT needs the usual
+    ``if __name__ == "__main__":`` guard (the ``medad-fast`` command has it).
+    """
+    from tqdm import tqdm
+
+    settings = _check_settings(window, hist_eq, val_fraction, test_fraction, seed, size, workers)
+    src_path = Path(src).expanduser().resolve()
+    out_path = Path(out).expanduser().resolve()
+    if out_path == src_path or src_path in out_path.parents:
+        raise ValueError(f"OUT {out_path} must not be inside SRC {src_path} (the source is never modified)")
+    if out_path in src_path.parents:
+        raise ValueError(f"SRC {src_path} must not be inside OUT {out_path}")
+    tasks = discover_cases(kind, src_path)
+    manifest = _read_own_manifest(out_path) or {"generator": GENERATOR_NAME, "format_version": FORMAT_VERSION,
+                                                "layout": "bmad", "sources": [], "slices": [], "counts": {}}
+    entry = _source_entry(manifest, kind, src_path, settings, tasks)
+    manifest["counts"] = _counts(manifest)
+    out_path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_path / MANIFEST_NAME, manifest)  # OUT is recognisably ours from now on
+
+    report = PrepareReport(out=out_path, n_cases=len(tasks))
+    pending = [t for t in tasks if entry["patients"][t.patient]["status"] != "done"]
+    report.skipped = [t.patient for t in tasks if entry["patients"][t.patient]["status"] == "done"]
+    say = log or (lambda message: tqdm.write(message, file=sys.stderr))
+    if report.skipped:
+        say(f"prepare {kind}: {len(report.skipped)} volume(s) already done in {out_path}, resuming")
+
+    def handle(result: dict[str, Any]) -> None:
+        _record(manifest, entry, result)
+        atomic_write_json(out_path / MANIFEST_NAME, manifest)
+        if result["error"]:
+            report.failed[result["patient"]] = result["error"]
+            say(f"prepare {kind}: FAILED {result['patient']}: {result['error']}")
+        else:
+            report.converted.append(result["patient"])
+
+    with tqdm(total=len(pending), desc=f"prepare {kind}", unit="volume", disable=not progress) as bar:
+        if workers == 1 or len(pending) <= 1:
+            for task in pending:
+                bar.set_postfix_str(task.patient)
+                handle(process_case(task, entry["patients"][task.patient]["split"], settings, str(out_path)))
+                bar.update(1)
+        else:
+            # forkserver: workers start from a clean process (no inherited threads/locks from
+            # tqdm or torch), and the preload makes each start cheap.
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context,
+                                     initializer=_worker_init) as pool:
+                futures = {pool.submit(process_case, task, entry["patients"][task.patient]["split"], settings,
+                                       str(out_path)): task for task in pending}
+                for future in as_completed(futures):
+                    task = futures[future]
+                    try:
+                        result = future.result()
+                    except Exception as e:  # a worker died (e.g. killed for memory)
+                        result = {"patient": task.patient, "slices": [], "dropped_abnormal": 0,
+                                  "error": f"{task.image}: worker process failed ({type(e).__name__}: {e})"}
+                    handle(result)
+                    bar.set_postfix_str(task.patient)
+                    bar.update(1)
+    report.counts = manifest["counts"]
+    return report
+
+
+def _summary(kind: str, report: PrepareReport) -> str:
+    c = report.counts
+    lines = [
+        f"prepare {kind}: {report.n_cases} volume(s): {len(report.converted)} converted, "
+        f"{len(report.skipped)} already done, {len(report.failed)} failed",
+        f"  {report.out}: {c['slices']} slices; train {c['train']['good']} good; "
+        f"valid {c['valid']['good']} good / {c['valid']['Ungood']} Ungood; "
+        f"test {c['test']['good']} good / {c['test']['Ungood']} Ungood; patients train {c['patients']['train']}, "
+        f"valid {c['patients']['valid']}, test {c['patients']['test']}; "
+        f"{c['train_abnormal_dropped']} abnormal slice(s) of train patients left out",
+    ]
+    if report.failed:
+        lines.append(f"FAILED ({len(report.failed)}); fix them and run the same command again to resume:")
+        lines.extend(f"  {patient}: {message}" for patient, message in sorted(report.failed.items()))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", choices=KINDS, metavar="{lits,btcv,dicom}",
+                        help="source format: LiTS NIfTI, BTCV NIfTI, or 3D-IRCADb-style DICOM series")
+    parser.add_argument("src", metavar="SRC", help="folder holding the source data (only read)")
+    parser.add_argument("out", metavar="OUT",
+                        help="output folder: missing, empty, or a previous prepare output (resumed / extended)")
+    parser.add_argument("--window", type=float, nargs=2, default=list(DEFAULT_WINDOW), metavar=("LO", "HI"),
+                        help="HU window mapped to 0..255 (default -200 250)")
+    parser.add_argument("--hist-eq", action="store_true", help="histogram-equalise the liver pixels (BMAD style)")
+    parser.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, metavar="F",
+                        help=f"fraction of PATIENTS for validation (default {DEFAULT_VAL_FRACTION})")
+    parser.add_argument("--test-fraction", type=float, default=DEFAULT_TEST_FRACTION, metavar="F",
+                        help=f"fraction of PATIENTS for test (default {DEFAULT_TEST_FRACTION})")
+    parser.add_argument("--seed", type=int, default=0, metavar="K", help="seed of the patient split (default 0)")
+    parser.add_argument("--size", type=int, default=None, metavar="S",
+                        help="resize slices to S x S (default: keep the source size)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N", help="volumes converted in parallel (default 1)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Exit code: 0 all volumes converted, 1 some failed (summary printed), 2 bad arguments/OUT."""
+    try:
+        report = prepare_dataset(args.kind, args.src, args.out, window=tuple(args.window), hist_eq=args.hist_eq,
+                                 val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+                                 size=args.size, workers=args.workers, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"medad-fast prepare: error: {e}", file=sys.stderr)
+        return 2
+    print(_summary(args.kind, report))
+    return 0 if report.ok else 1

@@ -13,7 +13,6 @@ import argparse
 import gzip
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import nibabel as nib

@@ -18,13 +18,13 @@ def _perlin_noise_fake(angles, res, height, width, rotation):
 
 @torch.library.register_fake(_lib + "synthesize_anomalies")
 def _synthesize_anomalies_fake(images, sources, angles, res, rotation, beta, anomalous,
-                               threshold, roi_threshold):
+                               threshold=0.5, roi_threshold=0.0):
     return torch.empty_like(images, memory_format=torch.contiguous_format), \
         torch.empty_like(images, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake(_lib + "butterworth_highpass")
-def _butterworth_highpass_fake(x, d0, order):
+def _butterworth_highpass_fake(x, d0, order=2):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 

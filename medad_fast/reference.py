@@ -115,6 +115,8 @@ def butterworth_highpass(x: torch.Tensor, d0: float, order: int = 2) -> torch.Te
     Shape: ``[..., H, W]`` -> same shape and dtype (real). No renormalisation.
     """
     H, W = x.shape[-2:]
+    if x.numel() == 0:  # FFT back-ends reject empty batches
+        return torch.empty_like(x)
     real_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     fy = _frequency_distance(H, real_dtype, x.device).view(H, 1)
     fx = torch.arange(W // 2 + 1, dtype=real_dtype, device=x.device).view(1, -1)
@@ -129,6 +131,8 @@ def butterworth_highpass_textbook(x: torch.Tensor, d0: float, order: int = 2) ->
     Kept as the independent oracle for :func:`butterworth_highpass`.
     """
     H, W = x.shape[-2:]
+    if x.numel() == 0:
+        return torch.empty_like(x)
     real_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     cy, cx = H // 2, W // 2
     yy = (torch.arange(H, dtype=real_dtype, device=x.device) - cy).view(H, 1)

@@ -1,0 +1,38 @@
+"""Shared fixtures: dtype-keyed tolerances, random Perlin parameters, devices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+# dtype -> (atol, rtol) for element-wise parity with the reference
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float64: (1e-12, 1e-12),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def random_lattice(batch: int, generator: torch.Generator, dtype=torch.float32, device="cpu",
+                   max_log2: int = 5, rotate: bool = True):
+    """Random Perlin parameters as the synthesizer draws them: angles [B, 2^max+1, 2^max+1],
+    res [B, 2] = 2^k with k ~ U{0..max_log2} per axis, rotation U(-pi/2, pi/2)."""
+    side = 2 ** max_log2 + 1
+    angles = torch.rand(batch, side, side, generator=generator, dtype=torch.float64) * (2 * math.pi)
+    res = 2 ** torch.randint(0, max_log2 + 1, (batch, 2), generator=generator)
+    rotation = (torch.rand(batch, generator=generator, dtype=torch.float64) - 0.5) * math.pi if rotate else None
+    angles = angles.to(device=device, dtype=dtype)
+    res = res.to(device)
+    if rotation is not None:
+        rotation = rotation.to(device=device, dtype=dtype)
+    return angles, res, rotation
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)

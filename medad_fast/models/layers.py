@@ -1,0 +1,47 @@
+"""Building blocks shared by the reconstruction and segmentation networks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["conv_bn_relu", "double_conv", "pad_to_multiple", "init_weights"]
+
+
+def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """``3x3 conv (padding 1) + BatchNorm + ReLU``; keeps ``H, W``."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def double_conv(in_channels: int, mid_channels: int, out_channels: int) -> nn.Sequential:
+    """DRAEM's block: two ``3x3 conv + BN + ReLU`` (``in -> mid -> out``)."""
+    return nn.Sequential(conv_bn_relu(in_channels, mid_channels), conv_bn_relu(mid_channels, out_channels))
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Zero-pad ``[B, C, H, W]`` at the bottom/right so ``H`` and ``W`` are multiples of
+    ``multiple`` (what the pooling depth needs). Zero is the background value of the liver
+    slices, so the padding looks like more background. Returns the padded tensor and the
+    original ``(H, W)`` to crop the output back to."""
+    H, W = x.shape[-2:]
+    pad_h, pad_w = (-H) % multiple, (-W) % multiple
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h))
+    return x, (H, W)
+
+
+def init_weights(module: nn.Module) -> None:
+    """DRAEM's initialisation: conv weights ``N(0, 0.02)``, BatchNorm weights ``N(1, 0.02)``
+    and biases 0 (use with ``model.apply(init_weights)``)."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)

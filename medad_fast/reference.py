@@ -13,8 +13,7 @@ import math
 
 import torch
 
-__all__ = ["perlin_noise", "synthesize_anomalies", "butterworth_highpass", "skip_merge",
-           "butterworth_highpass_textbook"]
+__all__ = ["perlin_noise", "synthesize_anomalies", "butterworth_highpass", "skip_merge"]
 
 
 def _fade(t: torch.Tensor) -> torch.Tensor:
@@ -96,39 +95,13 @@ def synthesize_anomalies(images: torch.Tensor, sources: torch.Tensor, angles: to
     return augmented, mask
 
 
-def _frequency_distance(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # wrapped integer frequencies: index u < n/2 -> u, else u - n
-    u = torch.arange(n, dtype=dtype, device=device)
-    return torch.where(u < n / 2, u, u - n)
-
-
-def _butterworth_gain(distance_sq: torch.Tensor, d0: float, order: int) -> torch.Tensor:
-    # H = 1 / (1 + (D0/D)^(2n)); H = 0 at D = 0
-    ratio = (d0 * d0) / distance_sq.clamp_min(1)
-    gain = 1.0 / (1.0 + ratio ** order)
-    return torch.where(distance_sq > 0, gain, torch.zeros_like(gain))
-
-
 def butterworth_highpass(x: torch.Tensor, d0: float, order: int = 2) -> torch.Tensor:
-    """Butterworth high-pass filter on the last two dims (rfft2 / irfft2 form).
+    """Butterworth high-pass of the last two dims in its textbook form:
+    ``real(ifft2(ifftshift(H * fftshift(fft2(x)))))`` with ``H = 1 / (1 + (d0 / D)^(2 order))``
+    built on the centred grid (``D`` = distance from the centre index ``(H//2, W//2)``),
+    ``H = 0`` at the centre. No renormalisation.
 
-    Shape: ``[..., H, W]`` -> same shape and dtype (real). No renormalisation.
-    """
-    H, W = x.shape[-2:]
-    if x.numel() == 0:  # FFT back-ends reject empty batches
-        return torch.empty_like(x)
-    real_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    fy = _frequency_distance(H, real_dtype, x.device).view(H, 1)
-    fx = torch.arange(W // 2 + 1, dtype=real_dtype, device=x.device).view(1, -1)
-    gain = _butterworth_gain(fy * fy + fx * fx, d0, order)
-    spectrum = torch.fft.rfft2(x.to(real_dtype))
-    return torch.fft.irfft2(spectrum * gain, s=(H, W)).to(x.dtype)
-
-
-def butterworth_highpass_textbook(x: torch.Tensor, d0: float, order: int = 2) -> torch.Tensor:
-    """The textbook form, ``real(ifft2(ifftshift(H * fftshift(fft2(x)))))``, with ``H``
-    built on the centred grid (``D`` = distance from the centre index ``(H//2, W//2)``).
-    Kept as the independent oracle for :func:`butterworth_highpass`.
+    Shape: ``[..., H, W]`` -> same shape and dtype (real).
     """
     H, W = x.shape[-2:]
     if x.numel() == 0:
@@ -138,9 +111,8 @@ def butterworth_highpass_textbook(x: torch.Tensor, d0: float, order: int = 2) ->
     yy = (torch.arange(H, dtype=real_dtype, device=x.device) - cy).view(H, 1)
     xx = (torch.arange(W, dtype=real_dtype, device=x.device) - cx).view(1, W)
     distance = torch.sqrt(yy * yy + xx * xx)
-    with torch.no_grad():
-        gain = torch.where(distance > 0, 1.0 / (1.0 + (d0 / distance.clamp_min(1e-12)) ** (2 * order)),
-                           torch.zeros_like(distance))
+    gain = torch.where(distance > 0, 1.0 / (1.0 + (d0 / distance.clamp_min(1e-12)) ** (2 * order)),
+                       torch.zeros_like(distance))
     centred = torch.fft.fftshift(torch.fft.fft2(x.to(real_dtype)), dim=(-2, -1))
     out = torch.fft.ifft2(torch.fft.ifftshift(gain * centred, dim=(-2, -1)))
     return out.real.to(x.dtype)

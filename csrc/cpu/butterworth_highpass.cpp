@@ -1,10 +1,11 @@
 // CPU kernel of butterworth_highpass: rfft2, gain applied in place on the half spectrum
-// (computed on the fly: no filter tensor, no fftshift), irfft2.
+// (computed on the fly, one row at a time: no filter tensor, no fftshift), irfft2.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <complex>
+#include <vector>
 
 #include "checks.h"
 #include "medad_fast/butterworth.h"
@@ -19,15 +20,21 @@ at::Tensor butterworth_highpass_cpu(const at::Tensor& x, double d0, int64_t orde
 
   auto spectrum = at::fft_rfft2(x.contiguous());  // [..., H, W/2+1], contiguous
   const int64_t half_width = spectrum.size(-1);
-  const int64_t rows = spectrum.numel() / half_width;  // (batch * H) rows of the half spectrum
+  const int64_t planes = spectrum.numel() / (height * half_width);
+  // The gain depends on the frequency row u, not on the plane: each task computes the gain
+  // row of its u once and applies it to row u of every plane.
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "butterworth_highpass_cpu", [&] {
     auto* data = reinterpret_cast<std::complex<scalar_t>*>(spectrum.data_ptr<c10::complex<scalar_t>>());
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / half_width), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t u = row % height;
-        std::complex<scalar_t>* line = data + row * half_width;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(planes * half_width, 1));
+    at::parallel_for(0, height, grain, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> gain(half_width);
+      for (int64_t u = begin; u < end; ++u) {
         for (int64_t v = 0; v < half_width; ++v) {
-          line[v] *= static_cast<scalar_t>(butterworth_gain_at(u, v, height, d0, order));
+          gain[v] = static_cast<scalar_t>(butterworth_gain_at(u, v, height, d0, order));
+        }
+        for (int64_t p = 0; p < planes; ++p) {
+          std::complex<scalar_t>* line = data + (p * height + u) * half_width;
+          for (int64_t v = 0; v < half_width; ++v) line[v] *= gain[v];
         }
       }
     });

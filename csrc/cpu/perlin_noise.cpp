@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "huge_pages.h"
 #include "lattice.h"
 
 namespace medad_fast {
@@ -15,6 +16,7 @@ at::Tensor perlin_noise_cpu(const at::Tensor& angles, const at::Tensor& res, int
   const int64_t batch = angles.size(0);
   auto out = at::empty({batch, height, width}, angles.options());
   if (out.numel() == 0) return out;
+  advise_huge_pages(out);
   const auto res_c = res.contiguous();
   check_res_values(res_c, angles);
   const auto grad_cos = angles.cos().contiguous();

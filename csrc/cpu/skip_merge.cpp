@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "huge_pages.h"
 #include "medad_fast/skip_merge.h"
 
 namespace medad_fast {
@@ -28,6 +29,7 @@ at::Tensor skip_merge_cpu(const at::Tensor& encoder, const at::Tensor& decoder, 
   const int64_t B = encoder.size(0), C = encoder.size(1), H = encoder.size(2), W = encoder.size(3);
   auto out = at::empty({B, 2 * C, H, W}, encoder.options());
   if (out.numel() == 0) return out;
+  advise_huge_pages(out);
   const auto e = encoder.contiguous();
   const auto d = decoder.contiguous();
   const int64_t plane = C * H * W;
@@ -56,6 +58,8 @@ std::tuple<at::Tensor, at::Tensor> skip_merge_backward_cpu(const at::Tensor& gra
   auto grad_encoder = at::empty({B, C, H, W}, grad.options());
   auto grad_decoder = at::empty({B, C, H, W}, grad.options());
   if (grad_encoder.numel() == 0) return {grad_encoder, grad_decoder};
+  advise_huge_pages(grad_encoder);
+  advise_huge_pages(grad_decoder);
   const auto g = grad.contiguous();
   const int64_t plane = C * H * W;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "skip_merge_backward_cpu", [&] {

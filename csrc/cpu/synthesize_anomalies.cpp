@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "huge_pages.h"
 #include "lattice.h"
 
 namespace medad_fast {
@@ -19,6 +20,8 @@ std::tuple<at::Tensor, at::Tensor> synthesize_anomalies_cpu(
   auto augmented = at::empty(images.sizes(), images.options());
   auto mask = at::empty(images.sizes(), images.options());
   if (images.numel() == 0) return {augmented, mask};
+  advise_huge_pages(augmented);
+  advise_huge_pages(mask);
 
   const auto res_c = res.contiguous();
   check_res_values(res_c, angles);

@@ -44,7 +44,7 @@ cuda-check:
 	@set -e; for src in csrc/cuda/*.cu; do \
 	  for arch in $(CUDA_ARCHS); do \
 	    echo "nvcc -c $$src (sm_$$arch)"; \
-	    $(NVCC) -c -std=c++17 -O3 --expt-relaxed-constexpr -Icsrc/include \
+	    $(NVCC) -c -std=c++20 -O3 --expt-relaxed-constexpr -Icsrc/include \
 	      -gencode arch=compute_$$arch,code=sm_$$arch "$$src" -o .cuda-check/$$(basename $$src .cu).sm_$$arch.o; \
 	  done; \
 	done

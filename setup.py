@@ -40,8 +40,8 @@ def _sources(pattern: str) -> list[str]:
 def extensions():
     with_cuda = _want_cuda()
     sources = ["csrc/medad_fast.cpp"] + _sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
-    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr"]
     define_macros = []
     if with_cuda:
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*_binding.cpp")

@@ -6,12 +6,12 @@
 #include <algorithm>
 #include <vector>
 
+#include "lattice_tables.h"
 #include "medad_fast/perlin.h"
 
 namespace medad_fast {
 
-// Per-sample lattice and rotation, prepared once per call (the gradient tables are
-// cos/sin of the angles, so the kernel does no transcendental math per pixel).
+// Lattice and rotation of one sample, prepared once per call.
 template <typename T>
 struct SampleSetup {
   PerlinLattice<T> lattice;
@@ -20,23 +20,20 @@ struct SampleSetup {
 };
 
 template <typename T>
-inline std::vector<SampleSetup<T>> prepare_samples(const at::Tensor& grad_cos, const at::Tensor& grad_sin,
-                                            const at::Tensor& res, const c10::optional<at::Tensor>& rot_cos,
-                                            const c10::optional<at::Tensor>& rot_sin, int64_t height,
-                                            int64_t width) {
-  const int64_t batch = grad_cos.size(0);
-  const int64_t plane = grad_cos.size(1) * grad_cos.size(2);
-  const auto r = res.accessor<int64_t, 2>();
+inline std::vector<SampleSetup<T>> prepare_samples(const LatticeTables& tables, int64_t height, int64_t width) {
+  const int64_t batch = tables.grad_cos.size(0);
+  const int64_t plane = tables.grad_cos.size(1) * tables.grad_cos.size(2);
+  const auto r = tables.res.accessor<int64_t, 2>();
   std::vector<SampleSetup<T>> samples(batch);
   for (int64_t b = 0; b < batch; ++b) {
     auto& sample = samples[b];
-    sample.lattice = {grad_cos.data_ptr<T>() + b * plane, grad_sin.data_ptr<T>() + b * plane,
-                      grad_cos.size(2), r[b][0], r[b][1],
+    sample.lattice = {tables.grad_cos.data_ptr<T>() + b * plane, tables.grad_sin.data_ptr<T>() + b * plane,
+                      tables.grad_cos.size(2), r[b][0], r[b][1],
                       static_cast<T>(r[b][0]) / static_cast<T>(height),
                       static_cast<T>(r[b][1]) / static_cast<T>(width)};
-    sample.rotate = rot_cos.has_value();
-    sample.c = sample.rotate ? rot_cos->data_ptr<T>()[b] : T(1);
-    sample.s = sample.rotate ? rot_sin->data_ptr<T>()[b] : T(0);
+    sample.rotate = tables.rotate();
+    sample.c = sample.rotate ? tables.rot_cos.data_ptr<T>()[b] : T(1);
+    sample.s = sample.rotate ? tables.rot_sin.data_ptr<T>()[b] : T(0);
   }
   return samples;
 }

@@ -19,15 +19,9 @@ at::Tensor perlin_noise_cpu(const at::Tensor& angles, const at::Tensor& res, int
   advise_huge_pages(out);
   const auto res_c = res.contiguous();
   check_res_values(res_c, angles);
-  const auto grad_cos = angles.cos().contiguous();
-  const auto grad_sin = angles.sin().contiguous();
-  c10::optional<at::Tensor> rot_cos, rot_sin;
-  if (rotation.has_value()) {
-    rot_cos = rotation->cos().contiguous();
-    rot_sin = rotation->sin().contiguous();
-  }
+  const LatticeTables tables(angles, res_c, rotation);
   AT_DISPATCH_FLOATING_TYPES(angles.scalar_type(), "perlin_noise_cpu", [&] {
-    const auto samples = prepare_samples<scalar_t>(grad_cos, grad_sin, res_c, rot_cos, rot_sin, height, width);
+    const auto samples = prepare_samples<scalar_t>(tables, height, width);
     scalar_t* out_ptr = out.data_ptr<scalar_t>();
     const scalar_t H = static_cast<scalar_t>(height), W = static_cast<scalar_t>(width);
     at::parallel_for(0, batch * height, rows_per_task(width), [&](int64_t begin, int64_t end) {

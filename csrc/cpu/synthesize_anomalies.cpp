@@ -29,15 +29,9 @@ std::tuple<at::Tensor, at::Tensor> synthesize_anomalies_cpu(
   const auto sources_c = sources.contiguous();
   const auto beta_c = beta.contiguous();
   const auto anomalous_c = anomalous.contiguous();
-  const auto grad_cos = angles.cos().contiguous();
-  const auto grad_sin = angles.sin().contiguous();
-  c10::optional<at::Tensor> rot_cos, rot_sin;
-  if (rotation.has_value()) {
-    rot_cos = rotation->cos().contiguous();
-    rot_sin = rotation->sin().contiguous();
-  }
+  const LatticeTables tables(angles, res_c, rotation);
   AT_DISPATCH_FLOATING_TYPES(images.scalar_type(), "synthesize_anomalies_cpu", [&] {
-    const auto samples = prepare_samples<scalar_t>(grad_cos, grad_sin, res_c, rot_cos, rot_sin, height, width);
+    const auto samples = prepare_samples<scalar_t>(tables, height, width);
     const scalar_t* img = images_c.data_ptr<scalar_t>();
     const scalar_t* src = sources_c.data_ptr<scalar_t>();
     const scalar_t* beta_ptr = beta_c.data_ptr<scalar_t>();

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "lattice_tables.h"
 #include "launchers.h"
 
 namespace medad_fast {
@@ -29,25 +30,13 @@ typename CudaType<scalar_t>::type* cuda_ptr(const at::Tensor& t) {
   return reinterpret_cast<typename CudaType<scalar_t>::type*>(t.data_ptr<scalar_t>());
 }
 
-// Gradient tables (cos/sin of the node angles) and rotation cos/sin, computed once per
-// call by ATen on the device; the tensors are kept alive in this struct.
-struct LatticeTables {
-  at::Tensor grad_cos, grad_sin, res, rot_cos, rot_sin;
-
-  LatticeTables(const at::Tensor& angles, const at::Tensor& res_in, const c10::optional<at::Tensor>& rotation)
-      : grad_cos(angles.cos().contiguous()), grad_sin(angles.sin().contiguous()), res(res_in.contiguous()) {
-    if (rotation.has_value()) {
-      rot_cos = rotation->cos().contiguous();
-      rot_sin = rotation->sin().contiguous();
-    }
-  }
-
-  template <typename T>
-  cuda::LatticeArgs<T> args() const {
-    return {grad_cos.data_ptr<T>(), grad_sin.data_ptr<T>(), grad_cos.size(1), grad_cos.size(2),
-            res.data_ptr<int64_t>(), rot_cos.defined() ? rot_cos.data_ptr<T>() : nullptr,
-            rot_sin.defined() ? rot_sin.data_ptr<T>() : nullptr};
-  }
-};
+// The device-side view of the lattice tables for the launchers.
+template <typename T>
+cuda::LatticeArgs<T> lattice_args(const LatticeTables& tables) {
+  return {tables.grad_cos.data_ptr<T>(), tables.grad_sin.data_ptr<T>(), tables.grad_cos.size(1),
+          tables.grad_cos.size(2), tables.res.data_ptr<int64_t>(),
+          tables.rotate() ? tables.rot_cos.data_ptr<T>() : nullptr,
+          tables.rotate() ? tables.rot_sin.data_ptr<T>() : nullptr};
+}
 
 }  // namespace medad_fast

@@ -20,5 +20,28 @@ __device__ __forceinline__ PerlinLattice<T> sample_lattice(const LatticeArgs<T>&
           static_cast<T>(ry) / static_cast<T>(height), static_cast<T>(rx) / static_cast<T>(width)};
 }
 
+// Where flat output index idx of a [B, H, W] batch falls, with its sample's lattice and rotation.
+template <typename T>
+struct PixelContext {
+  int64_t b, i, j;
+  PerlinLattice<T> lattice;
+  bool rotate;
+  T c, s;
+};
+
+template <typename T>
+__device__ __forceinline__ PixelContext<T> pixel_context(const LatticeArgs<T>& args, int64_t idx, int64_t height,
+                                                         int64_t width) {
+  PixelContext<T> ctx;
+  ctx.j = idx % width;
+  ctx.i = (idx / width) % height;
+  ctx.b = idx / (width * height);
+  ctx.lattice = sample_lattice(args, ctx.b, height, width);
+  ctx.rotate = args.rot_cos != nullptr;
+  ctx.c = ctx.rotate ? args.rot_cos[ctx.b] : T(1);
+  ctx.s = ctx.rotate ? args.rot_sin[ctx.b] : T(0);
+  return ctx;
+}
+
 }  // namespace cuda
 }  // namespace medad_fast

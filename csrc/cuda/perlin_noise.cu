@@ -12,14 +12,8 @@ __global__ void perlin_noise_kernel(LatticeArgs<T> args, int64_t batch, int64_t 
   const T H = static_cast<T>(height), W = static_cast<T>(width);
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t j = idx % width;
-    const int64_t i = (idx / width) % height;
-    const int64_t b = idx / (width * height);
-    const PerlinLattice<T> lattice = sample_lattice(args, b, height, width);
-    const bool rotate = args.rot_cos != nullptr;
-    const T c = rotate ? args.rot_cos[b] : T(1);
-    const T s = rotate ? args.rot_sin[b] : T(0);
-    out[idx] = perlin_pixel(lattice, i, j, rotate, c, s, H, W);
+    const PixelContext<T> p = pixel_context(args, idx, height, width);
+    out[idx] = perlin_pixel(p.lattice, p.i, p.j, p.rotate, p.c, p.s, H, W);
   }
 }
 

@@ -18,7 +18,7 @@ at::Tensor perlin_noise_cuda(const at::Tensor& angles, const at::Tensor& res, in
   const LatticeTables tables(angles, res, rotation);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(angles.scalar_type(), "perlin_noise_cuda", [&] {
-    C10_CUDA_CHECK(cuda::launch_perlin_noise<scalar_t>(tables.args<scalar_t>(), batch, height, width,
+    C10_CUDA_CHECK(cuda::launch_perlin_noise<scalar_t>(lattice_args<scalar_t>(tables), batch, height, width,
                                                        out.data_ptr<scalar_t>(), stream));
   });
   return out;

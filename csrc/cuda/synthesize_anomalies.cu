@@ -15,15 +15,9 @@ __global__ void synthesize_anomalies_kernel(LatticeArgs<T> args, const T* images
   const T H = static_cast<T>(height), W = static_cast<T>(width);
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t j = idx % width;
-    const int64_t i = (idx / width) % height;
-    const int64_t b = idx / (width * height);
-    const PerlinLattice<T> lattice = sample_lattice(args, b, height, width);
-    const bool rotate = args.rot_cos != nullptr;
-    const T c = rotate ? args.rot_cos[b] : T(1);
-    const T s = rotate ? args.rot_sin[b] : T(0);
-    synthesize_pixel(lattice, i, j, rotate, c, s, H, W, anomalous[b], images[idx], sources[idx], beta[b],
-                     threshold, roi_threshold, augmented[idx], mask[idx]);
+    const PixelContext<T> p = pixel_context(args, idx, height, width);
+    synthesize_pixel(p.lattice, p.i, p.j, p.rotate, p.c, p.s, H, W, anomalous[p.b], images[idx], sources[idx],
+                     beta[p.b], threshold, roi_threshold, augmented[idx], mask[idx]);
   }
 }
 

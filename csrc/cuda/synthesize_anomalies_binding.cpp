@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor> synthesize_anomalies_cuda(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(images.scalar_type(), "synthesize_anomalies_cuda", [&] {
     C10_CUDA_CHECK(cuda::launch_synthesize_anomalies<scalar_t>(
-        tables.args<scalar_t>(), images_c.data_ptr<scalar_t>(), sources_c.data_ptr<scalar_t>(),
+        lattice_args<scalar_t>(tables), images_c.data_ptr<scalar_t>(), sources_c.data_ptr<scalar_t>(),
         beta_c.data_ptr<scalar_t>(), anomalous_c.data_ptr<bool>(), static_cast<scalar_t>(threshold),
         static_cast<scalar_t>(roi_threshold), batch, height, width, augmented.data_ptr<scalar_t>(),
         mask.data_ptr<scalar_t>(), stream));

@@ -7,9 +7,29 @@ FORCE_CUDA=1; MEDAD_FAST_FORCE_CPU=1 forces a CPU-only build. Install with
 
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
+
+
+
+def _settle_cuda_home() -> None:
+    """torch guesses CUDA_HOME from the nvcc on the PATH; when that nvcc is a wrapper
+    script (e.g. /usr/local/bin/nvcc) the guess has no CUDA headers. Prefer a toolkit
+    that has them, unless the user set CUDA_HOME."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates += ["/usr/local/cuda"]
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_settle_cuda_home()
 
 try:
     import torch

@@ -29,8 +29,9 @@ is left out on both sides and the synthesis ratios are a LOWER bound of the real
 Both peers apply the liver mask ``M *= [I > roi_threshold]`` (DESIGN §1.1), which the
 originals lack, so all implementations compute the same thing.
 
-Shapes: images and sources ``[B, 1, H, W]`` float tensors on the CPU; outputs
-``(augmented [B, 1, H, W], mask [B, 1, H, W])`` float32.
+Shapes: images and sources ``[B, 1, H, W]`` float tensors (CPU or CUDA; the anomalib peer
+runs on their device, DRAEM and FAIR compute on the host like the originals); outputs
+``(augmented [B, 1, H, W], mask [B, 1, H, W])`` float32 on the images' device.
 """
 
 from __future__ import annotations
@@ -92,14 +93,16 @@ def draem_synthesize(images: torch.Tensor, sources: torch.Tensor, rng: np.random
                      threshold: float = 0.5, roi_threshold: float | None = 0.0,
                      return_noise: bool = False):
     """DRAEM's augmentation of a batch, one sample at a time (see the module docstring).
+    CPU numpy work; on a GPU the batch is computed on the host and moved to the images'
+    device, as DRAEM's DataLoader output is.
 
     Every sample is made anomalous (the benchmark measures the full work; DRAEM computes
     the noise before its 50 % coin flip anyway). ``roi_threshold=None`` skips the liver
     mask. With ``return_noise`` the rotated noise ``[B, H, W]`` float64 is returned too.
     """
     batch, _, height, width = images.shape
-    image_planes = images[:, 0].numpy()
-    source_planes = sources[:, 0].numpy()
+    image_planes = images[:, 0].cpu().numpy()
+    source_planes = sources[:, 0].cpu().numpy()
     augmented, masks, noises = [], [], []
     for b in range(batch):
         image = image_planes[b]
@@ -119,7 +122,7 @@ def draem_synthesize(images: torch.Tensor, sources: torch.Tensor, rng: np.random
         if return_noise:
             noises.append(noise)
     # the DataLoader's collate
-    result = (torch.from_numpy(np.stack(augmented))[:, None], torch.from_numpy(np.stack(masks))[:, None])
+    result = tuple(torch.from_numpy(np.stack(planes))[:, None].to(images.device) for planes in (augmented, masks))
     if return_noise:
         return result + (torch.from_numpy(np.stack(noises)),)
     return result
@@ -128,12 +131,13 @@ def draem_synthesize(images: torch.Tensor, sources: torch.Tensor, rng: np.random
 def generate_perlin_noise(height: int, width: int, generator: torch.Generator,
                           scale: tuple[int, int] | None = None, angles: torch.Tensor | None = None
                           ) -> torch.Tensor:
-    """anomalib's torch Perlin noise ``[height, width]`` float32: computed on the
-    next-power-of-two square-ish grid with ``repeat_interleave`` tiling, then cropped.
+    """anomalib's torch Perlin noise ``[height, width]`` float32 on the generator's device:
+    computed on the next-power-of-two grid with ``repeat_interleave`` tiling, then cropped.
     ``scale = (ry, rx)`` cells; ``angles [ry+1, rx+1]`` may be given, else drawn."""
+    device = generator.device
     if scale is None:
-        ry = 2 ** int(torch.randint(0, DRAEM_MAX_LOG2_RES + 1, (1,), generator=generator).item())
-        rx = 2 ** int(torch.randint(0, DRAEM_MAX_LOG2_RES + 1, (1,), generator=generator).item())
+        ry = 2 ** int(torch.randint(0, DRAEM_MAX_LOG2_RES + 1, (1,), generator=generator, device=device).item())
+        rx = 2 ** int(torch.randint(0, DRAEM_MAX_LOG2_RES + 1, (1,), generator=generator, device=device).item())
     else:
         ry, rx = scale
 
@@ -143,10 +147,10 @@ def generate_perlin_noise(height: int, width: int, generator: torch.Generator,
     pad_h, pad_w = next_power_of_two(height), next_power_of_two(width)
     delta = (ry / pad_h, rx / pad_w)
     cell = (pad_h // ry, pad_w // rx)
-    grid = torch.stack(torch.meshgrid(torch.arange(0, ry, delta[0]), torch.arange(0, rx, delta[1]),
-                                      indexing="ij"), dim=-1) % 1
+    grid = torch.stack(torch.meshgrid(torch.arange(0, ry, delta[0], device=device),
+                                      torch.arange(0, rx, delta[1], device=device), indexing="ij"), dim=-1) % 1
     if angles is None:
-        angles = 2 * torch.pi * torch.rand(ry + 1, rx + 1, generator=generator)
+        angles = 2 * torch.pi * torch.rand(ry + 1, rx + 1, generator=generator, device=device)
     gradients = torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1)
 
     def tile_grads(rows: slice, cols: slice) -> torch.Tensor:
@@ -161,7 +165,7 @@ def generate_perlin_noise(height: int, width: int, generator: torch.Generator,
     n01 = dot(tile_grads(slice(0, -1), slice(1, None)), (0, -1))
     n11 = dot(tile_grads(slice(1, None), slice(1, None)), (-1, -1))
     t = 6 * grid[:pad_h, :pad_w] ** 5 - 15 * grid[:pad_h, :pad_w] ** 4 + 10 * grid[:pad_h, :pad_w] ** 3
-    noise = torch.sqrt(torch.tensor(2.0)) * torch.lerp(torch.lerp(n00, n10, t[..., 0]),
+    noise = torch.sqrt(torch.tensor(2.0, device=device)) * torch.lerp(torch.lerp(n00, n10, t[..., 0]),
                                                        torch.lerp(n01, n11, t[..., 0]), t[..., 1])
     return noise[:height, :width]
 
@@ -174,8 +178,8 @@ def anomalib_rotate(field: torch.Tensor, degrees: float) -> torch.Tensor:
     theta = math.radians(degrees)
     c, s = math.cos(theta), math.sin(theta)
     # output pixel centres relative to the image centre, in pixels
-    ys = torch.arange(height, dtype=field.dtype) - (height - 1) / 2
-    xs = torch.arange(width, dtype=field.dtype) - (width - 1) / 2
+    ys = torch.arange(height, dtype=field.dtype, device=field.device) - (height - 1) / 2
+    xs = torch.arange(width, dtype=field.dtype, device=field.device) - (width - 1) / 2
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     # inverse map (output -> input) of a counter-clockwise rotation in image coordinates
     x_in = c * xx - s * yy
@@ -195,13 +199,16 @@ def anomalib_synthesize(images: torch.Tensor, sources: torch.Tensor, generator: 
     sample anomalous. ``roi_threshold=None`` skips the liver mask; ``return_noise`` also
     returns the rotated noise ``[B, H, W]``."""
     batch, _, height, width = images.shape
+    device = images.device
+    if generator.device != device:
+        raise ValueError(f"generator is on {generator.device} but the images are on {device}")
 
     def perturbation() -> tuple[torch.Tensor, torch.Tensor]:
         noise = generate_perlin_noise(height, width, generator)
         if not (noise > threshold).any():  # anomalib rescales a field that never crosses 0.5
             noise = (noise - noise.min()) / (noise.max() - noise.min())
             noise = noise * 2 - 1
-        degrees = float(torch.empty(1).uniform_(-90.0, 90.0, generator=generator).item())
+        degrees = float(torch.empty(1, device=device).uniform_(-90.0, 90.0, generator=generator).item())
         noise = anomalib_rotate(noise, degrees)
         mask = torch.where(noise > threshold, torch.ones_like(noise), torch.zeros_like(noise))
         return noise, mask
@@ -217,7 +224,7 @@ def anomalib_synthesize(images: torch.Tensor, sources: torch.Tensor, generator: 
         mask = mask[None]
         if roi_threshold is not None:
             mask = mask * (image > roi_threshold)
-        beta = torch.rand(1, generator=generator) * (1.0 - 0.2) + 0.2
+        beta = torch.rand(1, generator=generator, device=device) * (1.0 - 0.2) + 0.2
         beta = beta.view(-1, 1, 1).expand_as(image)
         source_in_mask = sources[b].float() * mask
         augmented.append(image * (1 - mask) + beta * source_in_mask + (1 - beta) * image * mask)
@@ -245,10 +252,10 @@ def fair_highpass(x: torch.Tensor, d0: float, order: int = 2) -> torch.Tensor:
     """FAIR's per-image numpy Butterworth high-pass of ``[B, ..., H, W]`` (loop over the
     leading images): ``real(ifft2(ifftshift(H * fftshift(fft2(x)))))``; same shape and dtype."""
     height, width = x.shape[-2:]
-    planes = x.reshape(-1, height, width).numpy()
+    planes = x.reshape(-1, height, width).cpu().numpy()
     out = np.empty(planes.shape, dtype=planes.dtype)
     for k, image in enumerate(planes):
         spectrum = np.fft.fftshift(np.fft.fft2(image))
         gain = fair_butterworth_filter(height, width, d0, order)  # FAIR builds it per call
         out[k] = np.real(np.fft.ifft2(np.fft.ifftshift(spectrum * gain)))
-    return torch.from_numpy(out).reshape(x.shape)
+    return torch.from_numpy(out).reshape(x.shape).to(x.device)

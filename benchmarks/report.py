@@ -1,0 +1,384 @@
+"""Run the benchmark suites and write ``benchmarks/RESULTS.md`` (what ``make bench`` runs).
+
+    .venv/bin/python benchmarks/report.py                # run everything, print, write RESULTS.md
+    .venv/bin/python benchmarks/report.py -k highpass    # a subset (pytest -k expression)
+    .venv/bin/python benchmarks/report.py --json run.json --no-run   # re-render a saved run
+
+The suites are pytest-benchmark files in this folder (``test_bench_*.py``); every
+implementation of a job shares a benchmark group, so the ratios come from one run, side
+by side. ratio = peer time / extension time, using each implementation's fastest round
+(the least disturbed by other work on a shared machine; medians are in the tables too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+DEFAULT_OUT = BENCH_DIR / "RESULTS.md"
+DEFAULT_THREADS = 2
+
+sys.path.insert(0, str(REPO))
+
+
+# ----------------------------------------------------------------------------- results
+
+class Results:
+    """Benchmarks of one pytest-benchmark JSON, looked up by (group, impl)."""
+
+    def __init__(self, data: dict) -> None:
+        self.data = data
+        self.rows: dict[tuple[str, str], dict] = {}
+        self.groups: list[str] = []
+        for bench in data.get("benchmarks", []):
+            group, impl = bench.get("group") or bench["name"], bench["extra_info"].get("impl", bench["name"])
+            if group not in self.groups:
+                self.groups.append(group)
+            self.rows[group, impl] = bench
+
+    def time(self, group: str, impl: str) -> float | None:
+        """Fastest round in seconds, or None when that benchmark did not run."""
+        bench = self.rows.get((group, impl))
+        return None if bench is None else bench["stats"]["min"]
+
+    def impls(self, group: str) -> list[str]:
+        return [impl for (g, impl) in self.rows if g == group]
+
+
+# ----------------------------------------------------------------------------- targets
+
+@dataclass
+class Target:
+    """One target of issue 5: ``value(results)`` compared with ``threshold``."""
+
+    name: str
+    what: str  # how the figure is formed
+    value: Callable[[Results], float | None]
+    at_least: bool
+    threshold: float
+    percent: bool = False  # show the figure and the threshold as percentages
+
+    def show(self, value: float) -> str:
+        return f"{100 * value:.1f} %" if self.percent else f"{value:.2f}"
+
+    def evaluate(self, results: Results) -> tuple[float | None, str]:
+        value = self.value(results)
+        if value is None:
+            return None, "not run"
+        ok = value >= self.threshold if self.at_least else value <= self.threshold
+        return value, "PASS" if ok else "MISS"
+
+
+def _ratio(group: str, numerator: str, denominator: str) -> Callable[[Results], float | None]:
+    def value(results: Results) -> float | None:
+        top, bottom = results.time(group, numerator), results.time(group, denominator)
+        return None if top is None or bottom is None else top / bottom
+    return value
+
+
+def _step_share(device: str) -> Callable[[Results], float | None]:
+    def value(results: Results) -> float | None:
+        step_group = next((g for g in results.groups if g.startswith("train step ") and
+                           not g.startswith("train step parts") and g.endswith(device)), None)
+        if step_group is None:
+            return None
+        parts_group = step_group.replace("train step ", "train step parts ", 1)
+        step = results.time(step_group, "extension")
+        synthesis = results.time(parts_group, "synthesis (extension)")
+        highpass = results.time(parts_group, "high-pass (extension)")
+        if None in (step, synthesis, highpass):
+            return None
+        return (synthesis + highpass) / step
+    return value
+
+
+def cpu_targets() -> list[Target]:
+    targets = []
+    group = "synthesis B=32 256x256 cpu"
+    for peer, threshold in (("reference", 10), ("draem", 30), ("anomalib", 10)):
+        targets.append(Target(f"synthesis B=32 256x256: extension vs {peer}", f"{peer} / extension",
+                              _ratio(group, peer, "extension"), True, threshold))
+    for batch, side in ((8, 256), (32, 256), (8, 512), (32, 512)):
+        group = f"butterworth_highpass B={batch} {side}x{side} cpu"
+        targets.append(Target(f"high-pass B={batch} {side}x{side}: vs reference", "reference / extension",
+                              _ratio(group, "reference", "extension"), True, 2))
+        targets.append(Target(f"high-pass B={batch} {side}x{side}: vs FAIR", "fair / extension",
+                              _ratio(group, "fair", "extension"), True, 3))
+        targets.append(Target(f"high-pass B={batch} {side}x{side}: vs rfft2+irfft2 floor",
+                              "extension / (rfft2+irfft2)", _ratio(group, "extension", "rfft2+irfft2"), False, 1.3))
+    for shape in ("B=8 C=64 128x128", "B=8 C=256 64x64"):
+        targets.append(Target(f"skip_merge fwd+bwd {shape}: vs reference", "reference / extension",
+                              _ratio(f"skip_merge forward+backward {shape} cpu", "reference", "extension"), True, 2))
+        targets.append(Target(f"skip_merge forward {shape}: share of memcpy rate",
+                              "memcpy / extension (same bytes)",
+                              _ratio(f"skip_merge forward {shape} cpu", "memcpy", "extension"), True, 0.6))
+    targets.append(Target("train step (small): synthesis + high-pass share", "(synthesis + high-pass) / step",
+                          _step_share("cpu"), False, 0.05, percent=True))
+    return targets
+
+
+# ----------------------------------------------------------------------------- machine
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine_facts(threads: int) -> dict:
+    import numpy
+    import scipy
+    import torch
+
+    from medad_fast._extension import build_info
+
+    info = build_info()
+    facts = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "usable cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch": torch.__version__,
+        "torch threads (MEDAD_BENCH_THREADS)": threads,
+        "numpy / scipy": f"{numpy.__version__} / {scipy.__version__}",
+        "python": platform.python_version(),
+        "extension loaded": info["extension_loaded"],
+        "extension OpenMP": info["openmp"],
+        "CUDA kernels built": info["cuda_kernels_built"],
+        "GPU": ", ".join(d for d in info["devices"] if d != "cpu") or "none",
+        "git commit": _git("rev-parse", "--short", "HEAD") + (" (+ uncommitted changes)"
+                                                            if _git("status", "--porcelain", "--", "csrc",
+                                                                    "medad_fast", "benchmarks") else ""),
+    }
+    return facts
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def _ms(seconds: float | None) -> str:
+    return "—" if seconds is None else f"{seconds * 1e3:,.2f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+IMPL_ORDER = ["extension", "reference", "draem", "anomalib", "fair", "cupy", "rfft2+irfft2", "memcpy", "clone"]
+
+
+def _impl_key(impl: str) -> tuple[int, str]:
+    return (IMPL_ORDER.index(impl) if impl in IMPL_ORDER else len(IMPL_ORDER), impl)
+
+
+def group_table(results: Results, group: str, copy_rate: float | None) -> str:
+    base = results.time(group, "extension")
+    rows = []
+    for impl in sorted(results.impls(group), key=_impl_key):
+        bench = results.rows[group, impl]
+        stats, extra = bench["stats"], bench["extra_info"]
+        t = stats["min"]
+        ratio = "—" if base is None else f"{t / base:.2f}x"
+        rate = "—"
+        if "bytes" in extra:
+            gbs = extra["bytes"] / t / 1e9
+            rate = f"{gbs:.1f}" + (f" ({100 * gbs / copy_rate:.0f} %)" if copy_rate else "")
+        per_s = "—" if "images" not in extra else f"{extra['images'] / t:,.1f}"
+        rows.append([impl, _ms(t), _ms(stats["median"]), str(stats["rounds"]), ratio, rate, per_s])
+    header = ["implementation", "min ms", "median ms", "rounds", "time / extension",
+              "GB/s" + (" (% of copy)" if copy_rate else ""), "images/s"]
+    return f"**{group}**\n\n" + _table(header, rows)
+
+
+def copy_rates(results: Results) -> dict[str, float]:
+    """Best plain-copy bandwidth (GB/s, bytes read + written) per device, from the memcpy
+    floors of the skip_merge groups."""
+    rates: dict[str, float] = {}
+    for (group, impl), bench in results.rows.items():
+        if impl == "memcpy" and "bytes" in bench["extra_info"]:
+            device = bench["extra_info"].get("device", "cpu")
+            rates[device] = max(rates.get(device, 0.0), bench["extra_info"]["bytes"] / bench["stats"]["min"] / 1e9)
+    return rates
+
+
+def render(results: Results, facts: dict, command: str, pytest_command: str, load_before: tuple,
+           load_after: tuple, wall_s: float) -> str:
+    targets = cpu_targets()
+    target_rows, misses = [], 0
+    for target in targets:
+        value, verdict = target.evaluate(results)
+        misses += verdict == "MISS"
+        shown = "—" if value is None else target.show(value)
+        need = (">= " if target.at_least else "<= ") + (f"{100 * target.threshold:g} %" if target.percent
+                                                       else f"{target.threshold:g}")
+        target_rows.append([target.name, target.what, shown, need, verdict])
+
+    rates = copy_rates(results)
+    cores = facts.get("usable cores") or 1
+    loaded = max(load_before[0], load_after[0]) > cores
+    out = [
+        "# Benchmarks",
+        "",
+        "Written by `benchmarks/report.py` from one measured run; do not edit by hand",
+        "(regenerate with `make bench`).",
+        "",
+        "## How to run, and what the figures mean",
+        "",
+        "* `make bench` runs `.venv/bin/python benchmarks/report.py`, which runs the suites with",
+        "  pytest-benchmark and writes this file. A subset: `benchmarks/report.py -k highpass`;",
+        "  the suites alone: `pytest benchmarks/ --benchmark-only` (they are not part of `make test`:",
+        "  pytest's `testpaths` is `tests/`).",
+        "* Each job is one benchmark group; its implementations run side by side in one process.",
+        "  **time / extension** = implementation time / extension time, each the fastest of its",
+        "  rounds (the least disturbed by other work on a shared machine); a ratio above 1 means",
+        "  the extension is that many times faster. Medians are given too.",
+        "* Implementations: `extension` = the compiled `medad_fast` op; `reference` = the same",
+        "  call under `ops.use_reference()` (pure PyTorch, `medad_fast/reference.py`);",
+        "  `draem`, `anomalib`, `fair` = faithful re-implementations of the code users run today",
+        "  (`benchmarks/peers.py`, checked against our reference by `tests/test_peers.py`);",
+        "  floors: `rfft2+irfft2` (the bare FFT round trip any FFT filter pays), `memcpy`",
+        "  (`dst.copy_(src)` moving the same bytes the op must read + write, `dst` preallocated),",
+        "  `clone` (the same copy into a fresh allocation, as a functional op must).",
+        "* Synthesis: the trainer's `AnomalySynthesizer` (parameter draws, fused op, redraws of",
+        "  empty masks), every sample anomalous, every pixel inside the liver (the fused kernel's",
+        "  worst case). The peers leave out DRAEM's / anomalib's random colour augmentation of",
+        "  the anomaly source (our op has none either), so the synthesis ratios are a lower bound",
+        "  of the real speed-up; the DRAEM peer rotates with `scipy.ndimage.rotate` where imgaug",
+        "  uses OpenCV's `warpAffine`.",
+        "* GB/s: bytes the job must read + write at least, divided by the time",
+        "  (synthesis: image + source in, augmented + mask out; skip_merge forward: `4N` floats,",
+        "  forward+backward `7N`). `% of copy`: against the best `memcpy` rate of the same device.",
+        "* Train step: `Trainer.train_step` of the `small` preset (synthesis -> high-pass ->",
+        "  reconstruction + segmentation forward -> losses -> backward -> Adam), images/s; the",
+        "  `train step parts` group times the step's synthesis and high-pass alone.",
+        "",
+        "## Machine and command",
+        "",
+        _table(["", ""], [[k, str(v)] for k, v in facts.items()] + [
+            ["date (UTC)", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")],
+            ["load average (1 min) before / after", f"{load_before[0]:.2f} / {load_after[0]:.2f}"],
+            ["wall time of the run", f"{wall_s:.0f} s"],
+            ["command", f"`{command}`"],
+            ["suites run as", f"`{pytest_command}`"],
+        ]),
+        "",
+    ]
+    if loaded:
+        out += [
+            f"> **The machine was busy** (load average above its {cores} cores): other processes held",
+            "> the CPUs, and with 2 OpenMP threads every parallel region can wait a scheduler time",
+            "> slice for its second thread. Implementations made of many small ops (the reference,",
+            "> the anomalib peer) suffer more than fused kernels, so ratios against them are inflated;",
+            "> FFT-based groups are distorted too. Re-run on an idle machine before quoting figures.",
+            "",
+        ]
+    out += [
+        "## Targets (CPU, ratios from this run)",
+        "",
+        _table(["target", "figure", "measured", "required", ""], target_rows),
+        "",
+        f"{len(targets) - misses - sum(r[-1] == 'not run' for r in target_rows)} PASS, {misses} MISS"
+        + (f", {sum(r[-1] == 'not run' for r in target_rows)} not run" if any(r[-1] == "not run" for r in target_rows)
+           else "") + ".",
+        "",
+    ]
+    for device in ("cpu", "cuda"):
+        groups = [g for g in results.groups if g.endswith(" " + device)]
+        if not groups:
+            continue
+        out += [f"## All groups: {device.upper()}", ""]
+        if device in rates:
+            out += [f"Best plain copy on this device: {rates[device]:.1f} GB/s (bytes read + written).", ""]
+        for group in groups:
+            out += [group_table(results, group, rates.get(device) if device == "cuda" else None), ""]
+    if not any(g.endswith(" cuda") for g in results.groups):
+        out += ["## CUDA", "", "No GPU in this run (`torch.cuda.is_available()` is false): the CUDA suites",
+                "(same groups on the device, synchronised timing, cupy's FFT as an extra high-pass peer",
+                "when cupy imports, GB/s against the device's copy bandwidth) were skipped.", ""]
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- main
+
+def run_suites(json_path: Path, keyword: str | None, threads: int) -> tuple[str, int]:
+    command = [sys.executable, "-m", "pytest", str(BENCH_DIR.relative_to(REPO)), "--benchmark-only",
+               f"--benchmark-json={json_path}", "--benchmark-columns=min,median,rounds",
+               "--benchmark-sort=name", "-q", "-p", "no:cacheprovider"]
+    if keyword:
+        command += ["-k", keyword]
+    env = dict(os.environ, MEDAD_BENCH_THREADS=str(threads))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    shown = " ".join(shlex.quote(c) for c in command).replace(str(json_path), "RUN.json")
+    print(f"$ MEDAD_BENCH_THREADS={threads} {shown}", flush=True)
+    return f"MEDAD_BENCH_THREADS={threads} {shown}", subprocess.run(command, cwd=REPO, env=env).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-k", dest="keyword", help="pytest -k expression selecting a subset of the benchmarks")
+    parser.add_argument("--json", type=Path, help="keep the pytest-benchmark JSON here (or read it with --no-run)")
+    parser.add_argument("--no-run", action="store_true", help="render --json without running the suites")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"Markdown output (default {DEFAULT_OUT})")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("MEDAD_BENCH_THREADS", DEFAULT_THREADS)),
+                        help="torch threads for the run (default 2, the targets' setting)")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1; got {args.threads}")
+    if args.no_run and (args.json is None or not args.json.is_file()):
+        parser.error("--no-run needs --json FILE of a previous run")
+
+    command = "make bench" if os.environ.get("MAKELEVEL") else " ".join(
+        shlex.quote(a) for a in [os.path.relpath(sys.executable, REPO), "benchmarks/report.py", *(argv or sys.argv[1:])])
+    load_before = os.getloadavg()
+    start = time.perf_counter()
+    if args.no_run:
+        pytest_command, status = "(rendered from a saved run)", 0
+        data = json.loads(args.json.read_text())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            json_path = args.json or Path(tmp) / "benchmarks.json"
+            pytest_command, status = run_suites(json_path.resolve(), args.keyword, args.threads)
+            if not json_path.is_file():
+                print(f"report: the suites wrote no results (pytest exit status {status})", file=sys.stderr)
+                return status or 1
+            data = json.loads(json_path.read_text())
+    wall_s = time.perf_counter() - start
+    load_after = os.getloadavg()
+
+    from medad_fast.io import atomic_write_text
+
+    text = render(Results(data), machine_facts(args.threads), command, pytest_command, load_before, load_after,
+                  wall_s)
+    print()
+    print(text)
+    atomic_write_text(args.out, text + "\n")
+    print(f"\nwrote {args.out}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""One training step of the ``small`` preset (128 x 128, batch 8) with the compiled ops vs
+with the pure-PyTorch reference ops, and the parts of the step the ops own.
+
+A step is :meth:`medad_fast.train.Trainer.train_step`: batch -> anomaly synthesis ->
+Butterworth high-pass -> reconstruction + segmentation forward -> loss -> backward ->
+Adam step. Group ``train step ...`` gives images/s; group ``train step parts ...`` times
+the synthesis of the step's batch and its high-pass alone, so the report can state the
+share of the step they take.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import measure
+from medad_fast import ops
+from medad_fast.config import preset_config
+from medad_fast.train import Trainer
+
+PRESET = "small"
+N_IMAGES = 32
+
+
+def liver_like_images(n: int, side: int) -> torch.Tensor:
+    """``uint8 [n, 1, side, side]``: textured ellipses on a zero background (the BMAD
+    liver slices are 0 outside the liver, which the synthesis' liver mask relies on)."""
+    g = torch.Generator().manual_seed(0)
+    ys = torch.linspace(-1, 1, side).view(side, 1)
+    xs = torch.linspace(-1, 1, side).view(1, side)
+    radii = 0.5 + 0.4 * torch.rand(n, 2, generator=g)
+    inside = (ys / radii[:, 0, None, None]) ** 2 + (xs / radii[:, 1, None, None]) ** 2 <= 1
+    texture = torch.randint(60, 200, (n, side, side), generator=g, dtype=torch.uint8)
+    return (texture * inside).to(torch.uint8).unsqueeze(1)
+
+
+def make_trainer(device: torch.device) -> Trainer:
+    config = preset_config(PRESET)
+    images = liver_like_images(N_IMAGES, config.image_size)
+    return Trainer(config, images, None, device)
+
+
+def step_name(trainer: Trainer, device: torch.device) -> str:
+    c = trainer.config
+    return f"{c.preset} B={c.batch_size} {c.image_size}x{c.image_size} {device.type}"
+
+
+@pytest.mark.parametrize("impl", ["extension", "reference"])
+def test_train_step(benchmark, device, impl):
+    trainer = make_trainer(device)
+    batch_index = torch.arange(trainer.config.batch_size)
+    use_reference = impl == "reference"
+
+    def fn():
+        with ops.use_reference(use_reference):
+            return trainer.train_step(batch_index)
+    measure(benchmark, fn, device, group=f"train step {step_name(trainer, device)}", impl=impl,
+            images=trainer.config.batch_size, budget_s=3.0)
+
+
+@pytest.mark.parametrize("ops_impl", ["extension", "reference"])
+@pytest.mark.parametrize("part", ["synthesis", "high-pass"])
+def test_train_step_parts(benchmark, device, part, ops_impl):
+    trainer = make_trainer(device)
+    batch = trainer.images[: trainer.config.batch_size].float().div_(255.0)
+    generator = trainer.synthesis_generator
+    use_reference = ops_impl == "reference"
+    with ops.use_reference(use_reference):
+        augmented, _ = trainer.synthesizer(batch, generator)
+    if part == "synthesis":
+        def fn():
+            with ops.use_reference(use_reference):
+                return trainer.synthesizer(batch, generator)
+    else:
+        def fn():
+            with ops.use_reference(use_reference):
+                return trainer.model.highpass(augmented)
+    measure(benchmark, fn, device, group=f"train step parts {step_name(trainer, device)}",
+            impl=f"{part} ({ops_impl})", images=trainer.config.batch_size)

@@ -34,6 +34,7 @@ PathLike = str | os.PathLike
 
 __all__ = [
     "atomic_write_bytes",
+    "fsync_directory",
     "atomic_write_text",
     "atomic_write_json",
     "save_png",
@@ -49,11 +50,32 @@ __all__ = [
 # --------------------------------------------------------------------------- writers
 
 
+def fsync_directory(path: PathLike) -> None:
+    """Flush a directory's entries (a rename or unlink inside it) to disk.
+
+    Needed after ``os.replace`` for the new name to survive a power loss on POSIX file
+    systems. A no-op where directories cannot be opened (Windows).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (PermissionError, IsADirectoryError, NotADirectoryError):
+        return
+    except OSError:
+        if os.name == "nt":
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: PathLike, data: bytes, fsync: bool = False) -> Path:
     """Write ``data`` to ``path`` atomically (temp file in the same directory + os.replace).
 
-    The parent directory is created if needed. ``fsync=True`` also flushes the file to disk
-    before the rename (durability across power loss; slower, so off by default).
+    The parent directory is created if needed. ``fsync=True`` also makes the write durable
+    across a power loss or kernel crash: the file is flushed and fsynced before the rename,
+    and the directory after it (slower, so off by default; checkpoints use it).
     Returns the destination path.
     """
     path = Path(path)
@@ -69,6 +91,8 @@ def atomic_write_bytes(path: PathLike, data: bytes, fsync: bool = False) -> Path
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+        if fsync:
+            fsync_directory(path.parent)
     except BaseException:
         # Leave no temp file behind, whatever went wrong (including KeyboardInterrupt).
         try:

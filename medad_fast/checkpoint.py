@@ -195,13 +195,10 @@ def latest_valid_checkpoint(run_dir: str | os.PathLike, expected: Config | None 
 
 
 def _check_architecture(path: Path, state: dict[str, Any], expected: Config) -> None:
-    saved = Config.from_dict(state["config"]).architecture()
-    wanted = expected.architecture()
-    if saved != wanted:
-        differences = ", ".join(f"{k}: checkpoint {saved[k]!r} vs requested {wanted[k]!r}"
-                                for k in wanted if saved.get(k) != wanted[k])
-        raise ValueError(f"checkpoint {path} does not fit the requested model ({differences}); "
-                         f"resume with the run's own --preset/widths/mode or choose another --out")
+    if Config.from_dict(state["config"]).architecture() != expected.architecture():
+        # load_checkpoint words the refusal (which fields differ); only this error path reads twice
+        load_checkpoint(path, map_location="cpu", expected=expected)
+        raise ValueError(f"checkpoint {path} does not fit the requested model")  # not reached
 
 
 # ----------------------------------------------------------------------------- RNG states

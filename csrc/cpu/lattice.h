@@ -15,8 +15,7 @@ namespace medad_fast {
 template <typename T>
 struct SampleSetup {
   PerlinLattice<T> lattice;
-  bool rotate;
-  T c, s;
+  T c, s;  // cos, sin of the rotation (1, 0 without)
 };
 
 template <typename T>
@@ -28,12 +27,12 @@ inline std::vector<SampleSetup<T>> prepare_samples(const LatticeTables& tables, 
   for (int64_t b = 0; b < batch; ++b) {
     auto& sample = samples[b];
     sample.lattice = {tables.grad_cos.data_ptr<T>() + b * plane, tables.grad_sin.data_ptr<T>() + b * plane,
-                      tables.grad_cos.size(2), r[b][0], r[b][1],
+                      static_cast<int>(tables.grad_cos.size(2)), static_cast<int>(r[b][0]),
+                      static_cast<int>(r[b][1]),
                       static_cast<T>(r[b][0]) / static_cast<T>(height),
                       static_cast<T>(r[b][1]) / static_cast<T>(width)};
-    sample.rotate = tables.rotate();
-    sample.c = sample.rotate ? tables.rot_cos.data_ptr<T>()[b] : T(1);
-    sample.s = sample.rotate ? tables.rot_sin.data_ptr<T>()[b] : T(0);
+    sample.c = tables.rotate() ? tables.rot_cos.data_ptr<T>()[b] : T(1);
+    sample.s = tables.rotate() ? tables.rot_sin.data_ptr<T>()[b] : T(0);
   }
   return samples;
 }

@@ -30,7 +30,7 @@ at::Tensor perlin_noise_cpu(const at::Tensor& angles, const at::Tensor& res, int
         const int64_t i = row % height;
         scalar_t* dst = out_ptr + row * width;
         for (int64_t j = 0; j < width; ++j) {
-          dst[j] = perlin_pixel(sample.lattice, i, j, sample.rotate, sample.c, sample.s, H, W);
+          dst[j] = perlin_pixel(sample.lattice, i, j, sample.c, sample.s, H, W);
         }
       }
     });

@@ -51,9 +51,8 @@ std::tuple<at::Tensor, at::Tensor> synthesize_anomalies_cpu(
           continue;
         }
         for (int64_t j = 0; j < width; ++j) {
-          synthesize_pixel(sample.lattice, i, j, sample.rotate, sample.c, sample.s, H, W, true,
-                           img[offset + j], src[offset + j], beta_ptr[b], thr, roi, aug[offset + j],
-                           msk[offset + j]);
+          synthesize_pixel(sample.lattice, i, j, sample.c, sample.s, H, W, true, img[offset + j], src[offset + j],
+                           beta_ptr[b], thr, roi, aug[offset + j], msk[offset + j]);
         }
       }
     });

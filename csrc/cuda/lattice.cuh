@@ -13,10 +13,11 @@ namespace cuda {
 template <typename T>
 __device__ __forceinline__ PerlinLattice<T> sample_lattice(const LatticeArgs<T>& args, int64_t b, int64_t height,
                                                            int64_t width) {
-  const int64_t ry = clamp_index(args.res[2 * b], 1, args.lattice_h - 1);
-  const int64_t rx = clamp_index(args.res[2 * b + 1], 1, args.lattice_w - 1);
+  const int64_t res_y = args.res[2 * b], res_x = args.res[2 * b + 1];
+  const int ry = static_cast<int>(res_y < 1 ? 1 : (res_y > args.lattice_h - 1 ? args.lattice_h - 1 : res_y));
+  const int rx = static_cast<int>(res_x < 1 ? 1 : (res_x > args.lattice_w - 1 ? args.lattice_w - 1 : res_x));
   const int64_t plane = args.lattice_h * args.lattice_w;
-  return {args.grad_cos + b * plane, args.grad_sin + b * plane, args.lattice_w, ry, rx,
+  return {args.grad_cos + b * plane, args.grad_sin + b * plane, static_cast<int>(args.lattice_w), ry, rx,
           static_cast<T>(ry) / static_cast<T>(height), static_cast<T>(rx) / static_cast<T>(width)};
 }
 
@@ -25,8 +26,7 @@ template <typename T>
 struct PixelContext {
   int64_t b, i, j;
   PerlinLattice<T> lattice;
-  bool rotate;
-  T c, s;
+  T c, s;  // cos, sin of the rotation (1, 0 without)
 };
 
 template <typename T>
@@ -37,9 +37,9 @@ __device__ __forceinline__ PixelContext<T> pixel_context(const LatticeArgs<T>& a
   ctx.i = (idx / width) % height;
   ctx.b = idx / (width * height);
   ctx.lattice = sample_lattice(args, ctx.b, height, width);
-  ctx.rotate = args.rot_cos != nullptr;
-  ctx.c = ctx.rotate ? args.rot_cos[ctx.b] : T(1);
-  ctx.s = ctx.rotate ? args.rot_sin[ctx.b] : T(0);
+  const bool rotate = args.rot_cos != nullptr;
+  ctx.c = rotate ? args.rot_cos[ctx.b] : T(1);
+  ctx.s = rotate ? args.rot_sin[ctx.b] : T(0);
   return ctx;
 }
 

@@ -13,7 +13,7 @@ __global__ void perlin_noise_kernel(LatticeArgs<T> args, int64_t batch, int64_t 
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const PixelContext<T> p = pixel_context(args, idx, height, width);
-    out[idx] = perlin_pixel(p.lattice, p.i, p.j, p.rotate, p.c, p.s, H, W);
+    out[idx] = perlin_pixel(p.lattice, p.i, p.j, p.c, p.s, H, W);
   }
 }
 

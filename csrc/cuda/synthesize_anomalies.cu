@@ -16,7 +16,7 @@ __global__ void synthesize_anomalies_kernel(LatticeArgs<T> args, const T* images
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const PixelContext<T> p = pixel_context(args, idx, height, width);
-    synthesize_pixel(p.lattice, p.i, p.j, p.rotate, p.c, p.s, H, W, anomalous[p.b], images[idx], sources[idx],
+    synthesize_pixel(p.lattice, p.i, p.j, p.c, p.s, H, W, anomalous[p.b], images[idx], sources[idx],
                      beta[p.b], threshold, roi_threshold, augmented[idx], mask[idx]);
   }
 }

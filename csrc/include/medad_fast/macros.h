@@ -13,11 +13,15 @@
 
 namespace medad_fast {
 
-MEDAD_HOST_DEVICE inline float floor_of(float x) { return floorf(x); }
-MEDAD_HOST_DEVICE inline double floor_of(double x) { return floor(x); }
-
-MEDAD_HOST_DEVICE inline int64_t clamp_index(int64_t i, int64_t lo, int64_t hi) {
-  return i < lo ? lo : (i > hi ? hi : i);
+// floor() as an int from a truncating conversion and a compare (no libm call on
+// baseline x86-64, which has no SSE4.1 round instruction); for |x| < 2^31.
+template <typename T>
+MEDAD_HOST_DEVICE inline int floor_to_int(T x) {
+  const int truncated = static_cast<int>(x);
+  return truncated - (x < static_cast<T>(truncated) ? 1 : 0);
 }
+
+MEDAD_HOST_DEVICE inline int clamp_index(int i, int lo, int hi) { return i < lo ? lo : (i > hi ? hi : i); }
+
 
 }  // namespace medad_fast

@@ -24,8 +24,8 @@ template <typename T>
 struct PerlinLattice {
   const T* grad_cos;
   const T* grad_sin;
-  int64_t stride;
-  int64_t ry, rx;
+  int stride;  // lattices are small (at most 33 x 33 nodes)
+  int ry, rx;
   T scale_y, scale_x;
 };
 
@@ -35,12 +35,12 @@ template <typename T>
 MEDAD_HOST_DEVICE inline T perlin_at(const PerlinLattice<T>& lattice, T y, T x) {
   const T u = y * lattice.scale_y;
   const T v = x * lattice.scale_x;
-  const int64_t cell_y = clamp_index(static_cast<int64_t>(floor_of(u)), 0, lattice.ry - 1);
-  const int64_t cell_x = clamp_index(static_cast<int64_t>(floor_of(v)), 0, lattice.rx - 1);
+  const int cell_y = clamp_index(floor_to_int(u), 0, lattice.ry - 1);
+  const int cell_x = clamp_index(floor_to_int(v), 0, lattice.rx - 1);
   const T ty = u - static_cast<T>(cell_y);
   const T tx = v - static_cast<T>(cell_x);
-  const int64_t k00 = cell_y * lattice.stride + cell_x;
-  const int64_t k10 = k00 + lattice.stride;
+  const int k00 = cell_y * lattice.stride + cell_x;
+  const int k10 = k00 + lattice.stride;
   const T* gc = lattice.grad_cos;
   const T* gs = lattice.grad_sin;
   const T n00 = gc[k00] * ty + gs[k00] * tx;
@@ -65,29 +65,27 @@ MEDAD_HOST_DEVICE inline bool rotate_into_field(T i, T j, T cy, T cx, T c, T s, 
   return y >= T(-0.5) && y <= height - T(0.5) && x >= T(-0.5) && x <= width - T(0.5);
 }
 
-// Noise of output pixel (i, j), rotation included when `rotate`.
+// Noise of output pixel (i, j) with the field rotated by (c, s) = (cos, sin) of the angle
+// (c = 1, s = 0 without rotation: the pre-image is then (i, j) exactly).
 template <typename T>
-MEDAD_HOST_DEVICE inline T perlin_pixel(const PerlinLattice<T>& lattice, int64_t i, int64_t j,
-                                        bool rotate, T c, T s, T height, T width) {
-  T y = static_cast<T>(i);
-  T x = static_cast<T>(j);
-  if (rotate) {
-    const T cy = (height - T(1)) / T(2);
-    const T cx = (width - T(1)) / T(2);
-    if (!rotate_into_field(y, x, cy, cx, c, s, height, width, y, x)) return T(0);
-  }
-  return perlin_at(lattice, y, x);
+MEDAD_HOST_DEVICE inline T perlin_pixel(const PerlinLattice<T>& lattice, int64_t i, int64_t j, T c, T s, T height,
+                                        T width) {
+  T y, x;
+  const bool inside = rotate_into_field(static_cast<T>(i), static_cast<T>(j), (height - T(1)) / T(2),
+                                        (width - T(1)) / T(2), c, s, height, width, y, x);
+  return inside ? perlin_at(lattice, y, x) : T(0);
 }
 
 // One pixel of the fused synthesis: M = anomalous * [I > roi] * [P > threshold],
-// I_a = I + beta M (A - I). The noise is only evaluated where it can matter.
+// I_a = I + beta M (A - I). The noise is only evaluated where it can matter (inside the
+// liver of an anomalous sample: about half the pixels of a liver slice).
 template <typename T>
-MEDAD_HOST_DEVICE inline void synthesize_pixel(const PerlinLattice<T>& lattice, int64_t i, int64_t j,
-                                               bool rotate, T c, T s, T height, T width,
+MEDAD_HOST_DEVICE inline void synthesize_pixel(const PerlinLattice<T>& lattice, int64_t i, int64_t j, T c, T s,
+                                               T height, T width,
                                                bool anomalous, T image, T source, T beta,
                                                T threshold, T roi_threshold, T& augmented, T& mask) {
-  const bool inside = anomalous && image > roi_threshold &&
-                      perlin_pixel(lattice, i, j, rotate, c, s, height, width) > threshold;
+  const bool inside =
+      anomalous && image > roi_threshold && perlin_pixel(lattice, i, j, c, s, height, width) > threshold;
   mask = inside ? T(1) : T(0);
   augmented = inside ? image + beta * (source - image) : image;
 }

@@ -9,8 +9,8 @@ divides their times. ``extra_info`` carries what the report needs besides the ti
 * ``images``: images per call (gives images/s).
 
 Timing: one warm-up call, then as many rounds as its time says fit in ``ROUND_BUDGET_S``
-(``MEDAD_BENCH_BUDGET_S``; at least ``MIN_ROUNDS``, at most ``MAX_ROUNDS``), one call per
-round; on CUDA the timed function synchronises the device before returning.
+(``MEDAD_BENCH_BUDGET_S``; at least ``MIN_ROUNDS``, at most ``MAX_ROUNDS``; 2 for calls slower
+than ``SLOW_CALL_S``), one call per round; on CUDA the timed function synchronises the device before returning.
 ``MEDAD_BENCH_THREADS`` (default 2, the targets' thread count) sets ``torch.set_num_threads``.
 """
 
@@ -28,9 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-ROUND_BUDGET_S = float(os.environ.get("MEDAD_BENCH_BUDGET_S", "1.5"))
+ROUND_BUDGET_S = float(os.environ.get("MEDAD_BENCH_BUDGET_S", "1.0"))
 MIN_ROUNDS = 3
 MAX_ROUNDS = 60
+SLOW_CALL_S = 3.0  # calls slower than this get 2 rounds (a busy machine can make a call take 20 s)
 
 THREADS = int(os.environ.get("MEDAD_BENCH_THREADS", "2"))
 torch.set_num_threads(THREADS)
@@ -69,6 +70,8 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, group:
     call()  # warm-up (allocator, FFT plans, lazy init), timed as a generous estimate of one call
     estimate = time.perf_counter() - start
     rounds = max(MIN_ROUNDS, min(max_rounds, math.ceil(budget_s / max(estimate, 1e-6))))
+    if estimate > SLOW_CALL_S:
+        rounds = 2
     benchmark.group = group
     benchmark.extra_info.update({"impl": impl, "device": device.type, "threads": torch.get_num_threads()})
     if bytes_moved is not None:

@@ -1,8 +1,9 @@
 """Run the benchmark suites and write ``benchmarks/RESULTS.md`` (what ``make bench`` runs).
 
-    .venv/bin/python benchmarks/report.py                # run everything, print, write RESULTS.md
-    .venv/bin/python benchmarks/report.py -k highpass    # a subset (pytest -k expression)
-    .venv/bin/python benchmarks/report.py --json run.json --no-run   # re-render a saved run
+    .venv/bin/python benchmarks/report.py                 # everything at 2 and 1 threads -> RESULTS.md
+    .venv/bin/python benchmarks/report.py -k highpass     # a subset (pytest -k expression)
+    .venv/bin/python benchmarks/report.py --threads 2     # one thread count
+    .venv/bin/python benchmarks/report.py --json-dir runs/ --no-run   # re-render saved runs
 
 The suites are pytest-benchmark files in this folder (``test_bench_*.py``); every
 implementation of a job shares a benchmark group, so the ratios come from one run, side
@@ -29,7 +30,7 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 DEFAULT_OUT = BENCH_DIR / "RESULTS.md"
-DEFAULT_THREADS = 2
+DEFAULT_THREADS = "2,1"
 
 sys.path.insert(0, str(REPO))
 
@@ -149,7 +150,7 @@ def _git(*args: str) -> str:
         return "unknown"
 
 
-def machine_facts(threads: int) -> dict:
+def machine_facts() -> dict:
     import numpy
     import scipy
     import torch
@@ -162,7 +163,6 @@ def machine_facts(threads: int) -> dict:
         "cores": os.cpu_count(),
         "usable cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch": torch.__version__,
-        "torch threads (MEDAD_BENCH_THREADS)": threads,
         "numpy / scipy": f"{numpy.__version__} / {scipy.__version__}",
         "python": platform.python_version(),
         "extension loaded": info["extension_loaded"],
@@ -225,33 +225,60 @@ def copy_rates(results: Results) -> dict[str, float]:
     return rates
 
 
-def render(results: Results, facts: dict, command: str, pytest_command: str, load_before: tuple,
-           load_after: tuple, wall_s: float) -> str:
+@dataclass
+class Run:
+    """One run of the suites at one torch thread count."""
+
+    threads: int
+    results: Results
+    pytest_command: str
+    load_before: float  # 1-minute load average
+    load_after: float
+    wall_s: float
+    saved: bool = False  # rendered from a saved JSON: load and wall time unknown
+
+    def busy(self, cores: int) -> bool:
+        return not self.saved and max(self.load_before, self.load_after) > cores
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def render(runs: list[Run], facts: dict, command: str) -> str:
+    """RESULTS.md: how to read it, the machine and runs, the targets, every group."""
     targets = cpu_targets()
-    target_rows, misses = [], 0
+    main_run = runs[0]  # the targets' thread count
+    cores = int(facts.get("usable cores") or 1)
+    target_rows, verdicts = [], []
     for target in targets:
-        value, verdict = target.evaluate(results)
-        misses += verdict == "MISS"
-        shown = "—" if value is None else target.show(value)
         need = (">= " if target.at_least else "<= ") + (f"{100 * target.threshold:g} %" if target.percent
                                                        else f"{target.threshold:g}")
-        target_rows.append([target.name, target.what, shown, need, verdict])
+        row = [target.name, target.what, need]
+        for run in runs:
+            value, verdict = target.evaluate(run.results)
+            row += ["—" if value is None else target.show(value), verdict]
+            if run is main_run:
+                verdicts.append(verdict)
+        target_rows.append(row)
+    header = ["target", "figure", "required"]
+    for run in runs:
+        header += [f"{_plural(run.threads, 'thread')}", ""]
+    counts = {v: verdicts.count(v) for v in ("PASS", "MISS", "not run") if verdicts.count(v)}
 
-    rates = copy_rates(results)
-    cores = facts.get("usable cores") or 1
-    loaded = max(load_before[0], load_after[0]) > cores
     out = [
         "# Benchmarks",
         "",
-        "Written by `benchmarks/report.py` from one measured run; do not edit by hand",
+        "Written by `benchmarks/report.py` from measured runs; do not edit by hand",
         "(regenerate with `make bench`).",
         "",
         "## How to run, and what the figures mean",
         "",
         "* `make bench` runs `.venv/bin/python benchmarks/report.py`, which runs the suites with",
-        "  pytest-benchmark and writes this file. A subset: `benchmarks/report.py -k highpass`;",
-        "  the suites alone: `pytest benchmarks/ --benchmark-only` (they are not part of `make test`:",
-        "  pytest's `testpaths` is `tests/`).",
+        "  pytest-benchmark once per thread count (`--threads 2,1`: 2 is the targets' setting) and",
+        "  writes this file. A subset: `benchmarks/report.py -k highpass`; the suites alone:",
+        "  `pytest benchmarks/ --benchmark-only` (not part of `make test`: pytest's `testpaths` is",
+        "  `tests/`).",
         "* Each job is one benchmark group; its implementations run side by side in one process.",
         "  **time / extension** = implementation time / extension time, each the fastest of its",
         "  rounds (the least disturbed by other work on a shared machine); a ratio above 1 means",
@@ -265,57 +292,67 @@ def render(results: Results, facts: dict, command: str, pytest_command: str, loa
         "  `clone` (the same copy into a fresh allocation, as a functional op must).",
         "* Synthesis: the trainer's `AnomalySynthesizer` (parameter draws, fused op, redraws of",
         "  empty masks), every sample anomalous, every pixel inside the liver (the fused kernel's",
-        "  worst case). The peers leave out DRAEM's / anomalib's random colour augmentation of",
-        "  the anomaly source (our op has none either), so the synthesis ratios are a lower bound",
-        "  of the real speed-up; the DRAEM peer rotates with `scipy.ndimage.rotate` where imgaug",
-        "  uses OpenCV's `warpAffine`.",
+        "  worst case); `synthesize_anomalies op` groups time the op alone. The peers leave out",
+        "  DRAEM's / anomalib's random colour augmentation of the anomaly source (our op has none",
+        "  either), so the synthesis ratios are a lower bound of the real speed-up; the DRAEM peer",
+        "  rotates with `scipy.ndimage.rotate` where imgaug uses OpenCV's `warpAffine`.",
         "* GB/s: bytes the job must read + write at least, divided by the time",
         "  (synthesis: image + source in, augmented + mask out; skip_merge forward: `4N` floats,",
-        "  forward+backward `7N`). `% of copy`: against the best `memcpy` rate of the same device.",
+        "  forward+backward `7N`). On CUDA, `% of copy` compares with the device-to-device copy.",
         "* Train step: `Trainer.train_step` of the `small` preset (synthesis -> high-pass ->",
         "  reconstruction + segmentation forward -> losses -> backward -> Adam), images/s; the",
         "  `train step parts` group times the step's synthesis and high-pass alone.",
+        "* Thread counts: the targets are set for 2 threads. On a machine whose cores are busy",
+        "  with other work, every OpenMP parallel region can wait a scheduler time slice for its",
+        "  second thread, which distorts 2-thread timings by up to orders of magnitude (worst for",
+        "  code made of many small ops). The 1-thread run is immune to that; since the per-sample",
+        "  peers (numpy, scipy) are single-threaded anyway, its ratios against them are a lower",
+        "  bound of the 2-thread ones.",
         "",
-        "## Machine and command",
+        "## Machine and runs",
         "",
         _table(["", ""], [[k, str(v)] for k, v in facts.items()] + [
             ["date (UTC)", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")],
-            ["load average (1 min) before / after", f"{load_before[0]:.2f} / {load_after[0]:.2f}"],
-            ["wall time of the run", f"{wall_s:.0f} s"],
             ["command", f"`{command}`"],
-            ["suites run as", f"`{pytest_command}`"],
         ]),
         "",
+        _table(["threads", "load average (1 min) before / after", "wall time", "suites run as"],
+               [[str(r.threads), "—" if r.saved else f"{r.load_before:.2f} / {r.load_after:.2f}"
+                 + (" **(busy)**" if r.busy(cores) else ""), "—" if r.saved else f"{r.wall_s:.0f} s",
+                 f"`{r.pytest_command}`"] for r in runs]),
+        "",
     ]
-    if loaded:
+    if any(r.busy(cores) for r in runs):
+        busy = ", ".join(_plural(r.threads, "thread") for r in runs if r.busy(cores))
         out += [
-            f"> **The machine was busy** (load average above its {cores} cores): other processes held",
-            "> the CPUs, and with 2 OpenMP threads every parallel region can wait a scheduler time",
-            "> slice for its second thread. Implementations made of many small ops (the reference,",
-            "> the anomalib peer) suffer more than fused kernels, so ratios against them are inflated;",
-            "> FFT-based groups are distorted too. Re-run on an idle machine before quoting figures.",
+            f"> **The machine was busy** during the {busy} run (load average above its {cores} cores):",
+            "> other processes held the CPUs. Multi-threaded timings are then distorted (see above);",
+            "> quote the 1-thread ratios, or re-run on an idle machine.",
             "",
         ]
     out += [
-        "## Targets (CPU, ratios from this run)",
+        f"## Targets (CPU; verdict at {_plural(main_run.threads, 'thread')})",
         "",
-        _table(["target", "figure", "measured", "required", ""], target_rows),
+        _table(header, target_rows),
         "",
-        f"{len(targets) - misses - sum(r[-1] == 'not run' for r in target_rows)} PASS, {misses} MISS"
-        + (f", {sum(r[-1] == 'not run' for r in target_rows)} not run" if any(r[-1] == "not run" for r in target_rows)
-           else "") + ".",
+        ", ".join(f"{n} {v}" for v, n in counts.items()) + f" at {_plural(main_run.threads, 'thread')}.",
         "",
     ]
-    for device in ("cpu", "cuda"):
-        groups = [g for g in results.groups if g.endswith(" " + device)]
-        if not groups:
-            continue
-        out += [f"## All groups: {device.upper()}", ""]
-        if device in rates:
-            out += [f"Best plain copy on this device: {rates[device]:.1f} GB/s (bytes read + written).", ""]
-        for group in groups:
-            out += [group_table(results, group, rates.get(device) if device == "cuda" else None), ""]
-    if not any(g.endswith(" cuda") for g in results.groups):
+    for run in runs:
+        rates = copy_rates(run.results)
+        for device in ("cpu", "cuda"):
+            groups = [g for g in run.results.groups if g.endswith(" " + device)]
+            if not groups:
+                continue
+            title = f"{device.upper()}, {_plural(run.threads, 'thread')}" if device == "cpu" else "CUDA"
+            if device == "cuda" and run is not main_run:
+                continue  # the GPU groups do not depend on the host thread count
+            out += [f"## All groups: {title}", ""]
+            if device in rates:
+                out += [f"Best plain copy on this device: {rates[device]:.1f} GB/s (bytes read + written).", ""]
+            for group in groups:
+                out += [group_table(run.results, group, rates.get(device) if device == "cuda" else None), ""]
+    if not any(g.endswith(" cuda") for r in runs for g in r.results.groups):
         out += ["## CUDA", "", "No GPU in this run (`torch.cuda.is_available()` is false): the CUDA suites",
                 "(same groups on the device, synchronised timing, cupy's FFT as an extra high-pass peer",
                 "when cupy imports, GB/s against the device's copy bandwidth) were skipped.", ""]
@@ -332,47 +369,63 @@ def run_suites(json_path: Path, keyword: str | None, threads: int) -> tuple[str,
         command += ["-k", keyword]
     env = dict(os.environ, MEDAD_BENCH_THREADS=str(threads))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    shown = " ".join(shlex.quote(c) for c in command).replace(str(json_path), "RUN.json")
-    print(f"$ MEDAD_BENCH_THREADS={threads} {shown}", flush=True)
-    return f"MEDAD_BENCH_THREADS={threads} {shown}", subprocess.run(command, cwd=REPO, env=env).returncode
+    shown = " ".join(shlex.quote(os.path.relpath(c, REPO) if c == sys.executable else c) for c in command)
+    shown = f"MEDAD_BENCH_THREADS={threads} " + shown.replace(str(json_path), "RUN.json")
+    print(f"$ {shown}", flush=True)
+    return shown, subprocess.run(command, cwd=REPO, env=env).returncode
+
+
+def parse_threads(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--threads must be comma-separated integers; got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"--threads needs counts >= 1; got {text!r}")
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-k", dest="keyword", help="pytest -k expression selecting a subset of the benchmarks")
-    parser.add_argument("--json", type=Path, help="keep the pytest-benchmark JSON here (or read it with --no-run)")
-    parser.add_argument("--no-run", action="store_true", help="render --json without running the suites")
+    parser.add_argument("--threads", type=parse_threads, default=parse_threads(DEFAULT_THREADS),
+                        help=f"torch thread counts, one run each; the first is the targets' (default {DEFAULT_THREADS})")
+    parser.add_argument("--json-dir", type=Path,
+                        help="keep each run's pytest-benchmark JSON here (bench-<threads>t.json), or read them with --no-run")
+    parser.add_argument("--no-run", action="store_true", help="render the JSONs of --json-dir without running")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"Markdown output (default {DEFAULT_OUT})")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("MEDAD_BENCH_THREADS", DEFAULT_THREADS)),
-                        help="torch threads for the run (default 2, the targets' setting)")
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1; got {args.threads}")
-    if args.no_run and (args.json is None or not args.json.is_file()):
-        parser.error("--no-run needs --json FILE of a previous run")
+    if args.no_run and (args.json_dir is None or not args.json_dir.is_dir()):
+        parser.error("--no-run needs --json-dir DIR of a previous run")
 
     command = "make bench" if os.environ.get("MAKELEVEL") else " ".join(
-        shlex.quote(a) for a in [os.path.relpath(sys.executable, REPO), "benchmarks/report.py", *(argv or sys.argv[1:])])
-    load_before = os.getloadavg()
-    start = time.perf_counter()
-    if args.no_run:
-        pytest_command, status = "(rendered from a saved run)", 0
-        data = json.loads(args.json.read_text())
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            json_path = args.json or Path(tmp) / "benchmarks.json"
-            pytest_command, status = run_suites(json_path.resolve(), args.keyword, args.threads)
-            if not json_path.is_file():
-                print(f"report: the suites wrote no results (pytest exit status {status})", file=sys.stderr)
-                return status or 1
-            data = json.loads(json_path.read_text())
-    wall_s = time.perf_counter() - start
-    load_after = os.getloadavg()
+        shlex.quote(a) for a in [os.path.relpath(sys.executable, REPO), "benchmarks/report.py",
+                                 *(sys.argv[1:] if argv is None else argv)])
+    runs, status = [], 0
+    with tempfile.TemporaryDirectory() as tmp:
+        json_dir = args.json_dir or Path(tmp)
+        json_dir.mkdir(parents=True, exist_ok=True)
+        for threads in args.threads:
+            json_path = (json_dir / f"bench-{threads}t.json").resolve()
+            load_before, start = os.getloadavg()[0], time.perf_counter()
+            if args.no_run:
+                if not json_path.is_file():
+                    parser.error(f"--no-run: {json_path} not found")
+                pytest_command = "(rendered from a saved run)"
+            else:
+                pytest_command, run_status = run_suites(json_path, args.keyword, threads)
+                status = status or run_status
+                if not json_path.is_file():
+                    print(f"report: the {threads}-thread run wrote no results (pytest exit status {run_status})",
+                          file=sys.stderr)
+                    return run_status or 1
+            results = Results(json.loads(json_path.read_text()))
+            runs.append(Run(threads, results, pytest_command, load_before, os.getloadavg()[0],
+                            time.perf_counter() - start, saved=args.no_run))
 
     from medad_fast.io import atomic_write_text
 
-    text = render(Results(data), machine_facts(args.threads), command, pytest_command, load_before, load_after,
-                  wall_s)
+    text = render(runs, machine_facts(), command)
     print()
     print(text)
     atomic_write_text(args.out, text + "\n")

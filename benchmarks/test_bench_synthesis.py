@@ -23,7 +23,7 @@ from medad_fast import ops
 from medad_fast.synthesis import AnomalySynthesizer
 
 SIZES = [(8, 256), (32, 256), (8, 512), (32, 512)]
-SLOW_PEER_BUDGET_S = 3.0  # the per-sample peers take up to seconds a call: few rounds
+SLOW_PEER_BUDGET_S = 2.0  # the per-sample peers take up to seconds a call: few rounds
 
 
 def make_batch(batch: int, side: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,7 +55,7 @@ def test_train_step(benchmark, device, impl):
         with ops.use_reference(use_reference):
             return trainer.train_step(batch_index)
     measure(benchmark, fn, device, group=f"train step {step_name(trainer, device)}", impl=impl,
-            images=trainer.config.batch_size, budget_s=3.0)
+            images=trainer.config.batch_size, budget_s=2.0)
 
 
 @pytest.mark.parametrize("ops_impl", ["extension", "reference"])

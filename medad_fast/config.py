@@ -35,6 +35,7 @@ class Config:
     image_size: int = 256
     recon_width: int = 128
     seg_width: int = 64
+    seg_depth: int = 5  # max-pools of the segmentation U-Net (DRAEM's discriminative: 5)
     # optimisation (DESIGN §1.5)
     batch_size: int = 8
     epochs: int = 230
@@ -66,7 +67,7 @@ class Config:
     checkpoint_every: int = 1  # epochs
     reference_ops: bool = False
     amp: bool = True  # only takes effect on CUDA
-    channels_last: bool = True  # only takes effect on CUDA
+    channels_last: bool = True  # memory format of the activations (CPU and CUDA)
     anomaly_source: str | None = None
     data: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -87,6 +88,7 @@ class Config:
         need(isinstance(self.image_size, int) and self.image_size >= 8, "image_size", "must be an int >= 8")
         need(self.recon_width >= 1, "recon_width", "must be >= 1")
         need(self.seg_width >= 1, "seg_width", "must be >= 1")
+        need(isinstance(self.seg_depth, int) and 1 <= self.seg_depth <= 8, "seg_depth", "must be an int in 1..8")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.epochs >= 1, "epochs", "must be >= 1")
         need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a finite number > 0")
@@ -116,7 +118,7 @@ class Config:
         """The fields that decide the shapes of the weights: a checkpoint only loads into a
         model whose architecture matches."""
         return {"preset": self.preset, "image_size": self.image_size, "recon_width": self.recon_width,
-                "seg_width": self.seg_width, "mode": self.mode}
+                "seg_width": self.seg_width, "seg_depth": self.seg_depth, "mode": self.mode}
 
     # ------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:

@@ -102,7 +102,7 @@ class FrequencyAwareModel(nn.Module):
         self.reconstruction = (ReconstructionNetwork(1, 1, config.recon_width)
                                if config.mode in ("full", "recon_only") else None)
         seg_inputs = 2 if config.mode == "full" else 1
-        self.segmentation = (SegmentationNetwork(seg_inputs, 2, config.seg_width)
+        self.segmentation = (SegmentationNetwork(seg_inputs, 2, config.seg_width, depth=config.seg_depth)
                              if config.mode in ("full", "seg_only") else None)
         self.apply(init_weights)
 

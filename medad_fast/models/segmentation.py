@@ -5,8 +5,11 @@ A U-Net in the WDMT layout: the encoder feature ``E_i`` and the up-sampled decod
 them: ``D'_i = concat(alpha E_i + (1 - alpha) D_i, stopgrad(D_i))`` (:func:`ops.skip_merge`),
 and the decoder block after it takes ``2 c_i`` channels.
 
-Depth as DRAEM's discriminative network: six encoder blocks of widths
-``w, 2w, 4w, 8w, 8w, 8w`` with five 2x2 max-pools. Decoder level ``i`` (deepest first):
+Depth: ``depth`` 2x2 max-pools between ``depth + 1`` encoder blocks of widths
+``w * min(2^i, 8)``; the default 5 is DRAEM's discriminative network (``w, 2w, 4w, 8w, 8w,
+8w``). Once alpha has decayed to 0 the encoder features no longer reach the decoder, so the
+bottleneck (side / 2^depth) bounds how finely the map can localise: small images want a
+shallower network. Decoder level ``i`` (deepest first):
 bilinear x2 up-sampling + ``3x3 conv + BN + ReLU`` to ``c_i`` channels (= ``D_i``),
 skip merge with ``E_i`` (-> ``2 c_i``), two ``3x3 conv + BN + ReLU`` back to ``c_i``.
 A final ``3x3`` conv gives the logits.
@@ -28,18 +31,19 @@ class SegmentationNetwork(nn.Module):
 
     ``alpha`` (property) sets the weight of the encoder feature in every skip connection;
     the training loop updates it each iteration. Any ``H, W``: zero-padded to a multiple
-    of 32 (five pools) and cropped back.
+    of ``2^depth`` (32 for the default five pools) and cropped back.
     """
 
-    size_multiple = 32
-
     def __init__(self, in_channels: int = 2, out_channels: int = 2, base_width: int = 64,
-                 alpha: float = 1.0) -> None:
+                 alpha: float = 1.0, depth: int = 5) -> None:
         super().__init__()
         if base_width < 1:
             raise ValueError(f"base_width must be >= 1; got {base_width}")
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1; got {depth}")
         w = base_width
-        widths = [w, 2 * w, 4 * w, 8 * w, 8 * w, 8 * w]
+        widths = [w * min(2 ** level, 8) for level in range(depth + 1)]
+        self.size_multiple = 2 ** depth
         self.encoder = nn.ModuleList()
         previous = in_channels
         for width in widths:
@@ -50,7 +54,7 @@ class SegmentationNetwork(nn.Module):
         self.up_convs = nn.ModuleList()
         self.skips = nn.ModuleList()
         self.decoder = nn.ModuleList()
-        for width in reversed(widths[:-1]):  # levels 4, 3, 2, 1, 0
+        for width in reversed(widths[:-1]):  # levels depth-1 .. 0
             self.up_convs.append(conv_bn_relu(previous, width))  # D_i has c_i = width of E_i
             self.skips.append(SkipMerge(alpha))
             self.decoder.append(double_conv(2 * width, width, width))

@@ -12,6 +12,10 @@ in every process; :func:`init_distributed` reads them. One process drives one de
 * CUDA: process ``LOCAL_RANK`` uses ``cuda:LOCAL_RANK`` and the ``nccl`` backend;
 * CPU (``--device cpu`` or no GPU): the ``gloo`` backend.
 
+The process group is created once per process and destroyed when the process exits: a
+later command in the same process (``evaluate`` after ``train`` in one script) reuses it,
+because a default process group cannot be re-created reliably under torchrun once destroyed.
+
 Without torchrun (no ``WORLD_SIZE``, or ``WORLD_SIZE=1``) nothing is initialised and every
 function here is a cheap local no-op: rank 0 of a world of 1, :func:`shard` returns
 everything, :func:`gather_objects` returns ``[obj]``. So the single-process code path pays
@@ -28,10 +32,10 @@ epoch permutation and takes its own shard of it (what ``DistributedSampler`` doe
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import datetime
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -44,7 +48,6 @@ __all__ = [
     "launched_by_torchrun",
     "init_distributed",
     "shutdown",
-    "distributed_session",
     "is_distributed",
     "is_main_process",
     "rank",
@@ -129,8 +132,8 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> Distrib
         timeout_s: collective timeout (a rank that dies is noticed after at most this long).
 
     Returns the :class:`DistributedContext`. Without torchrun (``WORLD_SIZE`` unset or 1)
-    nothing is initialised. If a process group already exists (the caller made it) it is
-    used as is and left alone by :func:`shutdown`.
+    nothing is initialised. If a process group already exists (made by an earlier call or
+    by the caller) it is used as is. A group created here is destroyed at process exit.
     """
     if dist.is_available() and dist.is_initialized():
         world, this_rank = dist.get_world_size(), dist.get_rank()
@@ -158,25 +161,20 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> Distrib
     dist.init_process_group(backend=backend, rank=this_rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
+    atexit.register(_destroy_at_exit)
     return DistributedContext(this_rank, world, local, device, backend, owns_group=True)
 
 
-def shutdown(context: DistributedContext) -> None:
-    """Destroy the process group if ``context`` created it (idempotent)."""
-    if context.owns_group and dist.is_available() and dist.is_initialized():
+def _destroy_at_exit() -> None:
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
-@contextlib.contextmanager
-def distributed_session(device: torch.device) -> Iterator[DistributedContext]:
-    """``with distributed_session(device) as ctx:`` -- :func:`init_distributed` on entry,
-    :func:`shutdown` on exit (also on errors, so a failing rank does not leave the group
-    half-open)."""
-    context = init_distributed(device)
-    try:
-        yield context
-    finally:
-        shutdown(context)
+def shutdown(context: DistributedContext) -> None:
+    """Destroy the process group now if ``context`` created it (idempotent). Optional: a
+    group made by :func:`init_distributed` is destroyed at process exit anyway."""
+    if context.owns_group and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- queries

@@ -10,6 +10,10 @@ Output folder (default ``<run>/eval-<split>``)::
 
 Each heatmap PNG shows the slice and, beside it, the slice with the anomaly map blended in
 (jet colour map) and the ground-truth lesion outline in green.
+
+Under torchrun (``torchrun --nproc_per_node N -m medad_fast.cli evaluate ...``) every rank
+scores its contiguous share of the slices, the maps and scores are gathered in order, and
+rank 0 alone computes the metrics and writes the files.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import ops
+from . import distributed, ops
 from .config import Config
 from .io import atomic_write_bytes, atomic_write_json
 from .models.model import FrequencyAwareModel, model_from_checkpoint
@@ -159,16 +163,32 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
     """Evaluate a checkpoint (or run directory) on a split of a BMAD-layout folder; write
     ``metrics.json``, ``roc.png`` and the heatmaps into ``out``. Returns the metrics."""
     from .data.bmad import load_split
-    from .metrics import compute_metrics
 
     checkpoint = resolve_checkpoint(checkpoint)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     out = Path(out) if out is not None else checkpoint.parent / f"eval-{split}"
+    world = distributed.init_distributed(device)  # a no-op without torchrun
     context = ops.use_reference() if reference_ops else contextlib.nullcontext()
     with context:
-        model, config, state = model_from_checkpoint(checkpoint, device=device)
+        model, config, state = model_from_checkpoint(checkpoint, device=world.device)
         slices = load_split(data, split, size=config.image_size)
-        maps, scores = score_images(model, slices.images, device, batch_size, progress)
+        # each rank scores its share of the slices; gathered back in slice order
+        start, stop = distributed.shard_bounds(slices.images.shape[0])
+        maps, scores = score_images(model, slices.images[start:stop], world.device, batch_size,
+                                    progress and world.is_main)
+        maps, scores = distributed.all_gather_uneven(maps), distributed.all_gather_uneven(scores)
+    metrics = None
+    if world.is_main:
+        metrics = _write_evaluation(out, checkpoint, data, split, config, state, slices, maps, scores, n_cases)
+    return distributed.broadcast_object(metrics)
+
+
+def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str, config: Config,
+                      state: dict[str, Any], slices: Any, maps: torch.Tensor, scores: torch.Tensor,
+                      n_cases: int) -> dict[str, Any]:
+    """Metrics of the gathered maps and scores; metrics.json, roc.png, heatmaps."""
+    from .metrics import compute_metrics
+
     labels = slices.labels.numpy().astype(bool)
     masks = slices.masks[:, 0].numpy().astype(bool)
     maps_np, scores_np = maps.numpy(), scores.numpy()
@@ -205,11 +225,14 @@ def main(args: argparse.Namespace) -> int:
         print("medad-fast evaluate: error: --cases must be >= 0", file=sys.stderr)
         return 2
     try:
-        metrics = evaluate(args.run_or_checkpoint, args.data, args.split, args.out, args.device,
+        world = distributed.init_distributed(resolve_device(args.device))  # so that only rank 0 prints
+        metrics = evaluate(args.run_or_checkpoint, args.data, args.split, args.out, world.device,
                            args.batch_size, args.cases, not args.no_progress, args.reference_ops)
     except (ValueError, FileNotFoundError) as exc:
         print(f"medad-fast evaluate: error: {exc}", file=sys.stderr)
         return 2
+    if not world.is_main:
+        return 0
     out = Path(args.out) if args.out else resolve_checkpoint(args.run_or_checkpoint).parent / f"eval-{args.split}"
     print(f"image AUROC {metrics['image_auroc']:.4f}  pixel AUROC {metrics['pixel_auroc']:.4f}  "
           f"(image AP {metrics['image_ap']:.4f}, pixel AP {metrics['pixel_ap']:.4f}, "

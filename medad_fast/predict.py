@@ -9,6 +9,9 @@ Writes into ``--out``::
     scores.csv    path,score (one row per image, in input order)
     scores.json   [{"path", "score", "heatmap"}...] plus the checkpoint and its preset
     heatmaps/     <index>-<stem>.png: the slice beside the slice with its anomaly map
+
+Under torchrun every rank reads and scores its contiguous share of the images; rank 0
+gathers them and writes every file.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
+from .config import Config
 from .evaluate import save_rgb_png, overlay_heatmap, resolve_checkpoint, score_images
 from .io import atomic_write_json, atomic_write_text, quantize_uint8, read_image_gray, resize_images
 from .models.model import model_from_checkpoint
@@ -69,10 +74,19 @@ def predict(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
     checkpoint = resolve_checkpoint(checkpoint)
     device = device if isinstance(device, torch.device) else resolve_device(device)
     files = collect_inputs(inputs)
-    model, config, _ = model_from_checkpoint(checkpoint, device=device)
-    images = load_images(files, config.image_size)
-    maps, scores = score_images(model, images, device, batch_size, progress)
-    out = Path(out)
+    world = distributed.init_distributed(device)  # a no-op without torchrun
+    model, config, _ = model_from_checkpoint(checkpoint, device=world.device)
+    start, stop = distributed.shard_bounds(len(files))  # this rank's share, gathered back in order
+    images = load_images(files[start:stop], config.image_size)
+    maps, scores = score_images(model, images, world.device, batch_size, progress and world.is_main)
+    images, maps, scores = (distributed.all_gather_uneven(t) for t in (images, maps, scores))
+    rows = _write_predictions(Path(out), checkpoint, config, files, images, maps, scores) if world.is_main else None
+    return distributed.broadcast_object(rows)
+
+
+def _write_predictions(out: Path, checkpoint: Path, config: Config, files: list[Path], images: torch.Tensor,
+                       maps: torch.Tensor, scores: torch.Tensor) -> list[dict]:
+    """Heatmaps, scores.csv and scores.json of the gathered predictions."""
     rows = []
     width = max(3, len(str(len(files))))
     for i, path in enumerate(files):
@@ -105,10 +119,14 @@ def main(args: argparse.Namespace) -> int:
         print("medad-fast predict: error: --batch-size must be >= 1", file=sys.stderr)
         return 2
     try:
-        rows = predict(args.checkpoint, args.inputs, args.out, args.device, args.batch_size, not args.no_progress)
+        world = distributed.init_distributed(resolve_device(args.device))  # so that only rank 0 prints
+        rows = predict(args.checkpoint, args.inputs, args.out, world.device, args.batch_size,
+                       not args.no_progress)
     except (ValueError, FileNotFoundError) as exc:
         print(f"medad-fast predict: error: {exc}", file=sys.stderr)
         return 2
+    if not world.is_main:
+        return 0
     for row in rows:
         print(f"{row['score']:.4f}  {row['path']}")
     print(f"wrote {Path(args.out) / 'scores.csv'}, {Path(args.out) / 'scores.json'} and "

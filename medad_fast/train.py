@@ -10,15 +10,30 @@ One training step (DESIGN §1), all on the training device:
 
 Run directory (``--out``)::
 
-    config.json       the resolved configuration (preset + overrides)
-    log.jsonl         one JSON record per epoch: losses, alpha, lr, images/s, seconds
-    checkpoint.pt     latest checkpoint (atomic write; model, optimizer, scheduler, scaler,
-                      alpha, epoch, step, generator states): what --resume, evaluate and
-                      predict read
+    config.json               the resolved configuration (preset + overrides)
+    log.jsonl                 one JSON record per epoch: losses, alpha, lr, images/s, seconds
+    checkpoint-eE-sS.pt       the last ``--keep-checkpoints`` checkpoints (atomic, fsynced;
+                              model, optimizer, scheduler, scaler, alpha, epoch, step, the
+                              position inside an interrupted epoch, every generator's state
+                              on every rank, config), see :mod:`medad_fast.checkpoint`
+    checkpoint.pt             the newest of them: what evaluate and predict read
 
 Everything written goes through :class:`RunDirectory`, whose writes only happen on the
-main process (rank 0), so adding DDP (torchrun) later only needs a process group, a
-``DistributedDataParallel`` wrap and a per-rank shard of the batch order.
+main process (rank 0).
+
+Several processes (``torchrun --nproc_per_node N -m medad_fast.cli train ...``, see
+:mod:`medad_fast.distributed`): the model is wrapped in ``DistributedDataParallel``, every
+rank draws the same epoch permutation and trains on its own strided share of it
+(``DistributedSampler(drop_last=True)``: ``N // world`` images per rank and epoch, batch
+``batch_size`` per rank), and the synthesis generator is seeded per rank, so the ranks draw
+different anomalies. Logged losses are the mean over the ranks.
+
+Faults: a non-finite loss stops the run before the optimiser step (on every rank) with the
+step named; the checkpoints on disk are the last good ones. SIGINT/SIGTERM set a flag that
+is checked after every step: the run then writes a checkpoint of its exact position inside
+the epoch and exits (a second Ctrl-C stops at once). ``--resume`` continues from the newest
+readable checkpoint; with ``--deterministic`` a resumed run ends in the same weights as an
+uninterrupted one (bitwise on the CPU).
 """
 
 from __future__ import annotations
@@ -26,29 +41,36 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
+from .checkpoint import (DEFAULT_KEEP, LATEST_NAME, global_rng_states, latest_valid_checkpoint, list_checkpoints,
+                         restore_global_rng_states, save_checkpoint)
 from .config import PRESETS, Config, preset_config
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .distributed import DistributedContext, is_main_process
+from .io import atomic_write_json, atomic_write_text
 from .losses import LossTerms, reconstruction_loss, segmentation_loss
-from .models.model import FrequencyAwareModel, checkpoint_bytes, load_checkpoint
+from .models.model import FrequencyAwareModel
 from .schedules import alpha_at, lr_milestone_epochs
 from .synthesis import AnomalySynthesizer
 
-__all__ = ["RunDirectory", "TrainState", "Trainer", "train", "resolve_device", "config_from_args",
-           "add_arguments", "main"]
+__all__ = ["RunDirectory", "TrainState", "Trainer", "TrainingInterrupted", "train", "resolve_device",
+           "deterministic_mode", "config_from_args", "add_arguments", "main"]
 
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = LATEST_NAME  # the newest checkpoint (see medad_fast.checkpoint)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -72,13 +94,6 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def is_main_process() -> bool:
-    """Rank 0 (or no process group): the one process that writes files and shows progress."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return True
-
-
 def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """Mixed precision on CUDA (bfloat16 where supported, else float16); a no-op on CPU."""
     if not enabled or device.type != "cuda":
@@ -92,12 +107,86 @@ def needs_grad_scaler(device: torch.device, amp: bool) -> bool:
     return amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
 
 
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool, device: torch.device) -> Iterator[None]:
+    """``--deterministic``: deterministic kernels (``torch.use_deterministic_algorithms``,
+    cuDNN deterministic, no cuDNN benchmarking) for the duration; the previous settings are
+    restored afterwards. Bitwise reproducible on the CPU. On CUDA an op without a
+    deterministic kernel (PyTorch's bilinear up-sampling backward) only warns, instead of
+    stopping the run."""
+    if not enabled:
+        yield
+        return
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint (``checkpoint``: its
+    path on the main process, None on the others)."""
+
+    def __init__(self, signal_name: str, checkpoint: Path | None, epoch: int, step: int) -> None:
+        self.signal_name, self.checkpoint, self.epoch, self.step = signal_name, checkpoint, epoch, step
+        where = f"checkpoint {checkpoint}" if checkpoint is not None else "a checkpoint"
+        super().__init__(f"{signal_name} received: stopped after step {step} ({epoch} epochs complete) and "
+                         f"wrote {where}; continue with --resume")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell convention for a process ended by this signal (130 for SIGINT, 143 for SIGTERM)."""
+        number = getattr(signal, self.signal_name, None)
+        return 128 + int(number) if number is not None else 1
+
+
+class _StopOnSignal:
+    """While active, SIGINT and SIGTERM only set ``trainer.stop_requested``; the training loop
+    checks it after each step. A second SIGINT raises KeyboardInterrupt at once. Handlers
+    can only be installed from the main thread; elsewhere the signals keep their handlers."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.received is None:
+            self.received = signum
+        self.trainer.stop_requested = True
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
 class RunDirectory:
     """Every file a training run writes, behind one gate: only the main process writes."""
 
-    def __init__(self, path: str | Path, writer: bool | None = None) -> None:
+    def __init__(self, path: str | Path, writer: bool | None = None, keep_checkpoints: int = DEFAULT_KEEP) -> None:
+        if keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints (--keep-checkpoints) must be >= 1; got {keep_checkpoints}")
         self.path = Path(path)
         self.writer = is_main_process() if writer is None else writer
+        self.keep_checkpoints = keep_checkpoints
 
     @property
     def config_path(self) -> Path:
@@ -125,9 +214,12 @@ class RunDirectory:
         if self.writer:
             atomic_write_text(self.log_path, "".join(json.dumps(r) + "\n" for r in records))
 
-    def save_checkpoint(self, state: dict[str, Any]) -> None:
+    def save_checkpoint(self, state: dict[str, Any]) -> Path | None:
+        """Write a numbered checkpoint, point ``checkpoint.pt`` at it, keep the newest
+        ``keep_checkpoints``; returns its path (None on a process that does not write)."""
         if self.writer:
-            atomic_write_bytes(self.checkpoint_path, checkpoint_bytes(state))
+            return save_checkpoint(self.path, state, keep=self.keep_checkpoints)
+        return None
 
 
 @dataclass
@@ -137,6 +229,35 @@ class TrainState:
     epoch: int = 0  # completed epochs
     step: int = 0  # completed iterations
     alpha: float = 1.0
+
+
+@dataclass
+class EpochProgress:
+    """Where the current epoch stands: its permutation of the training images (the same on
+    every rank), the batches done, and this rank's sums that its log record will average.
+    Saved in a checkpoint written inside an epoch (the sums of every rank), so that a resumed
+    run finishes that epoch exactly."""
+
+    permutation: torch.Tensor
+    position: int = 0  # batches of this rank done
+    sums: dict[str, float] = field(default_factory=dict)
+    anomalous_sum: float = 0.0
+    seconds: float = 0.0
+
+    def rank_sums(self) -> dict[str, Any]:
+        """What differs between the ranks."""
+        return {"sums": dict(self.sums), "anomalous_sum": self.anomalous_sum}
+
+    def to_dict(self, rank_sums: list[dict[str, Any]]) -> dict[str, Any]:
+        """The checkpoint entry; ``rank_sums``: :meth:`rank_sums` of every rank, in rank order."""
+        return {"permutation": self.permutation, "position": self.position, "seconds": self.seconds,
+                "rank_sums": rank_sums}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], rank: int) -> EpochProgress:
+        mine = values["rank_sums"][rank]
+        return cls(values["permutation"], int(values["position"]), {k: float(v) for k, v in mine["sums"].items()},
+                   float(mine["anomalous_sum"]), float(values["seconds"]))
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -150,24 +271,32 @@ class Trainer:
         sources: ``float32 [K, 1, S, S]`` anomaly-source pool, or None to draw the Perlin
             texture fallback from the seed.
         device: training device.
+        context: this process's place in a torchrun world (default: a single process). With
+            more than one process the model is wrapped in ``DistributedDataParallel``.
     """
 
     def __init__(self, config: Config, train_images: torch.Tensor, sources: torch.Tensor | None,
-                 device: torch.device) -> None:
+                 device: torch.device, context: DistributedContext | None = None) -> None:
         if train_images.dim() != 4 or train_images.shape[1] != 1 or train_images.dtype != torch.uint8:
             raise ValueError(f"train_images must be uint8 [N, 1, S, S]; got {train_images.dtype} "
                              f"{list(train_images.shape)}")
         if train_images.shape[0] == 0:
             raise ValueError("no training images")
+        self.context = context if context is not None else DistributedContext(device=device)
+        if train_images.shape[0] < self.context.world_size:
+            raise ValueError(f"{train_images.shape[0]} training images cannot be shared by "
+                             f"{self.context.world_size} processes (each needs at least one)")
         self.config = config
         self.device = device
         # channels_last also speeds up oneDNN convolutions on the CPU (~20 %), so it is used everywhere
         self.use_channels_last = config.channels_last
         self.use_amp = config.amp and device.type == "cuda"
 
-        # generators: data order on the CPU, synthesis on the training device
+        # generators: data order on the CPU (the same on every rank: each takes its share of
+        # one permutation), synthesis on the training device (per rank: different anomalies)
         self.data_generator = torch.Generator().manual_seed(config.seed)
-        self.synthesis_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
+        self.synthesis_generator = torch.Generator(device=device).manual_seed(
+            distributed.rank_seed(config.seed + 1, self.context.rank))
 
         self.images = train_images.to(device)
         if sources is None:
@@ -183,18 +312,31 @@ class Trainer:
         self.model = FrequencyAwareModel(config).to(device)
         if self.use_channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # the module that runs the forward pass: DDP averages the gradients over the ranks
+        self.network: nn.Module = self.model
+        if self.context.is_distributed:
+            self.network = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, lr_milestone_epochs(config.epochs, config.lr_milestones), gamma=config.lr_gamma)
         self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, config.amp))
         self.state = TrainState()
+        self.epoch_progress: EpochProgress | None = None  # set while an epoch is under way
+        self.stop_requested = False  # set by a signal handler; checked after every step
+        self._stop_agreed = False  # some rank was asked to stop (agreed on in the step's all-reduce)
 
     # ------------------------------------------------------------------ schedule
     @property
+    def images_per_rank(self) -> int:
+        """Images each rank sees per epoch (all of them in a single process)."""
+        return self.images.shape[0] // self.context.world_size
+
+    @property
     def steps_per_epoch(self) -> int:
-        """Full batches per epoch (the last partial batch is dropped, unless the data holds
-        less than one batch)."""
-        return max(1, self.images.shape[0] // self.config.batch_size)
+        """Full batches per epoch and rank (the last partial batch is dropped, unless a rank's
+        share holds less than one batch)."""
+        return max(1, self.images_per_rank // self.config.batch_size)
 
     def current_alpha(self) -> float:
         return alpha_at(self.state.step, self.steps_per_epoch, self.config.alpha_decay_epochs)
@@ -215,7 +357,7 @@ class Trainer:
         self.model.alpha = self.state.alpha = self.current_alpha()
 
         with autocast_context(self.device, self.use_amp):
-            output = self.model(augmented)
+            output = self.network(augmented)
         terms = LossTerms()
         loss = torch.zeros((), device=self.device)
         if output.reconstruction is not None:
@@ -227,9 +369,7 @@ class Trainer:
             loss = loss + seg
             terms.seg, terms.l1, terms.focal = seg.detach(), l1.detach(), focal.detach()
         terms.total = loss.detach()
-        if not torch.isfinite(terms.total):
-            raise FloatingPointError(f"loss is {float(terms.total)} at step {self.state.step}; "
-                                     f"lower --lr or check the data")
+        self._check_step(terms.total)  # before backward: no rank updates its weights with a bad loss
 
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -239,48 +379,104 @@ class Trainer:
         anomalous = (mask.flatten(1).amax(dim=1) > 0).float().mean()
         return terms, float(anomalous)
 
-    def epoch_order(self) -> torch.Tensor:
-        """Batch indices of one epoch, ``[steps_per_epoch, B]`` (CPU)."""
-        n, batch = self.images.shape[0], self.config.batch_size
-        order = torch.randperm(n, generator=self.data_generator)
-        if n < batch:
-            return order.view(1, n)
-        return order[: self.steps_per_epoch * batch].view(self.steps_per_epoch, batch)
+    def _check_step(self, total: torch.Tensor) -> None:
+        """Raise ``FloatingPointError`` naming the step when the loss of this step is not
+        finite on any rank, and note whether any rank was asked to stop. With several
+        processes both facts travel in one all-reduce of two numbers, so every rank takes
+        the same decision at the same step."""
+        if self.context.is_distributed:
+            flags = torch.stack([(~torch.isfinite(total)).to(torch.float32),
+                                 torch.tensor(float(self.stop_requested), device=total.device)])
+            bad_ranks, stopping = distributed.all_reduce_sum(flags).tolist()
+            self._stop_agreed = stopping > 0
+        else:
+            bad_ranks = 0.0 if bool(torch.isfinite(total)) else 1.0
+        if bad_ranks > 0:
+            where = (f"on {int(bad_ranks)} of {self.context.world_size} processes (this one: {float(total)})"
+                     if self.context.is_distributed else f"({float(total)})")
+            position = self.epoch_progress.position + 1 if self.epoch_progress is not None else 0
+            raise FloatingPointError(f"non-finite loss {where} at step {self.state.step + 1} (epoch "
+                                     f"{self.state.epoch + 1}, batch {position} of {self.steps_per_epoch}); "
+                                     f"lower --lr or check the data")
 
-    def train_epoch(self, progress: Any = None) -> dict[str, Any]:
-        """Run one epoch; returns its log record."""
-        self.model.train()
+    @property
+    def stop_now(self) -> bool:
+        """A signal asked this run to stop (on any rank): checked after every step."""
+        return self._stop_agreed if self.context.is_distributed else self.stop_requested
+
+    def epoch_permutation(self) -> torch.Tensor:
+        """A new permutation of all training images from the data generator (the same on every rank)."""
+        return torch.randperm(self.images.shape[0], generator=self.data_generator)
+
+    def rank_batches(self, permutation: torch.Tensor) -> torch.Tensor:
+        """This rank's batches of an epoch permutation, ``[steps_per_epoch, B]`` (CPU).
+
+        The permutation is cut to a multiple of the world size and rank ``r`` takes every
+        ``world``-th image from position ``r`` (``DistributedSampler(drop_last=True)``);
+        then the last partial batch is dropped. A single process takes the whole permutation."""
+        world, batch = self.context.world_size, self.config.batch_size
+        per_rank = self.images_per_rank
+        mine = permutation[: per_rank * world].view(per_rank, world)[:, self.context.rank]
+        if per_rank < batch:
+            return mine.view(1, per_rank)
+        return mine[: self.steps_per_epoch * batch].view(self.steps_per_epoch, batch)
+
+    def epoch_order(self) -> torch.Tensor:
+        """Batch indices of a new epoch for this rank, ``[steps_per_epoch, B]`` (CPU)."""
+        return self.rank_batches(self.epoch_permutation())
+
+    def train_epoch(self, progress: Any = None) -> dict[str, Any] | None:
+        """Run (the rest of) one epoch; returns its log record, or None when a signal
+        stopped it after a step (:attr:`epoch_progress` then says where, for a checkpoint)."""
+        self.network.train()
+        if self.epoch_progress is None:
+            self.epoch_progress = EpochProgress(self.epoch_permutation())
+        epoch = self.epoch_progress
+        order = self.rank_batches(epoch.permutation)
         start = time.perf_counter()
-        sums: dict[str, float] = {}
-        anomalous_sum = 0.0
-        order = self.epoch_order()
-        for batch_index in order:
+        for batch_index in order[epoch.position:]:
             terms, anomalous = self.train_step(batch_index)
             for key, value in vars(terms).items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-            anomalous_sum += anomalous
+                epoch.sums[key] = epoch.sums.get(key, 0.0) + float(value)
+            epoch.anomalous_sum += anomalous
+            epoch.position += 1
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{float(terms.total):.4f}", alpha=f"{self.state.alpha:.3f}")
-        seconds = time.perf_counter() - start
-        n_steps = order.shape[0]
+            if self.stop_now and epoch.position < order.shape[0]:
+                epoch.seconds += time.perf_counter() - start
+                return None
+        seconds = epoch.seconds + time.perf_counter() - start
+        n_steps, world = order.shape[0], self.context.world_size
+        # mean over the ranks' steps (one all-reduce per epoch; a no-op in a single process)
+        keys = list(epoch.sums)
+        totals = distributed.all_reduce_sum(
+            torch.tensor([epoch.sums[k] for k in keys] + [epoch.anomalous_sum], dtype=torch.float64)).tolist()
+        sums, anomalous_sum = dict(zip(keys, totals[:-1])), totals[-1]
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
         self.state.epoch += 1
+        self.epoch_progress = None
         record = {"epoch": self.state.epoch, "step": self.state.step}
-        record.update({f"loss_{k}" if k != "total" else "loss": v / n_steps for k, v in sums.items()})
-        record.update({"alpha": self.state.alpha, "lr": lr, "anomalous_fraction": anomalous_sum / n_steps,
-                       "images_per_s": order.numel() / seconds, "seconds": seconds})
+        record.update({f"loss_{k}" if k != "total" else "loss": v / (n_steps * world) for k, v in sums.items()})
+        record.update({"alpha": self.state.alpha, "lr": lr, "anomalous_fraction": anomalous_sum / (n_steps * world),
+                       "images_per_s": order.numel() * world / seconds, "seconds": seconds})
         return record
 
     # ------------------------------------------------------------ checkpoints
+    def _rank_generator_states(self) -> dict[str, torch.Tensor | None]:
+        return {"synthesis": self.synthesis_generator.get_state().cpu(), **global_rng_states(self.device)}
+
     def state_dict(self) -> dict[str, Any]:
         """Everything exact resume needs (tensors and plain values only: loads with
-        ``weights_only=True``)."""
-        model = self.model.module if isinstance(self.model, nn.parallel.DistributedDataParallel) else self.model
+        ``weights_only=True``). With several processes this is a collective (the ranks'
+        generator states are gathered): call it on every rank."""
+        progress = self.epoch_progress
+        per_rank = distributed.gather_objects({"generators": self._rank_generator_states(),
+                                               "epoch": progress.rank_sums() if progress is not None else None})
         return {
             "config": self.config.to_dict(),
-            "model": {k: v.contiguous() for k, v in model.state_dict().items()},
+            "model": {k: v.contiguous() for k, v in self.model.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -289,6 +485,10 @@ class Trainer:
             "alpha": self.state.alpha,
             "generators": {"data": self.data_generator.get_state(),
                            "synthesis": self.synthesis_generator.get_state().cpu()},
+            # per rank: synthesis generator, torch's global CPU and CUDA generators
+            "rank_generators": [r["generators"] for r in per_rank],
+            "world_size": self.context.world_size,
+            "epoch_progress": progress.to_dict([r["epoch"] for r in per_rank]) if progress is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -299,7 +499,23 @@ class Trainer:
         self.state = TrainState(epoch=int(state["epoch"]), step=int(state["step"]), alpha=float(state["alpha"]))
         self.model.alpha = self.state.alpha
         self.data_generator.set_state(state["generators"]["data"])
-        self.synthesis_generator.set_state(state["generators"]["synthesis"])
+        rank, world = self.context.rank, self.context.world_size
+        saved_world = int(state.get("world_size", 1))
+        progress = state.get("epoch_progress")
+        self.epoch_progress = None
+        if progress is not None:
+            self.epoch_progress = (EpochProgress.from_dict(progress, rank) if saved_world == world
+                                   else EpochProgress(progress["permutation"]))
+        rank_generators = state.get("rank_generators") or [{"synthesis": state["generators"]["synthesis"]}]
+        if rank < len(rank_generators):
+            self.synthesis_generator.set_state(rank_generators[rank]["synthesis"])
+            if "torch_cpu" in rank_generators[rank]:
+                restore_global_rng_states(rank_generators[rank], self.device)
+        if saved_world != world:
+            # The shares of the data and the per-rank anomaly streams depend on the world
+            # size: an interrupted epoch starts over (same permutation) and the run goes on
+            # correctly, but not bit for bit as the original world would have.
+            self.state.step = self.state.epoch * self.steps_per_epoch
 
 
 # ----------------------------------------------------------------------------- entry
@@ -321,42 +537,72 @@ def _load_training_data(config: Config, data: str | Path, device: torch.device
 
 
 def train(config: Config, out: str | Path, *, resume: bool = False, device: str | torch.device | None = None,
-          progress: bool = True, log: Any = None) -> dict[str, Any]:
+          progress: bool = True, log: Any = None, keep_checkpoints: int = DEFAULT_KEEP,
+          deterministic: bool = False) -> dict[str, Any]:
     """Train a run into ``out``; returns the last epoch's log record.
 
-    ``config.data`` names the BMAD-layout folder. ``resume=True`` continues from
-    ``out/checkpoint.pt`` (its architecture must match ``config``); without it, a run
-    directory that already holds a checkpoint is refused. ``log`` is a callable for
-    one-line messages (default: print to stderr on the main process).
+    ``config.data`` names the BMAD-layout folder. ``resume=True`` continues from the newest
+    readable checkpoint of ``out`` (an unreadable newer one is skipped with a message; its
+    architecture must match ``config``); without it, a run directory that already holds a
+    checkpoint is refused. ``log`` is a callable for one-line messages (default: print to
+    stderr); only the main process says anything. ``keep_checkpoints``: how many checkpoints
+    stay on disk. ``deterministic``: see :func:`deterministic_mode`.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process calls this; it joins the process
+    group (made once per process) and trains its share (module docstring). Raises
+    :class:`TrainingInterrupted` after SIGINT/SIGTERM (a checkpoint was written) and
+    ``FloatingPointError`` on a non-finite loss (naming the step and the last good checkpoint).
     """
     if config.data is None:
         raise ValueError("config.data (--data) must name a BMAD-layout data folder")
+    if keep_checkpoints < 1:
+        raise ValueError(f"keep_checkpoints (--keep-checkpoints) must be >= 1; got {keep_checkpoints}")
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    run = RunDirectory(out)
-    say = log or (lambda message: print(message, file=sys.stderr) if run.writer else None)
+    context = distributed.init_distributed(device)  # a no-op without torchrun
+    with deterministic_mode(deterministic, context.device):
+        return _train(config, Path(out), resume, context, progress, log, keep_checkpoints)
 
-    checkpoint = None
-    if run.checkpoint_path.exists():
-        if not resume:
-            raise FileExistsError(f"{run.checkpoint_path} already exists; pass --resume to continue "
-                                  f"that run or choose another --out")
-        checkpoint = load_checkpoint(run.checkpoint_path, map_location="cpu", expected=config)
-    elif resume:
-        raise FileNotFoundError(f"--resume: no checkpoint to resume in {run.path} ({CHECKPOINT_NAME} missing)")
 
-    context = ops.use_reference() if config.reference_ops else contextlib.nullcontext()
-    with context:
+def _train(config: Config, out: Path, resume: bool, context: DistributedContext, progress: bool, log: Any,
+           keep_checkpoints: int) -> dict[str, Any]:
+    device = context.device
+    run = RunDirectory(out, writer=context.is_main, keep_checkpoints=keep_checkpoints)
+    emit = log or (lambda message: print(message, file=sys.stderr))
+
+    def say(message: str) -> None:
+        if run.writer:
+            emit(message)
+
+    found = None
+    if resume:
+        # every rank reads the same file (the run directory must be visible to all nodes)
+        found = latest_valid_checkpoint(run.path, expected=config, log=say)
+        if found is None:
+            raise FileNotFoundError(f"--resume: no checkpoint to resume in {run.path} "
+                                    f"(no checkpoint-*.pt or {CHECKPOINT_NAME})")
+    elif list_checkpoints(run.path) or run.checkpoint_path.exists():
+        raise FileExistsError(f"{run.path} already holds a checkpoint; pass --resume to continue "
+                              f"that run or choose another --out")
+
+    ops_context = ops.use_reference() if config.reference_ops else contextlib.nullcontext()
+    with ops_context:
         images, sources = _load_training_data(config, config.data, device)
-        trainer = Trainer(config, images, sources, device)
+        trainer = Trainer(config, images, sources, device, context)
         records = run.read_log()
-        if checkpoint is not None:
-            trainer.load_state_dict(checkpoint)
+        if found is not None:
+            saved_world = int(found.state.get("world_size", 1))
+            trainer.load_state_dict(found.state)
             records = [r for r in records if r.get("epoch", 0) <= trainer.state.epoch]
-            say(f"resuming {run.path} at epoch {trainer.state.epoch}/{config.epochs}")
+            say(f"resuming {run.path} from {found.path.name}: epoch {trainer.state.epoch}, "
+                f"step {trainer.state.step} of {config.epochs} epochs")
+            if saved_world != context.world_size:
+                say(f"the checkpoint was written by {saved_world} process(es) and {context.world_size} resume it: "
+                    f"the data shares and anomaly draws differ from an uninterrupted run")
         run.write_config(config)
+        world = f", {context.world_size} processes ({context.backend})" if context.is_distributed else ""
         say(f"training {config.preset} preset ({config.mode}) on {images.shape[0]} images of "
             f"{config.image_size}x{config.image_size}, {config.epochs} epochs x {trainer.steps_per_epoch} "
-            f"steps, device {device}, ops: {'reference' if ops.using_reference() else 'extension'}")
+            f"steps, device {device}{world}, ops: {'reference' if ops.using_reference() else 'extension'}")
 
         bar = None
         if progress and run.writer:
@@ -365,22 +611,37 @@ def train(config: Config, out: str | Path, *, resume: bool = False, device: str 
             bar = tqdm(total=total, initial=min(trainer.state.step, total), desc="train", unit="step",
                        dynamic_ncols=True)
         record: dict[str, Any] = records[-1] if records else {}
+        stop = _StopOnSignal(trainer)
         try:
-            while trainer.state.epoch < config.epochs:
-                record = trainer.train_epoch(bar)
-                records.append(record)
-                run.write_log(records)
-                last = trainer.state.epoch == config.epochs
-                if last or trainer.state.epoch % config.checkpoint_every == 0:
-                    run.save_checkpoint(trainer.state_dict())
-                if bar is None:
-                    say(f"epoch {record['epoch']}/{config.epochs} loss {record['loss']:.4f} "
-                        f"alpha {record['alpha']:.3f} lr {record['lr']:.2e} "
-                        f"{record['images_per_s']:.1f} img/s")
+            with stop:
+                while trainer.state.epoch < config.epochs:
+                    epoch_record = trainer.train_epoch(bar)
+                    if epoch_record is not None:
+                        record = epoch_record
+                        records.append(record)
+                        run.write_log(records)
+                        last = trainer.state.epoch == config.epochs
+                        if last or trainer.state.epoch % config.checkpoint_every == 0:
+                            run.save_checkpoint(trainer.state_dict())
+                        if bar is None:
+                            say(f"epoch {record['epoch']}/{config.epochs} loss {record['loss']:.4f} "
+                                f"alpha {record['alpha']:.3f} lr {record['lr']:.2e} "
+                                f"{record['images_per_s']:.1f} img/s")
+                    if trainer.stop_now and trainer.state.epoch < config.epochs:
+                        path = run.save_checkpoint(trainer.state_dict())
+                        # name the signal even on ranks that did not receive it themselves
+                        received = [s for s in distributed.gather_objects(stop.received) if s is not None]
+                        name = signal.Signals(received[0]).name if received else "a stop request"
+                        raise TrainingInterrupted(name, path, trainer.state.epoch, trainer.state.step)
+        except FloatingPointError as exc:
+            written = list_checkpoints(run.path)
+            kept = (f"the last good checkpoint is {written[0]}" if written
+                    else "no checkpoint had been written yet")
+            raise FloatingPointError(f"{exc}. Training stopped; {kept}") from None
         finally:
             if bar is not None:
                 bar.close()
-        if checkpoint is not None and not run.checkpoint_path.exists():
+        if found is not None and not run.checkpoint_path.exists():
             run.save_checkpoint(trainer.state_dict())
     return record
 
@@ -412,6 +673,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--source-pool-size", type=int, help="anomaly-source images kept on the device")
     g.add_argument("--seed", type=int)
     g.add_argument("--checkpoint-every", type=int, metavar="E", help="write the checkpoint every E epochs")
+    g.add_argument("--keep-checkpoints", type=int, default=DEFAULT_KEEP, metavar="K",
+                   help=f"keep the newest K checkpoints in the run directory (default {DEFAULT_KEEP})")
     a = parser.add_argument_group("ablations (paper Tables 3-5)")
     a.add_argument("--no-roi", action="store_true", help="no liver localisation in the synthesis")
     a.add_argument("--no-highpass", action="store_true", help="reconstruct from the image, not its high-pass")
@@ -426,6 +689,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     r.add_argument("--no-channels-last", action="store_true", help="no channels_last memory format")
     r.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
+    r.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels: with the same --seed, identical loss logs and weights "
+                        "(bitwise on the CPU), also across --resume")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -446,12 +712,24 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def main(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
-        out = Path(args.out) if args.out else Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        device = resolve_device(args.device)
+        context = distributed.init_distributed(device)  # a no-op without torchrun
+        # every rank uses rank 0's default run directory (their clocks may disagree on the second)
+        default_out = Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = Path(args.out) if args.out else distributed.broadcast_object(default_out)
         start = time.perf_counter()
-        record = train(config, out, resume=args.resume, device=args.device, progress=not args.no_progress)
+        try:
+            record = train(config, out, resume=args.resume, device=context.device, progress=not args.no_progress,
+                           keep_checkpoints=args.keep_checkpoints, deterministic=args.deterministic)
+        except TrainingInterrupted as exc:
+            if context.is_main:
+                print(f"medad-fast train: {exc}", file=sys.stderr)
+            return exc.exit_code
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
         print(f"medad-fast train: error: {exc}", file=sys.stderr)
         return 2
+    if not context.is_main:
+        return 0
     minutes = (time.perf_counter() - start) / 60
     if record:
         print(f"trained {out} to epoch {record['epoch']}: loss {record['loss']:.4f}, alpha {record['alpha']:.3f} "

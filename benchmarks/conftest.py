@@ -11,7 +11,8 @@ divides their times. ``extra_info`` carries what the report needs besides the ti
 Timing: one warm-up call, then as many rounds as its time says fit in ``ROUND_BUDGET_S``
 (``MEDAD_BENCH_BUDGET_S``; at least ``MIN_ROUNDS``, at most ``MAX_ROUNDS``; 2 for calls slower
 than ``SLOW_CALL_S``), one call per round; on CUDA the timed function synchronises the device before returning.
-``MEDAD_BENCH_THREADS`` (default 2, the targets' thread count) sets ``torch.set_num_threads``.
+``MEDAD_BENCH_THREADS`` (default 2, the targets' thread count) sets ``torch.set_num_threads``;
+``MEDAD_BENCH_CPU_TIME=1`` marks a run timed in process CPU time (CPU only).
 """
 
 from __future__ import annotations
@@ -35,8 +36,11 @@ SLOW_CALL_S = 3.0  # calls slower than this get 2 rounds (a busy machine can mak
 
 THREADS = int(os.environ.get("MEDAD_BENCH_THREADS", "2"))
 torch.set_num_threads(THREADS)
+# report.py times 1-thread runs in process CPU time (--benchmark-timer=time.process_time),
+# which a busy machine cannot inflate by descheduling us; GPU timing needs wall time.
+CPU_TIME = os.environ.get("MEDAD_BENCH_CPU_TIME") == "1"
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not CPU_TIME else [])
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -73,7 +77,8 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, group:
     if estimate > SLOW_CALL_S:
         rounds = 2
     benchmark.group = group
-    benchmark.extra_info.update({"impl": impl, "device": device.type, "threads": torch.get_num_threads()})
+    benchmark.extra_info.update({"impl": impl, "device": device.type, "threads": torch.get_num_threads(),
+                                 "timer": "process CPU time" if CPU_TIME else "wall time"})
     if bytes_moved is not None:
         benchmark.extra_info["bytes"] = int(bytes_moved)
     if images is not None:

@@ -6,6 +6,7 @@
 #include "checks.h"
 #include "huge_pages.h"
 #include "lattice.h"
+#include "perlin_row.h"
 
 namespace medad_fast {
 namespace {
@@ -28,10 +29,7 @@ at::Tensor perlin_noise_cpu(const at::Tensor& angles, const at::Tensor& res, int
       for (int64_t row = begin; row < end; ++row) {
         const auto& sample = samples[row / height];
         const int64_t i = row % height;
-        scalar_t* dst = out_ptr + row * width;
-        for (int64_t j = 0; j < width; ++j) {
-          dst[j] = perlin_pixel(sample.lattice, i, j, sample.c, sample.s, H, W);
-        }
+        perlin_row(sample.lattice, i, width, sample.c, sample.s, H, W, out_ptr + row * width);
       }
     });
   });

@@ -3,7 +3,8 @@
 Training (DESIGN §1): ``I_r = R(highpass(I_a))``, ``logits = S(concat(I_r, I_a))`` with the
 reconstruction NOT detached. Inference: the same with the test image ``I`` in place of
 ``I_a``; pixel map ``p = softmax(logits)[:, 1]``, image score
-``max(avg_pool2d(p, 21, 1, 10))`` (zero padding counted, DRAEM's).
+``max(avg_pool2d(p, 21, 1, 10))`` (zero padding counted, DRAEM's) at 256 x 256; the filter
+side scales with the image side (``Config.effective_score_filter``: 11 at 128).
 
 Modes (ablations of the paper, :data:`medad_fast.config.MODES`):
 
@@ -149,7 +150,7 @@ class FrequencyAwareModel(nn.Module):
             maps = self.anomaly_maps(images, self(images))
         finally:
             self.train(was_training)
-        return maps, image_scores(maps, self.config.score_filter)
+        return maps, image_scores(maps, self.config.effective_score_filter)
 
 
 # ---------------------------------------------------------------------------- checkpoints

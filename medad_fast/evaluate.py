@@ -9,7 +9,8 @@ Output folder (default ``<run>/eval-<split>``)::
     heatmaps/best-*.png           the opposite (its best cases)
 
 Each heatmap PNG shows the slice and, beside it, the slice with the anomaly map blended in
-(jet colour map) and the ground-truth lesion outline in green.
+(jet colour map from 0 to the split's largest pixel value, ``heatmap_scale`` in
+metrics.json) and the ground-truth lesion outline in green.
 
 Under torchrun (``torchrun --nproc_per_node N -m medad_fast.cli evaluate ...``) every rank
 scores its contiguous share of the slices, the maps and scores are gathered in order, and
@@ -93,17 +94,22 @@ def _outline(mask: np.ndarray) -> np.ndarray:
 
 
 def overlay_heatmap(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None = None,
-                    opacity: float = 0.45) -> np.ndarray:
-    """Side-by-side ``[H, 2W, 3]`` uint8: the slice, and the slice blended with the jet
-    heatmap of ``anomaly_map`` (values in [0, 1]) with the lesion outline of ``mask`` in
-    green. ``image`` float in [0, 1] or uint8, ``[H, W]``."""
+                    vmax: float = 1.0, opacity: float = 0.45, min_side: int = 256) -> np.ndarray:
+    """Side-by-side ``uint8 [H', 2W', 3]``: the slice, and the slice blended with the jet
+    heatmap of ``anomaly_map / vmax`` with the lesion outline of ``mask`` in green.
+
+    ``image`` ``[H, W]`` float in [0, 1] or uint8. Small slices are enlarged by an integer
+    factor (nearest neighbour, so pixels stay pixels) until the side is >= ``min_side``."""
     image = np.asarray(image)
     gray = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
     gray_rgb = np.repeat((np.clip(gray, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=-1)
-    blended = ((1 - opacity) * gray_rgb + opacity * _jet(anomaly_map)).astype(np.uint8)
+    scaled = np.asarray(anomaly_map, dtype=np.float32) / max(float(vmax), 1e-12)
+    blended = ((1 - opacity) * gray_rgb + opacity * _jet(scaled)).astype(np.uint8)
     if mask is not None:
         blended[_outline(np.asarray(mask).astype(bool))] = (0, 255, 0)
-    return np.concatenate([gray_rgb, blended], axis=1)
+    tile = np.concatenate([gray_rgb, blended], axis=1)
+    factor = max(1, -(-min_side // max(1, min(gray.shape))))  # ceil(min_side / side)
+    return tile.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else tile
 
 
 def save_rgb_png(path: Path, rgb: np.ndarray) -> None:
@@ -137,9 +143,10 @@ def _plot_roc(path: Path, image_labels: np.ndarray, image_scores: np.ndarray, ma
 
 
 def _write_cases(folder: Path, images: np.ndarray, masks: np.ndarray, maps: np.ndarray, labels: np.ndarray,
-                 scores: np.ndarray, paths: list[str], n_cases: int) -> list[str]:
+                 scores: np.ndarray, paths: list[str], n_cases: int, vmax: float) -> list[str]:
     """Heatmaps of the worst and best cases: per class, the ``n_cases`` slices ranked
-    worst (abnormal: lowest score; normal: highest) and best (the opposite)."""
+    worst (abnormal: lowest score; normal: highest) and best (the opposite). All share
+    one colour scale, ``[0, vmax]``."""
     written = []
     for kind in ("abnormal", "normal"):
         index = np.flatnonzero(labels if kind == "abnormal" else ~labels)
@@ -152,7 +159,7 @@ def _write_cases(folder: Path, images: np.ndarray, masks: np.ndarray, maps: np.n
         for quality, chosen in picks.items():
             for rank, i in enumerate(chosen, start=1):
                 name = f"{quality}-{kind}-{rank:02d}-{Path(paths[i]).stem}-score{scores[i]:.3f}.png"
-                save_rgb_png(folder / name, overlay_heatmap(images[i], maps[i], masks[i]))
+                save_rgb_png(folder / name, overlay_heatmap(images[i], maps[i], masks[i], vmax))
                 written.append(name)
     return written
 
@@ -193,14 +200,18 @@ def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str,
     masks = slices.masks[:, 0].numpy().astype(bool)
     maps_np, scores_np = maps.numpy(), scores.numpy()
     metrics = compute_metrics(labels, scores_np, masks, maps_np)
+    # the heatmaps share one colour scale: the largest pixel value of the split (the
+    # L1 + focal loss keeps p well below 1, so a fixed [0, 1] scale would look washed out)
+    heatmap_scale = float(maps_np.max()) if maps_np.size else 1.0
     metrics.update({"split": split, "data": str(Path(data).resolve()), "checkpoint": str(checkpoint.resolve()),
                     "epoch": int(state.get("epoch", 0)), "alpha": float(state.get("alpha", 0.0)),
-                    "preset": config.preset, "mode": config.mode, "image_size": config.image_size})
+                    "preset": config.preset, "mode": config.mode, "image_size": config.image_size,
+                    "heatmap_scale": heatmap_scale})
     atomic_write_json(out / "metrics.json", metrics)
     _plot_roc(out / "roc.png", labels, scores_np, masks, maps_np, metrics,
               title=f"{config.preset} ({config.mode}), {split} split")
     _write_cases(out / "heatmaps", slices.images[:, 0].numpy(), masks, maps_np, labels, scores_np,
-                 slices.paths, n_cases)
+                 slices.paths, n_cases, heatmap_scale)
     return metrics
 
 

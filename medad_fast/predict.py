@@ -9,6 +9,7 @@ Writes into ``--out``::
     scores.csv    path,score (one row per image, in input order)
     scores.json   [{"path", "score", "heatmap"}...] plus the checkpoint and its preset
     heatmaps/     <index>-<stem>.png: the slice beside the slice with its anomaly map
+                  (colour scale 0 .. the largest pixel value of the call, heatmap_scale)
 
 Under torchrun every rank reads and scores its contiguous share of the images; rank 0
 gathers them and writes every file.
@@ -87,12 +88,15 @@ def predict(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
 def _write_predictions(out: Path, checkpoint: Path, config: Config, files: list[Path], images: torch.Tensor,
                        maps: torch.Tensor, scores: torch.Tensor) -> list[dict]:
     """Heatmaps, scores.csv and scores.json of the gathered predictions."""
+    # one colour scale for all heatmaps of this call: 0 .. the largest pixel value
+    heatmap_scale = float(maps.max()) if maps.numel() else 1.0
     rows = []
     width = max(3, len(str(len(files))))
     for i, path in enumerate(files):
         # the index prefix keeps names unique when two inputs share a stem
         name = f"{i:0{width}d}-{path.stem}.png"
-        save_rgb_png(out / "heatmaps" / name, overlay_heatmap(images[i, 0].numpy(), maps[i].numpy()))
+        overlay = overlay_heatmap(images[i, 0].numpy(), maps[i].numpy(), vmax=heatmap_scale)
+        save_rgb_png(out / "heatmaps" / name, overlay)
         rows.append({"path": str(path), "score": float(scores[i]), "heatmap": f"heatmaps/{name}"})
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
@@ -101,7 +105,7 @@ def _write_predictions(out: Path, checkpoint: Path, config: Config, files: list[
     atomic_write_text(out / "scores.csv", text.getvalue())
     atomic_write_json(out / "scores.json", {"checkpoint": str(checkpoint.resolve()), "preset": config.preset,
                                             "mode": config.mode, "image_size": config.image_size,
-                                            "images": rows})
+                                            "heatmap_scale": heatmap_scale, "images": rows})
     return rows
 
 

@@ -699,7 +699,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     mode = "recon_only" if args.recon_only else "seg_only" if args.seg_only else "full"
     overrides = dict(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
-        recon_width=args.recon_width, seg_width=args.seg_width, seg_depth=args.seg_depth, alpha_decay_epochs=args.alpha_decay_epochs,
+        recon_width=args.recon_width, seg_width=args.seg_width, seg_depth=args.seg_depth,
+        alpha_decay_epochs=args.alpha_decay_epochs,
         butterworth_order=args.butterworth_order, d0=args.d0, p_anomaly=args.p_anomaly,
         max_train_images=args.max_train_images, source_pool_size=args.source_pool_size, seed=args.seed,
         checkpoint_every=args.checkpoint_every,

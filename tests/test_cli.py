@@ -57,7 +57,7 @@ def test_evaluate_writes_metrics_roc_and_heatmaps(run, data, capsys):
     assert any(n.startswith("best-normal") for n in heatmaps)
     from PIL import Image
     with Image.open(out / "heatmaps" / heatmaps[0]) as im:
-        assert im.mode == "RGB" and im.size == (64, 32)  # slice | overlay
+        assert im.mode == "RGB" and im.size == (512, 256)  # slice | overlay, 32 px enlarged 8x
 
 
 def test_predict_scores_files_and_folders(run, data, tmp_path, capsys):

@@ -116,6 +116,16 @@ def test_image_score_is_max_of_avg_pool_21_with_zero_padding():
         image_scores(torch.zeros(1, 1, 8, 8))
 
 
+def test_score_filter_scales_with_the_image_side():
+    assert preset_config("paper").effective_score_filter == 21  # DRAEM's 21 at 256
+    sides = {128: 11, 96: 9, 64: 5, 512: 43, 8: 1}
+    for side, expected in sides.items():
+        assert preset_config("small", image_size=side).effective_score_filter == expected
+    assert preset_config("small", score_filter=21).effective_score_filter == 21
+    with pytest.raises(ValueError, match="score_filter"):
+        preset_config("small", score_filter=4)
+
+
 def test_full_model_trains_the_reconstruction_through_the_segmentation_loss():
     torch.manual_seed(0)
     model = FrequencyAwareModel(tiny_config())
@@ -136,7 +146,7 @@ def test_predict_maps_scores_and_mode_restored():
     assert model.training
     assert maps.shape == (3, 32, 32) and scores.shape == (3,)
     assert float(maps.min()) >= 0 and float(maps.max()) <= 1
-    assert torch.allclose(scores, image_scores(maps))
+    assert torch.allclose(scores, image_scores(maps, model.config.effective_score_filter))
     # inference segments concat(I_r, I): the same as a manual eval forward pass
     model.eval()
     with torch.no_grad():

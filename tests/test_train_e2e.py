@@ -1,0 +1,49 @@
+"""End to end: the small preset, trained briefly on tiny phantom data, detects lesions, and
+the same run without anomaly synthesis does not (the test can fail)."""
+
+import time
+
+import pytest
+
+from medad_fast.config import preset_config
+from medad_fast.data.phantom import write_phantom_dataset
+from medad_fast.evaluate import evaluate
+from medad_fast.train import train
+
+# A brief run of the small preset at 64 x 64: 48 normal slices, 40 epochs of 6 steps
+# (about 35 s per run on 2 idle CPU cores). Measured: the full method reaches image/pixel
+# AUROC 0.93/0.85, the same run without synthesis 0.57/0.59; the bars sit in between.
+EPOCHS = 40
+BRIEF = dict(image_size=64, epochs=EPOCHS, alpha_decay_epochs=2 * EPOCHS, source_pool_size=32)
+IMAGE_AUROC_MIN = 0.75
+PIXEL_AUROC_MIN = 0.75
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantom")
+    write_phantom_dataset(root, n_train=48, n_test=40, size=64, seed=0, progress=False)
+    return root
+
+
+def train_and_evaluate(data, out, **switches):
+    config = preset_config("small", data=str(data), **BRIEF, **switches)
+    start = time.perf_counter()
+    train(config, out / "run", progress=False, log=lambda message: None)
+    metrics = evaluate(out / "run", data, out=out / "eval", progress=False, n_cases=0)
+    print(f"{switches or 'full method'}: image AUROC {metrics['image_auroc']:.3f}, pixel AUROC "
+          f"{metrics['pixel_auroc']:.3f} ({time.perf_counter() - start:.0f} s)")
+    return metrics
+
+
+def test_small_preset_learns_to_detect_lesions(phantom, tmp_path):
+    metrics = train_and_evaluate(phantom, tmp_path)
+    assert metrics["image_auroc"] >= IMAGE_AUROC_MIN
+    assert metrics["pixel_auroc"] >= PIXEL_AUROC_MIN
+
+
+def test_without_synthesis_the_same_run_does_not(phantom, tmp_path):
+    # nothing teaches the segmentation network what an anomaly is: it must stay near chance
+    metrics = train_and_evaluate(phantom, tmp_path, synthesis=False)
+    assert metrics["image_auroc"] < IMAGE_AUROC_MIN
+    assert metrics["pixel_auroc"] < PIXEL_AUROC_MIN

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Config", "PRESETS", "MODES", "preset_config"]
@@ -71,7 +71,6 @@ class Config:
     channels_last: bool = True  # memory format of the activations (CPU and CUDA)
     anomaly_source: str | None = None
     data: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.lr_milestones = tuple(float(m) for m in self.lr_milestones)
@@ -140,6 +139,7 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
         known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k not in _RETIRED_KEYS}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
@@ -148,6 +148,9 @@ class Config:
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
+
+#: keys older versions wrote into config.json / checkpoints; ignored when read back
+_RETIRED_KEYS = frozenset({"extra"})
 
 #: preset name -> field overrides of the dataclass defaults (which are the paper's)
 PRESETS: dict[str, dict[str, Any]] = {

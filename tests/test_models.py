@@ -227,3 +227,20 @@ def test_checkpoint_loading_is_weights_only_and_checks_the_format(tmp_path):
         load_checkpoint(other)
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_config_round_trip_presets_and_bad_values():
+    from medad_fast.config import Config
+    small = preset_config("small")
+    assert Config.from_dict(small.to_dict()) == small
+    assert Config.from_dict({**small.to_dict(), "extra": {}}) == small  # key written by old versions
+    paper = preset_config("paper")
+    assert (paper.recon_width, paper.seg_width, paper.image_size, paper.batch_size, paper.epochs, paper.lr,
+            paper.alpha_decay_epochs, paper.butterworth_order, paper.d0) == (128, 64, 256, 8, 230, 1e-4, 20.0, 2, 30.0)
+    with pytest.raises(ValueError, match="unknown config keys"):
+        Config.from_dict({**small.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_config("huge")
+    for field, value in (("lr", 0.0), ("mode", "both"), ("p_anomaly", 2.0), ("butterworth_order", 0)):
+        with pytest.raises(ValueError, match=field):
+            preset_config("small", **{field: value})

@@ -124,6 +124,13 @@ class Config:
             return self.score_filter
         return max(1, int(round(21 * self.image_size / 256)) | 1)
 
+    @property
+    def variant(self) -> str:
+        """The mode and the ablation switches that are on, e.g. ``"full, no ROI"``."""
+        ablated = [name for name, on in (("no ROI", self.roi), ("no high-pass", self.highpass),
+                                         ("no synthesis", self.synthesis)) if not on]
+        return ", ".join([self.mode, *ablated])
+
     def architecture(self) -> dict[str, Any]:
         """The fields that decide the shapes of the weights: a checkpoint only loads into a
         model whose architecture matches."""

@@ -209,7 +209,7 @@ def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str,
                     "heatmap_scale": heatmap_scale})
     atomic_write_json(out / "metrics.json", metrics)
     _plot_roc(out / "roc.png", labels, scores_np, masks, maps_np, metrics,
-              title=f"{config.preset} ({config.mode}), {split} split")
+              title=f"{config.preset} ({config.variant}), {split} split")
     _write_cases(out / "heatmaps", slices.images[:, 0].numpy(), masks, maps_np, labels, scores_np,
                  slices.paths, n_cases, heatmap_scale)
     return metrics

@@ -600,7 +600,7 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
                     f"the data shares and anomaly draws differ from an uninterrupted run")
         run.write_config(config)
         world = f", {context.world_size} processes ({context.backend})" if context.is_distributed else ""
-        say(f"training {config.preset} preset ({config.mode}) on {images.shape[0]} images of "
+        say(f"training {config.preset} preset ({config.variant}) on {images.shape[0]} images of "
             f"{config.image_size}x{config.image_size}, {config.epochs} epochs x {trainer.steps_per_epoch} "
             f"steps, device {device}{world}, ops: {'reference' if ops.using_reference() else 'extension'}")
 

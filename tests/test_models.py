@@ -244,3 +244,9 @@ def test_config_round_trip_presets_and_bad_values():
     for field, value in (("lr", 0.0), ("mode", "both"), ("p_anomaly", 2.0), ("butterworth_order", 0)):
         with pytest.raises(ValueError, match=field):
             preset_config("small", **{field: value})
+
+
+def test_config_variant_names_the_mode_and_the_ablations():
+    assert preset_config("small").variant == "full"
+    assert preset_config("small", roi=False, synthesis=False).variant == "full, no ROI, no synthesis"
+    assert preset_config("small", mode="seg_only", highpass=False).variant == "seg_only, no high-pass"

@@ -42,8 +42,12 @@ COLUMNS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("ima
 def run_variant(name: str, switches: list[str], data: Path, folder: Path, train_args: list[str]) -> dict:
     metrics_path = folder / "eval" / "metrics.json"
     if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+        if metrics.get("data") != str(data.resolve()):
+            raise SystemExit(f"{folder}: holds a run evaluated on {metrics.get('data')}, not on {data.resolve()}; "
+                             f"delete it or choose another --out")
         print(f"== {name}: already done ({metrics_path})", flush=True)
-        return json.loads(metrics_path.read_text())
+        return metrics
     cli = [sys.executable, "-m", "medad_fast.cli"]
     start = time.perf_counter()
     print(f"== {name}: training with {' '.join(switches) or 'no switch'}", flush=True)

@@ -173,7 +173,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr": 1e-3,  # short schedule: 10x the paper's lr (Adam, still decayed at 80 / 90 %)
         # alpha only reaches 0.5 by the end: in a short run the deep decoder path cannot
         # take over the localisation from the encoder skips (measured: alpha -> 0 early
-        # costs most of the pixel AP)
+        # costs most of the pixel AP: with 20 epochs the demo gives image/pixel AUROC
+        # 0.781/0.937, pixel AP 0.277, against 0.950/0.975, 0.663 with 140)
         "alpha_decay_epochs": 140.0,
         "source_pool_size": 64,
     },

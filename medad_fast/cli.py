@@ -23,6 +23,17 @@ COMMANDS = {
 }
 
 
+def int_at_least(minimum: int):
+    """An argparse ``type`` for integers >= ``minimum`` (argparse names the option in the error)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}; got {value}")
+        return value
+    parse.__name__ = "int"  # argparse's message for a non-integer: "invalid int value"
+    return parse
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; with ``command`` only that sub-command's module is imported
     (start-up stays fast and one command does not depend on another's imports)."""

@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from . import distributed, ops
+from .cli import int_at_least
 from .config import Config
 from .io import atomic_write_bytes, atomic_write_json
 from .models.model import FrequencyAwareModel, model_from_checkpoint
@@ -221,20 +222,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=("test", "valid", "train"), help="default test")
     parser.add_argument("--out", metavar="DIR", help="output folder (default <run>/eval-<split>)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--cases", type=int, default=4, metavar="K",
+    parser.add_argument("--batch-size", type=int_at_least(1), default=16)
+    parser.add_argument("--cases", type=int_at_least(0), default=4, metavar="K",
                         help="heatmaps of the K worst and K best slices per class (default 4)")
     parser.add_argument("--reference-ops", action="store_true", help="use the pure-PyTorch reference ops")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        print("medad-fast evaluate: error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
-    if args.cases < 0:
-        print("medad-fast evaluate: error: --cases must be >= 0", file=sys.stderr)
-        return 2
     try:
         world = distributed.init_distributed(resolve_device(args.device))  # so that only rank 0 prints
         metrics = evaluate(args.run_or_checkpoint, args.data, args.split, args.out, world.device,

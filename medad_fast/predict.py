@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from . import distributed
+from .cli import int_at_least
 from .config import Config
 from .evaluate import save_rgb_png, overlay_heatmap, resolve_checkpoint, score_images
 from .io import atomic_write_json, atomic_write_text, quantize_uint8, read_image_gray, resize_images
@@ -114,14 +115,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int_at_least(1), default=16)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        print("medad-fast predict: error: --batch-size must be >= 1", file=sys.stderr)
-        return 2
     try:
         world = distributed.init_distributed(resolve_device(args.device))  # so that only rank 0 prints
         rows = predict(args.checkpoint, args.inputs, args.out, world.device, args.batch_size,

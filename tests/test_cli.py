@@ -133,3 +133,13 @@ def test_every_ablation_switch_trains_and_evaluates(switch, data, tmp_path):
     assert cli(["evaluate", str(out), "--data", str(data), "--no-progress", "--cases", "1"]) == 0
     metrics = json.loads((out / "eval-test" / "metrics.json").read_text())
     assert metrics["mode"] == config["mode"]
+
+
+@pytest.mark.parametrize("command, option, value", [("evaluate", "--batch-size", "0"), ("evaluate", "--cases", "-1"),
+                                                    ("predict", "--batch-size", "0")])
+def test_bad_counts_are_refused_naming_the_option(command, option, value, tmp_path, capsys):
+    inputs = ["--data", str(tmp_path)] if command == "evaluate" else [str(tmp_path), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli([command, str(tmp_path), *inputs, option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: must be >= " in capsys.readouterr().err

@@ -18,12 +18,17 @@ deleted (keeping the newest ``keep``) once the new one is on disk.
 message naming it, any file that does not load with ``torch.load(weights_only=True)`` (a
 truncated or corrupt file) or lacks the keys a resume needs.
 
-The checkpoint dict itself is assembled by :meth:`medad_fast.train.Trainer.state_dict`;
-this module adds the helpers for the RNG states of torch's global generators.
+The checkpoint dict itself is assembled by :meth:`medad_fast.train.Trainer.state_dict`
+(format 2: ``method``, ``config`` with the run's and the method's parts, the method's
+``model`` weights and ``method_state``, ``optimizers``, ``schedulers``, progress and RNG
+states). Checkpoints of format 1 (one method, written up to commit ef63857) are migrated
+on load (:func:`migrate_checkpoint`), so they evaluate and resume as before.
+Every load uses ``torch.load(weights_only=True)``: no code runs from the file.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import secrets
@@ -37,9 +42,12 @@ import torch
 
 from .config import Config
 from .io import atomic_write_bytes, fsync_directory
-from .models.model import checkpoint_bytes, load_checkpoint
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
+    "checkpoint_bytes",
+    "load_checkpoint",
+    "migrate_checkpoint",
     "LATEST_NAME",
     "DEFAULT_KEEP",
     "REQUIRED_KEYS",
@@ -58,10 +66,79 @@ LATEST_NAME = "checkpoint.pt"
 #: checkpoints kept by default (``--keep-checkpoints``)
 DEFAULT_KEEP = 3
 #: keys without which a checkpoint cannot resume a run
-REQUIRED_KEYS = ("config", "model", "optimizer", "scheduler", "epoch", "step")
+REQUIRED_KEYS = ("config", "model", "optimizers", "schedulers", "epoch", "step")
+#: the format tag written now; format 1 is migrated on load
+CHECKPOINT_FORMAT = "medad_fast.checkpoint/2"
+_FORMAT_1 = "medad_fast.checkpoint/1"
 
 _NAME = re.compile(r"^checkpoint-e(\d+)-s(\d+)\.pt$")
 _STALE_TEMP = re.compile(r"^\.checkpoint.*\.tmp$")
+
+
+def checkpoint_bytes(state: dict[str, Any]) -> bytes:
+    """Serialise a checkpoint dict to bytes (for an atomic write), tagged with the format."""
+    buffer = io.BytesIO()
+    torch.save({**state, "format": CHECKPOINT_FORMAT}, buffer)
+    return buffer.getvalue()
+
+
+def migrate_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 checkpoint (the paper's method only, flat config) in format 2; a format-2
+    one unchanged. Format 1 kept the model's weights at the top level, one optimizer and
+    scheduler, ``alpha`` at the top and the synthesis generator under ``synthesis``."""
+    if state.get("format") != _FORMAT_1:
+        return state
+    config = Config.from_dict(state["config"])
+    migrated = dict(state)
+    migrated.update(
+        format=CHECKPOINT_FORMAT, method=config.run.method, config=config.to_dict(),
+        model={f"model.{k}": v for k, v in state["model"].items()},
+        method_state={"alpha": float(state.get("alpha", 0.0))})
+    for old, new in (("optimizer", "optimizers"), ("scheduler", "schedulers")):
+        if old in state:
+            migrated[new] = [migrated.pop(old)]
+    if "generators" in state:
+        generators = dict(state["generators"])
+        generators["method"] = generators.pop("synthesis")
+        migrated["generators"] = generators
+    if state.get("rank_generators"):
+        migrated["rank_generators"] = [{("method" if k == "synthesis" else k): v for k, v in r.items()}
+                                       for r in state["rank_generators"]]
+    migrated.pop("alpha", None)
+    return migrated
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    expected: Config | None = None) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no code runs from the file), migrated
+    to the current format.
+
+    With ``expected``, refuse (``ValueError``) a checkpoint whose architecture differs,
+    e.g. one trained with ``--preset paper`` loaded by a ``--preset small`` model, or one
+    of another method.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # corrupt file, or a pickle that needs code to load
+        raise ValueError(f"{path} is not a readable medad_fast checkpoint ({exc})") from exc
+    if not isinstance(state, dict) or state.get("format") not in (CHECKPOINT_FORMAT, _FORMAT_1):
+        raise ValueError(f"{path} is not a medad_fast checkpoint (format tag "
+                         f"{state.get('format') if isinstance(state, dict) else None!r}, "
+                         f"expected {CHECKPOINT_FORMAT!r})")
+    state = migrate_checkpoint(state)
+    if expected is not None:
+        saved = Config.from_dict(state["config"]).architecture()
+        wanted = expected.architecture()
+        if saved != wanted:
+            differences = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs requested {wanted.get(k)!r}"
+                                    for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k))
+            raise ValueError(f"checkpoint {path} was trained as {saved['method']} preset {saved['preset']!r} and "
+                             f"does not fit {wanted['method']} preset {wanted['preset']!r} ({differences}); use "
+                             f"the same --method/--preset/widths as the checkpoint or a new run directory")
+    return state
 
 
 def checkpoint_filename(epoch: int, step: int) -> str:

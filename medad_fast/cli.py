@@ -17,7 +17,8 @@ COMMANDS = {
     "info": ("medad_fast._extension", "print build and runtime facts as JSON"),
     "phantom": ("medad_fast.data.phantom", "write a procedural liver-CT phantom dataset (BMAD layout)"),
     "prepare": ("medad_fast.data.volumes", "convert LiTS/BTCV NIfTI or DICOM series to the BMAD layout"),
-    "train": ("medad_fast.train", "train the model on BMAD-layout data"),
+    "methods": ("medad_fast.methods", "list the methods, one line each"),
+    "train": ("medad_fast.train", "train a method on BMAD-layout data"),
     "evaluate": ("medad_fast.evaluate", "evaluate a run or checkpoint: metrics.json, heatmaps, ROC plot"),
     "predict": ("medad_fast.predict", "score images with a checkpoint and write heatmaps"),
 }

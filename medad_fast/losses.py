@@ -11,20 +11,25 @@ All losses are computed in float32 (also under autocast) and averaged over every
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gaussian_window", "ssim", "reconstruction_loss", "focal_loss", "segmentation_loss", "LossTerms"]
+__all__ = ["gaussian_kernel_1d", "gaussian_window", "ssim", "reconstruction_loss", "focal_loss", "segmentation_loss"]
+
+
+def gaussian_kernel_1d(size: int, sigma: float, *, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str | None = None) -> torch.Tensor:
+    """Normalised 1-D Gaussian ``[size]`` centred on the middle sample."""
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
+    g = torch.exp(-(coords ** 2) / (2.0 * sigma ** 2))
+    return (g / g.sum()).to(dtype=dtype, device=device)
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5, *, dtype: torch.dtype = torch.float32,
                     device: torch.device | str | None = None) -> torch.Tensor:
     """Normalised 2-D Gaussian window ``[1, 1, size, size]`` (outer product of 1-D ones)."""
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
-    g = torch.exp(-(coords ** 2) / (2.0 * sigma ** 2))
-    g = g / g.sum()
+    g = gaussian_kernel_1d(size, sigma, dtype=torch.float64)
     return torch.outer(g, g).to(dtype=dtype, device=device).view(1, 1, size, size)
 
 
@@ -102,16 +107,3 @@ def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor, gamma: float = 2
     l1 = (probability - mask).abs().mean()
     focal = focal_loss(probability, mask, gamma)
     return l1 + focal, l1, focal
-
-
-@dataclass
-class LossTerms:
-    """The scalar terms of one step, for logging (plain floats)."""
-
-    total: float = 0.0
-    rec: float = 0.0
-    mse: float = 0.0
-    ssim: float = 0.0
-    seg: float = 0.0
-    l1: float = 0.0
-    focal: float = 0.0

@@ -1,4 +1,4 @@
-"""`medad-fast predict`: score image files with a checkpoint and write heatmaps.
+"""`medad-fast predict`: score image files with a checkpoint of any method and write heatmaps.
 
 ``medad-fast predict CKPT INPUT... --out DIR``: every INPUT is an image file or a folder
 (its images, recursively). Each image is read as grayscale, resized to the model's side
@@ -28,10 +28,10 @@ import torch
 from . import distributed
 from .cli import int_at_least
 from .config import Config
-from .evaluate import save_rgb_png, overlay_heatmap, resolve_checkpoint, score_images
+from .inference import load_method, resolve_checkpoint, score_images
 from .io import atomic_write_json, atomic_write_text, quantize_uint8, read_image_gray, resize_images
-from .models.model import model_from_checkpoint
-from .train import resolve_device
+from .runtime import resolve_device
+from .visualize import overlay_heatmap, save_rgb_png
 
 __all__ = ["IMAGE_SUFFIXES", "collect_inputs", "load_images", "predict", "add_arguments", "main"]
 
@@ -74,13 +74,13 @@ def predict(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
     """Score the images of ``inputs`` with ``checkpoint``; write scores and heatmaps into
     ``out``. Returns ``[{"path", "score", "heatmap"}]`` in input order."""
     checkpoint = resolve_checkpoint(checkpoint)
-    device = device if isinstance(device, torch.device) else resolve_device(device)
     files = collect_inputs(inputs)
-    world = distributed.init_distributed(device)  # a no-op without torchrun
-    model, config, _ = model_from_checkpoint(checkpoint, device=world.device)
+    world = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
+    method, _ = load_method(checkpoint, world.device)
+    config = method.config
     start, stop = distributed.shard_bounds(len(files))  # this rank's share, gathered back in order
-    images = load_images(files[start:stop], config.image_size)
-    maps, scores = score_images(model, images, world.device, batch_size, progress and world.is_main)
+    images = load_images(files[start:stop], config.run.image_size)
+    maps, scores = score_images(method, images, batch_size, progress and world.is_main)
     images, maps, scores = (distributed.all_gather_uneven(t) for t in (images, maps, scores))
     rows = _write_predictions(Path(out), checkpoint, config, files, images, maps, scores) if world.is_main else None
     return distributed.broadcast_object(rows)
@@ -104,8 +104,9 @@ def _write_predictions(out: Path, checkpoint: Path, config: Config, files: list[
     writer.writerow(["path", "score"])
     writer.writerows([r["path"], f"{r['score']:.6f}"] for r in rows)
     atomic_write_text(out / "scores.csv", text.getvalue())
-    atomic_write_json(out / "scores.json", {"checkpoint": str(checkpoint.resolve()), "preset": config.preset,
-                                            "mode": config.mode, "image_size": config.image_size,
+    atomic_write_json(out / "scores.json", {"checkpoint": str(checkpoint.resolve()), "method": config.run.method,
+                                            "variant": config.variant, "preset": config.run.preset,
+                                            "image_size": config.run.image_size,
                                             "heatmap_scale": heatmap_scale, "images": rows})
     return rows
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["alpha_at", "lr_milestone_epochs"]
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+__all__ = ["alpha_at", "lr_milestone_epochs", "adam_with_milestones"]
 
 
 def alpha_at(step: int, steps_per_epoch: int, alpha_decay_epochs: float) -> float:
@@ -31,3 +36,13 @@ def lr_milestone_epochs(epochs: int, fractions: tuple[float, ...] = (0.8, 0.9)) 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1; got {epochs}")
     return sorted({max(1, int(epochs * f)) for f in fractions})
+
+
+def adam_with_milestones(parameters: Iterable[torch.nn.Parameter], lr: float, epochs: int,
+                         fractions: tuple[float, ...] = (0.8, 0.9), gamma: float = 0.2
+                         ) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+    """DRAEM's optimisation: Adam at ``lr``, multiplied by ``gamma`` at ``fractions`` of the
+    epochs (MultiStepLR stepped once per epoch). Returns ``([optimizer], [scheduler])``."""
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, lr_milestone_epochs(epochs, fractions), gamma=gamma)
+    return [optimizer], [scheduler]

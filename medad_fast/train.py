@@ -1,31 +1,38 @@
-"""`medad-fast train`: train the method on the normal slices of a BMAD-layout folder.
+"""`medad-fast train`: train a method on the normal slices of a BMAD-layout folder.
 
-One training step (DESIGN §1), all on the training device:
+The engine (:class:`Trainer`) is the same for every method; it knows a method only through
+the interface of :mod:`medad_fast.methods.base`. One training step, all on the device:
 
-1. a batch of normal images ``I`` (uint8 tensors kept on the device, shuffled by a seeded
-   generator) -> float in [0, 1];
-2. anomaly synthesis (:class:`AnomalySynthesizer`, fused op, device generator) -> ``I_a, M``;
-3. ``alpha`` of the skip connections from :func:`schedules.alpha_at` (per iteration);
-4. forward ``R(highpass(I_a))``, ``S(concat(I_r, I_a))``; ``L_rec + L_seg``; Adam step.
+1. a batch of normal images (uint8 tensors kept on the device, shuffled by a seeded
+   generator) -> float in [0, 1], in the activations' memory format;
+2. the method's per-step hook (e.g. the alpha schedule), then its ``forward(images,
+   generator)``: the loss and a dict of loss terms (anomaly synthesis, networks, losses:
+   the method's business; all its randomness comes from the step generator);
+3. a non-finite loss stops the run; backward; every optimiser steps. The loss terms are
+   summed on the device and read back once per epoch.
 
 Run directory (``--out``)::
 
-    config.json               the resolved configuration (preset + overrides)
-    log.jsonl                 one JSON record per epoch: losses, alpha, lr, images/s, seconds
+    config.json               the resolved configuration (method, run part, method part)
+    log.jsonl                 one JSON record per epoch: losses, the method's values
+                              (e.g. alpha), lr, images/s, seconds
     checkpoint-eE-sS.pt       the last ``--keep-checkpoints`` checkpoints (atomic, fsynced;
-                              model, optimizer, scheduler, scaler, alpha, epoch, step, the
-                              position inside an interrupted epoch, every generator's state
-                              on every rank, config), see :mod:`medad_fast.checkpoint`
+                              weights, method state, optimisers, schedulers, scaler, epoch,
+                              step, the position inside an interrupted epoch, every
+                              generator's state on every rank, config), see
+                              :mod:`medad_fast.checkpoint`; written every
+                              ``--checkpoint-every`` epochs and/or after
+                              ``--checkpoint-minutes`` (default 10), and at the end
     checkpoint.pt             the newest of them: what evaluate and predict read
 
 Everything written goes through :class:`RunDirectory`, whose writes only happen on the
 main process (rank 0).
 
 Several processes (``torchrun --nproc_per_node N -m medad_fast.cli train ...``, see
-:mod:`medad_fast.distributed`): the model is wrapped in ``DistributedDataParallel``, every
+:mod:`medad_fast.distributed`): the method is wrapped in ``DistributedDataParallel``, every
 rank draws the same epoch permutation and trains on its own strided share of it
 (``DistributedSampler(drop_last=True)``: ``N // world`` images per rank and epoch, batch
-``batch_size`` per rank), and the synthesis generator is seeded per rank, so the ranks draw
+``batch_size`` per rank), and the step generator is seeded per rank, so the ranks draw
 different anomalies. Logged losses are the mean over the ranks.
 
 Faults: a non-finite loss stops the run before the optimiser step (on every rank) with the
@@ -39,14 +46,12 @@ uninterrupted one (bitwise on the CPU).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
-import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,77 +62,18 @@ from torch import nn
 from . import distributed, ops
 from .checkpoint import (DEFAULT_KEEP, LATEST_NAME, global_rng_states, latest_valid_checkpoint, list_checkpoints,
                          restore_global_rng_states, save_checkpoint)
-from .config import PRESETS, Config, preset_config
+from .config import PRESET_NAMES, Config, RunConfig, resolve_config
 from .distributed import DistributedContext, is_main_process
 from .io import atomic_write_json, atomic_write_text
-from .losses import LossTerms, reconstruction_loss, segmentation_loss
-from .models.model import FrequencyAwareModel
-from .schedules import alpha_at, lr_milestone_epochs
-from .synthesis import AnomalySynthesizer
+from .methods import Method, create_method, get_method, method_names
+from .runtime import deterministic_mode, needs_grad_scaler, ops_mode, resolve_device
 
-__all__ = ["RunDirectory", "TrainState", "Trainer", "TrainingInterrupted", "train", "resolve_device",
-           "deterministic_mode", "config_from_args", "add_arguments", "main"]
+__all__ = ["RunDirectory", "TrainState", "Trainer", "TrainingInterrupted", "train", "load_training_images",
+           "config_from_args", "add_arguments", "main"]
 
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
 CHECKPOINT_NAME = LATEST_NAME  # the newest checkpoint (see medad_fast.checkpoint)
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def resolve_device(name: str | None) -> torch.device:
-    """``"auto"``/None -> cuda if available else cpu; otherwise ``torch.device(name)``,
-    with a clear error for a device that is not there."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"--device {name!r} is not a valid torch device ({exc})") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available in this torch build/machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type != "cpu":
-        raise ValueError(f"--device {name}: only cpu and cuda devices are supported")
-    return device
-
-
-def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA (bfloat16 where supported, else float16); a no-op on CPU."""
-    if not enabled or device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
-
-
-def needs_grad_scaler(device: torch.device, amp: bool) -> bool:
-    """float16 autocast needs loss scaling; bfloat16 does not."""
-    return amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-
-
-@contextlib.contextmanager
-def deterministic_mode(enabled: bool, device: torch.device) -> Iterator[None]:
-    """``--deterministic``: deterministic kernels (``torch.use_deterministic_algorithms``,
-    cuDNN deterministic, no cuDNN benchmarking) for the duration; the previous settings are
-    restored afterwards. Bitwise reproducible on the CPU. On CUDA an op without a
-    deterministic kernel (PyTorch's bilinear up-sampling backward) only warns, instead of
-    stopping the run."""
-    if not enabled:
-        yield
-        return
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
-    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous[2], previous[3]
 
 
 class TrainingInterrupted(Exception):
@@ -228,25 +174,34 @@ class TrainState:
 
     epoch: int = 0  # completed epochs
     step: int = 0  # completed iterations
-    alpha: float = 1.0
+
+
+#: format-1 checkpoints named the summed terms of an interrupted epoch differently
+_LEGACY_SUM_KEYS = {"total": "loss", "rec": "loss_rec", "mse": "loss_mse", "ssim": "loss_ssim", "seg": "loss_seg",
+                    "l1": "loss_l1", "focal": "loss_focal"}
 
 
 @dataclass
 class EpochProgress:
     """Where the current epoch stands: its permutation of the training images (the same on
-    every rank), the batches done, and this rank's sums that its log record will average.
-    Saved in a checkpoint written inside an epoch (the sums of every rank), so that a resumed
-    run finishes that epoch exactly."""
+    every rank), the batches done, and this rank's sums (on the device) that its log record
+    will average. Saved in a checkpoint written inside an epoch (the sums of every rank), so
+    that a resumed run finishes that epoch exactly."""
 
     permutation: torch.Tensor
     position: int = 0  # batches of this rank done
-    sums: dict[str, float] = field(default_factory=dict)
-    anomalous_sum: float = 0.0
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
     seconds: float = 0.0
 
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        """Add one step's scalar terms (no host synchronisation)."""
+        for key, value in terms.items():
+            value = value.detach().to(torch.float64)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+
     def rank_sums(self) -> dict[str, Any]:
-        """What differs between the ranks."""
-        return {"sums": dict(self.sums), "anomalous_sum": self.anomalous_sum}
+        """What differs between the ranks (read back to the host: a checkpoint is written)."""
+        return {"sums": {k: float(v) for k, v in self.sums.items()}}
 
     def to_dict(self, rank_sums: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint entry; ``rank_sums``: :meth:`rank_sums` of every rank, in rank order."""
@@ -254,29 +209,32 @@ class EpochProgress:
                 "rank_sums": rank_sums}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], rank: int) -> EpochProgress:
+    def from_dict(cls, values: dict[str, Any], rank: int, device: torch.device) -> EpochProgress:
         mine = values["rank_sums"][rank]
-        return cls(values["permutation"], int(values["position"]), {k: float(v) for k, v in mine["sums"].items()},
-                   float(mine["anomalous_sum"]), float(values["seconds"]))
+        sums = {_LEGACY_SUM_KEYS.get(k, k): torch.tensor(float(v), dtype=torch.float64, device=device)
+                for k, v in mine["sums"].items()}
+        if "anomalous_sum" in mine:  # format 1
+            sums["anomalous_fraction"] = torch.tensor(float(mine["anomalous_sum"]), dtype=torch.float64, device=device)
+        return cls(values["permutation"], int(values["position"]), sums, float(values["seconds"]))
 
 
 # ----------------------------------------------------------------------------- trainer
 
 class Trainer:
-    """Holds the model, optimiser, schedules, data and generators of one run.
+    """The loop around any :class:`~medad_fast.methods.base.Method`: data order, devices,
+    mixed precision, DDP, optimiser steps, NaN stop, signals, checkpoints and logging.
 
     Args:
-        config: resolved configuration.
-        train_images: ``uint8 [N, 1, S, S]`` normal slices (S = ``config.image_size``).
-        sources: ``float32 [K, 1, S, S]`` anomaly-source pool, or None to draw the Perlin
-            texture fallback from the seed.
+        method: a fresh method (:func:`medad_fast.methods.create_method`); its config's run
+            part sets the batch, epochs, seed, memory format and mixed precision.
+        train_images: ``uint8 [N, 1, S, S]`` normal slices (S = ``run.image_size``).
         device: training device.
         context: this process's place in a torchrun world (default: a single process). With
-            more than one process the model is wrapped in ``DistributedDataParallel``.
+            more than one process the method is wrapped in ``DistributedDataParallel``.
     """
 
-    def __init__(self, config: Config, train_images: torch.Tensor, sources: torch.Tensor | None,
-                 device: torch.device, context: DistributedContext | None = None) -> None:
+    def __init__(self, method: Method, train_images: torch.Tensor, device: torch.device,
+                 context: DistributedContext | None = None) -> None:
         if train_images.dim() != 4 or train_images.shape[1] != 1 or train_images.dtype != torch.uint8:
             raise ValueError(f"train_images must be uint8 [N, 1, S, S]; got {train_images.dtype} "
                              f"{list(train_images.shape)}")
@@ -286,41 +244,27 @@ class Trainer:
         if train_images.shape[0] < self.context.world_size:
             raise ValueError(f"{train_images.shape[0]} training images cannot be shared by "
                              f"{self.context.world_size} processes (each needs at least one)")
-        self.config = config
+        self.config: Config = method.config
+        run = self.config.run
         self.device = device
-        # channels_last also speeds up oneDNN convolutions on the CPU (~20 %), so it is used everywhere
-        self.use_channels_last = config.channels_last
-        self.use_amp = config.amp and device.type == "cuda"
-
         # generators: data order on the CPU (the same on every rank: each takes its share of
-        # one permutation), synthesis on the training device (per rank: different anomalies)
-        self.data_generator = torch.Generator().manual_seed(config.seed)
-        self.synthesis_generator = torch.Generator(device=device).manual_seed(
-            distributed.rank_seed(config.seed + 1, self.context.rank))
-
+        # one permutation), the method's randomness on the training device (per rank)
+        self.data_generator = torch.Generator().manual_seed(run.seed)
+        self.method_generator = torch.Generator(device=device).manual_seed(
+            distributed.rank_seed(run.seed + 1, self.context.rank))
         self.images = train_images.to(device)
-        if sources is None:
-            from .data.sources import perlin_texture_sources
-            texture_generator = torch.Generator().manual_seed(config.seed + 2)
-            sources = perlin_texture_sources(config.source_pool_size, config.image_size, texture_generator)
-        self.synthesizer = AnomalySynthesizer(
-            sources.to(device=device, dtype=torch.float32), p_anomaly=config.p_anomaly,
-            max_retries=config.max_retries, threshold=config.perlin_threshold,
-            roi_threshold=config.effective_roi_threshold) if config.synthesis else None
-
-        torch.manual_seed(config.seed)  # weight initialisation
-        self.model = FrequencyAwareModel(config).to(device)
-        if self.use_channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        # the module that runs the forward pass: DDP averages the gradients over the ranks
-        self.network: nn.Module = self.model
+        # channels_last also speeds up oneDNN convolutions on the CPU (~20 %), so it is used everywhere
+        self.method = method.configure_runtime(device, run.amp, run.channels_last)
+        if run.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        self.method.setup_training(device)
+        # the module that runs the step: DDP averages the gradients over the ranks
+        self.network: nn.Module = self.method
         if self.context.is_distributed:
             self.network = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            self.optimizer, lr_milestone_epochs(config.epochs, config.lr_milestones), gamma=config.lr_gamma)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, config.amp))
+                self.method, device_ids=[device.index] if device.type == "cuda" else None)
+        self.optimizers, self.schedulers = self.method.configure_optimizers()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, run.amp))
         self.state = TrainState()
         self.epoch_progress: EpochProgress | None = None  # set while an epoch is under way
         self.stop_requested = False  # set by a signal handler; checked after every step
@@ -336,48 +280,28 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         """Full batches per epoch and rank (the last partial batch is dropped, unless a rank's
         share holds less than one batch)."""
-        return max(1, self.images_per_rank // self.config.batch_size)
-
-    def current_alpha(self) -> float:
-        return alpha_at(self.state.step, self.steps_per_epoch, self.config.alpha_decay_epochs)
+        return max(1, self.images_per_rank // self.config.run.batch_size)
 
     # ---------------------------------------------------------------- one step
-    def train_step(self, batch_index: torch.Tensor) -> tuple[LossTerms, float]:
+    def train_step(self, batch_index: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimisation step on the images ``batch_index`` (CPU int64 ``[B]``).
 
-        Returns the loss terms and the fraction of samples that got an anomaly."""
-        config = self.config
+        Returns the loss and the method's terms (detached tensors on the device)."""
         images = self.images[batch_index.to(self.device)].float().div_(255.0)
-        if self.synthesizer is not None:
-            augmented, mask = self.synthesizer(images, self.synthesis_generator)
-        else:
-            augmented, mask = images, torch.zeros_like(images)
-        if self.use_channels_last:
-            images, augmented = (t.contiguous(memory_format=torch.channels_last) for t in (images, augmented))
-        self.model.alpha = self.state.alpha = self.current_alpha()
+        images = self.method.to_memory_format(images)
+        self.method.on_train_step(self.state.step, self.steps_per_epoch)
+        loss, terms = self.network(images, self.method_generator)
+        loss_value = loss.detach()
+        self._check_step(loss_value)  # before backward: no rank updates its weights with a bad loss
 
-        with autocast_context(self.device, self.use_amp):
-            output = self.network(augmented)
-        terms = LossTerms()
-        loss = torch.zeros((), device=self.device)
-        if output.reconstruction is not None:
-            rec, mse, ssim_term = reconstruction_loss(output.reconstruction, images, config.ssim_weight)
-            loss = loss + rec
-            terms.rec, terms.mse, terms.ssim = rec.detach(), mse.detach(), ssim_term.detach()
-        if output.logits is not None:
-            seg, l1, focal = segmentation_loss(output.logits, mask, config.focal_gamma)
-            loss = loss + seg
-            terms.seg, terms.l1, terms.focal = seg.detach(), l1.detach(), focal.detach()
-        terms.total = loss.detach()
-        self._check_step(terms.total)  # before backward: no rank updates its weights with a bad loss
-
-        self.optimizer.zero_grad(set_to_none=True)
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
+        for optimizer in self.optimizers:
+            self.scaler.step(optimizer)
         self.scaler.update()
         self.state.step += 1
-        anomalous = (mask.flatten(1).amax(dim=1) > 0).float().mean()
-        return terms, float(anomalous)
+        return loss_value, terms
 
     def _check_step(self, total: torch.Tensor) -> None:
         """Raise ``FloatingPointError`` naming the step when the loss of this step is not
@@ -414,7 +338,7 @@ class Trainer:
         The permutation is cut to a multiple of the world size and rank ``r`` takes every
         ``world``-th image from position ``r`` (``DistributedSampler(drop_last=True)``);
         then the last partial batch is dropped. A single process takes the whole permutation."""
-        world, batch = self.context.world_size, self.config.batch_size
+        world, batch = self.context.world_size, self.config.run.batch_size
         per_rank = self.images_per_rank
         mine = permutation[: per_rank * world].view(per_rank, world)[:, self.context.rank]
         if per_rank < batch:
@@ -435,37 +359,36 @@ class Trainer:
         order = self.rank_batches(epoch.permutation)
         start = time.perf_counter()
         for batch_index in order[epoch.position:]:
-            terms, anomalous = self.train_step(batch_index)
-            for key, value in vars(terms).items():
-                epoch.sums[key] = epoch.sums.get(key, 0.0) + float(value)
-            epoch.anomalous_sum += anomalous
+            loss, terms = self.train_step(batch_index)
+            epoch.add({"loss": loss, **terms})
             epoch.position += 1
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{float(terms.total):.4f}", alpha=f"{self.state.alpha:.3f}")
             if self.stop_now and epoch.position < order.shape[0]:
                 epoch.seconds += time.perf_counter() - start
                 return None
         seconds = epoch.seconds + time.perf_counter() - start
         n_steps, world = order.shape[0], self.context.world_size
-        # mean over the ranks' steps (one all-reduce per epoch; a no-op in a single process)
+        # the epoch's sums read back once, as a mean over the ranks' steps (one all-reduce)
         keys = list(epoch.sums)
-        totals = distributed.all_reduce_sum(
-            torch.tensor([epoch.sums[k] for k in keys] + [epoch.anomalous_sum], dtype=torch.float64)).tolist()
-        sums, anomalous_sum = dict(zip(keys, totals[:-1])), totals[-1]
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
+        totals = distributed.all_reduce_sum(torch.stack([epoch.sums[k] for k in keys]).cpu()).tolist()
+        lr = self.optimizers[0].param_groups[0]["lr"]
+        for scheduler in self.schedulers:
+            scheduler.step()
         self.state.epoch += 1
         self.epoch_progress = None
-        record = {"epoch": self.state.epoch, "step": self.state.step}
-        record.update({f"loss_{k}" if k != "total" else "loss": v / (n_steps * world) for k, v in sums.items()})
-        record.update({"alpha": self.state.alpha, "lr": lr, "anomalous_fraction": anomalous_sum / (n_steps * world),
-                       "images_per_s": order.numel() * world / seconds, "seconds": seconds})
+        record: dict[str, Any] = {"epoch": self.state.epoch, "step": self.state.step}
+        record.update({k: v / (n_steps * world) for k, v in zip(keys, totals)})
+        record.update(self.method.log_values())
+        record.update({"lr": lr, "images_per_s": order.numel() * world / seconds, "seconds": seconds})
+        if progress is not None:
+            progress.set_postfix(loss=f"{record['loss']:.4f}", **{k: f"{v:.3f}" for k, v in
+                                                                  self.method.log_values().items()})
         return record
 
     # ------------------------------------------------------------ checkpoints
     def _rank_generator_states(self) -> dict[str, torch.Tensor | None]:
-        return {"synthesis": self.synthesis_generator.get_state().cpu(), **global_rng_states(self.device)}
+        return {"method": self.method_generator.get_state().cpu(), **global_rng_states(self.device)}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything exact resume needs (tensors and plain values only: loads with
@@ -475,44 +398,49 @@ class Trainer:
         per_rank = distributed.gather_objects({"generators": self._rank_generator_states(),
                                                "epoch": progress.rank_sums() if progress is not None else None})
         return {
+            "method": self.config.run.method,
             "config": self.config.to_dict(),
-            "model": {k: v.contiguous() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "model": {k: v.contiguous() for k, v in self.method.state_dict().items()},
+            "method_state": self.method.method_state(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
             "scaler": self.scaler.state_dict(),
             "epoch": self.state.epoch,
             "step": self.state.step,
-            "alpha": self.state.alpha,
             "generators": {"data": self.data_generator.get_state(),
-                           "synthesis": self.synthesis_generator.get_state().cpu()},
-            # per rank: synthesis generator, torch's global CPU and CUDA generators
+                           "method": self.method_generator.get_state().cpu()},
+            # per rank: the method's generator, torch's global CPU and CUDA generators
             "rank_generators": [r["generators"] for r in per_rank],
             "world_size": self.context.world_size,
             "epoch_progress": progress.to_dict([r["epoch"] for r in per_rank]) if progress is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state["model"])
+        self.method.load_method_state(state.get("method_state", {}))
+        for kind, mine, saved in (("optimizers", self.optimizers, state["optimizers"]),
+                                  ("schedulers", self.schedulers, state["schedulers"])):
+            if len(mine) != len(saved):
+                raise ValueError(f"the checkpoint holds {len(saved)} {kind} and the method has {len(mine)}")
+            for item, item_state in zip(mine, saved):
+                item.load_state_dict(item_state)
         self.scaler.load_state_dict(state["scaler"])
-        self.state = TrainState(epoch=int(state["epoch"]), step=int(state["step"]), alpha=float(state["alpha"]))
-        self.model.alpha = self.state.alpha
+        self.state = TrainState(epoch=int(state["epoch"]), step=int(state["step"]))
         self.data_generator.set_state(state["generators"]["data"])
         rank, world = self.context.rank, self.context.world_size
         saved_world = int(state.get("world_size", 1))
         progress = state.get("epoch_progress")
         self.epoch_progress = None
         if progress is not None:
-            self.epoch_progress = (EpochProgress.from_dict(progress, rank) if saved_world == world
+            self.epoch_progress = (EpochProgress.from_dict(progress, rank, self.device) if saved_world == world
                                    else EpochProgress(progress["permutation"]))
-        rank_generators = state.get("rank_generators") or [{"synthesis": state["generators"]["synthesis"]}]
+        rank_generators = state.get("rank_generators") or [{"method": state["generators"]["method"]}]
         if rank < len(rank_generators):
-            self.synthesis_generator.set_state(rank_generators[rank]["synthesis"])
+            self.method_generator.set_state(rank_generators[rank]["method"])
             if "torch_cpu" in rank_generators[rank]:
                 restore_global_rng_states(rank_generators[rank], self.device)
         if saved_world != world:
-            # The shares of the data and the per-rank anomaly streams depend on the world
+            # The shares of the data and the per-rank random streams depend on the world
             # size: an interrupted epoch starts over (same permutation) and the run goes on
             # correctly, but not bit for bit as the original world would have.
             self.state.step = self.state.epoch * self.steps_per_epoch
@@ -520,20 +448,34 @@ class Trainer:
 
 # ----------------------------------------------------------------------------- entry
 
-def _load_training_data(config: Config, data: str | Path, device: torch.device
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def load_training_images(config: Config) -> torch.Tensor:
+    """``uint8 [N, 1, S, S]``: the normal training slices of ``run.data`` (``train/good``),
+    a seeded subset of ``run.max_train_images`` when set."""
     from .data.bmad import load_split
-    slices = load_split(data, "train", size=config.image_size)
-    images = slices.images
-    if config.max_train_images is not None and images.shape[0] > config.max_train_images:
-        keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(config.seed))
-        images = images[keep[: config.max_train_images].sort().values]
-    sources = None
-    if config.anomaly_source:
-        from .data.sources import load_anomaly_sources
-        sources = load_anomaly_sources(config.anomaly_source, config.image_size,
-                                       max_images=config.source_pool_size)
-    return images, sources
+    run = config.run
+    images = load_split(run.data, "train", size=run.image_size).images
+    if run.max_train_images is not None and images.shape[0] > run.max_train_images:
+        keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(run.seed))
+        images = images[keep[: run.max_train_images].sort().values]
+    return images
+
+
+class _CheckpointPolicy:
+    """When an epoch's end writes a checkpoint: every ``checkpoint_every`` epochs, when
+    ``checkpoint_minutes`` have passed since the last one, and after the last epoch. The
+    clock is rank 0's (broadcast), so every rank takes part in the same collective."""
+
+    def __init__(self, run: RunConfig) -> None:
+        self.every, self.minutes = run.checkpoint_every, run.checkpoint_minutes
+        self.last = time.monotonic()
+
+    def due(self, epoch: int, last_epoch: bool) -> bool:
+        due = last_epoch or (self.every is not None and epoch % self.every == 0) or (
+            self.minutes is not None and time.monotonic() - self.last >= 60.0 * self.minutes)
+        return bool(distributed.broadcast_object(due))
+
+    def written(self) -> None:
+        self.last = time.monotonic()
 
 
 def train(config: Config, out: str | Path, *, resume: bool = False, device: str | torch.device | None = None,
@@ -541,31 +483,31 @@ def train(config: Config, out: str | Path, *, resume: bool = False, device: str 
           deterministic: bool = False) -> dict[str, Any]:
     """Train a run into ``out``; returns the last epoch's log record.
 
-    ``config.data`` names the BMAD-layout folder. ``resume=True`` continues from the newest
-    readable checkpoint of ``out`` (an unreadable newer one is skipped with a message; its
-    architecture must match ``config``); without it, a run directory that already holds a
-    checkpoint is refused. ``log`` is a callable for one-line messages (default: print to
-    stderr); only the main process says anything. ``keep_checkpoints``: how many checkpoints
-    stay on disk. ``deterministic``: see :func:`deterministic_mode`.
+    ``config.run.data`` names the BMAD-layout folder. ``resume=True`` continues from the
+    newest readable checkpoint of ``out`` (an unreadable newer one is skipped with a
+    message; its method and architecture must match ``config``); without it, a run
+    directory that already holds a checkpoint is refused. ``log`` is a callable for
+    one-line messages (default: print to stderr); only the main process says anything.
+    ``keep_checkpoints``: how many checkpoints stay on disk. ``deterministic``: see
+    :func:`medad_fast.runtime.deterministic_mode`.
 
     Under torchrun (``WORLD_SIZE`` > 1) every process calls this; it joins the process
     group (made once per process) and trains its share (module docstring). Raises
     :class:`TrainingInterrupted` after SIGINT/SIGTERM (a checkpoint was written) and
     ``FloatingPointError`` on a non-finite loss (naming the step and the last good checkpoint).
     """
-    if config.data is None:
-        raise ValueError("config.data (--data) must name a BMAD-layout data folder")
+    if config.run.data is None:
+        raise ValueError("config.run.data (--data) must name a BMAD-layout data folder")
     if keep_checkpoints < 1:
         raise ValueError(f"keep_checkpoints (--keep-checkpoints) must be >= 1; got {keep_checkpoints}")
-    device = device if isinstance(device, torch.device) else resolve_device(device)
-    context = distributed.init_distributed(device)  # a no-op without torchrun
+    context = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
     with deterministic_mode(deterministic, context.device):
         return _train(config, Path(out), resume, context, progress, log, keep_checkpoints)
 
 
 def _train(config: Config, out: Path, resume: bool, context: DistributedContext, progress: bool, log: Any,
            keep_checkpoints: int) -> dict[str, Any]:
-    device = context.device
+    device, run_config = context.device, config.run
     run = RunDirectory(out, writer=context.is_main, keep_checkpoints=keep_checkpoints)
     emit = log or (lambda message: print(message, file=sys.stderr))
 
@@ -584,50 +526,51 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
         raise FileExistsError(f"{run.path} already holds a checkpoint; pass --resume to continue "
                               f"that run or choose another --out")
 
-    ops_context = ops.use_reference() if config.reference_ops else contextlib.nullcontext()
-    with ops_context:
-        images, sources = _load_training_data(config, config.data, device)
-        trainer = Trainer(config, images, sources, device, context)
+    with ops_mode(run_config.reference_ops):
+        images = load_training_images(config)
+        trainer = Trainer(create_method(config), images, device, context)
         records = run.read_log()
         if found is not None:
             saved_world = int(found.state.get("world_size", 1))
             trainer.load_state_dict(found.state)
             records = [r for r in records if r.get("epoch", 0) <= trainer.state.epoch]
             say(f"resuming {run.path} from {found.path.name}: epoch {trainer.state.epoch}, "
-                f"step {trainer.state.step} of {config.epochs} epochs")
+                f"step {trainer.state.step} of {run_config.epochs} epochs")
             if saved_world != context.world_size:
                 say(f"the checkpoint was written by {saved_world} process(es) and {context.world_size} resume it: "
-                    f"the data shares and anomaly draws differ from an uninterrupted run")
+                    f"the data shares and random draws differ from an uninterrupted run")
         run.write_config(config)
         world = f", {context.world_size} processes ({context.backend})" if context.is_distributed else ""
-        say(f"training {config.preset} preset ({config.variant}) on {images.shape[0]} images of "
-            f"{config.image_size}x{config.image_size}, {config.epochs} epochs x {trainer.steps_per_epoch} "
-            f"steps, device {device}{world}, ops: {'reference' if ops.using_reference() else 'extension'}")
+        say(f"training {config.variant}, {run_config.preset} preset, on {images.shape[0]} images of "
+            f"{run_config.image_size}x{run_config.image_size}, {run_config.epochs} epochs x "
+            f"{trainer.steps_per_epoch} steps, device {device}{world}, "
+            f"ops: {'reference' if ops.using_reference() else 'extension'}")
 
         bar = None
         if progress and run.writer:
             from tqdm import tqdm
-            total = config.epochs * trainer.steps_per_epoch
+            total = run_config.epochs * trainer.steps_per_epoch
             bar = tqdm(total=total, initial=min(trainer.state.step, total), desc="train", unit="step",
                        dynamic_ncols=True)
         record: dict[str, Any] = records[-1] if records else {}
+        policy = _CheckpointPolicy(run_config)
         stop = _StopOnSignal(trainer)
         try:
             with stop:
-                while trainer.state.epoch < config.epochs:
+                while trainer.state.epoch < run_config.epochs:
                     epoch_record = trainer.train_epoch(bar)
                     if epoch_record is not None:
                         record = epoch_record
                         records.append(record)
                         run.write_log(records)
-                        last = trainer.state.epoch == config.epochs
-                        if last or trainer.state.epoch % config.checkpoint_every == 0:
+                        if policy.due(trainer.state.epoch, trainer.state.epoch == run_config.epochs):
                             run.save_checkpoint(trainer.state_dict())
+                            policy.written()
                         if bar is None:
-                            say(f"epoch {record['epoch']}/{config.epochs} loss {record['loss']:.4f} "
-                                f"alpha {record['alpha']:.3f} lr {record['lr']:.2e} "
-                                f"{record['images_per_s']:.1f} img/s")
-                    if trainer.stop_now and trainer.state.epoch < config.epochs:
+                            values = " ".join(f"{k} {v:.3f}" for k, v in trainer.method.log_values().items())
+                            say(f"epoch {record['epoch']}/{run_config.epochs} loss {record['loss']:.4f} {values} "
+                                f"lr {record['lr']:.2e} {record['images_per_s']:.1f} img/s")
+                    if trainer.stop_now and trainer.state.epoch < run_config.epochs:
                         path = run.save_checkpoint(trainer.state_dict())
                         # name the signal even on ranks that did not receive it themselves
                         received = [s for s in distributed.gather_objects(stop.received) if s is not None]
@@ -648,41 +591,60 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
 
 # ----------------------------------------------------------------------------- CLI
 
+def _setting_type(f: dataclasses.Field) -> Any:
+    """The argparse type of a method setting, from its default or its annotation."""
+    if f.default is not None and not isinstance(f.default, bool):
+        return type(f.default)
+    annotation = str(f.type)
+    return int if "int" in annotation else float if "float" in annotation else str
+
+
+def _method_settings() -> dict[str, dataclasses.Field]:
+    """Every method's settings that have command-line help, by name (methods that share a
+    setting name share the option)."""
+    settings: dict[str, dataclasses.Field] = {}
+    for name in method_names():
+        for f in dataclasses.fields(get_method(name).Config):
+            if "help" in f.metadata:
+                settings.setdefault(f.name, f)
+    return settings
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="DIR", help="BMAD-layout folder (uses train/good)")
+    parser.add_argument("--method", default="frequency_aware", choices=method_names(),
+                        help="what to train (default frequency_aware; `medad-fast methods` lists them)")
     parser.add_argument("--anomaly-source", metavar="DIR",
                         help="folder of anomaly-source images (default: Perlin-texture fallback)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                        help="paper: the published setting; small: sized for a CPU (default paper)")
-    parser.add_argument("--out", metavar="RUN", help="run directory (default runs/<preset>-<time>)")
+    parser.add_argument("--preset", choices=PRESET_NAMES, default="paper",
+                        help="paper: the published setting; small: sized for a CPU; tiny: for tests (default paper)")
+    parser.add_argument("--out", metavar="RUN", help="run directory (default runs/<method>-<preset>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    g = parser.add_argument_group("training overrides (default: the preset's)")
+    g = parser.add_argument_group("run overrides (default: the preset's)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float)
     g.add_argument("--image-size", type=int, help="training side in pixels")
-    g.add_argument("--recon-width", type=int, help="base width w of the reconstruction network")
-    g.add_argument("--seg-width", type=int, help="base width of the segmentation network")
-    g.add_argument("--seg-depth", type=int, help="max-pools of the segmentation U-Net (paper 5)")
-    g.add_argument("--alpha-decay-epochs", type=float, help="epochs over which alpha decays 1 -> 0")
-    g.add_argument("--butterworth-order", type=int, help="2: textbook 2nd order (default); 1: paper's formula")
-    g.add_argument("--d0", type=float, help="Butterworth cut-off at 256x256 (default 30)")
-    g.add_argument("--p-anomaly", type=float, help="probability a training sample gets an anomaly")
     g.add_argument("--max-train-images", type=int, help="use at most N training slices (seeded subset)")
-    g.add_argument("--source-pool-size", type=int, help="anomaly-source images kept on the device")
     g.add_argument("--seed", type=int)
-    g.add_argument("--checkpoint-every", type=int, metavar="E", help="write the checkpoint every E epochs")
+    g.add_argument("--checkpoint-every", type=int, metavar="E", help="write a checkpoint every E epochs")
+    g.add_argument("--checkpoint-minutes", type=float, metavar="M",
+                   help="write a checkpoint when M minutes have passed since the last one (default 10)")
     g.add_argument("--keep-checkpoints", type=int, default=DEFAULT_KEEP, metavar="K",
                    help=f"keep the newest K checkpoints in the run directory (default {DEFAULT_KEEP})")
-    a = parser.add_argument_group("ablations (paper Tables 3-5)")
-    a.add_argument("--no-roi", action="store_true", help="no liver localisation in the synthesis")
-    a.add_argument("--no-highpass", action="store_true", help="reconstruct from the image, not its high-pass")
-    modes = a.add_mutually_exclusive_group()
-    modes.add_argument("--recon-only", action="store_true",
-                       help="reconstruction network only; score = multi-scale gradient-magnitude similarity")
-    modes.add_argument("--seg-only", action="store_true", help="segmentation network only")
-    a.add_argument("--no-synthesis", action="store_true", help="train without anomaly synthesis")
+    m = parser.add_argument_group("method settings (default: the preset's; each applies to the methods that have it)")
+    for name, f in _method_settings().items():
+        option = "--" + name.replace("_", "-")
+        if isinstance(f.default, bool):
+            m.add_argument(option, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        else:
+            m.add_argument(option, type=_setting_type(f), default=None, help=f.metadata["help"])
+    modes = m.add_mutually_exclusive_group()
+    modes.add_argument("--recon-only", action="store_const", dest="mode", const="recon_only",
+                       help="the paper's ablation: reconstruction network only (same as --mode recon_only)")
+    modes.add_argument("--seg-only", action="store_const", dest="mode", const="seg_only",
+                       help="the paper's ablation: segmentation network only (same as --mode seg_only)")
     r = parser.add_argument_group("runtime")
     r.add_argument("--reference-ops", action="store_true",
                    help="use the pure-PyTorch reference ops instead of the compiled extension")
@@ -695,28 +657,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The resolved :class:`Config` of the parsed command line."""
-    mode = "recon_only" if args.recon_only else "seg_only" if args.seg_only else "full"
+    """The resolved :class:`Config` of the parsed command line; ``ValueError`` names a
+    setting the chosen method does not have."""
     overrides = dict(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
-        recon_width=args.recon_width, seg_width=args.seg_width, seg_depth=args.seg_depth,
-        alpha_decay_epochs=args.alpha_decay_epochs,
-        butterworth_order=args.butterworth_order, d0=args.d0, p_anomaly=args.p_anomaly,
-        max_train_images=args.max_train_images, source_pool_size=args.source_pool_size, seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
+        max_train_images=args.max_train_images, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=args.checkpoint_minutes,
         anomaly_source=str(args.anomaly_source) if args.anomaly_source else None, data=str(args.data),
-        mode=mode, roi=not args.no_roi, highpass=not args.no_highpass, synthesis=not args.no_synthesis,
-        reference_ops=args.reference_ops, amp=not args.no_amp, channels_last=not args.no_channels_last)
-    return preset_config(args.preset, **overrides)
+        reference_ops=args.reference_ops or None, amp=False if args.no_amp else None,
+        channels_last=False if args.no_channels_last else None)
+    overrides.update({name: getattr(args, name) for name in _method_settings()})
+    return resolve_config(args.method, args.preset, **overrides)
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
-        device = resolve_device(args.device)
-        context = distributed.init_distributed(device)  # a no-op without torchrun
+        context = distributed.init_distributed(resolve_device(args.device))  # a no-op without torchrun
         # every rank uses rank 0's default run directory (their clocks may disagree on the second)
-        default_out = Path("runs") / f"{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        default_out = Path("runs") / f"{config.run.method}-{config.run.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
         out = Path(args.out) if args.out else distributed.broadcast_object(default_out)
         start = time.perf_counter()
         try:
@@ -733,8 +692,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     minutes = (time.perf_counter() - start) / 60
     if record:
-        print(f"trained {out} to epoch {record['epoch']}: loss {record['loss']:.4f}, alpha {record['alpha']:.3f} "
-              f"({minutes:.1f} min)")
+        print(f"trained {out} to epoch {record['epoch']}: loss {record['loss']:.4f} ({minutes:.1f} min)")
     print(f"checkpoint: {out / CHECKPOINT_NAME}")
     return 0
 

@@ -1,10 +1,11 @@
-"""Networks of the method: reconstruction ``R``, weight-decay segmentation ``S`` and the
-whole model with inference (:class:`FrequencyAwareModel`)."""
+"""Networks shared by the methods (reconstruction, U-Nets, autoencoders) and the scoring
+of their outputs."""
 
-from .model import (FrequencyAwareModel, ModelOutput, image_scores, load_checkpoint,
-                    model_from_checkpoint, msgms_anomaly_map)
+from .autoencoder import ConvAutoencoder
+from .model import MODES, FrequencyAwareModel, ModelOutput
 from .reconstruction import ReconstructionNetwork
+from .scoring import image_scores, msgms_anomaly_map, score_filter_size, smoothed_residual_map
 from .segmentation import SegmentationNetwork
 
-__all__ = ["FrequencyAwareModel", "ModelOutput", "ReconstructionNetwork", "SegmentationNetwork",
-           "image_scores", "load_checkpoint", "model_from_checkpoint", "msgms_anomaly_map"]
+__all__ = ["ConvAutoencoder", "FrequencyAwareModel", "MODES", "ModelOutput", "ReconstructionNetwork",
+           "SegmentationNetwork", "image_scores", "msgms_anomaly_map", "score_filter_size", "smoothed_residual_map"]

@@ -1,0 +1,87 @@
+"""Scoring with a trained method, shared by ``evaluate`` and ``predict`` (and by users'
+own code): resolve a checkpoint, rebuild its method, score batches of slices.
+
+No training code is imported here: a checkpoint carries the method's name and both parts
+of its config, so :func:`load_method` rebuilds any registered method from the file alone.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import LATEST_NAME, load_checkpoint
+from .config import Config
+from .methods import Method, get_method
+from .runtime import resolve_device
+
+__all__ = ["resolve_checkpoint", "load_method", "score_batches", "score_images"]
+
+
+def resolve_checkpoint(run_or_checkpoint: str | os.PathLike) -> Path:
+    """A run directory -> its ``checkpoint.pt``; a file -> itself. FileNotFoundError naming
+    the path otherwise."""
+    path = Path(run_or_checkpoint)
+    if path.is_dir():
+        path = path / LATEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (pass a run directory or a checkpoint file)")
+    return path
+
+
+def load_method(run_or_checkpoint: str | os.PathLike, device: str | torch.device | None = "cpu",
+                amp: bool = True) -> tuple[Method, dict[str, Any]]:
+    """The method of a checkpoint (or run directory) with its weights and state, on
+    ``device`` in eval mode, with the run's memory format and (``amp`` and the run's
+    setting) mixed precision. Returns ``(method, checkpoint dict)``; ``method.config`` is
+    the run's :class:`~medad_fast.config.Config`."""
+    device = resolve_device(device)
+    state = load_checkpoint(resolve_checkpoint(run_or_checkpoint), map_location="cpu")
+    config = Config.from_dict(state["config"])
+    method = get_method(config.run.method)(config)
+    method.load_state_dict(state["model"])
+    method.load_method_state(state.get("method_state", {}))
+    method.configure_runtime(device, amp and config.run.amp, config.run.channels_last)
+    method.eval()
+    return method, state
+
+
+@torch.no_grad()
+def score_batches(method: Method, batches: Iterable[torch.Tensor], device: torch.device | None = None
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(maps float32 [B, H, W], scores float32 [B])`` on the CPU for every batch of
+    ``batches`` (uint8, or float in [0, 1], ``[B, 1, H, W]``), one batch in memory at a time."""
+    device = device or next(method.parameters()).device
+    for batch in batches:
+        if batch.dim() != 4 or batch.shape[1] != 1:
+            raise ValueError(f"images must have shape [B, 1, H, W]; got {list(batch.shape)}")
+        batch = batch.to(device)
+        batch = batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch.float()
+        maps, scores = method.predict(method.to_memory_format(batch))
+        yield maps.float().cpu(), scores.float().cpu()
+
+
+def score_images(method: Method, images: torch.Tensor, batch_size: int = 16, progress: bool = False,
+                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel maps and image scores of a tensor of images (uint8 or float in [0, 1],
+    ``[N, 1, H, W]``). Returns ``(maps float32 [N, H, W], scores float32 [N])`` on the CPU."""
+    if images.dim() != 4 or images.shape[1] != 1:
+        raise ValueError(f"images must have shape [N, 1, H, W]; got {list(images.shape)}")
+    batches = (images[start:start + batch_size] for start in range(0, images.shape[0], batch_size))
+    results = score_batches(method, batches, device)
+    if progress:
+        from tqdm import tqdm
+        results = tqdm(results, total=-(-images.shape[0] // batch_size), desc="score", unit="batch",
+                       dynamic_ncols=True)
+    maps = torch.empty(images.shape[0], *images.shape[-2:], dtype=torch.float32)
+    scores = torch.empty(images.shape[0], dtype=torch.float32)
+    start = 0
+    for batch_maps, batch_scores in results:
+        maps[start:start + batch_maps.shape[0]] = batch_maps
+        scores[start:start + batch_maps.shape[0]] = batch_scores
+        start += batch_maps.shape[0]
+    return maps, scores

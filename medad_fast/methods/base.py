@@ -1,0 +1,134 @@
+"""The interface every method implements, and what the engine does with it.
+
+A method is an ``nn.Module`` (its networks are sub-modules, so ``state_dict``, ``.to()``,
+DDP and ``channels_last`` work on it as on any model) that says, and only says:
+
+=========================  =================================================================
+``name``, ``summary``      registry name and one line for ``medad-fast methods``
+``Config``                 its own settings: a :class:`~medad_fast.config.MethodConfig` dataclass
+``presets``                ``paper`` / ``small`` / ``tiny``: overrides of the run's and its own fields
+``setup_training(device)``  what training needs beyond the weights (anomaly sources, queues...)
+``configure_optimizers()``  its optimisers and per-epoch lr schedulers
+``on_train_step(step, n)``  per-iteration hook before each step (e.g. the alpha schedule)
+``forward(images, gen)``    ONE training step's loss from a batch of normal images
+                           ``float [B, 1, H, W]`` in [0, 1] and a ``torch.Generator`` on the
+                           training device (all its randomness); returns ``(loss, terms)``,
+                           ``terms`` a dict of detached scalar tensors logged as they are named
+``predict(images)``         ``(maps [B, H, W], scores [B])`` float32, in eval mode, no grad
+``method_state()``          extra state to checkpoint beyond parameters and buffers
+``log_values()``            plain numbers for the log (e.g. ``alpha``)
+=========================  =================================================================
+
+The training step is ``forward`` so that ``DistributedDataParallel(method)(images, gen)``
+synchronises the gradients; the engine (:class:`medad_fast.train.Trainer`) owns the
+loop, devices, mixed precision, optimiser steps, checkpoints and logging. Mixed precision
+is the method's to apply where it is safe: the engine sets :meth:`configure_runtime` and
+the method wraps its network calls in :meth:`autocast` (losses stay in float32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import Config, MethodConfig
+from ..models.scoring import image_scores, score_filter_size
+from ..runtime import amp_dtype
+
+__all__ = ["Method", "image_scores", "score_filter_size"]
+
+
+class Method(nn.Module):
+    """Base class of the methods (see the module docstring for the contract)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        if not isinstance(config.method, self.Config):
+            raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}; got {type(config.method).__name__}")
+        self.config = config
+        self._device_type = "cpu"
+        self._amp_dtype: torch.dtype | None = None
+        self.memory_format = torch.contiguous_format
+
+    # ------------------------------------------------------------------ runtime
+    def configure_runtime(self, device: torch.device, amp: bool, channels_last: bool) -> Method:
+        """Mixed precision (CUDA only) and the memory format of the activations (inputs are
+        handed to the networks in it: :meth:`to_memory_format`); moves the method to
+        ``device``. The weights keep their layout: the trainer converts them for training,
+        inference leaves them as loaded (so scores do not depend on the layout of the
+        weights, and checkpoints of earlier versions score exactly as they did). Returns self."""
+        self._device_type = device.type
+        self._amp_dtype = amp_dtype(device, amp)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        return self.to(device)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for the networks' forward passes (a no-op without it)."""
+        if self._amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self._device_type, dtype=self._amp_dtype)
+
+    def to_memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, C, H, W]`` in the activations' memory format."""
+        return x.contiguous(memory_format=self.memory_format)
+
+    @property
+    def score_filter(self) -> int:
+        """Side of the image score's mean filter (:func:`score_filter_size`)."""
+        return score_filter_size(self.config.run.image_size, getattr(self.config.method, "score_filter", None))
+
+    # ------------------------------------------------------------------ training
+    def setup_training(self, device: torch.device) -> None:
+        """Prepare what training needs beyond the weights (called once, after the weights
+        are on ``device`` and before the first step). Default: nothing."""
+
+    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+        """Optimisers (stepped every iteration) and lr schedulers (stepped every epoch).
+        Default: Adam over all parameters at the run's lr, no schedule."""
+        return [torch.optim.Adam(self.parameters(), lr=self.config.run.lr)], []
+
+    def on_train_step(self, step: int, steps_per_epoch: int) -> None:
+        """Called before training iteration ``step`` (0-based, counted over the whole run)."""
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError(f"{type(self).__name__} does not define its training step (forward)")
+
+    def log_values(self) -> dict[str, float]:
+        """Plain numbers added to every epoch's log record."""
+        return {}
+
+    # ------------------------------------------------------------------ inference
+    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixel anomaly maps ``float32 [B, H, W]`` of test images ``[B, 1, H, W]`` in [0, 1]."""
+        raise NotImplementedError(f"{type(self).__name__} does not define anomaly_maps")
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(maps float32 [B, H, W], scores float32 [B])`` of test images ``[B, 1, H, W]``
+        in [0, 1], in eval mode (the mode is restored afterwards). Image score: max of the
+        mean-filtered map (:func:`image_scores`)."""
+        if images.dim() != 4 or images.shape[1] != 1:
+            raise ValueError(f"images must have shape [B, 1, H, W]; got {list(images.shape)}")
+        was_training = self.training
+        self.eval()
+        try:
+            maps = self.anomaly_maps(images).float()
+        finally:
+            self.train(was_training)
+        return maps, image_scores(maps, self.score_filter)
+
+    # ------------------------------------------------------------------ state
+    def method_state(self) -> dict[str, Any]:
+        """Extra state to checkpoint (tensors and plain values). Default: none."""
+        return {}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`method_state`."""

@@ -1,0 +1,105 @@
+"""Pictures people look at rather than read: heatmap overlays of slices and ROC plots.
+
+* :func:`overlay_heatmap`: the slice beside the slice with its anomaly map blended in (jet,
+  one colour scale per call) and the ground-truth lesion outline in green;
+* :func:`write_cases`: heatmaps of the worst and best cases of an evaluation;
+* :func:`plot_roc`: ROC curves (one or several, e.g. image and pixel, or one per method).
+
+Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .io import atomic_write_bytes
+
+__all__ = ["overlay_heatmap", "save_rgb_png", "plot_roc", "write_cases"]
+
+
+def _jet(values: np.ndarray) -> np.ndarray:
+    """``[H, W]`` in [0, 1] -> ``uint8 [H, W, 3]`` with matplotlib's jet colour map."""
+    from matplotlib import colormaps
+    return (colormaps["jet"](np.clip(values, 0.0, 1.0))[..., :3] * 255).astype(np.uint8)
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Boundary pixels of a bool mask ``[H, W]`` (mask minus its 4-neighbour erosion)."""
+    padded = np.pad(mask, 1)
+    eroded = (padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1]
+              & padded[1:-1, :-2] & padded[1:-1, 2:])
+    return mask & ~eroded
+
+
+def overlay_heatmap(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None = None,
+                    vmax: float = 1.0, opacity: float = 0.45, min_side: int = 256) -> np.ndarray:
+    """Side-by-side ``uint8 [H', 2W', 3]``: the slice, and the slice blended with the jet
+    heatmap of ``anomaly_map / vmax`` with the lesion outline of ``mask`` in green.
+
+    ``image`` ``[H, W]`` float in [0, 1] or uint8. Small slices are enlarged by an integer
+    factor (nearest neighbour, so pixels stay pixels) until the side is >= ``min_side``."""
+    image = np.asarray(image)
+    gray = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+    gray_rgb = np.repeat((np.clip(gray, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    scaled = np.asarray(anomaly_map, dtype=np.float32) / max(float(vmax), 1e-12)
+    blended = ((1 - opacity) * gray_rgb + opacity * _jet(scaled)).astype(np.uint8)
+    if mask is not None:
+        blended[_outline(np.asarray(mask).astype(bool))] = (0, 255, 0)
+    tile = np.concatenate([gray_rgb, blended], axis=1)
+    factor = max(1, -(-min_side // max(1, min(gray.shape))))  # ceil(min_side / side)
+    return tile.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else tile
+
+
+def save_rgb_png(path: Path, rgb: np.ndarray) -> None:
+    """Save ``uint8 [H, W, 3]`` as an RGB PNG, atomically (io.save_png is grayscale only)."""
+    buffer = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_roc(path: Path, curves: Sequence[tuple[str, np.ndarray, np.ndarray]], title: str) -> None:
+    """ROC plot of ``curves``: ``(label, false positive rates, true positive rates)`` each,
+    with the chance diagonal; a PNG written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 5), dpi=100)
+    for label, fpr, tpr in curves:
+        axis.plot(fpr, tpr, label=label)
+    axis.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
+    axis.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01), title=title)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_cases(folder: Path, image_of: Callable[[int], np.ndarray], masks: np.ndarray, maps: np.ndarray,
+                labels: np.ndarray, scores: np.ndarray, paths: list[str], n_cases: int, vmax: float) -> list[str]:
+    """Heatmaps of the worst and best cases: per class, the ``n_cases`` slices ranked
+    worst (abnormal: lowest score; normal: highest) and best (the opposite). All share
+    one colour scale, ``[0, vmax]``. ``image_of(i)``: slice ``i`` as ``[H, W]`` (only the
+    chosen slices are read)."""
+    written = []
+    for kind in ("abnormal", "normal"):
+        index = np.flatnonzero(labels if kind == "abnormal" else ~labels)
+        if index.size == 0:
+            continue
+        ranked = index[np.argsort(scores[index], kind="stable")]  # ascending score
+        if kind == "normal":
+            ranked = ranked[::-1]  # for normal slices a high score is bad
+        picks = {"worst": ranked[:n_cases], "best": ranked[::-1][:n_cases]}
+        for quality, chosen in picks.items():
+            for rank, i in enumerate(chosen, start=1):
+                name = f"{quality}-{kind}-{rank:02d}-{Path(paths[i]).stem}-score{scores[i]:.3f}.png"
+                save_rgb_png(folder / name, overlay_heatmap(image_of(int(i)), maps[i], masks[i], vmax))
+                written.append(name)
+    return written

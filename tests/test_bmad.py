@@ -177,7 +177,7 @@ def test_missing_root_split_and_bad_arguments(tmp_path):
         bmad.load_split(root, "train", size=0)
     shutil.rmtree(root / "train")
     (root / "train" / "good").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=r"no PNG images.*train"):
+    with pytest.raises(FileNotFoundError, match=r"no images \(\.png.*train"):
         bmad.load_split(root, "train")
 
 

@@ -1,11 +1,12 @@
-"""Loader for the BMAD folder layout (the liver benchmark's, and what `medad-fast phantom`
-and `medad-fast prepare` write; the layout, its variants and its listing:
-:mod:`medad_fast.data.layout`).
+"""The whole split at once: the cached, device-ready loader that training uses.
 
-Slices are resized to ``size x size``: images with area averaging when shrinking and
-bilinear interpolation when enlarging (:func:`medad_fast.io.resize_images`), masks with
-nearest neighbour. Images are stored as uint8; a pixel that is > 0 before quantisation
-stays >= 1, so ``image > 0`` keeps marking the liver.
+:func:`load_split` reads every slice of one split of a BMAD-layout folder (the layout, its
+variants and its listing: :mod:`medad_fast.data.layout`) into uint8 tensors, each slice
+exactly as :class:`medad_fast.data.dataset.BmadSliceDataset` reads it (resized to
+``size x size``: images by area averaging to shrink and bilinear to enlarge, masks by
+nearest neighbour; a pixel > 0 stays >= 1, so ``image > 0`` keeps marking the liver). For
+evaluation over more slices than fit in memory, iterate the dataset instead
+(:func:`medad_fast.data.dataset.iter_batches`).
 
 Loading is cached twice: in process (a small LRU) and on disk (``torch.save`` in
 ``$MEDAD_FAST_CACHE`` or ``~/.cache/medad_fast/``), keyed by a hash of the resolved file
@@ -23,11 +24,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from medad_fast.data.dataset import check_size, read_slice
 from medad_fast.data.layout import SPLITS, SliceFile, list_split
-from medad_fast.io import atomic_write_bytes, quantize_uint8, read_image_gray, read_mask, resize_images, resize_masks
+from medad_fast.io import atomic_write_bytes
 
 __all__ = ["SliceSet", "load_split", "list_split", "clear_memory_cache", "cache_dir", "SPLITS"]
 
@@ -123,21 +124,14 @@ def _save_to_disk(file: Path, slices: SliceSet, root: Path) -> None:
 
 
 def _read_slices(entries: list[SliceFile], size: int) -> SliceSet:
+    """Every slice of ``entries``, read as :class:`medad_fast.data.dataset.BmadSliceDataset` reads one."""
     n = len(entries)
     images = torch.empty(n, 1, size, size, dtype=torch.uint8)
-    masks = torch.zeros(n, 1, size, size, dtype=torch.uint8)
-    for i, (image_path, mask_path, _abnormal) in enumerate(entries):
-        image = read_image_gray(image_path)
-        resized = resize_images(torch.from_numpy(image)[None, None], size)[0, 0].numpy()
-        images[i, 0] = torch.from_numpy(quantize_uint8(resized, keep_positive=True))
-        if mask_path is not None:
-            mask = read_mask(mask_path)
-            if mask.shape != image.shape:
-                raise ValueError(f"mask {mask_path} has shape {mask.shape} but its image {image_path} "
-                                 f"has shape {image.shape}")
-            masks[i, 0] = resize_masks(torch.from_numpy(mask.astype(np.uint8))[None, None], size)[0, 0]
-    labels = torch.tensor([abnormal for _, _, abnormal in entries], dtype=torch.bool)
-    return SliceSet(images, masks, labels, [str(p.resolve()) for p, _, _ in entries])
+    masks = torch.empty(n, 1, size, size, dtype=torch.uint8)
+    for i, entry in enumerate(entries):
+        images[i], masks[i] = read_slice(entry.image, entry.mask, size)
+    labels = torch.tensor([entry.abnormal for entry in entries], dtype=torch.bool)
+    return SliceSet(images, masks, labels, [str(entry.image.resolve()) for entry in entries])
 
 
 def load_split(root: str | os.PathLike, split: str, size: int = 256, cache: bool = True) -> SliceSet:
@@ -151,9 +145,7 @@ def load_split(root: str | os.PathLike, split: str, size: int = 256, cache: bool
     missing mask; ``ValueError`` for an unreadable image or a mask whose shape differs from
     its image.
     """
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
-    size = int(size)
+    size = check_size(size)
     entries = list_split(root, split)
     if not cache:
         return _read_slices(entries, size)

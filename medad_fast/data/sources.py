@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from medad_fast.data.dataset import check_size
 from medad_fast.data.layout import IMAGE_SUFFIXES, collect_image_files
 from medad_fast.io import read_image_gray, resize_images
 
@@ -44,8 +45,7 @@ def load_anomaly_sources(folder: str | os.PathLike, size: int, max_images: int |
     ``max_images`` keeps the first N files in sorted order. An unreadable file raises
     ``ValueError`` naming it.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
+    size = check_size(size)
     if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
         raise ValueError(f"max_images must be None or an integer >= 1, got {max_images!r}")
     files = list_anomaly_sources(folder)[:max_images]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medad_fast.data import bmad
+from medad_fast.data import bmad, dataset
 
 
 @pytest.fixture(autouse=True)
@@ -177,7 +177,7 @@ def test_missing_root_split_and_bad_arguments(tmp_path):
         bmad.load_split(root, "train", size=0)
     shutil.rmtree(root / "train")
     (root / "train" / "good").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match=r"no PNG images.*train"):
+    with pytest.raises(FileNotFoundError, match=r"no images \(\.png.*train"):
         bmad.load_split(root, "train")
 
 
@@ -203,7 +203,7 @@ def test_disk_cache_is_written_outside_the_data_and_reused(tmp_path, isolated_ca
     def no_reading(*args, **kwargs):
         raise AssertionError("PNG read although the disk cache is valid")
 
-    monkeypatch.setattr(bmad, "read_image_gray", no_reading)
+    monkeypatch.setattr(dataset, "read_image_gray", no_reading)
     second = bmad.load_split(root, "test", size=16)
     for a, b in ((first.images, second.images), (first.masks, second.masks), (first.labels, second.labels)):
         assert torch.equal(a, b)

@@ -1,21 +1,12 @@
-"""Loader for the BMAD folder layout (the liver benchmark's, and what `medad-fast phantom`
-and `medad-fast prepare` write).
+"""The whole split at once: the cached, device-ready loader that training uses.
 
-Layout under ``root``::
-
-    train/good/*.png                      normal training slices
-    {valid,test}/good/img/*.png           normal slices        (or flat: good/*.png)
-    {valid,test}/Ungood/img/*.png         abnormal slices
-    {valid,test}/Ungood/label/*.png       their lesion masks   (or Ungood/anomaly_mask/)
-
-A mask has the stem of its image (``<stem>.png``; ``<stem>_mask.png`` is accepted too).
-Images: 8-bit grayscale PNG (16-bit and colour are converted to grayscale); masks: 0/255,
-any nonzero value is lesion. The label of a slice is its folder (``Ungood`` = abnormal).
-
-Slices are resized to ``size x size``: images with area averaging when shrinking and
-bilinear interpolation when enlarging (:func:`medad_fast.io.resize_images`), masks with
-nearest neighbour. Images are stored as uint8; a pixel that is > 0 before quantisation
-stays >= 1, so ``image > 0`` keeps marking the liver.
+:func:`load_split` reads every slice of one split of a BMAD-layout folder (the layout, its
+variants and its listing: :mod:`medad_fast.data.layout`) into uint8 tensors, each slice
+exactly as :class:`medad_fast.data.dataset.BmadSliceDataset` reads it (resized to
+``size x size``: images by area averaging to shrink and bilinear to enlarge, masks by
+nearest neighbour; a pixel > 0 stays >= 1, so ``image > 0`` keeps marking the liver). For
+evaluation over more slices than fit in memory, iterate the dataset instead
+(:func:`medad_fast.data.dataset.iter_batches`).
 
 Loading is cached twice: in process (a small LRU) and on disk (``torch.save`` in
 ``$MEDAD_FAST_CACHE`` or ``~/.cache/medad_fast/``), keyed by a hash of the resolved file
@@ -33,16 +24,14 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from medad_fast.io import atomic_write_bytes, quantize_uint8, read_image_gray, read_mask, resize_images, resize_masks
+from medad_fast.data.dataset import check_size, read_slice
+from medad_fast.data.layout import SPLITS, SliceFile, list_split
+from medad_fast.io import atomic_write_bytes
 
 __all__ = ["SliceSet", "load_split", "list_split", "clear_memory_cache", "cache_dir", "SPLITS"]
 
-SPLITS = ("train", "valid", "test")
-IMAGE_SUFFIXES = (".png",)
-MASK_FOLDERS = ("label", "anomaly_mask")
 CACHE_FORMAT = 1  # bump when the cached content changes meaning
 _MEMORY_CACHE_SIZE = 4
 _memory_cache: OrderedDict[str, "SliceSet"] = OrderedDict()
@@ -71,66 +60,6 @@ class SliceSet:
         return SliceSet(self.images.clone(), self.masks.clone(), self.labels.clone(), list(self.paths))
 
 
-# --------------------------------------------------------------------------- listing
-
-
-def _pngs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not p.name.startswith("."))
-
-
-def _find_mask(image: Path, mask_dirs: list[Path]) -> Path:
-    for folder in mask_dirs:
-        for name in dict.fromkeys((image.name, image.stem + ".png", image.stem + "_mask.png")):
-            candidate = folder / name
-            if candidate.is_file():
-                return candidate
-    looked = ", ".join(str(d) for d in mask_dirs) if mask_dirs else (
-        f"{image.parent.parent}/label or {image.parent.parent}/anomaly_mask (neither exists)")
-    raise FileNotFoundError(f"no mask for abnormal image {image}: expected {image.stem}.png in {looked}")
-
-
-def _normal_images(folder: Path) -> list[Path]:
-    """``good/img/*.png`` if ``good/img`` exists, else flat ``good/*.png``."""
-    return _pngs(folder / "img") if (folder / "img").is_dir() else _pngs(folder)
-
-
-def list_split(root: str | os.PathLike, split: str) -> list[tuple[Path, Path | None, bool]]:
-    """The files of a split: ``(image, mask or None, abnormal)`` per slice, normal ones first.
-
-    Raises ``FileNotFoundError`` naming the missing split folder, an empty split, or the
-    missing mask of an abnormal image; ``ValueError`` for an unknown split name.
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder not found: {root}")
-    split_dir = root / split
-    if not split_dir.is_dir():
-        raise FileNotFoundError(f"split folder not found: {split_dir} (expected the BMAD layout under {root})")
-
-    good_dir, ungood_dir = split_dir / "good", split_dir / "Ungood"
-    entries: list[tuple[Path, Path | None, bool]] = []
-    if split == "train":
-        if not good_dir.is_dir():
-            raise FileNotFoundError(f"training folder not found: {good_dir}")
-        entries += [(p, None, False) for p in _normal_images(good_dir)]
-    else:
-        if not good_dir.is_dir() and not ungood_dir.is_dir():
-            raise FileNotFoundError(f"neither {good_dir} nor {ungood_dir} exists")
-        if good_dir.is_dir():
-            entries += [(p, None, False) for p in _normal_images(good_dir)]
-        if ungood_dir.is_dir():
-            if not (ungood_dir / "img").is_dir():
-                raise FileNotFoundError(f"abnormal images folder not found: {ungood_dir / 'img'}")
-            mask_dirs = [ungood_dir / name for name in MASK_FOLDERS if (ungood_dir / name).is_dir()]
-            entries += [(p, _find_mask(p, mask_dirs), True) for p in _pngs(ungood_dir / "img")]
-    if not entries:
-        raise FileNotFoundError(f"no PNG images found in split folder {split_dir}")
-    return entries
-
-
 # --------------------------------------------------------------------------- cache
 
 
@@ -145,7 +74,7 @@ def clear_memory_cache() -> None:
     _memory_cache.clear()
 
 
-def _cache_key(entries: list[tuple[Path, Path | None, bool]], size: int) -> str:
+def _cache_key(entries: list[SliceFile], size: int) -> str:
     digest = hashlib.sha256(f"bmad-v{CACHE_FORMAT}|size={size}".encode())
     for image, mask, abnormal in entries:
         for path in (image, mask):
@@ -194,22 +123,15 @@ def _save_to_disk(file: Path, slices: SliceSet, root: Path) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def _read_slices(entries: list[tuple[Path, Path | None, bool]], size: int) -> SliceSet:
+def _read_slices(entries: list[SliceFile], size: int) -> SliceSet:
+    """Every slice of ``entries``, read as :class:`medad_fast.data.dataset.BmadSliceDataset` reads one."""
     n = len(entries)
     images = torch.empty(n, 1, size, size, dtype=torch.uint8)
-    masks = torch.zeros(n, 1, size, size, dtype=torch.uint8)
-    for i, (image_path, mask_path, _abnormal) in enumerate(entries):
-        image = read_image_gray(image_path)
-        resized = resize_images(torch.from_numpy(image)[None, None], size)[0, 0].numpy()
-        images[i, 0] = torch.from_numpy(quantize_uint8(resized, keep_positive=True))
-        if mask_path is not None:
-            mask = read_mask(mask_path)
-            if mask.shape != image.shape:
-                raise ValueError(f"mask {mask_path} has shape {mask.shape} but its image {image_path} "
-                                 f"has shape {image.shape}")
-            masks[i, 0] = resize_masks(torch.from_numpy(mask.astype(np.uint8))[None, None], size)[0, 0]
-    labels = torch.tensor([abnormal for _, _, abnormal in entries], dtype=torch.bool)
-    return SliceSet(images, masks, labels, [str(p.resolve()) for p, _, _ in entries])
+    masks = torch.empty(n, 1, size, size, dtype=torch.uint8)
+    for i, entry in enumerate(entries):
+        images[i], masks[i] = read_slice(entry.image, entry.mask, size)
+    labels = torch.tensor([entry.abnormal for entry in entries], dtype=torch.bool)
+    return SliceSet(images, masks, labels, [str(entry.image.resolve()) for entry in entries])
 
 
 def load_split(root: str | os.PathLike, split: str, size: int = 256, cache: bool = True) -> SliceSet:
@@ -220,12 +142,10 @@ def load_split(root: str | os.PathLike, split: str, size: int = 256, cache: bool
     module docstring); the returned tensors are the caller's own (a copy of the cached ones).
 
     Errors name the culprit: ``FileNotFoundError`` for a missing folder, an empty split or a
-    missing mask; ``ValueError`` for an unreadable PNG or a mask whose shape differs from
+    missing mask; ``ValueError`` for an unreadable image or a mask whose shape differs from
     its image.
     """
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
-    size = int(size)
+    size = check_size(size)
     entries = list_split(root, split)
     if not cache:
         return _read_slices(entries, size)
@@ -238,7 +158,7 @@ def load_split(root: str | os.PathLike, split: str, size: int = 256, cache: bool
     slices = _load_from_disk(disk_file)
     if slices is None or len(slices) != len(entries):
         slices = _read_slices(entries, size)
-        _save_to_disk(disk_file, slices, Path(root))
+        _save_to_disk(disk_file, slices, Path(root).expanduser())
     _memory_cache[key] = slices
     while len(_memory_cache) > _MEMORY_CACHE_SIZE:
         _memory_cache.popitem(last=False)

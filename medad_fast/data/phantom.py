@@ -48,18 +48,18 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
+from medad_fast.data.layout import ABNORMAL_FOLDER, EVAL_SPLITS, MANIFEST_NAME, NORMAL_FOLDER, slice_relpaths
 from medad_fast.io import atomic_write_json, save_png
 
 __all__ = ["generate_slice", "write_phantom_dataset", "add_arguments", "main"]
 
 GENERATOR_NAME = "medad_fast.phantom"
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+# Seed components of a slice (slice_rng): fixed numbers, so the data never changes with them.
 SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
-KIND_CODES = {"good": 0, "Ungood": 1}
+KIND_CODES = {NORMAL_FOLDER: 0, ABNORMAL_FOLDER: 1}
 MIN_SIZE = 16
 
-# Lesion parameter ranges (fractions of the image side / intensity units in [0, 1]).
 # Lesion parameter ranges (radius as a fraction of the image side, |contrast| in intensity
 # units, edge blur as a fraction of the radius). A lesion is "subtle" with probability
 # SUBTLE_FRACTION * difficulty; subtle ones reach down to |contrast| 0.04 / difficulty.
@@ -428,15 +428,19 @@ def slice_rng(seed: int, split: str, kind: str, index: int) -> np.random.Generat
 # --------------------------------------------------------------------------- dataset
 
 
-def _plan(n_train: int, n_valid: int, n_test: int, abnormal_fraction: float) -> list[tuple[str, str, int, str, str | None]]:
-    """Every slice to write: (split, kind, index, image relpath, mask relpath or None)."""
-    plan = [("train", "good", i, f"train/good/{i:05d}.png", None) for i in range(n_train)]
-    for split, n in (("valid", n_valid), ("test", n_test)):
+def _slice_counts(n_train: int, n_valid: int, n_test: int, abnormal_fraction: float) -> dict[str, dict[str, int]]:
+    """Slices per split and kind: ``{"train": {"good": n}, "valid": {"good": n, "Ungood": n}, "test": ...}``."""
+    counts = {"train": {NORMAL_FOLDER: n_train}}
+    for split, n in zip(EVAL_SPLITS, (n_valid, n_test)):
         n_abnormal = math.floor(n * abnormal_fraction + 0.5)  # half up: 5 slices at 0.5 -> 3 abnormal
-        plan += [(split, "good", i, f"{split}/good/img/{i:05d}.png", None) for i in range(n - n_abnormal)]
-        plan += [(split, "Ungood", i, f"{split}/Ungood/img/{i:05d}.png", f"{split}/Ungood/label/{i:05d}.png")
-                 for i in range(n_abnormal)]
-    return plan
+        counts[split] = {NORMAL_FOLDER: n - n_abnormal, ABNORMAL_FOLDER: n_abnormal}
+    return counts
+
+
+def _plan(counts: dict[str, dict[str, int]]) -> list[tuple[str, str, int, str, str | None]]:
+    """Every slice to write: (split, kind, index, image relpath, mask relpath or None)."""
+    return [(split, kind, i, *slice_relpaths(split, kind == ABNORMAL_FOLDER, f"{i:05d}"))
+            for split, kinds in counts.items() for kind, n in kinds.items() for i in range(n)]
 
 
 def _read_own_manifest(out: Path) -> dict[str, Any] | None:
@@ -466,11 +470,12 @@ def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100
                           difficulty: float = 1.0, progress: bool = True) -> dict[str, dict[str, int]]:
     """Write a phantom dataset in the BMAD layout under ``out``.
 
-    Layout: ``train/good/*.png`` (normal only), ``{valid,test}/good/img/*.png``,
-    ``{valid,test}/Ungood/img/*.png`` and ``{valid,test}/Ungood/label/*.png`` (masks 0/255,
-    same stem), plus ``manifest.json`` (parameters, counts, and per slice its files and
-    lesions). Splits with 0 slices get no folder. ``round(n * abnormal_fraction)`` (half up)
-    slices of valid/test are abnormal.
+    Layout (:mod:`medad_fast.data.layout`): ``train/good/*.png`` (normal only),
+    ``{valid,test}/good/img/*.png``, ``{valid,test}/Ungood/img/*.png`` and
+    ``{valid,test}/Ungood/label/*.png`` (masks 0/255, same stem ``<index:05d>``), plus
+    ``manifest.json`` (parameters, counts, and per slice its files and lesions). Splits
+    with 0 slices get no folder. ``round(n * abnormal_fraction)`` (half up) slices of
+    valid/test are abnormal.
 
     ``out`` must be missing, empty, or a previous phantom output (which is then rewritten;
     files of the previous run that the new one does not produce are removed). The manifest
@@ -494,11 +499,8 @@ def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100
     n_train, n_test, n_valid, size, seed = int(n_train), int(n_test), int(n_valid), int(size), int(seed)
 
     previous = _read_own_manifest(out)
-    plan = _plan(n_train, n_valid, n_test, abnormal_fraction)
-    counts: dict[str, dict[str, int]] = {"train": {"good": n_train}}
-    for split, n in (("valid", n_valid), ("test", n_test)):
-        n_abnormal = sum(1 for s, k, *_ in plan if s == split and k == "Ungood")
-        counts[split] = {"good": n - n_abnormal, "Ungood": n_abnormal}
+    counts = _slice_counts(n_train, n_valid, n_test, abnormal_fraction)
+    plan = _plan(counts)
     manifest: dict[str, Any] = {
         "generator": GENERATOR_NAME,
         "format_version": FORMAT_VERSION,
@@ -506,7 +508,7 @@ def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100
         "parameters": {"size": size, "seed": seed, "abnormal_fraction": abnormal_fraction,
                        "difficulty": difficulty, "n_train": n_train, "n_valid": n_valid, "n_test": n_test},
         "counts": counts,
-        "slices": [{"image": image_rel, "mask": mask_rel, "split": split, "label": int(kind == "Ungood"),
+        "slices": [{"image": image_rel, "mask": mask_rel, "split": split, "label": int(kind == ABNORMAL_FOLDER),
                     "index": index} for split, kind, index, image_rel, mask_rel in plan],
     }
 
@@ -522,7 +524,8 @@ def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100
 
     with tqdm(total=len(plan), desc="phantom", unit="slice", disable=not progress) as bar:
         for entry, (split, kind, index, image_rel, mask_rel) in zip(manifest["slices"], plan):
-            image, mask, info = _render_slice(slice_rng(seed, split, kind, index), size, kind == "Ungood", difficulty)
+            image, mask, info = _render_slice(slice_rng(seed, split, kind, index), size, kind == ABNORMAL_FOLDER,
+                                              difficulty)
             save_png(out / image_rel, image)
             if mask_rel is not None:
                 save_png(out / mask_rel, mask)

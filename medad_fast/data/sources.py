@@ -16,32 +16,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from medad_fast.data.dataset import check_size
+from medad_fast.data.layout import IMAGE_SUFFIXES, collect_image_files
 from medad_fast.io import read_image_gray, resize_images
 
 __all__ = ["SOURCE_SUFFIXES", "list_anomaly_sources", "load_anomaly_sources", "perlin_texture_sources"]
 
-SOURCE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+# One list for every image the package reads (medad_fast.data.layout); the old name stays.
+SOURCE_SUFFIXES = IMAGE_SUFFIXES
 
 
 def list_anomaly_sources(folder: str | os.PathLike) -> list[Path]:
     """Image files under ``folder`` (recursively, so DTD's class sub-folders work), sorted by
-    their path relative to ``folder``; hidden files are skipped.
+    their path relative to ``folder``; hidden files are skipped
+    (:func:`medad_fast.data.layout.collect_image_files`).
 
     Raises ``FileNotFoundError`` naming the folder if it does not exist or holds no image.
     """
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"anomaly source folder not found: {folder}")
-    files = sorted(
-        (p for p in folder.rglob("*")
-         if p.suffix.lower() in SOURCE_SUFFIXES and p.is_file()
-         and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
-        key=lambda p: p.relative_to(folder).as_posix(),
-    )
-    if not files:
-        raise FileNotFoundError(
-            f"no images ({', '.join(SOURCE_SUFFIXES)}) found in anomaly source folder {folder}")
-    return files
+    return collect_image_files(folder, what="anomaly source")
 
 
 def load_anomaly_sources(folder: str | os.PathLike, size: int, max_images: int | None = None) -> torch.Tensor:
@@ -53,8 +45,7 @@ def load_anomaly_sources(folder: str | os.PathLike, size: int, max_images: int |
     ``max_images`` keeps the first N files in sorted order. An unreadable file raises
     ``ValueError`` naming it.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
+    size = check_size(size)
     if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
         raise ValueError(f"max_images must be None or an integer >= 1, got {max_images!r}")
     files = list_anomaly_sources(folder)[:max_images]

@@ -35,7 +35,7 @@ Split by PATIENT (never by slice): ``--test-fraction`` and ``--val-fraction`` of
 (at least one each when the fraction is > 0 and there are enough patients), the rest train.
 Train keeps only the NORMAL slices of its patients (abnormal ones are dropped and counted).
 
-Output (BMAD layout, file stem ``<patient>_<slice_index:04d>``)::
+Output (BMAD layout, :mod:`medad_fast.data.layout`; file stem ``<patient>_<slice_index:04d>``)::
 
     OUT/train/good/*.png
     OUT/{valid,test}/good/img/*.png
@@ -71,6 +71,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from medad_fast.data.layout import (ABNORMAL_FOLDER, EVAL_SPLITS, MANIFEST_NAME, NORMAL_FOLDER, SPLITS, WRITTEN_SUFFIX,
+                                    kind_folder, parse_slice_stem, slice_folders, slice_relpaths, slice_stem)
 from medad_fast.io import atomic_write_json, resize_images, resize_masks, save_png
 
 __all__ = [
@@ -102,8 +104,6 @@ DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_TEST_FRACTION = 0.2
 GENERATOR_NAME = "medad_fast.prepare"
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "valid", "test")
 
 # Label values per NIfTI source: (liver values, tumour values). Tumour counts as liver too.
 NIFTI_LABELS = {"lits": ((1,), (2,)), "btcv": ((6,), ())}
@@ -765,23 +765,22 @@ def split_patients(patients: list[str], val_fraction: float, test_fraction: floa
 # --------------------------------------------------------------------------- one case (worker)
 
 
-def _stem(patient: str, slice_index: int) -> str:
-    return f"{patient}_{slice_index:04d}"
-
-
-def _case_dirs(out: Path) -> list[Path]:
-    return [out / "train" / "good"] + [out / split / kind / sub for split in ("valid", "test")
-                                       for kind, sub in (("good", "img"), ("Ungood", "img"), ("Ungood", "label"))]
+# The temporary file of an interrupted atomic write (medad_fast.io.atomic_write_bytes):
+# ".<name>.<hex>.tmp" next to <name>.
+_TEMP_FILE = re.compile(r"\.(?P<name>.+)\.[0-9a-f]+\.tmp")
 
 
 def _remove_patient_files(out: Path, patient: str) -> None:
     """Delete what an interrupted earlier attempt at this patient left (slices, temp files)."""
-    pattern = re.compile(r"\.?" + re.escape(patient) + r"_\d{4,}\.png(\.[0-9a-f]+\.tmp)?")
-    for folder in _case_dirs(out):
-        if folder.is_dir():
-            for path in folder.iterdir():
-                if pattern.fullmatch(path.name):
-                    path.unlink(missing_ok=True)
+    for folder in slice_folders(out):
+        if not folder.is_dir():
+            continue
+        for path in folder.iterdir():
+            temp = _TEMP_FILE.fullmatch(path.name)
+            name = Path(temp["name"] if temp else path.name)
+            origin = parse_slice_stem(name.stem) if name.suffix == WRITTEN_SUFFIX else None
+            if origin is not None and origin[0] == patient:
+                path.unlink(missing_ok=True)
 
 
 def _read_case(task: CaseTask) -> CaseVolume:
@@ -805,16 +804,10 @@ def process_case(task: CaseTask, split: str, settings: dict[str, Any], out: str)
         _remove_patient_files(out_dir, task.patient)
         for image, mask, abnormal, index in zip(rendered.images, rendered.masks, rendered.abnormal,
                                                 rendered.slice_indices):
-            stem = _stem(task.patient, int(index))
-            if split == "train":
-                if abnormal:
-                    result["dropped_abnormal"] += 1
-                    continue
-                image_rel, mask_rel = f"train/good/{stem}.png", None
-            elif abnormal:
-                image_rel, mask_rel = f"{split}/Ungood/img/{stem}.png", f"{split}/Ungood/label/{stem}.png"
-            else:
-                image_rel, mask_rel = f"{split}/good/img/{stem}.png", None
+            if split == "train" and abnormal:  # train holds normal slices only
+                result["dropped_abnormal"] += 1
+                continue
+            image_rel, mask_rel = slice_relpaths(split, bool(abnormal), slice_stem(task.patient, int(index)))
             save_png(out_dir / image_rel, image)
             if mask_rel:
                 save_png(out_dir / mask_rel, mask)
@@ -861,9 +854,9 @@ def _read_own_manifest(out: Path) -> dict[str, Any] | None:
 
 
 def _counts(manifest: dict[str, Any]) -> dict[str, Any]:
-    images = {"train": {"good": 0}, "valid": {"good": 0, "Ungood": 0}, "test": {"good": 0, "Ungood": 0}}
+    images = {"train": {NORMAL_FOLDER: 0}, **{split: {NORMAL_FOLDER: 0, ABNORMAL_FOLDER: 0} for split in EVAL_SPLITS}}
     for entry in manifest["slices"]:
-        images[entry["split"]]["Ungood" if entry["label"] else "good"] += 1
+        images[entry["split"]][kind_folder(bool(entry["label"]))] += 1
     patients = {split: 0 for split in SPLITS}
     volumes = {"done": 0, "failed": 0, "pending": 0}
     dropped = 0

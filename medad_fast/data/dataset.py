@@ -1,0 +1,225 @@
+"""Slice by slice: datasets that read one slice per access, and a batch iterator over them.
+
+Evaluation over 10^5 slices, or ``medad-fast predict`` over a folder of that size, must not
+hold every slice in memory; these read each slice when asked for it:
+
+- :class:`BmadSliceDataset`: the slices of one split of a BMAD-layout folder
+  (:func:`medad_fast.data.layout.list_split`), each exactly as
+  :func:`medad_fast.data.bmad.load_split` stores it (both read through :func:`read_slice`).
+- :class:`ImageFileDataset`: image files (e.g. from
+  :func:`medad_fast.data.layout.collect_image_files`), unlabelled.
+- :func:`iter_batches`: consecutive :class:`SliceBatch` es of a range of a dataset, read in
+  process or by ``torch.utils.data.DataLoader`` worker processes.
+
+Reading a slice: grayscale float in [0, 1] (:func:`medad_fast.io.read_image_gray`), resized
+to ``size x size`` (:func:`medad_fast.io.resize_images`: area averaging to shrink, bilinear
+to enlarge), quantised to uint8 with every positive pixel kept >= 1 (so ``image > 0`` still
+marks the liver); the mask nearest-neighbour resized (:func:`medad_fast.io.resize_masks`).
+
+Every record knows the volume it was cut from: from the ``medad-fast prepare`` manifest when
+the folder has one, else from a ``<volume>_<slice index>`` file name, else the file's stem
+is its volume and the slice index is -1 (:func:`medad_fast.data.layout.slice_origin`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from medad_fast.data.layout import SliceFile, list_split, slice_origin, slice_origins
+from medad_fast.io import quantize_uint8, read_image_gray, read_mask, resize_images, resize_masks
+
+__all__ = [
+    "SliceRecord",
+    "SliceBatch",
+    "BmadSliceDataset",
+    "ImageFileDataset",
+    "iter_batches",
+    "collate_slices",
+    "read_slice",
+    "check_size",
+]
+
+
+@dataclass
+class SliceRecord:
+    """One slice, resized to side S.
+
+    image:       torch.uint8 [1, S, S] (0 outside the liver)
+    mask:        torch.uint8 [1, S, S], 0/1 (1 = lesion); zeros for normal or unlabelled slices
+    label:       True = abnormal (from an ``Ungood`` folder); False for unlabelled images
+    path:        the image file
+    volume_id:   the patient / volume the slice was cut from
+    slice_index: its position in that volume, -1 when unknown
+    """
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    label: bool
+    path: str
+    volume_id: str
+    slice_index: int
+
+
+@dataclass
+class SliceBatch:
+    """B consecutive :class:`SliceRecord` s, stacked.
+
+    images: torch.uint8 [B, 1, S, S]
+    masks:  torch.uint8 [B, 1, S, S], 0/1
+    labels: torch.bool [B]
+    paths, volume_ids, slice_indices: lists of B
+    """
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    labels: torch.Tensor
+    paths: list[str]
+    volume_ids: list[str]
+    slice_indices: list[int]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def check_size(size: int) -> int:
+    """``size`` as an int; ``ValueError`` naming it unless it is a positive integer."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    return int(size)
+
+
+def read_slice(image_path: str | os.PathLike, mask_path: str | os.PathLike | None, size: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one slice resized to ``size``: ``(image uint8 [1, S, S], mask uint8 0/1 [1, S, S])``,
+    the mask all zeros when ``mask_path`` is None.
+
+    ``FileNotFoundError`` / ``ValueError`` name a missing or unreadable file; ``ValueError``
+    names both files when the mask's shape differs from its image's.
+    """
+    image = read_image_gray(image_path)
+    resized = resize_images(torch.from_numpy(image)[None, None], size)[0].numpy()
+    image_out = torch.from_numpy(quantize_uint8(resized, keep_positive=True))
+    if mask_path is None:
+        return image_out, torch.zeros(1, size, size, dtype=torch.uint8)
+    mask = read_mask(mask_path)
+    if mask.shape != image.shape:
+        raise ValueError(f"mask {mask_path} has shape {mask.shape} but its image {image_path} "
+                         f"has shape {image.shape}")
+    return image_out, resize_masks(torch.from_numpy(mask.astype(np.uint8))[None, None], size)[0]
+
+
+class _SliceFilesDataset(Dataset):
+    """A dataset over :class:`SliceFile` s; subclasses fill ``files``, ``paths``,
+    ``volume_ids`` and ``slice_indices`` (one entry per slice)."""
+
+    size: int
+    files: list[SliceFile]
+    paths: list[str]
+    volume_ids: list[str]
+    slice_indices: list[int]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> SliceRecord:
+        i = range(len(self.files))[index]  # negative indices as for a list; IndexError past the end
+        entry = self.files[i]
+        image, mask = read_slice(entry.image, entry.mask, self.size)
+        return SliceRecord(image, mask, entry.abnormal, self.paths[i], self.volume_ids[i], self.slice_indices[i])
+
+
+class BmadSliceDataset(_SliceFilesDataset):
+    """The slices of one split (``"train"``, ``"valid"``, ``"test"``) of a BMAD-layout folder,
+    in :func:`medad_fast.data.bmad.load_split` order (normal first, then abnormal), each read
+    on access; ``dataset[i]`` equals ``load_split(root, split, size)`` at ``i`` bitwise.
+
+    ``path`` is the resolved image path (as ``load_split``'s ``paths``). Listing happens here,
+    so a missing folder, an empty split or a missing mask raises at construction
+    (``FileNotFoundError`` naming it); an unreadable image raises on access.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, size: int = 256):
+        self.size = check_size(size)
+        self.root = Path(root).expanduser()
+        self.split = split
+        self.files = list_split(self.root, split)
+        origins = slice_origins(self.root)
+        self.paths = [str(entry.image.resolve()) for entry in self.files]
+        located = [origins.get(entry.image.relative_to(self.root).as_posix()) or slice_origin(entry.image)
+                   for entry in self.files]
+        self.volume_ids = [volume for volume, _ in located]
+        self.slice_indices = [index for _, index in located]
+
+
+class ImageFileDataset(_SliceFilesDataset):
+    """Unlabelled image files (``label`` False, ``mask`` zeros), in the given order, each
+    read as grayscale and resized on access (``medad-fast predict``'s inputs).
+
+    ``path`` is the file as given; the volume comes from the file name
+    (:func:`medad_fast.data.layout.slice_origin`). A missing or unreadable file raises on
+    access, naming it.
+    """
+
+    def __init__(self, files: Iterable[str | os.PathLike], size: int = 256):
+        self.size = check_size(size)
+        if isinstance(files, (str, os.PathLike)):  # one file, not the characters of its name
+            files = [files]
+        self.files = [SliceFile(Path(f), None, False) for f in files]
+        self.paths = [str(entry.image) for entry in self.files]
+        located = [slice_origin(entry.image) for entry in self.files]
+        self.volume_ids = [volume for volume, _ in located]
+        self.slice_indices = [index for _, index in located]
+
+
+def collate_slices(records: list[SliceRecord]) -> SliceBatch:
+    """Stack records into a :class:`SliceBatch` (the ``collate_fn`` of the DataLoader)."""
+    if not records:
+        raise ValueError("cannot collate an empty list of slices")
+    return SliceBatch(
+        images=torch.stack([r.image for r in records]),
+        masks=torch.stack([r.mask for r in records]),
+        labels=torch.tensor([r.label for r in records], dtype=torch.bool),
+        paths=[r.path for r in records],
+        volume_ids=[r.volume_id for r in records],
+        slice_indices=[r.slice_index for r in records],
+    )
+
+
+def _check_count(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def iter_batches(dataset: Dataset, batch_size: int, start: int = 0, stop: int | None = None,
+                 workers: int = 0) -> Iterator[SliceBatch]:
+    """The slices ``start .. stop - 1`` of ``dataset`` in order, as :class:`SliceBatch` es of
+    ``batch_size`` (the last one smaller when the range does not divide); nothing for an
+    empty range. ``stop`` None = ``len(dataset)``.
+
+    Only one batch is held at a time (per worker, plus the DataLoader's prefetch).
+    ``workers`` 0 reads in this process; ``workers > 0`` uses a
+    ``torch.utils.data.DataLoader`` with that many worker processes (same batches, same
+    order). Bad arguments raise ``ValueError`` naming them, at the call.
+    """
+    n = len(dataset)
+    batch_size = _check_count("batch_size", batch_size, 1)
+    start = _check_count("start", start, 0)
+    stop = n if stop is None else _check_count("stop", stop, 0)
+    workers = _check_count("workers", workers, 0)
+    if not start <= stop <= n:
+        raise ValueError(f"need start <= stop <= len(dataset) = {n}, got start={start}, stop={stop}")
+    if start == stop:
+        return iter(())
+    if workers == 0:
+        return (collate_slices([dataset[i] for i in range(first, min(first + batch_size, stop))])
+                for first in range(start, stop, batch_size))
+    return iter(DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size, shuffle=False,
+                           num_workers=workers, collate_fn=collate_slices))

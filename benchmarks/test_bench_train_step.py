@@ -15,7 +15,7 @@ import torch
 
 from conftest import measure
 from medad_fast import ops
-from medad_fast.config import preset_config
+from medad_fast.config import resolve_config
 from medad_fast.train import Trainer
 
 PRESET = "small"
@@ -35,7 +35,7 @@ def liver_like_images(n: int, side: int) -> torch.Tensor:
 
 
 def make_trainer(device: torch.device) -> Trainer:
-    config = preset_config(PRESET)
+    config = resolve_config("frequency_aware", PRESET)
     images = liver_like_images(N_IMAGES, config.image_size)
     return Trainer(config, images, None, device)
 

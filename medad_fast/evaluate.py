@@ -30,7 +30,8 @@ import torch
 
 from . import distributed
 from .cli import int_at_least
-from .inference import load_method, resolve_checkpoint, score_images
+from .data.dataset import BmadSliceDataset, iter_batches
+from .inference import load_method, resolve_checkpoint, score_batch
 from .io import atomic_write_json
 from .runtime import ops_mode, resolve_device
 from .visualize import plot_roc, write_cases
@@ -43,34 +44,46 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
              progress: bool = True, reference_ops: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint (or run directory) of any method on a split of a BMAD-layout
     folder; write ``metrics.json``, ``roc.png`` and the heatmaps into ``out``. Returns the metrics."""
-    from .data.bmad import load_split
-
     checkpoint = resolve_checkpoint(checkpoint)
     out = Path(out) if out is not None else checkpoint.parent / f"eval-{split}"
     world = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
     with ops_mode(reference_ops):
         method, state = load_method(checkpoint, world.device)
-        slices = load_split(data, split, size=method.config.run.image_size)
-        # each rank scores its share of the slices; gathered back in slice order
-        start, stop = distributed.shard_bounds(slices.images.shape[0])
-        maps, scores = score_images(method, slices.images[start:stop], batch_size, progress and world.is_main)
-        maps, scores = distributed.all_gather_uneven(maps), distributed.all_gather_uneven(scores)
+        dataset = BmadSliceDataset(data, split, size=method.config.run.image_size)
+        # each rank scores its share of the slices, one batch in memory at a time; the maps
+        # and masks are kept (the pixel metrics need every pixel), the images are not
+        start, stop = distributed.shard_bounds(len(dataset))
+        batches = iter_batches(dataset, batch_size, start, stop)
+        if progress and world.is_main:
+            from tqdm import tqdm
+            batches = tqdm(batches, total=-(-(stop - start) // batch_size), desc="score", unit="batch",
+                           dynamic_ncols=True)
+        maps, scores, masks = [], [], []
+        for batch in batches:
+            batch_maps, batch_scores = score_batch(method, batch.images, world.device)
+            maps.append(batch_maps)
+            scores.append(batch_scores)
+            masks.append(batch.masks[:, 0].bool())
+        size = method.config.run.image_size
+        maps, scores, masks = (distributed.all_gather_uneven(torch.cat(parts) if parts else empty)
+                               for parts, empty in ((maps, torch.empty(0, size, size)), (scores, torch.empty(0)),
+                                                    (masks, torch.empty(0, size, size, dtype=torch.bool))))
     metrics = None
     if world.is_main:
-        metrics = _write_evaluation(out, checkpoint, data, split, method.config, state, slices, maps, scores, n_cases)
+        metrics = _write_evaluation(out, checkpoint, data, split, method.config, state, dataset, masks, maps, scores,
+                                    n_cases)
     return distributed.broadcast_object(metrics)
 
 
 def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str, config: Any,
-                      state: dict[str, Any], slices: Any, maps: torch.Tensor, scores: torch.Tensor,
-                      n_cases: int) -> dict[str, Any]:
+                      state: dict[str, Any], dataset: BmadSliceDataset, masks: torch.Tensor, maps: torch.Tensor,
+                      scores: torch.Tensor, n_cases: int) -> dict[str, Any]:
     """Metrics of the gathered maps and scores; metrics.json, roc.png, heatmaps."""
     from .metrics import compute_metrics, roc_curve
 
-    labels = slices.labels.numpy().astype(bool)
-    masks = slices.masks[:, 0].numpy().astype(bool)
-    maps_np, scores_np = maps.numpy(), scores.numpy()
-    metrics = compute_metrics(labels, scores_np, masks, maps_np)
+    labels = np.array([entry.abnormal for entry in dataset.files], dtype=bool)
+    masks_np, maps_np, scores_np = masks.numpy(), maps.numpy(), scores.numpy()
+    metrics = compute_metrics(labels, scores_np, masks_np, maps_np)
     # the heatmaps share one colour scale: the largest pixel value of the split (the
     # L1 + focal loss keeps p well below 1, so a fixed [0, 1] scale would look washed out)
     heatmap_scale = float(maps_np.max()) if maps_np.size else 1.0
@@ -81,11 +94,10 @@ def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str,
                     "heatmap_scale": heatmap_scale})
     atomic_write_json(out / "metrics.json", metrics)
     curves = [(f"image (AUROC {metrics['image_auroc']:.3f})", *roc_curve(labels, scores_np)),
-              (f"pixel (AUROC {metrics['pixel_auroc']:.3f})", *roc_curve(masks.reshape(-1), maps_np.reshape(-1)))]
+              (f"pixel (AUROC {metrics['pixel_auroc']:.3f})", *roc_curve(masks_np.reshape(-1), maps_np.reshape(-1)))]
     plot_roc(out / "roc.png", curves, title=f"{config.variant}, {config.run.preset}, {split} split")
-    images = slices.images[:, 0].numpy()
-    write_cases(out / "heatmaps", lambda i: images[i], masks, maps_np, labels, scores_np, slices.paths, n_cases,
-                heatmap_scale)
+    write_cases(out / "heatmaps", lambda i: dataset[i].image[0].numpy(), masks_np, maps_np, labels, scores_np,
+                dataset.paths, n_cases, heatmap_scale)
     return metrics
 
 

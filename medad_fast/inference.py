@@ -8,7 +8,6 @@ of its config, so :func:`load_method` rebuilds any registered method from the fi
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from .config import Config
 from .methods import Method, get_method
 from .runtime import resolve_device
 
-__all__ = ["resolve_checkpoint", "load_method", "score_batches", "score_images"]
+__all__ = ["resolve_checkpoint", "load_method", "score_batch", "score_images"]
 
 
 def resolve_checkpoint(run_or_checkpoint: str | os.PathLike) -> Path:
@@ -51,18 +50,17 @@ def load_method(run_or_checkpoint: str | os.PathLike, device: str | torch.device
 
 
 @torch.no_grad()
-def score_batches(method: Method, batches: Iterable[torch.Tensor], device: torch.device | None = None
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``(maps float32 [B, H, W], scores float32 [B])`` on the CPU for every batch of
-    ``batches`` (uint8, or float in [0, 1], ``[B, 1, H, W]``), one batch in memory at a time."""
+def score_batch(method: Method, images: torch.Tensor, device: torch.device | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(maps float32 [B, H, W], scores float32 [B])`` on the CPU of one batch of images
+    (uint8, or float in [0, 1], ``[B, 1, H, W]``) on the method's device."""
+    if images.dim() != 4 or images.shape[1] != 1:
+        raise ValueError(f"images must have shape [B, 1, H, W]; got {list(images.shape)}")
     device = device or next(method.parameters()).device
-    for batch in batches:
-        if batch.dim() != 4 or batch.shape[1] != 1:
-            raise ValueError(f"images must have shape [B, 1, H, W]; got {list(batch.shape)}")
-        batch = batch.to(device)
-        batch = batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch.float()
-        maps, scores = method.predict(method.to_memory_format(batch))
-        yield maps.float().cpu(), scores.float().cpu()
+    images = images.to(device)
+    images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+    maps, scores = method.predict(method.to_memory_format(images))
+    return maps.float().cpu(), scores.float().cpu()
 
 
 def score_images(method: Method, images: torch.Tensor, batch_size: int = 16, progress: bool = False,
@@ -71,8 +69,8 @@ def score_images(method: Method, images: torch.Tensor, batch_size: int = 16, pro
     ``[N, 1, H, W]``). Returns ``(maps float32 [N, H, W], scores float32 [N])`` on the CPU."""
     if images.dim() != 4 or images.shape[1] != 1:
         raise ValueError(f"images must have shape [N, 1, H, W]; got {list(images.shape)}")
-    batches = (images[start:start + batch_size] for start in range(0, images.shape[0], batch_size))
-    results = score_batches(method, batches, device)
+    results = (score_batch(method, images[start:start + batch_size], device)
+               for start in range(0, images.shape[0], batch_size))
     if progress:
         from tqdm import tqdm
         results = tqdm(results, total=-(-images.shape[0] // batch_size), desc="score", unit="batch",

@@ -28,44 +28,14 @@ import torch
 from . import distributed
 from .cli import int_at_least
 from .config import Config
-from .inference import load_method, resolve_checkpoint, score_images
-from .io import atomic_write_json, atomic_write_text, quantize_uint8, read_image_gray, resize_images
+from .inference import load_method, resolve_checkpoint, score_batch
+from .data.dataset import ImageFileDataset, iter_batches
+from .data.layout import collect_image_files
+from .io import atomic_write_json, atomic_write_text
 from .runtime import resolve_device
 from .visualize import overlay_heatmap, save_rgb_png
 
-__all__ = ["IMAGE_SUFFIXES", "collect_inputs", "load_images", "predict", "add_arguments", "main"]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-def collect_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Image files named by ``inputs`` (files as given; folders: their images, sorted,
-    recursively, hidden ones skipped). FileNotFoundError names a missing input or an
-    input folder without images."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            if not found:
-                raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in input folder {path}")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"input not found: {path}")
-    return files
-
-
-def load_images(files: list[Path], size: int) -> torch.Tensor:
-    """Read ``files`` as grayscale and resize to ``size`` -> ``uint8 [N, 1, size, size]``."""
-    images = torch.empty(len(files), 1, size, size, dtype=torch.uint8)
-    for i, path in enumerate(files):
-        image = torch.from_numpy(read_image_gray(path))[None, None]
-        resized = resize_images(image, size)[0, 0].numpy()
-        images[i, 0] = torch.from_numpy(quantize_uint8(resized, keep_positive=True))
-    return images
+__all__ = ["predict", "add_arguments", "main"]
 
 
 def predict(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
@@ -74,29 +44,36 @@ def predict(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
     """Score the images of ``inputs`` with ``checkpoint``; write scores and heatmaps into
     ``out``. Returns ``[{"path", "score", "heatmap"}]`` in input order."""
     checkpoint = resolve_checkpoint(checkpoint)
-    files = collect_inputs(inputs)
+    files = collect_image_files(inputs)
     world = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
     method, _ = load_method(checkpoint, world.device)
-    config = method.config
+    dataset = ImageFileDataset(files, size=method.config.run.image_size)
     start, stop = distributed.shard_bounds(len(files))  # this rank's share, gathered back in order
-    images = load_images(files[start:stop], config.run.image_size)
-    maps, scores = score_images(method, images, batch_size, progress and world.is_main)
-    images, maps, scores = (distributed.all_gather_uneven(t) for t in (images, maps, scores))
-    rows = _write_predictions(Path(out), checkpoint, config, files, images, maps, scores) if world.is_main else None
+    batches = iter_batches(dataset, batch_size, start, stop)
+    if progress and world.is_main:
+        from tqdm import tqdm
+        batches = tqdm(batches, total=-(-(stop - start) // batch_size), desc="score", unit="batch", dynamic_ncols=True)
+    results = [score_batch(method, batch.images, world.device) for batch in batches]
+    size = method.config.run.image_size
+    maps = torch.cat([m for m, _ in results]) if results else torch.empty(0, size, size)
+    scores = torch.cat([s for _, s in results]) if results else torch.empty(0)
+    maps, scores = distributed.all_gather_uneven(maps), distributed.all_gather_uneven(scores)
+    rows = _write_predictions(Path(out), checkpoint, method.config, dataset, maps, scores) if world.is_main else None
     return distributed.broadcast_object(rows)
 
 
-def _write_predictions(out: Path, checkpoint: Path, config: Config, files: list[Path], images: torch.Tensor,
+def _write_predictions(out: Path, checkpoint: Path, config: Config, dataset: ImageFileDataset,
                        maps: torch.Tensor, scores: torch.Tensor) -> list[dict]:
     """Heatmaps, scores.csv and scores.json of the gathered predictions."""
     # one colour scale for all heatmaps of this call: 0 .. the largest pixel value
     heatmap_scale = float(maps.max()) if maps.numel() else 1.0
     rows = []
+    files = [entry.image for entry in dataset.files]
     width = max(3, len(str(len(files))))
     for i, path in enumerate(files):
         # the index prefix keeps names unique when two inputs share a stem
         name = f"{i:0{width}d}-{path.stem}.png"
-        overlay = overlay_heatmap(images[i, 0].numpy(), maps[i].numpy(), vmax=heatmap_scale)
+        overlay = overlay_heatmap(dataset[i].image[0].numpy(), maps[i].numpy(), vmax=heatmap_scale)
         save_rgb_png(out / "heatmaps" / name, overlay)
         rows.append({"path": str(path), "score": float(scores[i]), "heatmap": f"heatmaps/{name}"})
     text = io.StringIO()

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from medad_fast import checkpoint as ckpt
-from medad_fast.config import preset_config
+from medad_fast.config import resolve_config
 
 
 def make_state(epoch: int, step: int, preset: str = "small") -> dict:
     """A small checkpoint dict with every required key (the weights encode the step)."""
-    return {"config": preset_config(preset).to_dict(), "model": {"w": torch.full((3,), float(step))},
-            "optimizer": {"state": {}, "param_groups": []}, "scheduler": {"last_epoch": epoch},
+    return {"config": resolve_config("frequency_aware", preset).to_dict(), "model": {"w": torch.full((3,), float(step))},
+            "optimizers": [{"state": {}, "param_groups": []}], "schedulers": [{"last_epoch": epoch}],
             "epoch": epoch, "step": step}
 
 
@@ -61,8 +61,8 @@ def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="keep"):
         ckpt.save_checkpoint(tmp_path, make_state(1, 1), keep=0)
     state = make_state(1, 1)
-    del state["optimizer"]
-    with pytest.raises(ValueError, match="optimizer"):
+    del state["optimizers"]
+    with pytest.raises(ValueError, match="optimizers"):
         ckpt.save_checkpoint(tmp_path, state)
     assert list(tmp_path.iterdir()) == []
 
@@ -127,13 +127,13 @@ def test_garbage_and_incomplete_files_are_skipped(tmp_path):
     ckpt.save_checkpoint(tmp_path, make_state(1, 4))
     (tmp_path / ckpt.checkpoint_filename(3, 12)).write_bytes(b"\x00" * 100)
     incomplete = make_state(2, 8)
-    del incomplete["scheduler"]
-    from medad_fast.models.model import checkpoint_bytes
+    del incomplete["schedulers"]
+    from medad_fast.checkpoint import checkpoint_bytes
     (tmp_path / ckpt.checkpoint_filename(2, 8)).write_bytes(checkpoint_bytes(incomplete))
     messages = []
     found = ckpt.latest_valid_checkpoint(tmp_path, log=messages.append)
     assert found.state["step"] == 4
-    assert len(messages) == 2 and "scheduler" in messages[1]
+    assert len(messages) == 2 and "schedulers" in messages[1]
 
 
 def test_all_unreadable_raises_naming_the_files(tmp_path):
@@ -157,13 +157,13 @@ def test_a_file_that_needs_code_to_unpickle_is_refused(tmp_path):
 def test_architecture_mismatch_is_an_error_not_a_skip(tmp_path):
     ckpt.save_checkpoint(tmp_path, make_state(1, 4, preset="paper"))
     with pytest.raises(ValueError, match="recon_width"):
-        ckpt.latest_valid_checkpoint(tmp_path, expected=preset_config("small"))
-    found = ckpt.latest_valid_checkpoint(tmp_path, expected=preset_config("paper"))
+        ckpt.latest_valid_checkpoint(tmp_path, expected=resolve_config("frequency_aware", "small"))
+    found = ckpt.latest_valid_checkpoint(tmp_path, expected=resolve_config("frequency_aware", "paper"))
     assert found.state["step"] == 4
 
 
 def test_legacy_single_checkpoint_file_is_found(tmp_path):
-    from medad_fast.models.model import checkpoint_bytes
+    from medad_fast.checkpoint import checkpoint_bytes
     (tmp_path / "checkpoint.pt").write_bytes(checkpoint_bytes(make_state(2, 8)))
     found = ckpt.latest_valid_checkpoint(tmp_path)
     assert found.path.name == "checkpoint.pt" and found.state["epoch"] == 2

@@ -29,7 +29,8 @@ def run(data, tmp_path_factory) -> Path:
 
 def test_train_writes_config_log_and_checkpoint(run):
     config = json.loads((run / "config.json").read_text())
-    assert config["preset"] == "small" and config["image_size"] == 32 and config["epochs"] == 2
+    assert config["method"] == "frequency_aware"
+    assert config["run"]["preset"] == "small" and config["run"]["image_size"] == 32 and config["run"]["epochs"] == 2
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     for key in ("loss", "loss_rec", "loss_seg", "alpha", "lr", "images_per_s"):
@@ -37,8 +38,8 @@ def test_train_writes_config_log_and_checkpoint(run):
     assert records[0]["step"] == 2 and records[1]["step"] == 4  # 8 images / batch 4
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2 and state["step"] == 4
-    assert 0.0 <= state["alpha"] < 1.0
-    assert {"model", "optimizer", "scheduler", "generators"} <= set(state)
+    assert 0.0 <= state["method_state"]["alpha"] < 1.0
+    assert {"method", "model", "optimizers", "schedulers", "generators"} <= set(state)
 
 
 def test_evaluate_writes_metrics_roc_and_heatmaps(run, data, capsys):
@@ -74,10 +75,10 @@ def test_predict_scores_files_and_folders(run, data, tmp_path, capsys):
     assert all((out / r["heatmap"]).is_file() for r in rows)
     assert all(0.0 <= r["score"] <= 1.0 for r in rows)
     # the same image scored by evaluate's path gives the same score (one inference path)
-    from medad_fast.models import model_from_checkpoint
-    from medad_fast.predict import load_images
-    model, config, _ = model_from_checkpoint(run / "checkpoint.pt")
-    _, scores = model.predict(load_images([files[0]], config.image_size).float() / 255)
+    from medad_fast.data.dataset import ImageFileDataset
+    from medad_fast.inference import load_method, score_batch
+    method, _ = load_method(run / "checkpoint.pt")
+    _, scores = score_batch(method, ImageFileDataset([files[0]], method.config.run.image_size)[0].image[None])
     assert float(scores[0]) == pytest.approx(rows[0]["score"], abs=1e-5)
 
 
@@ -129,10 +130,11 @@ def test_every_ablation_switch_trains_and_evaluates(switch, data, tmp_path):
     expected = {"--no-roi": ("roi", False), "--no-highpass": ("highpass", False),
                 "--recon-only": ("mode", "recon_only"), "--seg-only": ("mode", "seg_only"),
                 "--no-synthesis": ("synthesis", False), "--reference-ops": ("reference_ops", True)}[switch]
-    assert config[expected[0]] == expected[1]
+    part = "run" if expected[0] == "reference_ops" else "method_config"
+    assert config[part][expected[0]] == expected[1]
     assert cli(["evaluate", str(out), "--data", str(data), "--no-progress", "--cases", "1"]) == 0
     metrics = json.loads((out / "eval-test" / "metrics.json").read_text())
-    assert metrics["mode"] == config["mode"]
+    assert metrics["variant"].startswith(f"frequency_aware ({config['method_config']['mode']}")
 
 
 @pytest.mark.parametrize("command, option, value", [("evaluate", "--batch-size", "0"), ("evaluate", "--cases", "-1"),

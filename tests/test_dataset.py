@@ -122,9 +122,17 @@ def test_iter_batches_argument_errors(phantom):
             iter_batches(dataset, **kwargs)  # raised at the call, not at the first batch
 
 
-def test_image_files_equal_predicts_loader(tmp_path):
-    from medad_fast.predict import load_images  # today's predict path, until predict uses the dataset
+def load_images(files, size):
+    """The loader `medad-fast predict` had before the dataset layer (read, resize, quantise)."""
+    from medad_fast.io import quantize_uint8, read_image_gray, resize_images
+    images = torch.empty(len(files), 1, size, size, dtype=torch.uint8)
+    for i, path in enumerate(files):
+        resized = resize_images(torch.from_numpy(read_image_gray(path))[None, None], size)[0, 0].numpy()
+        images[i, 0] = torch.from_numpy(quantize_uint8(resized, keep_positive=True))
+    return images
 
+
+def test_image_files_equal_predicts_former_loader(tmp_path):
     rng = np.random.default_rng(0)
     files = [
         _png(tmp_path / "a_gray.png", rng.integers(0, 256, (48, 40), dtype=np.uint8)),  # shrink, non-square

@@ -171,7 +171,7 @@ def test_collectives_on_two_gloo_processes(tmp_path):
 
 DRIVER = REPO / "tests" / "train_driver.py"
 TINY_ARGS = ["--preset", "small", "--image-size", "32", "--recon-width", "2", "--seg-width", "2",
-             "--batch-size", "4", "--source-pool-size", "4", "--seed", "5", "--deterministic", "--no-progress"]
+             "--batch-size", "4", "--source-pool-size", "4", "--seed", "5", "--deterministic", "--no-progress", "--checkpoint-every", "1"]
 
 
 def read_records(record_dir: Path, rank: int) -> list[dict]:
@@ -229,7 +229,7 @@ def test_torchrun_only_rank0_writes_into_the_run_directory(ddp_run):
         "config.json", "log.jsonl"]
     state = torch.load(run / "checkpoint.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rank_generators"]) == 2
-    assert not torch.equal(state["rank_generators"][0]["synthesis"], state["rank_generators"][1]["synthesis"])
+    assert not torch.equal(state["rank_generators"][0]["method"], state["rank_generators"][1]["method"])
 
 
 def test_torchrun_evaluate_and_predict_shard_and_gather_like_one_process(ddp_run, phantom, tmp_path, monkeypatch):
@@ -295,7 +295,7 @@ def test_torchrun_sigterm_on_one_rank_checkpoints_mid_epoch_and_resume_is_exact(
     for name, value in expected["model"].items():
         assert torch.equal(final["model"][name], value), f"weights differ from the uninterrupted run: {name}"
     for rank in range(2):
-        assert torch.equal(final["rank_generators"][rank]["synthesis"], expected["rank_generators"][rank]["synthesis"])
+        assert torch.equal(final["rank_generators"][rank]["method"], expected["rank_generators"][rank]["method"])
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     reference_log = [json.loads(line) for line in (reference / "log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in log] == [r["loss"] for r in reference_log]

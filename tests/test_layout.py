@@ -99,13 +99,6 @@ def test_collect_image_files_order_suffixes_and_hidden(tmp_path):
     assert collect_image_files(tmp_path / "in") == files[1:6]  # one path alone is fine too
 
 
-def test_collect_image_files_matches_predicts_listing(tmp_path):
-    from medad_fast.predict import collect_inputs  # predict's own listing, until it uses layout's
-
-    _tree(tmp_path / "in")
-    assert collect_image_files([tmp_path / "in"]) == collect_inputs([tmp_path / "in"])
-
-
 def test_collect_image_files_errors_name_the_input(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"input not found: .*missing\.png"):
         collect_image_files([tmp_path / "missing.png"])

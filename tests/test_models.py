@@ -6,17 +6,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medad_fast.config import preset_config
+from medad_fast.checkpoint import CHECKPOINT_FORMAT, checkpoint_bytes, load_checkpoint
+from medad_fast.config import resolve_config
+from medad_fast.inference import load_method
+from medad_fast.methods import create_method
 from medad_fast.models import (FrequencyAwareModel, ReconstructionNetwork, SegmentationNetwork, image_scores,
-                               load_checkpoint, model_from_checkpoint, msgms_anomaly_map)
-from medad_fast.models.model import CHECKPOINT_FORMAT, checkpoint_bytes
+                               msgms_anomaly_map, score_filter_size)
 from medad_fast.ops import ButterworthHighpass, SkipMerge
 
 
 def tiny_config(**overrides):
     values = dict(image_size=32, recon_width=2, seg_width=2)
     values.update(overrides)
-    return preset_config("small", **values)
+    return resolve_config("frequency_aware", "small", **values)
+
+
+def tiny_model(**overrides):
+    m = tiny_config(**overrides).method
+    return FrequencyAwareModel(m.recon_width, m.seg_width, m.seg_depth, m.mode, m.highpass, m.d0, m.butterworth_order)
+
+
+def tiny_method(**overrides):
+    return create_method(tiny_config(**overrides))
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 32, 32), (1, 1, 50, 70), (3, 1, 17, 33)])
@@ -58,7 +69,7 @@ def _skip_gradients(alpha: float):
     (At alpha = 1 the deeper skips see no gradient at all: everything above level 0 reaches
     the output only through the detached/(1 - alpha)-weighted D_i, as the method intends.)"""
     torch.manual_seed(0)
-    model = FrequencyAwareModel(tiny_config())
+    model = tiny_model()
     model.alpha = alpha
     leaves = {}
 
@@ -93,7 +104,7 @@ def test_skip_gradient_at_half_alpha_is_split_equally():
 
 
 def test_alpha_propagates_and_is_checked():
-    model = FrequencyAwareModel(tiny_config())
+    model = tiny_model()
     model.alpha = 0.25
     assert all(skip.alpha == 0.25 for skip in model.segmentation.skips)
     assert model.alpha == 0.25
@@ -117,18 +128,18 @@ def test_image_score_is_max_of_avg_pool_21_with_zero_padding():
 
 
 def test_score_filter_scales_with_the_image_side():
-    assert preset_config("paper").effective_score_filter == 21  # DRAEM's 21 at 256
-    sides = {128: 11, 96: 9, 64: 5, 512: 43, 8: 1}
+    assert create_method(resolve_config("frequency_aware", "paper", recon_width=1, seg_width=1)).score_filter == 21
+    sides = {256: 21, 128: 11, 96: 9, 64: 5, 512: 43, 8: 1}  # DRAEM's 21 at 256
     for side, expected in sides.items():
-        assert preset_config("small", image_size=side).effective_score_filter == expected
-    assert preset_config("small", score_filter=21).effective_score_filter == 21
+        assert score_filter_size(side) == expected
+    assert tiny_method(score_filter=21).score_filter == 21
     with pytest.raises(ValueError, match="score_filter"):
-        preset_config("small", score_filter=4)
+        resolve_config("frequency_aware", "small", score_filter=4)
 
 
 def test_full_model_trains_the_reconstruction_through_the_segmentation_loss():
     torch.manual_seed(0)
-    model = FrequencyAwareModel(tiny_config())
+    model = tiny_model()
     assert isinstance(model.highpass, ButterworthHighpass)
     out = model(torch.rand(2, 1, 32, 32))
     assert out.reconstruction.shape == (2, 1, 32, 32) and out.logits.shape == (2, 2, 32, 32)
@@ -138,33 +149,32 @@ def test_full_model_trains_the_reconstruction_through_the_segmentation_loss():
 
 
 def test_predict_maps_scores_and_mode_restored():
-    torch.manual_seed(0)
-    model = FrequencyAwareModel(tiny_config())
-    model.train()
+    method = tiny_method()
+    method.train()
     images = torch.rand(3, 1, 32, 32)
-    maps, scores = model.predict(images)
-    assert model.training
+    maps, scores = method.predict(images)
+    assert method.training
     assert maps.shape == (3, 32, 32) and scores.shape == (3,)
     assert float(maps.min()) >= 0 and float(maps.max()) <= 1
-    assert torch.allclose(scores, image_scores(maps, model.config.effective_score_filter))
+    assert torch.allclose(scores, image_scores(maps, score_filter_size(32)))
     # inference segments concat(I_r, I): the same as a manual eval forward pass
-    model.eval()
+    method.eval()
     with torch.no_grad():
-        manual = torch.softmax(model(images).logits, 1)[:, 1]
+        manual = torch.softmax(method.model(images).logits, 1)[:, 1]
     assert torch.allclose(maps, manual)
 
 
 def test_ablation_modes_build_the_right_networks():
-    recon_only = FrequencyAwareModel(tiny_config(mode="recon_only"))
+    recon_only = tiny_model(mode="recon_only")
     assert recon_only.segmentation is None and recon_only.reconstruction is not None
-    maps, scores = recon_only.predict(torch.rand(2, 1, 32, 32))
+    maps, scores = tiny_method(mode="recon_only").predict(torch.rand(2, 1, 32, 32))
     assert maps.shape == (2, 32, 32) and scores.shape == (2,)
-    seg_only = FrequencyAwareModel(tiny_config(mode="seg_only"))
+    seg_only = tiny_model(mode="seg_only")
     assert seg_only.reconstruction is None and seg_only.segmentation.encoder[0][0][0].in_channels == 1
     assert seg_only(torch.rand(2, 1, 32, 32)).logits.shape == (2, 2, 32, 32)
-    no_highpass = FrequencyAwareModel(tiny_config(highpass=False))
+    no_highpass = tiny_model(highpass=False)
     assert isinstance(no_highpass.highpass, torch.nn.Identity)
-    order_one = FrequencyAwareModel(tiny_config(butterworth_order=1))
+    order_one = tiny_model(butterworth_order=1)
     assert order_one.highpass.order == 1 and order_one.highpass.d0 == 30.0
 
 
@@ -178,7 +188,7 @@ def test_msgms_map_zero_for_identical_and_positive_for_a_changed_region():
 
 
 def test_conv_weights_are_initialised_normal_0_002():
-    model = FrequencyAwareModel(preset_config("small", image_size=32, recon_width=8, seg_width=8))
+    model = tiny_model(recon_width=8, seg_width=8)
     weights = torch.cat([m.weight.detach().flatten() for m in model.modules() if isinstance(m, torch.nn.Conv2d)])
     assert abs(float(weights.mean())) < 2e-3
     assert float(weights.std()) == pytest.approx(0.02, rel=0.05)
@@ -191,23 +201,26 @@ def _save(path, state):
 
 def test_checkpoint_round_trip_restores_weights_and_alpha(tmp_path):
     config = tiny_config()
-    torch.manual_seed(0)
-    model = FrequencyAwareModel(config)
-    path = _save(tmp_path / "ckpt.pt", {"config": config.to_dict(), "model": model.state_dict(), "alpha": 0.3})
-    loaded, loaded_config, state = model_from_checkpoint(path, expected=config)
-    assert loaded_config == config and loaded.alpha == pytest.approx(0.3)
+    method = create_method(config)
+    method.alpha = 0.3
+    path = _save(tmp_path / "ckpt.pt", {"config": config.to_dict(), "model": method.state_dict(),
+                                        "method_state": method.method_state()})
+    loaded, state = load_method(path)
+    assert loaded.config == config and loaded.alpha == pytest.approx(0.3)
+    assert load_checkpoint(path, expected=config)["method_state"] == {"alpha": 0.3}
     x = torch.rand(1, 1, 32, 32)
-    model.alpha = 0.3
-    assert torch.equal(model.predict(x)[0], loaded.predict(x)[0])
+    assert torch.equal(method.predict(x)[0], loaded.predict(x)[0])
 
 
 def test_checkpoint_of_another_preset_is_refused(tmp_path):
-    paper = preset_config("paper")
+    paper = resolve_config("frequency_aware", "paper")
     # the check runs on the stored config before any weight is touched
-    path = _save(tmp_path / "paper.pt", {"config": paper.to_dict(), "model": {}, "alpha": 0.0})
+    path = _save(tmp_path / "paper.pt", {"config": paper.to_dict(), "model": {}})
     with pytest.raises(ValueError, match="preset 'paper'.*preset 'small'"):
-        load_checkpoint(path, expected=preset_config("small"))
-    assert load_checkpoint(path, expected=paper)["config"]["preset"] == "paper"
+        load_checkpoint(path, expected=resolve_config("frequency_aware", "small"))
+    with pytest.raises(ValueError, match="trained as frequency_aware .*does not fit ae"):
+        load_checkpoint(path, expected=resolve_config("ae", "paper"))
+    assert load_checkpoint(path, expected=paper)["config"]["run"]["preset"] == "paper"
 
 
 class NotAWeight:
@@ -231,22 +244,38 @@ def test_checkpoint_loading_is_weights_only_and_checks_the_format(tmp_path):
 
 def test_config_round_trip_presets_and_bad_values():
     from medad_fast.config import Config
-    small = preset_config("small")
+    small = resolve_config("frequency_aware", "small")
     assert Config.from_dict(small.to_dict()) == small
-    assert Config.from_dict({**small.to_dict(), "extra": {}}) == small  # key written by old versions
-    paper = preset_config("paper")
-    assert (paper.recon_width, paper.seg_width, paper.image_size, paper.batch_size, paper.epochs, paper.lr,
-            paper.alpha_decay_epochs, paper.butterworth_order, paper.d0) == (128, 64, 256, 8, 230, 1e-4, 20.0, 2, 30.0)
-    with pytest.raises(ValueError, match="unknown config keys"):
-        Config.from_dict({**small.to_dict(), "bogus": 1})
+    paper = resolve_config("frequency_aware", "paper")
+    run, method = paper.run, paper.method
+    assert (method.recon_width, method.seg_width, run.image_size, run.batch_size, run.epochs, run.lr,
+            method.alpha_decay_epochs, method.butterworth_order, method.d0) == (128, 64, 256, 8, 230, 1e-4, 20.0, 2, 30.0)
+    with pytest.raises(ValueError, match="unknown run config keys"):
+        Config.from_dict({**small.to_dict(), "run": {**small.to_dict()["run"], "bogus": 1}})
     with pytest.raises(ValueError, match="unknown preset"):
-        preset_config("huge")
+        resolve_config("frequency_aware", "huge")
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        resolve_config("nope", "small")
+    with pytest.raises(ValueError, match="method 'ae' has no setting roi"):
+        resolve_config("ae", "small", roi=False)
     for field, value in (("lr", 0.0), ("mode", "both"), ("p_anomaly", 2.0), ("butterworth_order", 0)):
         with pytest.raises(ValueError, match=field):
-            preset_config("small", **{field: value})
+            resolve_config("frequency_aware", "small", **{field: value})
 
 
-def test_config_variant_names_the_mode_and_the_ablations():
-    assert preset_config("small").variant == "full"
-    assert preset_config("small", roi=False, synthesis=False).variant == "full, no ROI, no synthesis"
-    assert preset_config("small", mode="seg_only", highpass=False).variant == "seg_only, no high-pass"
+def test_format_1_flat_config_reads_as_the_paper_method():
+    from medad_fast.config import Config
+    flat = {"preset": "small", "image_size": 96, "recon_width": 16, "seg_width": 16, "seg_depth": 3, "epochs": 70,
+            "lr": 1e-3, "mode": "seg_only", "roi": False, "extra": {}, "checkpoint_every": 1}
+    config = Config.from_dict(flat)
+    assert config.run.method == "frequency_aware" and config.run.image_size == 96 and config.run.checkpoint_every == 1
+    assert (config.method.mode, config.method.roi, config.method.recon_width) == ("seg_only", False, 16)
+
+
+def test_config_variant_names_the_method_mode_and_the_ablations():
+    assert resolve_config("frequency_aware", "small").variant == "frequency_aware (full)"
+    assert (resolve_config("frequency_aware", "small", roi=False, synthesis=False).variant
+            == "frequency_aware (full, no ROI, no synthesis)")
+    assert (resolve_config("frequency_aware", "small", mode="seg_only", highpass=False).variant
+            == "frequency_aware (seg_only, no high-pass)")
+    assert resolve_config("ae", "small").variant == "ae"

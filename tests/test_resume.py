@@ -17,7 +17,7 @@ import torch
 from medad_fast import train as train_module
 from medad_fast.checkpoint import list_checkpoints
 from medad_fast.cli import main as cli
-from medad_fast.config import preset_config
+from medad_fast.config import resolve_config
 from medad_fast.data.phantom import write_phantom_dataset
 from medad_fast.train import TrainingInterrupted, train
 
@@ -28,7 +28,7 @@ STEPS_PER_EPOCH = 4  # 16 training images, batch 4
 TINY = {"image_size": 32, "recon_width": 2, "seg_width": 2, "batch_size": 4, "source_pool_size": 4, "seed": 11}
 TINY_ARGS = ["--preset", "small", "--image-size", "32", "--recon-width", "2", "--seg-width", "2",
              "--batch-size", "4", "--source-pool-size", "4", "--seed", "11", "--deterministic", "--no-progress",
-             "--keep-checkpoints", "2"]
+             "--keep-checkpoints", "2", "--checkpoint-every", "1"]
 LOGGED_VALUES = ("epoch", "step", "loss", "loss_rec", "loss_seg", "loss_mse", "loss_ssim", "loss_l1", "loss_focal",
                  "alpha", "lr", "anomalous_fraction")
 
@@ -64,7 +64,7 @@ def data(tmp_path_factory, cache) -> Path:
 
 
 def tiny_config(data: Path, epochs: int = EPOCHS):
-    return preset_config("small", epochs=epochs, data=str(data), **TINY)
+    return resolve_config("frequency_aware", "small", epochs=epochs, data=str(data), **TINY)
 
 
 def run_driver(record_dir: Path, cli_args: list[str], signal_at: tuple[int, str] | None = None
@@ -96,16 +96,16 @@ def assert_same_training_state(run_a: Path, run_b: Path) -> None:
     """Final checkpoints bitwise equal: weights, optimizer moments, schedules, generators."""
     a = torch.load(run_a / "checkpoint.pt", weights_only=True)
     b = torch.load(run_b / "checkpoint.pt", weights_only=True)
-    assert (a["epoch"], a["step"], a["alpha"]) == (b["epoch"], b["step"], b["alpha"])
+    assert (a["epoch"], a["step"], a["method_state"]) == (b["epoch"], b["step"], b["method_state"])
     assert a["model"].keys() == b["model"].keys()
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), f"weights differ: {name}"
-    for index, state in a["optimizer"]["state"].items():
+    for index, state in a["optimizers"][0]["state"].items():
         for key, value in state.items():
-            assert torch.equal(value, b["optimizer"]["state"][index][key]), f"Adam {key} of {index} differs"
-    assert a["scheduler"] == b["scheduler"]
+            assert torch.equal(value, b["optimizers"][0]["state"][index][key]), f"Adam {key} of {index} differs"
+    assert a["schedulers"] == b["schedulers"]
     assert torch.equal(a["generators"]["data"], b["generators"]["data"])
-    assert torch.equal(a["generators"]["synthesis"], b["generators"]["synthesis"])
+    assert torch.equal(a["generators"]["method"], b["generators"]["method"])
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +223,8 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(reference, d
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    original = train_module.reconstruction_loss
+    from medad_fast.methods import frequency_aware
+    original = frequency_aware.reconstruction_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -233,7 +234,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data,
             rec = rec * float("nan")
         return rec, mse, ssim_term
 
-    monkeypatch.setattr(train_module, "reconstruction_loss", poisoned)
+    monkeypatch.setattr(frequency_aware, "reconstruction_loss", poisoned)
     code = cli(["train", "--data", str(data), "--out", str(run), "--epochs", str(EPOCHS), *TINY_ARGS])
     assert code == 2
     error = capsys.readouterr().err

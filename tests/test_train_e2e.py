@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from medad_fast.config import preset_config
+from medad_fast.config import resolve_config
 from medad_fast.data.phantom import write_phantom_dataset
 from medad_fast.evaluate import evaluate
 from medad_fast.train import train
@@ -27,7 +27,7 @@ def phantom(tmp_path_factory):
 
 
 def train_and_evaluate(data, out, **switches):
-    config = preset_config("small", data=str(data), **BRIEF, **switches)
+    config = resolve_config("frequency_aware", "small", data=str(data), **BRIEF, **switches)
     start = time.perf_counter()
     train(config, out / "run", progress=False, log=lambda message: None)
     metrics = evaluate(out / "run", data, out=out / "eval", progress=False, n_cases=0)

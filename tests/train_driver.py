@@ -95,7 +95,7 @@ def main() -> int:
         last_masks.clear()
         result = train_step(self, batch_index)
         record(event="step", step=self.state.step, batch=batch_index.tolist(), mask=sha(last_masks),
-               params=sha(self.model.parameters()))
+               params=sha(self.method.parameters()))
         if self.state.step == signal_step:
             os.kill(os.getpid(), signal_number)
         return result

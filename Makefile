@@ -13,7 +13,7 @@ DEPS := pybind11 ninja setuptools wheel numpy scipy nibabel pydicom scikit-learn
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 STAMP := $(VENV)/.medad_fast-built
 
-.PHONY: setup test demo ablations bench cuda-check clean
+.PHONY: setup test demo ablations compare bench cuda-check clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ demo: setup
 # The paper's ablations on the demo's data (run `make demo` first): one table, about an hour.
 ablations: setup
 	$(VPY) scripts/ablations.py --data $${DEMO_OUT:-demo_out}/data --out $${DEMO_OUT:-demo_out}/ablations
+
+# Every method on the demo's data (run `make demo` first): one table, about 20 minutes.
+compare: setup
+	$(VPY) scripts/compare.py --data $${DEMO_OUT:-demo_out}/data --out $${DEMO_OUT:-demo_out}/compare
 
 bench: setup
 	$(VPY) benchmarks/report.py

@@ -1,4 +1,4 @@
-"""Re-implementations of the code users run today, as benchmark peers (DESIGN §4).
+"""Re-implementations of the code users run today, as benchmark peers (see benchmarks/RESULTS.md for how they are measured).
 
 Each peer is our own code, written to do what the original does, step for step, with the
 same per-sample structure (a Python loop over the batch) and the same libraries:
@@ -26,7 +26,7 @@ same per-sample structure (a Python loop over the batch) and the same libraries:
 Neither synthesis peer augments the anomaly source (DRAEM and anomalib apply three random
 imgaug / torchvision colour transforms to it first): our op does not either, so that work
 is left out on both sides and the synthesis ratios are a LOWER bound of the real speed-up.
-Both peers apply the liver mask ``M *= [I > roi_threshold]`` (DESIGN §1.1), which the
+Both peers apply the liver mask ``M *= [I > roi_threshold]``, which the
 originals lack, so all implementations compute the same thing.
 
 Shapes: images and sources ``[B, 1, H, W]`` float tensors (CPU or CUDA; the anomalib peer

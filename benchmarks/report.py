@@ -94,10 +94,21 @@ def _ratio(group: str, numerator: str, denominator: str) -> Callable[[Results], 
     return value
 
 
+def _step_group(results: Results, method: str, device: str) -> str | None:
+    """The ``train step <method> ...`` group measured on ``device`` (its preset and size vary)."""
+    return next((g for g in results.groups if g.startswith(f"train step {method} ") and g.endswith(device)), None)
+
+
+def _step_ratio(method: str, device: str) -> Callable[[Results], float | None]:
+    def value(results: Results) -> float | None:
+        group = _step_group(results, method, device)
+        return None if group is None else _ratio(group, "reference", "extension")(results)
+    return value
+
+
 def _step_share(device: str) -> Callable[[Results], float | None]:
     def value(results: Results) -> float | None:
-        step_group = next((g for g in results.groups if g.startswith("train step ") and
-                           not g.startswith("train step parts") and g.endswith(device)), None)
+        step_group = _step_group(results, "frequency_aware", device)
         if step_group is None:
             return None
         parts_group = step_group.replace("train step ", "train step parts ", 1)
@@ -132,6 +143,10 @@ def cpu_targets() -> list[Target]:
                               _ratio(f"skip_merge forward {shape} cpu", "memcpy", "extension"), True, 0.6))
     targets.append(Target("train step (small): synthesis + high-pass share", "(synthesis + high-pass) / step",
                           _step_share("cpu"), False, 0.05, percent=True))
+    for method in ("frequency_aware", "ae"):
+        # the whole step with the compiled ops must not be slower than with the reference
+        targets.append(Target(f"train step {method} (small): extension vs reference", "reference / extension",
+                              _step_ratio(method, "cpu"), True, 1.0))
     return targets
 
 

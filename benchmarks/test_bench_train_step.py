@@ -1,11 +1,11 @@
-"""One training step of the ``small`` preset (128 x 128, batch 8) with the compiled ops vs
-with the pure-PyTorch reference ops, and the parts of the step the ops own.
+"""One training step of each method's ``small`` preset (batch 8) with the compiled ops vs
+with the pure-PyTorch reference ops, and the parts of the paper's step the ops own.
 
-A step is :meth:`medad_fast.train.Trainer.train_step`: batch -> anomaly synthesis ->
-Butterworth high-pass -> reconstruction + segmentation forward -> loss -> backward ->
-Adam step. Group ``train step ...`` gives images/s; group ``train step parts ...`` times
-the synthesis of the step's batch and its high-pass alone, so the report can state the
-share of the step they take.
+A step is :meth:`medad_fast.train.Trainer.train_step`: batch -> the method's step (for the
+paper's method: anomaly synthesis -> Butterworth high-pass -> reconstruction + segmentation
+forward -> loss) -> backward -> Adam step. Group ``train step ...`` gives images/s; group
+``train step parts ...`` times the synthesis of the step's batch and its high-pass alone,
+so the report can state the share of the step they take.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from conftest import measure
 from medad_fast import ops
 from medad_fast.config import resolve_config
+from medad_fast.methods import create_method, method_names
 from medad_fast.train import Trainer
 
 PRESET = "small"
@@ -34,46 +35,47 @@ def liver_like_images(n: int, side: int) -> torch.Tensor:
     return (texture * inside).to(torch.uint8).unsqueeze(1)
 
 
-def make_trainer(device: torch.device) -> Trainer:
-    config = resolve_config("frequency_aware", PRESET)
-    images = liver_like_images(N_IMAGES, config.image_size)
-    return Trainer(config, images, None, device)
+def make_trainer(device: torch.device, method: str = "frequency_aware") -> Trainer:
+    config = resolve_config(method, PRESET)
+    images = liver_like_images(N_IMAGES, config.run.image_size)
+    return Trainer(create_method(config), images, device)
 
 
 def step_name(trainer: Trainer, device: torch.device) -> str:
-    c = trainer.config
-    return f"{c.preset} B={c.batch_size} {c.image_size}x{c.image_size} {device.type}"
+    c = trainer.config.run
+    return f"{c.method} {c.preset} B={c.batch_size} {c.image_size}x{c.image_size} {device.type}"
 
 
+@pytest.mark.parametrize("method", method_names())
 @pytest.mark.parametrize("impl", ["extension", "reference"])
-def test_train_step(benchmark, device, impl):
-    trainer = make_trainer(device)
-    batch_index = torch.arange(trainer.config.batch_size)
+def test_train_step(benchmark, device, impl, method):
+    trainer = make_trainer(device, method)
+    batch_index = torch.arange(trainer.config.run.batch_size)
     use_reference = impl == "reference"
 
     def fn():
         with ops.use_reference(use_reference):
             return trainer.train_step(batch_index)
     measure(benchmark, fn, device, group=f"train step {step_name(trainer, device)}", impl=impl,
-            images=trainer.config.batch_size, budget_s=2.0)
+            images=trainer.config.run.batch_size, budget_s=2.0)
 
 
 @pytest.mark.parametrize("ops_impl", ["extension", "reference"])
 @pytest.mark.parametrize("part", ["synthesis", "high-pass"])
 def test_train_step_parts(benchmark, device, part, ops_impl):
     trainer = make_trainer(device)
-    batch = trainer.images[: trainer.config.batch_size].float().div_(255.0)
-    generator = trainer.synthesis_generator
+    batch = trainer.images[: trainer.config.run.batch_size].float().div_(255.0)
+    generator, synthesizer = trainer.method_generator, trainer.method.synthesizer
     use_reference = ops_impl == "reference"
     with ops.use_reference(use_reference):
-        augmented, _ = trainer.synthesizer(batch, generator)
+        augmented, _ = synthesizer(batch, generator)
     if part == "synthesis":
         def fn():
             with ops.use_reference(use_reference):
-                return trainer.synthesizer(batch, generator)
+                return synthesizer(batch, generator)
     else:
         def fn():
             with ops.use_reference(use_reference):
-                return trainer.model.highpass(augmented)
+                return trainer.method.model.highpass(augmented)
     measure(benchmark, fn, device, group=f"train step parts {step_name(trainer, device)}",
-            impl=f"{part} ({ops_impl})", images=trainer.config.batch_size)
+            impl=f"{part} ({ops_impl})", images=trainer.config.run.batch_size)

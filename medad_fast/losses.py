@@ -1,4 +1,4 @@
-"""Losses of the method (DESIGN §1.3-§1.5).
+"""Losses of the method: reconstruction (MSE + SSIM), segmentation (L1 + focal).
 
 * ``L_rec = MSE(I_r, I) + lambda (1 - SSIM(I_r, I))``, SSIM with an 11x11 Gaussian window
   (sigma 1.5), zero padding of 5 (DRAEM's ``padding = window // 2``), ``C1 = (0.01 L)^2``,

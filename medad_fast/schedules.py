@@ -11,7 +11,7 @@ __all__ = ["alpha_at", "lr_milestone_epochs", "adam_with_milestones"]
 
 
 def alpha_at(step: int, steps_per_epoch: int, alpha_decay_epochs: float) -> float:
-    """Skip weight ``alpha`` before iteration ``step`` (0-based), DESIGN §1.4.
+    """Skip weight ``alpha`` before iteration ``step`` (0-based): the paper's linear per-iteration decay.
 
     ``alpha`` starts at 1 and decays linearly per iteration to 0 over
     ``alpha_decay_epochs * steps_per_epoch`` iterations, then stays 0:

@@ -1,4 +1,4 @@
-"""Batched, liver-aware anomaly synthesis on the training device (DESIGN §1.1).
+"""Batched, liver-aware anomaly synthesis on the training device (the paper's liver-aware synthesis).
 
 :class:`AnomalySynthesizer` draws every random parameter of a batch from a caller-supplied
 ``torch.Generator`` (on the device of the images, so the same seed gives the same batch and

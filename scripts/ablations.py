@@ -26,7 +26,7 @@ from pathlib import Path
 
 from medad_fast.io import atomic_write_bytes, atomic_write_json
 
-#: variant name -> extra `medad-fast train` switches (DESIGN §3, the paper's ablations)
+#: variant name -> extra `medad-fast train` switches (the paper's ablations, Tables 3-5)
 VARIANTS: dict[str, list[str]] = {
     "full": [],
     "no-roi": ["--no-roi"],
@@ -63,31 +63,38 @@ def run_variant(name: str, switches: list[str], data: Path, folder: Path, train_
     return metrics
 
 
-def table(results: dict[str, dict]) -> str:
-    header = "| variant | switch | " + " | ".join(title for _, title in COLUMNS) + " | minutes |"
+def table(results: dict[str, dict], variants: dict[str, list[str]], first_column: str = "variant") -> str:
+    header = f"| {first_column} | switch | " + " | ".join(title for _, title in COLUMNS) + " | minutes |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 3)]
     for name, metrics in results.items():
         cells = [f"{metrics[key]:.3f}" for key, _ in COLUMNS]
         minutes = f"{metrics['minutes']:.1f}" if "minutes" in metrics else "-"
-        lines.append(f"| {name} | `{' '.join(VARIANTS[name]) or '-'}` | " + " | ".join(cells) + f" | {minutes} |")
+        lines.append(f"| {name} | `{' '.join(variants[name]) or '-'}` | " + " | ".join(cells) + f" | {minutes} |")
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def sweep(variants: dict[str, list[str]], name: str, argv: list[str] | None = None, description: str = "",
+          first_column: str = "variant") -> int:
+    """Train + evaluate every variant (``--only`` a subset) and write ``<out>/<name>.md`` and
+    ``<out>/<name>.json``. Arguments this parser does not know go to `medad-fast train`."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", type=Path, default=Path("demo_out/data"), help="BMAD-layout phantom data")
-    parser.add_argument("--out", type=Path, default=Path("demo_out/ablations"))
-    parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), help="run only these variants")
+    parser.add_argument("--out", type=Path, default=Path(f"demo_out/{name}"))
+    parser.add_argument("--only", nargs="+", choices=sorted(variants), help="run only these")
     args, train_args = parser.parse_known_args(argv)  # the rest goes to `medad-fast train`
     if not (args.data / "train" / "good").is_dir():
         parser.error(f"--data {args.data}: no train/good folder (run `make demo` or `medad-fast phantom` first)")
-    names = args.only or list(VARIANTS)
-    results = {name: run_variant(name, VARIANTS[name], args.data, args.out / name, train_args) for name in names}
-    markdown = table(results)
-    atomic_write_bytes(args.out / "ablations.md", markdown.encode())
-    atomic_write_json(args.out / "ablations.json", results)
+    names = args.only or list(variants)
+    results = {n: run_variant(n, variants[n], args.data, args.out / n, train_args) for n in names}
+    markdown = table(results, variants, first_column)
+    atomic_write_bytes(args.out / f"{name}.md", markdown.encode())
+    atomic_write_json(args.out / f"{name}.json", results)
     print(markdown)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return sweep(VARIANTS, "ablations", argv, description=__doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

@@ -47,3 +47,18 @@ def test_missing_data_names_the_argument(ablations, tmp_path, capsys):
     with pytest.raises(SystemExit):
         ablations.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
     assert "--data" in capsys.readouterr().err
+
+
+def test_compare_tabulates_every_registered_method(tmp_path):
+    from medad_fast.methods import method_names
+    spec = importlib.util.spec_from_file_location("compare", SCRIPT.parent / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    data = tmp_path / "data"
+    (data / "train" / "good").mkdir(parents=True)
+    for i, name in enumerate(method_names()):
+        fake_metrics(tmp_path / "out" / name, data, i / 10)
+    assert compare.main(["--data", str(data), "--out", str(tmp_path / "out")]) == 0  # nothing trains
+    lines = (tmp_path / "out" / "compare.md").read_text().splitlines()
+    assert lines[0].startswith("| method | switch |") and len(lines) == 2 + len(method_names())
+    assert lines[3] == "| ae | `--method ae` | " + " | ".join(["0.100"] * 6) + " | - |"

@@ -1,4 +1,4 @@
-"""Reconstruction sub-network ``R`` (DESIGN §1.3): DRAEM's reconstructive encoder-decoder.
+"""Reconstruction sub-network ``R``: DRAEM's reconstructive encoder-decoder.
 
 Encoder: five blocks of two ``3x3 conv + BN + ReLU`` with widths ``w, 2w, 4w, 8w, 8w`` and a
 2x2 max-pool between blocks (four pools). Decoder: four stages of ``bilinear x2 up-sampling

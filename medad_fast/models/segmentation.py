@@ -1,4 +1,4 @@
-"""Weight-decay segmentation sub-network ``S`` (DESIGN §1.4).
+"""Weight-decay segmentation sub-network ``S`` (the paper's weight-decay skip connections).
 
 A U-Net in the WDMT layout: the encoder feature ``E_i`` and the up-sampled decoder feature
 ``D_i`` have the SAME channel count ``c_i`` at every level, so the skip connection can mix

@@ -104,6 +104,13 @@ def migrate_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
     if state.get("rank_generators"):
         migrated["rank_generators"] = [{("method" if k == "synthesis" else k): v for k, v in r.items()}
                                        for r in state["rank_generators"]]
+    progress = state.get("epoch_progress")
+    if progress is not None:  # the summed loss terms of an interrupted epoch, under today's names
+        names = {"total": "loss", "anomalous_sum": "anomalous_fraction"}
+        migrated["epoch_progress"] = {**progress, "rank_sums": [
+            {"sums": {names.get(k, f"loss_{k}"): v for k, v in
+                      {**r["sums"], "anomalous_sum": r.get("anomalous_sum", 0.0)}.items()}}
+            for r in progress["rank_sums"]]}
     migrated.pop("alpha", None)
     return migrated
 

@@ -65,7 +65,7 @@ from .checkpoint import (DEFAULT_KEEP, LATEST_NAME, global_rng_states, latest_va
 from .config import PRESET_NAMES, Config, RunConfig, resolve_config
 from .distributed import DistributedContext, is_main_process
 from .io import atomic_write_json, atomic_write_text
-from .methods import Method, create_method, get_method, method_names
+from .methods import DEFAULT_METHOD, Method, create_method, get_method, method_names
 from .runtime import deterministic_mode, needs_grad_scaler, ops_mode, resolve_device
 
 __all__ = ["RunDirectory", "TrainState", "Trainer", "TrainingInterrupted", "train", "load_training_images",
@@ -176,11 +176,6 @@ class TrainState:
     step: int = 0  # completed iterations
 
 
-#: format-1 checkpoints named the summed terms of an interrupted epoch differently
-_LEGACY_SUM_KEYS = {"total": "loss", "rec": "loss_rec", "mse": "loss_mse", "ssim": "loss_ssim", "seg": "loss_seg",
-                    "l1": "loss_l1", "focal": "loss_focal"}
-
-
 @dataclass
 class EpochProgress:
     """Where the current epoch stands: its permutation of the training images (the same on
@@ -211,10 +206,7 @@ class EpochProgress:
     @classmethod
     def from_dict(cls, values: dict[str, Any], rank: int, device: torch.device) -> EpochProgress:
         mine = values["rank_sums"][rank]
-        sums = {_LEGACY_SUM_KEYS.get(k, k): torch.tensor(float(v), dtype=torch.float64, device=device)
-                for k, v in mine["sums"].items()}
-        if "anomalous_sum" in mine:  # format 1
-            sums["anomalous_fraction"] = torch.tensor(float(mine["anomalous_sum"]), dtype=torch.float64, device=device)
+        sums = {k: torch.tensor(float(v), dtype=torch.float64, device=device) for k, v in mine["sums"].items()}
         return cls(values["permutation"], int(values["position"]), sums, float(values["seconds"]))
 
 
@@ -612,8 +604,8 @@ def _method_settings() -> dict[str, dataclasses.Field]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="DIR", help="BMAD-layout folder (uses train/good)")
-    parser.add_argument("--method", default="frequency_aware", choices=method_names(),
-                        help="what to train (default frequency_aware; `medad-fast methods` lists them)")
+    parser.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(),
+                        help=f"what to train (default {DEFAULT_METHOD}; `medad-fast methods` lists them)")
     parser.add_argument("--anomaly-source", metavar="DIR",
                         help="folder of anomaly-source images (default: Perlin-texture fallback)")
     parser.add_argument("--preset", choices=PRESET_NAMES, default="paper",

@@ -66,3 +66,12 @@ def test_format_1_checkpoint_resumes_training(data, tmp_path, monkeypatch):
     state = load_checkpoint(run / "checkpoint.pt")
     assert (state["epoch"], state["step"]) == (13, 52) and state["format"] == CHECKPOINT_FORMAT
     assert state["method_state"]["alpha"] < RECORD["metrics"]["alpha"]  # alpha went on decaying
+
+
+def test_format_1_mid_epoch_sums_get_todays_names():
+    from medad_fast.checkpoint import migrate_checkpoint
+    raw = torch.load(CHECKPOINT, weights_only=True)
+    raw["epoch_progress"] = {"permutation": torch.arange(16), "position": 2, "seconds": 1.0,
+                             "rank_sums": [{"sums": {"total": 3.0, "rec": 1.0, "focal": 0.5}, "anomalous_sum": 1.5}]}
+    sums = migrate_checkpoint(raw)["epoch_progress"]["rank_sums"][0]["sums"]
+    assert sums == {"loss": 3.0, "loss_rec": 1.0, "loss_focal": 0.5, "anomalous_fraction": 1.5}

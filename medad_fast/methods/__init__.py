@@ -12,10 +12,12 @@ import torch
 from ..config import Config
 from .base import Method, image_scores, score_filter_size
 
-__all__ = ["Method", "register", "get_method", "method_names", "create_method", "image_scores",
+__all__ = ["DEFAULT_METHOD", "Method", "register", "get_method", "method_names", "create_method", "image_scores",
            "score_filter_size"]
 
 _REGISTRY: dict[str, type[Method]] = {}
+#: what `medad-fast train` trains without --method: the paper's method
+DEFAULT_METHOD = "frequency_aware"
 
 
 def register(cls: type[Method]) -> type[Method]:

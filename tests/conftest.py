@@ -36,3 +36,15 @@ def random_lattice(batch: int, generator: torch.Generator, dtype=torch.float32, 
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny training runs on one thread: the CI machine has 2 cores shared with other jobs,
+    and two OpenMP threads that wait for each other make these tiny steps ~100x slower.
+    Subprocesses get OMP_NUM_THREADS=1 too, so in-process and subprocess runs compute with
+    the same kernels."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,12 +25,7 @@ TINY_ARGS = ["--preset", "tiny", "--seed", "3", "--deterministic", "--no-progres
              "--checkpoint-every", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

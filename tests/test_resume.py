@@ -33,15 +33,7 @@ LOGGED_VALUES = ("epoch", "step", "loss", "loss_rec", "loss_seg", "loss_mse", "l
                  "alpha", "lr", "anomalous_fraction")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machine has 2 cores shared with other jobs: two OpenMP threads that wait for each
-    # other make these tiny steps ~100x slower. The subprocesses get OMP_NUM_THREADS=1 too,
-    # so in-process and subprocess runs compute with the same kernels.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

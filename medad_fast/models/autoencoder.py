@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import double_conv, init_weights, pad_to_multiple
+from .layers import double_conv, encode, init_weights, pad_to_multiple
 
 __all__ = ["ConvAutoencoder"]
 
@@ -46,10 +46,7 @@ class ConvAutoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, (H, W) = pad_to_multiple(x, self.size_multiple)
-        for index, block in enumerate(self.encoder):
-            if index > 0:
-                x = self.pool(x)
-            x = block(x)
+        x = encode(self.encoder, self.pool, x)
         x = self.expand(self.squeeze(x))
         for block in self.decoder:
             x = block(self.up(x))

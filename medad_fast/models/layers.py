@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["conv_bn_relu", "double_conv", "pad_to_multiple", "init_weights"]
+__all__ = ["conv_bn_relu", "double_conv", "pad_to_multiple", "encode", "init_weights"]
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -33,6 +33,16 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h))
     return x, (H, W)
+
+
+def encode(blocks: nn.ModuleList, pool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The encoder pass of the skip-less encoder-decoders: ``blocks`` in order with ``pool``
+    between them (not before the first). Returns the bottleneck feature."""
+    for index, block in enumerate(blocks):
+        if index > 0:
+            x = pool(x)
+        x = block(x)
+    return x
 
 
 def init_weights(module: nn.Module) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import conv_bn_relu, double_conv, pad_to_multiple
+from .layers import conv_bn_relu, double_conv, encode, pad_to_multiple
 
 __all__ = ["ReconstructionNetwork"]
 
@@ -54,10 +54,7 @@ class ReconstructionNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, (H, W) = pad_to_multiple(x, self.size_multiple)
-        for index, block in enumerate(self.encoder):
-            if index > 0:
-                x = self.pool(x)
-            x = block(x)
+        x = encode(self.encoder, self.pool, x)
         for up_conv, block in zip(self.up_convs, self.decoder):
             x = block(up_conv(self.up(x)))
         return self.final(x)[..., :H, :W]

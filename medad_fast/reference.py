@@ -37,9 +37,12 @@ def perlin_noise(angles: torch.Tensor, res: torch.Tensor, height: int, width: in
     Returns:
         ``[B, H, W]`` noise of the dtype of ``angles``.
 
-    Pixel ``(i, j)`` samples the lattice at ``(i * ry / H, j * rx / W)`` (DRAEM's grid);
-    the cell index is clamped to ``[0, r-1]`` so the half-pixel border extrapolates the
-    edge cell smoothly instead of indexing outside the lattice.
+    Pixel ``(i, j)`` samples the lattice at ``(i * ry / H, j * rx / W)`` (DRAEM's grid).
+    The field's half-pixel border (a pre-image in ``[-0.5, 0)``) lies outside the lattice
+    ``[0, r]``; the lattice coordinate is clamped into ``[0, r]`` there, so the border
+    repeats the edge noise (the quintic fade is bounded only on ``[0, 1]``: extrapolating
+    the edge cell gave values of 20-80 at ``r = 32`` on small images) and
+    ``|noise| <= sqrt(2)``. Points inside the lattice are unaffected.
     """
     dtype, device = angles.dtype, angles.device
     B = angles.shape[0]
@@ -55,8 +58,8 @@ def perlin_noise(angles: torch.Tensor, res: torch.Tensor, height: int, width: in
         inside = (ys >= -0.5) & (ys <= height - 0.5) & (xs >= -0.5) & (xs <= width - 0.5)
     ry = res[:, 0].to(dtype).view(B, 1, 1)
     rx = res[:, 1].to(dtype).view(B, 1, 1)
-    u = ys * (ry / height)
-    v = xs * (rx / width)
+    u = torch.minimum(torch.clamp(ys * (ry / height), min=0), ry)
+    v = torch.minimum(torch.clamp(xs * (rx / width), min=0), rx)
     cell_y = torch.minimum(torch.clamp(torch.floor(u), min=0), ry - 1)
     cell_x = torch.minimum(torch.clamp(torch.floor(v), min=0), rx - 1)
     ty, tx = u - cell_y, v - cell_x

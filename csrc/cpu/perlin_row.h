@@ -8,13 +8,29 @@
 //    with the exact per-pixel test by bisection (4 x log2(W) tests per row);
 //  * the lattice cell (floor of the lattice coordinate, clamped) is monotone in j: the row
 //    splits into runs of pixels in one cell. Within a run the cell's four gradients are
-//    loop constants, so the inner loop has no gathers, no comparisons and no branches.
+//    loop constants, so the inner loop has no gathers, no comparisons and no branches;
+//  * the lattice coordinates are monotone in j too: the pixels whose coordinates lie in
+//    the lattice [0, r] form one interval of [begin, end). The rest, a prefix and/or a
+//    suffix, is the half-pixel border where lattice_coordinate() clamps: in about a third
+//    of the rotated rows, a pixel or two, found by galloping from the row's ends and
+//    evaluated one by one with perlin_at(). The runs, and so the inner loop, only ever
+//    see pixels inside the lattice, where the clamp is the identity.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 
 #include "medad_fast/perlin.h"
+
+// The per-pixel helpers must inline into the run loop whatever the compiler's size budget
+// for the translation unit; the rare border path must not inflate perlin_row.
+#if defined(_MSC_VER)
+#define MEDAD_ALWAYS_INLINE __forceinline
+#define MEDAD_NOINLINE __declspec(noinline)
+#else
+#define MEDAD_ALWAYS_INLINE inline __attribute__((always_inline))
+#define MEDAD_NOINLINE __attribute__((noinline))
+#endif
 
 namespace medad_fast {
 
@@ -25,7 +41,7 @@ struct PerlinRow {
   int64_t i;              // output row
 
   // pre-image (y, x) of pixel (i, j): the arithmetic of perlin_pixel / rotate_into_field
-  bool preimage(int64_t j, T& y, T& x) const {
+  MEDAD_ALWAYS_INLINE bool preimage(int64_t j, T& y, T& x) const {
     return rotate_into_field(static_cast<T>(i), static_cast<T>(j), (height - T(1)) / T(2), (width - T(1)) / T(2),
                              c, s, height, width, y, x);
   }
@@ -40,6 +56,33 @@ struct PerlinRow {
     T y, x;
     preimage(j, y, x);
     return clamp_index(floor_to_int(x * lattice.scale_x), 0, lattice.rx - 1);
+  }
+
+  // unclamped lattice coordinates of pixel j
+  T u_of(int64_t j) const {
+    T y, x;
+    preimage(j, y, x);
+    return y * lattice.scale_y;
+  }
+
+  T v_of(int64_t j) const {
+    T y, x;
+    preimage(j, y, x);
+    return x * lattice.scale_x;
+  }
+
+  // whether the pre-image (y, x) lies in the lattice [0, ry] x [0, rx], where
+  // lattice_coordinate() leaves it as it is
+  bool in_lattice(T y, T x) const {
+    const T u = y * lattice.scale_y, v = x * lattice.scale_x;
+    return u >= T(0) && u <= static_cast<T>(lattice.ry) && v >= T(0) && v <= static_cast<T>(lattice.rx);
+  }
+
+  // noise of pixel j, whose pre-image lies in the field: perlin_pixel() without the field test
+  T pixel(int64_t j) const {
+    T y, x;
+    preimage(j, y, x);
+    return perlin_at(lattice, y, x);
   }
 };
 
@@ -62,6 +105,61 @@ inline void narrow_to_monotone_run(int64_t width, const Test& holds, int64_t& be
   } else {
     begin = std::max(begin, b);  // true on [b, width)
   }
+}
+
+// For a test monotone along the row that fails at pixel `from` and holds at pixel `to`: the
+// pixel nearest to `from` where it holds, galloping from `from` (1, 2, 4, ... pixels, then
+// bisection), so a border of k pixels costs about 2 log2(k + 1) tests.
+template <typename Test>
+inline int64_t nearest_holding(int64_t from, int64_t to, const Test& holds) {
+  const int64_t dir = to > from ? 1 : -1;
+  int64_t a = from, b = to;  // holds(a) false, holds(b) true
+  for (int64_t step = 1; step < (b - a) * dir; step *= 2) {
+    const int64_t m = a + dir * step;
+    if (holds(m)) {
+      b = m;
+      break;
+    }
+    a = m;
+  }
+  while ((b - a) * dir > 1) {
+    const int64_t m = a + (b - a) / 2;
+    (holds(m) ? b : a) = m;
+  }
+  return b;
+}
+
+struct PixelSpan {
+  int64_t begin, end;
+};
+
+// For a row whose pixels [begin, end) lie in the field and whose first or last pixel lies
+// outside the lattice: noise of the border pixels outside the lattice (a prefix and/or a
+// suffix, clamped by perlin_at()), and the span of those inside, left for the runs. Out of
+// line, so that perlin_row's hot code stays as compact as without the border.
+template <typename T>
+MEDAD_NOINLINE PixelSpan perlin_border(const PerlinRow<T>& row, int64_t begin, int64_t end, T* __restrict noise) {
+  const T ry = static_cast<T>(row.lattice.ry), rx = static_cast<T>(row.lattice.rx);
+  const T u0 = row.u_of(begin), v0 = row.v_of(begin), u1 = row.u_of(end - 1), v1 = row.v_of(end - 1);
+  int64_t in_begin = begin, in_end = end;
+  bool none_inside = false;
+  auto cut = [&](bool first, bool last, auto holds) {
+    if (first == last) {
+      none_inside = none_inside || !first;
+    } else if (first) {
+      in_end = std::min(in_end, nearest_holding(end - 1, begin, holds) + 1);
+    } else {
+      in_begin = std::max(in_begin, nearest_holding(begin, end - 1, holds));
+    }
+  };
+  cut(u0 >= T(0), u1 >= T(0), [&](int64_t j) { return row.u_of(j) >= T(0); });
+  cut(u0 <= ry, u1 <= ry, [&](int64_t j) { return row.u_of(j) <= ry; });
+  cut(v0 >= T(0), v1 >= T(0), [&](int64_t j) { return row.v_of(j) >= T(0); });
+  cut(v0 <= rx, v1 <= rx, [&](int64_t j) { return row.v_of(j) <= rx; });
+  if (none_inside || in_end < in_begin) in_end = in_begin;  // no pixel inside: all border
+  for (int64_t j = begin; j < in_begin; ++j) noise[j] = row.pixel(j);
+  for (int64_t j = in_end; j < end; ++j) noise[j] = row.pixel(j);
+  return {in_begin, in_end};
 }
 
 // Noise of pixels [j0, j1) of the row, all in lattice cell (ky, kx).
@@ -110,6 +208,18 @@ inline void perlin_row(const PerlinLattice<T>& lattice, int64_t i, int64_t width
   if (end < begin) end = begin;
   std::fill(noise, noise + begin, T(0));
   std::fill(noise + end, noise + width, T(0));
+  // the half-pixel border, if the row reaches it: evaluated out of line (a third of the
+  // rotated rows, none without rotation); the runs below get the pixels inside the lattice
+  if (end > begin) {
+    T y0, x0, y1, x1;
+    row.preimage(begin, y0, x0);
+    row.preimage(end - 1, y1, x1);
+    if (!(row.in_lattice(y0, x0) && row.in_lattice(y1, x1))) {
+      const PixelSpan inside = perlin_border(row, begin, end, noise);
+      begin = inside.begin;
+      end = inside.end;
+    }
+  }
   // slope of the lattice coordinates along the row (for the guess of where a run ends)
   const T du = -s * lattice.scale_y, dv = c * lattice.scale_x;
   int64_t j = begin;

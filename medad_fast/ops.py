@@ -120,7 +120,7 @@ def synthesize_anomalies(images: torch.Tensor, sources: torch.Tensor, angles: to
                          anomalous: torch.Tensor, threshold: float = 0.5,
                          roi_threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused liver-aware Perlin anomaly synthesis: one pass per pixel computes the noise,
-    rotation, threshold, liver mask and blend (DESIGN §1.1).
+    rotation, threshold, liver mask and blend (the paper's liver-aware synthesis).
 
     ``M = [P > threshold] * [I > roi_threshold] * anomalous``; ``I_a = I + beta M (A - I)``.
 

@@ -81,7 +81,7 @@ def synthesize_anomalies(images: torch.Tensor, sources: torch.Tensor, angles: to
                          res: torch.Tensor, rotation: torch.Tensor | None, beta: torch.Tensor,
                          anomalous: torch.Tensor, threshold: float = 0.5,
                          roi_threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Liver-aware Perlin anomaly synthesis (DESIGN §1.1), unfused.
+    """Liver-aware Perlin anomaly synthesis (the paper's synthesis), unfused.
 
     ``M = [P > threshold] * [I > roi_threshold] * anomalous``,
     ``I_a = I + beta * M * (A - I)``.

@@ -1,4 +1,4 @@
-// Perlin noise at continuous coordinates and the fused synthesis rule (DESIGN §1.1).
+// Perlin noise at continuous coordinates and the fused synthesis rule (the paper's liver-aware synthesis).
 // The formulas mirror medad_fast/reference.py line for line.
 #pragma once
 

@@ -127,7 +127,7 @@ def test_synthesize_anomalies_contract(generator):
     assert (mask[outside] == 0).all()
     # samples with anomalous=False: unchanged, empty mask
     assert torch.equal(augmented[:3], images[:3]) and (mask[:3] == 0).all()
-    # the blend rule, exactly as the paper writes it: I_a = (1 - M) I + (1 - beta) M I + beta M A
+    # the paper's blend: I_a = (1 - M) I + (1 - beta) M I + beta M A = I + beta M (A - I)
     expected = images + beta.view(-1, 1, 1, 1) * mask * (sources - images)
     torch.testing.assert_close(augmented, expected, atol=1e-12, rtol=0)
     assert set(mask.unique().tolist()) <= {0.0, 1.0} and mask[3:].sum() > 0

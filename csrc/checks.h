@@ -1,4 +1,5 @@
-// Argument checks shared by the CPU kernels and the CUDA bindings (tensor-level, no kernels).
+// Argument checks shared by the CPU kernels and the CUDA bindings (tensor-level, no kernels),
+// and the output layout rules they share.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -105,6 +106,24 @@ inline void check_skip_merge_grad(const at::Tensor& grad, double alpha, bool all
   check_floating(grad, "grad", allow_half);
   TORCH_CHECK(grad.dim() == 4 && grad.size(1) % 2 == 0, "grad must have shape [B, 2C, H, W]; got ", grad.sizes());
   check_alpha(alpha);
+}
+
+// Layout of skip_merge's output: channels_last when both inputs are channels_last (by
+// suggest_memory_format, the rule torch.cat applies to its inputs, so the reference
+// concat(alpha E + (1 - alpha) D, D) has the same layout), NCHW-contiguous otherwise
+// (mixed layouts included). The fake kernel in medad_fast/_registrations.py mirrors it.
+inline at::MemoryFormat skip_merge_memory_format(const at::Tensor& encoder, const at::Tensor& decoder) {
+  return encoder.suggest_memory_format() == at::MemoryFormat::ChannelsLast &&
+                 decoder.suggest_memory_format() == at::MemoryFormat::ChannelsLast
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+// Layout of skip_merge_backward's gradients: the layout of the incoming gradient, so a
+// channels_last gradient is read and written without a conversion.
+inline at::MemoryFormat skip_merge_grad_memory_format(const at::Tensor& grad) {
+  return grad.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
+                                                                        : at::MemoryFormat::Contiguous;
 }
 
 }  // namespace medad_fast

@@ -7,6 +7,7 @@ once ``_C`` has registered the schemas.
 from __future__ import annotations
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 _lib = "medad_fast::"
 
@@ -28,16 +29,28 @@ def _butterworth_highpass_fake(x, d0, order=2):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _is_channels_last(t: torch.Tensor) -> bool:
+    """``t.suggest_memory_format() == ChannelsLast`` in C++ (the test the kernels apply)."""
+    return suggest_memory_format(t) == torch.channels_last
+
+
+# skip_merge's layout rule (skip_merge_memory_format in csrc/checks.h): channels_last when
+# both inputs are channels_last, as torch.cat decides; NCHW otherwise, mixed layouts included.
 @torch.library.register_fake(_lib + "skip_merge")
 def _skip_merge_fake(encoder, decoder, alpha):
     B, C, H, W = encoder.shape
-    return encoder.new_empty((B, 2 * C, H, W))
+    channels_last = _is_channels_last(encoder) and _is_channels_last(decoder)
+    return torch.empty((B, 2 * C, H, W), dtype=encoder.dtype, device=encoder.device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+# The gradients take the layout of the incoming gradient (skip_merge_grad_memory_format).
 @torch.library.register_fake(_lib + "skip_merge_backward")
 def _skip_merge_backward_fake(grad, alpha):
     B, C2, H, W = grad.shape
-    return grad.new_empty((B, C2 // 2, H, W)), grad.new_empty((B, C2 // 2, H, W))
+    fmt = torch.channels_last if _is_channels_last(grad) else torch.contiguous_format
+    return (torch.empty((B, C2 // 2, H, W), dtype=grad.dtype, device=grad.device, memory_format=fmt),
+            torch.empty((B, C2 // 2, H, W), dtype=grad.dtype, device=grad.device, memory_format=fmt))
 
 
 # butterworth_highpass is linear and self-adjoint: backward = the same filter.

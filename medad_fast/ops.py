@@ -209,7 +209,10 @@ def skip_merge(encoder: torch.Tensor, decoder: torch.Tensor, alpha: float) -> to
         alpha: weight of the encoder feature in ``[0, 1]``.
 
     Returns:
-        ``[B, 2C, H, W]``.
+        ``[B, 2C, H, W]``, channels_last when both inputs are channels_last (by
+        ``suggest_memory_format``, the rule of ``torch.cat``; computed in one pass over the
+        NHWC memory), NCHW-contiguous otherwise, mixed layouts included. The gradients take
+        the layout of the incoming gradient.
     """
     _check_tensor(encoder, "encoder", dtypes=_FLOAT + _HALF)
     _check_tensor(decoder, "decoder", dtypes=(encoder.dtype,), device=encoder.device)

@@ -124,6 +124,8 @@ def butterworth_highpass(x: torch.Tensor, d0: float, order: int = 2) -> torch.Te
 def skip_merge(encoder: torch.Tensor, decoder: torch.Tensor, alpha: float) -> torch.Tensor:
     """Weight-decay skip connection ``concat(alpha E + (1 - alpha) D, stopgrad(D))``.
 
-    Shapes: encoder, decoder ``[B, C, H, W]`` -> ``[B, 2C, H, W]``.
+    Shapes: encoder, decoder ``[B, C, H, W]`` -> ``[B, 2C, H, W]``. Layout: ``torch.cat``'s
+    rule, channels_last when both inputs are channels_last (as the compiled op; with C = 1
+    the sum's strides are ambiguous and the result comes out NCHW).
     """
     return torch.cat([alpha * encoder + (1.0 - alpha) * decoder, decoder.detach()], dim=1)

@@ -260,7 +260,127 @@ def test_skip_merge_non_contiguous(generator):
     torch.testing.assert_close(ops.skip_merge(e, d, 0.6), reference.skip_merge(e, d, 0.6), atol=1e-15, rtol=0)
 
 
+# channels_last: the networks run channels_last, so the op takes and returns it natively.
+CL = torch.channels_last
+CL_SHAPES = [(0, 3, 4, 4), (1, 1, 1, 1), (1, 5, 17, 31), (3, 8, 32, 32), (2, 7, 13, 1), (1, 16, 1, 9)]
+
+
+def _random_cl(shape, generator, dtype=torch.float64, requires_grad=False) -> torch.Tensor:
+    t = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype).contiguous(memory_format=CL)
+    return t.requires_grad_(requires_grad)
+
+
+def _assert_channels_last(t: torch.Tensor) -> None:
+    """An empty tensor has no layout to keep (suggest_memory_format, hence torch.cat and the
+    op, call it NCHW); every other one must be channels_last."""
+    assert t.numel() == 0 or t.is_contiguous(memory_format=CL), t.stride()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", CL_SHAPES)
+@pytest.mark.parametrize("alpha", [0.0, 0.37, 1.0])
+def test_skip_merge_channels_last_in_channels_last_out(shape, dtype, alpha, generator):
+    e, d = _random_cl(shape, generator, dtype, True), _random_cl(shape, generator, dtype, True)
+    e_ref, d_ref = e.detach().clone().requires_grad_(), d.detach().clone().requires_grad_()  # clone keeps the layout
+    out = ops.skip_merge(e, d, alpha)
+    ref = reference.skip_merge(e_ref, d_ref, alpha)
+    B, C, H, W = shape
+    assert out.shape == (B, 2 * C, H, W) and out.dtype == dtype
+    _assert_channels_last(out)
+    if B == 0:
+        assert out.stride() == ref.stride()
+    elif C > 1:  # with C = 1 the reference's sum has ambiguous strides and comes out NCHW
+        assert ref.is_contiguous(memory_format=CL)
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    grad = _random_cl(out.shape, generator, dtype)
+    grad_e, grad_d = torch.autograd.grad(out, (e, d), grad)
+    ref_e, ref_d = torch.autograd.grad(ref, (e_ref, d_ref), grad)
+    _assert_channels_last(grad_e)
+    _assert_channels_last(grad_d)
+    torch.testing.assert_close(grad_e, ref_e, atol=atol, rtol=rtol)
+    torch.testing.assert_close(grad_d, ref_d, atol=atol, rtol=rtol)
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (2, 6, 9, 4)])
+def test_skip_merge_backward_op_keeps_the_gradient_layout(shape, dtype, generator):
+    B, C, H, W = shape
+    for grad in (_random_cl((B, 2 * C, H, W), generator, dtype),
+                 torch.randn(B, 2 * C, H, W, generator=generator, dtype=torch.float64).to(dtype)):
+        grad_e, grad_d = torch.ops.medad_fast.skip_merge_backward(grad, 0.3)
+        expected_layout = CL if grad.is_contiguous(memory_format=CL) else torch.contiguous_format
+        assert grad_e.is_contiguous(memory_format=expected_layout)
+        assert grad_d.is_contiguous(memory_format=expected_layout)
+        atol, rtol = TOLERANCES[dtype]
+        torch.testing.assert_close(grad_e, 0.3 * grad[:, :C], atol=atol, rtol=rtol)
+        torch.testing.assert_close(grad_d, 0.7 * grad[:, :C], atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("encoder_cl,decoder_cl", [(True, False), (False, True)])
+def test_skip_merge_mixed_layouts_give_nchw_like_torch_cat(encoder_cl, decoder_cl, generator):
+    shape = (2, 5, 9, 7)
+    e = _random_cl(shape, generator) if encoder_cl else torch.randn(shape, generator=generator, dtype=torch.float64)
+    d = _random_cl(shape, generator) if decoder_cl else torch.randn(shape, generator=generator, dtype=torch.float64)
+    e.requires_grad_()
+    d.requires_grad_()
+    out = ops.skip_merge(e, d, 0.45)
+    ref = reference.skip_merge(e, d, 0.45)
+    assert out.is_contiguous() and out.stride() == ref.stride()
+    torch.testing.assert_close(out, ref, atol=1e-15, rtol=0)
+    grad = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    for mine, theirs in zip(torch.autograd.grad(out, (e, d), grad), torch.autograd.grad(ref, (e, d), grad)):
+        torch.testing.assert_close(mine, theirs, atol=1e-15, rtol=0)
+
+
+def test_skip_merge_non_contiguous_channels_last_views(generator):
+    # channels_last-strided views (a crop and a batch slice) are still channels_last: NHWC path
+    e = _random_cl((3, 6, 11, 13), generator)[:, :, 2:9, 1:12]
+    d = _random_cl((4, 6, 7, 11), generator)[1:]
+    assert not e.is_contiguous(memory_format=CL)
+    out = ops.skip_merge(e, d, 0.2)
+    assert out.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(out, reference.skip_merge(e, d, 0.2), atol=1e-15, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 4), (2, 2, 3, 5)])
+def test_skip_merge_gradcheck_channels_last(shape, generator):
+    B, C, H, W = shape
+    e, d = _random_cl(shape, generator, requires_grad=True), _random_cl(shape, generator, requires_grad=True)
+    # zero the detached copy half with a channels_last mask: the gradient reaching the op stays
+    # channels_last (a slice would hand it an NCHW one)
+    keep = torch.zeros(1, 2 * C, 1, 1, dtype=torch.float64)
+    keep[:, :C] = 1
+    keep = keep.expand(B, 2 * C, H, W).contiguous(memory_format=CL)
+
+    def merged_half(a, b):
+        out = ops.skip_merge(a, b, 0.3)
+        assert out.is_contiguous(memory_format=CL)
+        return out * keep
+
+    assert torch.autograd.gradcheck(merged_half, (e, d))
+    assert torch.autograd.gradcheck(lambda a, b: ops.skip_merge(a, b, 0.3)[:, :C], (e, d))
+
+
 # --------------------------------------------------------------------------- opcheck / compile
+
+
+@needs_extension
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (1, 3, 7, 5), (2, 5, 6, 9)])
+@pytest.mark.parametrize("layouts", ["channels_last", "encoder channels_last", "decoder channels_last"])
+def test_opcheck_skip_merge_channels_last(shape, layouts, generator):
+    B, C, H, W = shape
+
+    def make(channels_last, shape):
+        t = torch.randn(shape, generator=generator)
+        return t.contiguous(memory_format=CL) if channels_last else t
+
+    e = make(layouts != "decoder channels_last", shape).requires_grad_()
+    d = make(layouts != "encoder channels_last", shape).requires_grad_()
+    torch.library.opcheck(torch.ops.medad_fast.skip_merge.default, (e, d, 0.4))
+    torch.library.opcheck(torch.ops.medad_fast.skip_merge_backward.default, (make(True, (B, 2 * C, H, W)), 0.4))
+
 
 
 @needs_extension
@@ -313,6 +433,35 @@ def test_torch_compile_fullgraph_matches_eager(generator):
     compiled_outs, compiled_grads = run(torch.compile(pipeline, fullgraph=True))
     for a, b in zip(eager_outs + eager_grads, compiled_outs + compiled_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@needs_extension
+@pytest.mark.parametrize("shape", [(1, 5, 9, 7), (3, 4, 6, 6)])
+def test_torch_compile_fullgraph_channels_last(shape):
+    torch._dynamo.reset()
+
+    def step(e, d, w):
+        merged = ops.skip_merge(e, d, 0.3)
+        loss = (torch.nn.functional.conv2d(merged, w, padding=1) ** 2).sum()
+        return merged, loss
+
+    def run(fn):
+        g = torch.Generator().manual_seed(11)
+        e = torch.randn(shape, generator=g).contiguous(memory_format=CL).requires_grad_()
+        d = torch.randn(shape, generator=g).contiguous(memory_format=CL).requires_grad_()
+        w = torch.randn(3, 2 * shape[1], 3, 3, generator=g).contiguous(memory_format=CL)
+        merged, loss = fn(e, d, w)
+        grads = torch.autograd.grad(loss, (e, d))
+        return merged, loss, grads
+
+    eager_merged, eager_loss, eager_grads = run(step)
+    merged, loss, grads = run(torch.compile(step, fullgraph=True))
+    assert eager_merged.is_contiguous(memory_format=CL) and merged.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(merged, eager_merged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, eager_loss, atol=1e-3, rtol=1e-5)
+    for a, b in zip(grads, eager_grads):
+        assert b.is_contiguous(memory_format=CL)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------- bad input

@@ -75,13 +75,64 @@ def test_skip_merge_cuda_forward_backward(shape, dtype, generator):
     e = torch.randn(shape, generator=generator).to("cuda", dtype).requires_grad_()
     d = torch.randn(shape, generator=generator).to("cuda", dtype).requires_grad_()
     out = ops.skip_merge(e, d, 0.3)
-    ref = reference.skip_merge(e.detach().float(), d.detach().float(), 0.3)
+    # the oracle runs in float64 on the (rounded) inputs: float32 would miss float64's tolerance
+    ref = reference.skip_merge(e.detach().double(), d.detach().double(), 0.3)
     atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
     g = torch.randn(out.shape, generator=generator).to("cuda", dtype)
     out.backward(g)
-    torch.testing.assert_close(e.grad.float(), 0.3 * g[:, : shape[1]].float(), atol=atol, rtol=rtol)
-    torch.testing.assert_close(d.grad.float(), 0.7 * g[:, : shape[1]].float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(e.grad.double(), 0.3 * g[:, : shape[1]].double(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(d.grad.double(), 0.7 * g[:, : shape[1]].double(), atol=atol, rtol=rtol)
+
+
+CL = torch.channels_last
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (1, 1, 1, 1), (1, 5, 17, 31), (2, 7, 13, 1), (3, 64, 16, 16)])
+def test_skip_merge_cuda_channels_last(shape, dtype, generator):
+    B, C, H, W = shape
+    e = torch.randn(shape, generator=generator).to("cuda", dtype).contiguous(memory_format=CL).requires_grad_()
+    d = torch.randn(shape, generator=generator).to("cuda", dtype).contiguous(memory_format=CL).requires_grad_()
+    out = ops.skip_merge(e, d, 0.3)
+    assert out.shape == (B, 2 * C, H, W) and out.dtype == dtype
+    if B > 0:  # an empty tensor has no layout (NCHW by suggest_memory_format, as for torch.cat)
+        assert out.is_contiguous(memory_format=CL)
+    ref = reference.skip_merge(e.detach().cpu().double(), d.detach().cpu().double(), 0.3)  # float64 oracle
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(out.double().cpu(), ref, atol=atol, rtol=rtol)
+    g = torch.randn(out.shape, generator=generator).to("cuda", dtype).contiguous(memory_format=CL)
+    grad_e, grad_d = torch.autograd.grad(out, (e, d), g)
+    if B > 0:
+        assert grad_e.is_contiguous(memory_format=CL) and grad_d.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(grad_e.double(), 0.3 * g[:, :C].double(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(grad_d.double(), 0.7 * g[:, :C].double(), atol=atol, rtol=rtol)
+
+
+def test_skip_merge_cuda_mixed_layouts_and_views(generator):
+    e = torch.randn(2, 5, 9, 7, generator=generator, dtype=torch.float64).cuda()
+    d = e.flip(0).contiguous(memory_format=CL)
+    for a, b in ((e, d), (d, e)):  # mixed layouts: NCHW, like torch.cat
+        out = ops.skip_merge(a, b, 0.45)
+        assert out.is_contiguous()
+        torch.testing.assert_close(out.cpu(), reference.skip_merge(a.cpu(), b.cpu(), 0.45), atol=1e-15, rtol=0)
+    crop = torch.randn(3, 6, 11, 13, generator=generator).cuda().contiguous(memory_format=CL)[:, :, 2:9, 1:12]
+    out = ops.skip_merge(crop, crop * 2, 0.2)  # a channels_last view: NHWC path after one copy
+    assert out.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(out.cpu(), reference.skip_merge(crop.cpu(), crop.cpu() * 2, 0.2))
+
+
+def test_skip_merge_cuda_gradcheck_and_opcheck_channels_last():
+    e = torch.randn(2, 3, 5, 4, dtype=torch.float64, device="cuda").contiguous(memory_format=CL).requires_grad_()
+    d = torch.randn(2, 3, 5, 4, dtype=torch.float64, device="cuda").contiguous(memory_format=CL).requires_grad_()
+    keep = torch.zeros(1, 6, 1, 1, dtype=torch.float64, device="cuda")
+    keep[:, :3] = 1  # zero the detached copy half; the gradient reaching the op stays channels_last
+    keep = keep.expand(2, 6, 5, 4).contiguous(memory_format=CL)
+    assert torch.autograd.gradcheck(lambda a, b: ops.skip_merge(a, b, 0.3) * keep, (e, d))
+    torch.library.opcheck(torch.ops.medad_fast.skip_merge.default, (e.float(), d.float(), 0.5))
+    torch.library.opcheck(torch.ops.medad_fast.skip_merge.default, (e.float(), d.detach().float().contiguous(), 0.5))
+    g = torch.randn(2, 6, 5, 4, device="cuda").contiguous(memory_format=CL)
+    torch.library.opcheck(torch.ops.medad_fast.skip_merge_backward.default, (g, 0.5))
 
 
 def test_cuda_gradcheck_and_opcheck(generator):

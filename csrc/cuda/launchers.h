@@ -39,15 +39,18 @@ template <typename T>
 cudaError_t launch_butterworth_gain(T* spectrum, int64_t rows, int64_t height, int64_t half_width, double d0,
                                     int64_t order, cudaStream_t stream);
 
-// out [B, 2, plane] = (alpha e + (1 - alpha) d, d) for e, d [B, plane].
+// out [rows, 2, row_len] = (alpha e + (1 - alpha) d, d) for e, d [rows, row_len]. One
+// kernel for both layouts: NCHW is rows = B, row_len = C*H*W; channels_last (NHWC) is
+// rows = B*H*W, row_len = C.
 template <typename T>
-cudaError_t launch_skip_merge_forward(const T* encoder, const T* decoder, T* out, int64_t batch, int64_t plane,
+cudaError_t launch_skip_merge_forward(const T* encoder, const T* decoder, T* out, int64_t rows, int64_t row_len,
                                       float alpha, cudaStream_t stream);
 
-// grad_encoder = alpha g[:, 0], grad_decoder = (1 - alpha) g[:, 0] for g [B, 2, plane].
+// grad_encoder = alpha g[:, 0], grad_decoder = (1 - alpha) g[:, 0] for g [rows, 2, row_len]
+// (rows and row_len as in launch_skip_merge_forward).
 template <typename T>
-cudaError_t launch_skip_merge_backward(const T* grad, T* grad_encoder, T* grad_decoder, int64_t batch,
-                                       int64_t plane, float alpha, cudaStream_t stream);
+cudaError_t launch_skip_merge_backward(const T* grad, T* grad_encoder, T* grad_decoder, int64_t rows,
+                                       int64_t row_len, float alpha, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace medad_fast

@@ -176,3 +176,23 @@ def test_global_rng_states_round_trip():
     torch.rand(100)  # move the generator on
     ckpt.restore_global_rng_states(states, torch.device("cpu"))
     assert torch.equal(torch.rand(5), expected)
+
+
+def test_checkpoint_policy_every_k_epochs_by_the_clock_and_always_at_the_end(monkeypatch):
+    from medad_fast import train as train_module
+    from medad_fast.config import RunConfig
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: clock["now"])
+    only_last = train_module._CheckpointPolicy(RunConfig(checkpoint_every=None, checkpoint_minutes=None))
+    assert [only_last.due(e, e == 5) for e in range(1, 6)] == [False, False, False, False, True]
+    every_two = train_module._CheckpointPolicy(RunConfig(checkpoint_every=2, checkpoint_minutes=None))
+    assert [every_two.due(e, e == 5) for e in range(1, 6)] == [False, True, False, True, True]
+    timed = train_module._CheckpointPolicy(RunConfig(checkpoint_every=None, checkpoint_minutes=10.0))
+    clock["now"] += 9 * 60
+    assert not timed.due(1, False)
+    clock["now"] += 61
+    assert timed.due(2, False)
+    timed.written()
+    clock["now"] += 60
+    assert not timed.due(3, False)

@@ -145,3 +145,11 @@ def test_bad_counts_are_refused_naming_the_option(command, option, value, tmp_pa
         cli([command, str(tmp_path), *inputs, option, value])
     assert exit_info.value.code == 2
     assert f"argument {option}: must be >= " in capsys.readouterr().err
+
+
+def test_default_policy_writes_the_last_epoch_and_not_every_epoch(data, tmp_path):
+    out = tmp_path / "run"
+    args = [a for a in TINY if a not in ("--checkpoint-every", "1")]
+    assert cli(["train", "--data", str(data), "--out", str(out), "--epochs", "3", *args]) == 0
+    written = sorted(p.name for p in out.glob("checkpoint-*.pt"))
+    assert len(written) == 1 and written[0].startswith("checkpoint-e00003-")  # 3 epochs, one write

@@ -143,10 +143,13 @@ def cpu_targets() -> list[Target]:
                               _ratio(f"skip_merge forward {shape} cpu", "memcpy", "extension"), True, 0.6))
     targets.append(Target("train step (small): synthesis + high-pass share", "(synthesis + high-pass) / step",
                           _step_share("cpu"), False, 0.05, percent=True))
-    for method in ("frequency_aware", "ae"):
-        # the whole step with the compiled ops must not be slower than with the reference
-        targets.append(Target(f"train step {method} (small): extension vs reference", "reference / extension",
-                              _step_ratio(method, "cpu"), True, 1.0))
+    # the whole step with the compiled ops must be faster than with the reference
+    targets.append(Target("train step frequency_aware (small): extension vs reference", "reference / extension",
+                          _step_ratio("frequency_aware", "cpu"), True, 1.0))
+    # the autoencoder calls no fused op: both runs execute the same code, so the ratio is 1
+    # up to timing noise; the target only guards against the engine adding a cost
+    targets.append(Target("train step ae (small, no fused op): extension vs reference", "reference / extension",
+                          _step_ratio("ae", "cpu"), True, 0.97))
     return targets
 
 

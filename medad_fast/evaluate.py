@@ -12,8 +12,10 @@ Each heatmap PNG shows the slice and, beside it, the slice with the anomaly map 
 (jet colour map from 0 to the split's largest pixel value, ``heatmap_scale`` in
 metrics.json) and the ground-truth lesion outline in green.
 
-Slices are read and scored one batch at a time; the maps are kept for the exact pixel
-metrics. Under torchrun (``torchrun --nproc_per_node N -m medad_fast.cli evaluate ...``)
+Slices are read and scored one batch at a time; the exact pixel metrics keep only the
+lesion pixels' scores in memory and spill every map to a temporary file in the output folder
+(4 bytes per pixel, deleted at the end; :class:`medad_fast.metrics.PixelMetricsStream`), so
+a split of any size fits in memory. Under torchrun (``torchrun --nproc_per_node N -m medad_fast.cli evaluate ...``)
 every rank scores its contiguous share of the slices, the maps and scores are gathered in
 order, and rank 0 alone computes the metrics and writes the files.
 """
@@ -21,7 +23,9 @@ order, and rank 0 alone computes the metrics and writes the files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,7 @@ from .cli import int_at_least
 from .data.dataset import BmadSliceDataset, iter_batches
 from .inference import load_method, resolve_checkpoint, score_batch
 from .io import atomic_write_json
+from .metrics import PixelMetricsStream, image_metrics, roc_curve, roc_curve_from_counts
 from .runtime import ops_mode, resolve_device
 from .visualize import plot_roc, write_cases
 
@@ -47,57 +52,68 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
     checkpoint = resolve_checkpoint(checkpoint)
     out = Path(out) if out is not None else checkpoint.parent / f"eval-{split}"
     world = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
-    with ops_mode(reference_ops):
+    metrics = None
+    with ops_mode(reference_ops), contextlib.ExitStack() as cleanup:
         method, state = load_method(checkpoint, world.device)
         dataset = BmadSliceDataset(data, split, size=method.config.run.image_size)
-        # each rank scores its share of the slices, one batch in memory at a time; the maps
-        # and masks are kept (the pixel metrics need every pixel), the images are not
+        stream = None
+        if world.is_main:
+            # the maps go to a spill file beside the outputs, not into memory (deleted at the end)
+            out.mkdir(parents=True, exist_ok=True)
+            spill = cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".pixel-maps-", dir=out))
+            stream = cleanup.enter_context(PixelMetricsStream(spill))
+        # each rank scores its share of the slices, one batch in memory at a time; with
+        # several processes the shares are gathered to rank 0 in slice order
         start, stop = distributed.shard_bounds(len(dataset))
         batches = iter_batches(dataset, batch_size, start, stop)
         if progress and world.is_main:
             from tqdm import tqdm
             batches = tqdm(batches, total=-(-(stop - start) // batch_size), desc="score", unit="batch",
                            dynamic_ncols=True)
-        maps, scores, masks = [], [], []
+        scores, shard = [], []
         for batch in batches:
             batch_maps, batch_scores = score_batch(method, batch.images, world.device)
-            maps.append(batch_maps)
             scores.append(batch_scores)
-            masks.append(batch.masks[:, 0].bool())
-        size = method.config.run.image_size
-        maps, scores, masks = (distributed.all_gather_uneven(torch.cat(parts) if parts else empty)
-                               for parts, empty in ((maps, torch.empty(0, size, size)), (scores, torch.empty(0)),
-                                                    (masks, torch.empty(0, size, size, dtype=torch.bool))))
-    metrics = None
-    if world.is_main:
-        metrics = _write_evaluation(out, checkpoint, data, split, method.config, state, dataset, masks, maps, scores,
-                                    n_cases)
+            if world.is_distributed:
+                shard.append((batch.masks[:, 0].bool(), batch_maps))
+            else:
+                stream.add(batch.masks[:, 0].numpy(), batch_maps.numpy())
+        scores = distributed.all_gather_uneven(torch.cat(scores) if scores else torch.empty(0))
+        if world.is_distributed:
+            size = method.config.run.image_size
+            masks = distributed.all_gather_uneven(torch.cat([m for m, _ in shard]) if shard
+                                                  else torch.empty(0, size, size, dtype=torch.bool))
+            maps = distributed.all_gather_uneven(torch.cat([m for _, m in shard]) if shard
+                                                 else torch.empty(0, size, size))
+            if world.is_main:
+                stream.add(masks.numpy(), maps.numpy())
+        if world.is_main:
+            metrics = _write_evaluation(out, checkpoint, data, split, method.config, state, dataset, stream,
+                                        scores.numpy(), n_cases)
     return distributed.broadcast_object(metrics)
 
 
 def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str, config: Any,
-                      state: dict[str, Any], dataset: BmadSliceDataset, masks: torch.Tensor, maps: torch.Tensor,
-                      scores: torch.Tensor, n_cases: int) -> dict[str, Any]:
-    """Metrics of the gathered maps and scores; metrics.json, roc.png, heatmaps."""
-    from .metrics import compute_metrics, roc_curve
-
+                      state: dict[str, Any], dataset: BmadSliceDataset, stream: PixelMetricsStream,
+                      scores: np.ndarray, n_cases: int) -> dict[str, Any]:
+    """Metrics of the scored split; metrics.json, roc.png, heatmaps."""
     labels = np.array([entry.abnormal for entry in dataset.files], dtype=bool)
-    masks_np, maps_np, scores_np = masks.numpy(), maps.numpy(), scores.numpy()
-    metrics = compute_metrics(labels, scores_np, masks_np, maps_np)
+    pixel_counts = stream.counts("AUROC")
+    metrics = image_metrics(labels, scores) | stream.metrics(pixel_counts)
     # the heatmaps share one colour scale: the largest pixel value of the split (the
     # L1 + focal loss keeps p well below 1, so a fixed [0, 1] scale would look washed out)
-    heatmap_scale = float(maps_np.max()) if maps_np.size else 1.0
+    heatmap_scale = stream.max if stream.n_slices else 1.0
     metrics.update({"split": split, "data": str(Path(data).resolve()), "checkpoint": str(checkpoint.resolve()),
                     "method": config.run.method, "variant": config.variant, "epoch": int(state.get("epoch", 0)),
                     **{k: float(v) for k, v in state.get("method_state", {}).items() if isinstance(v, (int, float))},
                     "preset": config.run.preset, "image_size": config.run.image_size,
                     "heatmap_scale": heatmap_scale})
     atomic_write_json(out / "metrics.json", metrics)
-    curves = [(f"image (AUROC {metrics['image_auroc']:.3f})", *roc_curve(labels, scores_np)),
-              (f"pixel (AUROC {metrics['pixel_auroc']:.3f})", *roc_curve(masks_np.reshape(-1), maps_np.reshape(-1)))]
+    curves = [(f"image (AUROC {metrics['image_auroc']:.3f})", *roc_curve(labels, scores)),
+              (f"pixel (AUROC {metrics['pixel_auroc']:.3f})", *roc_curve_from_counts(pixel_counts))]
     plot_roc(out / "roc.png", curves, title=f"{config.variant}, {config.run.preset}, {split} split")
-    write_cases(out / "heatmaps", lambda i: dataset[i].image[0].numpy(), masks_np, maps_np, labels, scores_np,
-                dataset.paths, n_cases, heatmap_scale)
+    write_cases(out / "heatmaps", lambda i: dataset[i].image[0].numpy(), lambda i: dataset[i].mask[0].numpy(),
+                stream.map, labels, scores, dataset.paths, n_cases, heatmap_scale)
     return metrics
 
 

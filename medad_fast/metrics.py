@@ -60,6 +60,9 @@ __all__ = [
     "aupro",
     "best_dice",
     "compute_metrics",
+    "image_metrics",
+    "PixelMetricsStream",
+    "roc_curve_from_counts",
 ]
 
 # 8-connectivity inside each slice, nothing across slices of an [N, H, W] stack.
@@ -164,6 +167,58 @@ class _RankCounts:
         return self.n_negative - self.neg_below
 
 
+def _check_classes(n_positive: int, n_negative: int, labels_name: str, metric: str) -> None:
+    if n_positive == 0:
+        raise ValueError(f"{labels_name} contains only normal samples (no positives); {metric} is undefined")
+    if n_negative == 0:
+        raise ValueError(f"{labels_name} contains only abnormal samples (no negatives); {metric} is undefined")
+
+
+def _positive_runs(positive_scores: np.ndarray, positive_weights: np.ndarray | None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(values, pos_count, pos_weight)``: the distinct positive scores ascending, how many
+    positives hold each, and (with weights) their summed weight."""
+    if positive_weights is None:
+        positive_sorted = np.sort(positive_scores)
+        weights_sorted = None
+    else:
+        order = np.argsort(positive_scores)
+        positive_sorted = positive_scores[order]
+        weights_sorted = positive_weights[order]
+    # Start index of every run of equal positive scores.
+    run_starts = np.flatnonzero(np.concatenate(([True], positive_sorted[1:] != positive_sorted[:-1])))
+    values = positive_sorted[run_starts]
+    pos_count = np.diff(np.append(run_starts, positive_sorted.size)).astype(np.int64)
+    pos_weight = None if weights_sorted is None else np.add.reduceat(weights_sorted, run_starts)
+    return values, pos_count, pos_weight
+
+
+def _count_at_values(scores: np.ndarray, values: np.ndarray, scores_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(below, at_or_below)`` [U] int64: how many of ``scores`` (any shape) are < and <=
+    each of ``values``. One sort; counts of several chunks add up exactly."""
+    sorted_scores = np.sort(scores.reshape(-1))
+    # NaN sorts last, so the NaN check is free here.
+    if sorted_scores.size and np.issubdtype(sorted_scores.dtype, np.floating) and np.isnan(sorted_scores[-1]):
+        raise ValueError(f"{scores_name} contains NaN")
+    return (np.searchsorted(sorted_scores, values, side="left").astype(np.int64),
+            np.searchsorted(sorted_scores, values, side="right").astype(np.int64))
+
+
+def _counts_from(values: np.ndarray, pos_count: np.ndarray, pos_weight: np.ndarray | None, all_below: np.ndarray,
+                 all_at_or_below: np.ndarray, n_positive: int, n_negative: int) -> _RankCounts:
+    """The counts at the positive values, from the counts of ALL samples below / at them."""
+    pos_below = np.cumsum(pos_count) - pos_count
+    return _RankCounts(
+        values=values,
+        pos_count=pos_count,
+        neg_below=all_below - pos_below,
+        neg_equal=(all_at_or_below - all_below) - pos_count,
+        n_positive=n_positive,
+        n_negative=n_negative,
+        pos_weight=pos_weight,
+    )
+
+
 def _rank_counts(
     labels: np.ndarray,
     scores: np.ndarray,
@@ -181,41 +236,11 @@ def _rank_counts(
     scores_flat = scores.reshape(-1)
     n_positive = int(np.count_nonzero(labels_flat))
     n_negative = labels_flat.size - n_positive
-    if n_positive == 0:
-        raise ValueError(f"{labels_name} contains only normal samples (no positives); {metric} is undefined")
-    if n_negative == 0:
-        raise ValueError(f"{labels_name} contains only abnormal samples (no negatives); {metric} is undefined")
-
-    # One sort of everything; NaN sorts last, so the NaN check is free here.
-    sorted_scores = np.sort(scores_flat)
-    if np.issubdtype(sorted_scores.dtype, np.floating) and np.isnan(sorted_scores[-1]):
-        raise ValueError(f"{scores_name} contains NaN")
-
-    positive_scores = scores_flat[labels_flat]
-    if positive_weights is None:
-        positive_sorted = np.sort(positive_scores)
-        weights_sorted = None
-    else:
-        order = np.argsort(positive_scores)
-        positive_sorted = positive_scores[order]
-        weights_sorted = positive_weights[order]
-    # Start index of every run of equal positive scores.
-    run_starts = np.flatnonzero(np.concatenate(([True], positive_sorted[1:] != positive_sorted[:-1])))
-    values = positive_sorted[run_starts]
-    pos_count = np.diff(np.append(run_starts, positive_sorted.size)).astype(np.int64)
-
-    all_below = np.searchsorted(sorted_scores, values, side="left").astype(np.int64)
-    all_at_or_below = np.searchsorted(sorted_scores, values, side="right").astype(np.int64)
-    pos_below = np.cumsum(pos_count) - pos_count
-    return _RankCounts(
-        values=values,
-        pos_count=pos_count,
-        neg_below=all_below - pos_below,
-        neg_equal=(all_at_or_below - all_below) - pos_count,
-        n_positive=n_positive,
-        n_negative=n_negative,
-        pos_weight=None if weights_sorted is None else np.add.reduceat(weights_sorted, run_starts),
-    )
+    _check_classes(n_positive, n_negative, labels_name, metric)
+    # One sort of everything (NaN checked there), then O(U) integer arithmetic.
+    values, pos_count, pos_weight = _positive_runs(scores_flat[labels_flat], positive_weights)
+    all_below, all_at_or_below = _count_at_values(scores_flat, values, scores_name)
+    return _counts_from(values, pos_count, pos_weight, all_below, all_at_or_below, n_positive, n_negative)
 
 
 def _auroc_from(counts: _RankCounts) -> float:
@@ -277,21 +302,6 @@ def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     return float(np.trapezoid(ys, xs))
 
 
-def _region_weights(masks: np.ndarray) -> np.ndarray:
-    """[P] weight ``1 / (n_regions * region_size)`` per mask pixel, C order of ``masks[masks]``.
-
-    ``masks`` [N, H, W] bool. Regions: 8-connected components within each slice.
-    """
-    # Label only the slices that hold lesions (normal slices contribute no mask pixels,
-    # so the C order of the mask pixels is unchanged).
-    has_lesion = masks.reshape(masks.shape[0], -1).any(axis=1)
-    lesion_slices = masks[has_lesion]
-    region_map, n_regions = ndimage.label(lesion_slices, structure=_REGION_STRUCTURE)
-    region_of_pixel = region_map[lesion_slices]  # 1..n_regions
-    region_size = np.bincount(region_of_pixel, minlength=n_regions + 1)
-    return 1.0 / (n_regions * region_size[region_of_pixel].astype(np.float64))
-
-
 def _aupro_from(counts: _RankCounts, max_fpr: float) -> float:
     fpr, pro = _curve_points(counts, counts.pos_weight, float(np.sum(counts.pos_weight)))
     return _area_up_to(fpr, pro, max_fpr) / max_fpr
@@ -312,10 +322,135 @@ def _pixel_arrays(masks, maps) -> tuple[np.ndarray, np.ndarray]:
     return mask_array, map_array
 
 
-def _pixel_counts(mask_array: np.ndarray, map_array: np.ndarray, metric: str) -> _RankCounts:
-    """Counts of validated pixel arrays, with the AUPRO region weights."""
-    weights = _region_weights(mask_array) if mask_array.any() else None
-    return _rank_counts(mask_array, map_array, "masks", "maps", metric, positive_weights=weights)
+class PixelMetricsStream:
+    """Exact pixel metrics (AUROC, AP, AUPRO, best Dice) of slices added batch by batch,
+    with memory bounded by the lesion pixels instead of all pixels.
+
+    Only the scores of the lesion pixels (and the size of the region each belongs to) stay
+    in memory. With ``spill_dir``, every map and mask is appended to files there (5 bytes
+    per pixel) and read back ``chunk_pixels`` at a time for the counts of the other pixels;
+    without it the batches are kept in memory. The figures are those of
+    :func:`compute_metrics` on the concatenated arrays, bit for bit (integer counts; the
+    region weights are summed in the same order).
+
+    Use::
+
+        stream = PixelMetricsStream(spill_dir)        # a folder of one's own; close() empties it
+        for masks, maps in batches:                    # [B, H, W] bool / 0-1, [B, H, W] real
+            stream.add(masks, maps)
+        stream.metrics()                               # pixel_auroc, pixel_ap, aupro_0.3, ...
+        stream.map(i)                                  # slice i's map again (heatmaps)
+    """
+
+    def __init__(self, spill_dir: str | None = None, chunk_pixels: int = 1 << 24) -> None:
+        self.spill_dir = spill_dir
+        self.chunk_pixels = int(chunk_pixels)
+        self.shape: tuple[int, int] | None = None
+        self.dtype: np.dtype | None = None
+        self.n_slices = 0
+        self.max = -np.inf
+        self._positive_scores: list[np.ndarray] = []
+        self._region_sizes: list[np.ndarray] = []
+        self._n_regions = 0
+        self._n_positive = 0
+        self._batches: list[tuple[np.ndarray, np.ndarray]] = []  # in memory (no spill_dir)
+        self._files = None
+        if spill_dir is not None:
+            import os
+            os.makedirs(spill_dir, exist_ok=True)
+            self._paths = (os.path.join(spill_dir, "maps.bin"), os.path.join(spill_dir, "masks.bin"))
+            self._files = tuple(open(path, "wb") for path in self._paths)  # noqa: SIM115
+
+    def add(self, masks, maps) -> None:
+        """Append slices: ``masks`` [B, H, W] (or [B, 1, H, W]) bool / 0-1, ``maps`` the same shape."""
+        mask_array = _as_image_stack(_as_labels(masks, "masks"), "masks")
+        map_array = _as_image_stack(_as_scores(maps, "maps"), "maps")
+        _check_same_shape(mask_array, map_array, "masks", "maps")
+        if self.shape is None:
+            self.shape, self.dtype = tuple(map_array.shape[1:]), map_array.dtype
+        elif tuple(map_array.shape[1:]) != self.shape or map_array.dtype != self.dtype:
+            raise ValueError(f"maps must all be {self.dtype} [N, {self.shape[0]}, {self.shape[1]}]; got "
+                             f"{map_array.dtype} {tuple(map_array.shape)}")
+        self.n_slices += map_array.shape[0]
+        self.max = max(self.max, float(map_array.max()))
+        if mask_array.any():
+            # regions are 8-connected within a slice, never across: labelling per batch
+            # gives the same regions as labelling all slices at once
+            lesion_slices = mask_array[mask_array.reshape(mask_array.shape[0], -1).any(axis=1)]
+            region_map, n_regions = ndimage.label(lesion_slices, structure=_REGION_STRUCTURE)
+            region_of_pixel = region_map[lesion_slices]
+            self._region_sizes.append(np.bincount(region_of_pixel, minlength=n_regions + 1)[region_of_pixel])
+            self._n_regions += n_regions
+            self._positive_scores.append(map_array[mask_array])
+            self._n_positive += self._positive_scores[-1].size
+        if self._files is None:
+            self._batches.append((mask_array, map_array))
+        else:
+            self._files[0].write(np.ascontiguousarray(map_array).tobytes())
+            self._files[1].write(np.ascontiguousarray(mask_array, dtype=np.bool_).tobytes())
+
+    def _stored(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The slices added so far as ``(masks, maps)`` pieces (memory-mapped when spilled)."""
+        if self._files is None:
+            return self._batches
+        if self.n_slices == 0:
+            return []
+        for file in self._files:
+            file.flush()
+        shape = (self.n_slices, *self.shape)
+        return [(np.memmap(self._paths[1], dtype=np.bool_, mode="r", shape=shape),
+                 np.memmap(self._paths[0], dtype=self.dtype, mode="r", shape=shape))]
+
+    def map(self, index: int) -> np.ndarray:
+        """The map of slice ``index`` (in the order added), ``[H, W]``."""
+        for _, maps in self._stored():
+            if index < maps.shape[0]:
+                return np.array(maps[index])
+            index -= maps.shape[0]
+        raise IndexError(f"slice {index} is not in the stream")
+
+    def counts(self, metric: str = "the pixel metrics") -> _RankCounts:
+        """The exact counts of all pixels added, with the AUPRO region weights."""
+        if self.n_slices == 0:
+            raise ValueError("maps is empty")
+        n_pixels = self.n_slices * self.shape[0] * self.shape[1]
+        _check_classes(self._n_positive, n_pixels - self._n_positive, "masks", metric)
+        weights = 1.0 / (self._n_regions * np.concatenate(self._region_sizes).astype(np.float64))
+        values, pos_count, pos_weight = _positive_runs(np.concatenate(self._positive_scores), weights)
+        all_below = np.zeros(values.size, dtype=np.int64)
+        all_at_or_below = np.zeros(values.size, dtype=np.int64)
+        rows = max(1, self.chunk_pixels // (self.shape[0] * self.shape[1]))
+        for _, maps in self._stored():
+            for start in range(0, maps.shape[0], rows):
+                below, at_or_below = _count_at_values(np.asarray(maps[start:start + rows]), values, "maps")
+                all_below += below
+                all_at_or_below += at_or_below
+        return _counts_from(values, pos_count, pos_weight, all_below, all_at_or_below, self._n_positive,
+                            n_pixels - self._n_positive)
+
+    def metrics(self, counts: _RankCounts | None = None) -> dict:
+        """``pixel_auroc, pixel_ap, aupro_0.3, best_dice, n_pixels, n_abnormal_pixels``."""
+        counts = counts if counts is not None else self.counts()
+        return {"pixel_auroc": _auroc_from(counts), "pixel_ap": _average_precision_from(counts),
+                "aupro_0.3": _aupro_from(counts, 0.3), "best_dice": _best_dice_from(counts),
+                "n_pixels": counts.n_positive + counts.n_negative, "n_abnormal_pixels": counts.n_positive}
+
+    def close(self) -> None:
+        """Close and delete the spill files."""
+        if self._files is not None:
+            import os
+            for file, path in zip(self._files, self._paths):
+                file.close()
+                if os.path.exists(path):
+                    os.remove(path)
+            self._files = None
+        self._batches = []
+
+    def __enter__(self) -> PixelMetricsStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------- #
@@ -355,7 +490,14 @@ def roc_curve(labels, scores, max_points: int = 2000) -> tuple[np.ndarray, np.nd
         raise ValueError(f"max_points must be >= 2, got {max_points}")
     labels_array = _as_labels(labels, "labels")
     scores_array = _as_scores(scores, "scores")
-    counts = _rank_counts(labels_array, scores_array, "labels", "scores", "the ROC curve")
+    return roc_curve_from_counts(_rank_counts(labels_array, scores_array, "labels", "scores", "the ROC curve"),
+                                 max_points)
+
+
+def roc_curve_from_counts(counts: _RankCounts, max_points: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`roc_curve` of counts already taken (e.g. :meth:`PixelMetricsStream.counts`)."""
+    if int(max_points) < 2:
+        raise ValueError(f"max_points must be >= 2, got {max_points}")
     fpr, tpr = _curve_points(counts, counts.pos_count.astype(np.float64), float(counts.n_positive))
     if fpr.size > max_points:
         keep = np.unique(np.linspace(0, fpr.size - 1, int(max_points)).round().astype(np.int64))
@@ -374,8 +516,9 @@ def aupro(masks, maps, max_fpr: float = 0.3) -> float:
     result lies in [0, 1].
     """
     max_fpr = _check_max_fpr(max_fpr)
-    counts = _pixel_counts(*_pixel_arrays(masks, maps), "AUPRO")
-    return _aupro_from(counts, max_fpr)
+    stream = PixelMetricsStream()
+    stream.add(*_pixel_arrays(masks, maps))
+    return _aupro_from(stream.counts("AUPRO"), max_fpr)
 
 
 def best_dice(masks, maps) -> float:
@@ -411,17 +554,15 @@ def compute_metrics(image_labels, image_scores, masks, maps) -> dict:
             f"masks must hold one slice per image: image_labels has {n_images} entries, "
             f"masks has shape {tuple(np.shape(masks))}"
         )
-    image_counts = _rank_counts(image_label_array, image_score_array, "image_labels", "image_scores", "AUROC")
-    pixel_counts = _pixel_counts(mask_array, map_array, "AUROC")
-    return {
-        "image_auroc": _auroc_from(image_counts),
-        "pixel_auroc": _auroc_from(pixel_counts),
-        "image_ap": _average_precision_from(image_counts),
-        "pixel_ap": _average_precision_from(pixel_counts),
-        "aupro_0.3": _aupro_from(pixel_counts, 0.3),
-        "best_dice": _best_dice_from(pixel_counts),
-        "n_images": n_images,
-        "n_abnormal_images": image_counts.n_positive,
-        "n_pixels": pixel_counts.n_positive + pixel_counts.n_negative,
-        "n_abnormal_pixels": pixel_counts.n_positive,
-    }
+    stream = PixelMetricsStream()
+    stream.add(mask_array, map_array)
+    return image_metrics(image_label_array, image_score_array) | stream.metrics(stream.counts("AUROC"))
+
+
+def image_metrics(image_labels, image_scores) -> dict:
+    """``image_auroc, image_ap, n_images, n_abnormal_images`` of per-slice labels and scores ([N] each)."""
+    image_label_array = _as_labels(image_labels, "image_labels")
+    image_score_array = _as_scores(image_scores, "image_scores")
+    counts = _rank_counts(image_label_array, image_score_array, "image_labels", "image_scores", "AUROC")
+    return {"image_auroc": _auroc_from(counts), "image_ap": _average_precision_from(counts),
+            "n_images": int(image_label_array.size), "n_abnormal_images": counts.n_positive}

@@ -82,12 +82,13 @@ def plot_roc(path: Path, curves: Sequence[tuple[str, np.ndarray, np.ndarray]], t
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_cases(folder: Path, image_of: Callable[[int], np.ndarray], masks: np.ndarray, maps: np.ndarray,
-                labels: np.ndarray, scores: np.ndarray, paths: list[str], n_cases: int, vmax: float) -> list[str]:
+def write_cases(folder: Path, image_of: Callable[[int], np.ndarray], mask_of: Callable[[int], np.ndarray],
+                map_of: Callable[[int], np.ndarray], labels: np.ndarray, scores: np.ndarray, paths: list[str],
+                n_cases: int, vmax: float) -> list[str]:
     """Heatmaps of the worst and best cases: per class, the ``n_cases`` slices ranked
     worst (abnormal: lowest score; normal: highest) and best (the opposite). All share
-    one colour scale, ``[0, vmax]``. ``image_of(i)``: slice ``i`` as ``[H, W]`` (only the
-    chosen slices are read)."""
+    one colour scale, ``[0, vmax]``. ``image_of(i)``, ``mask_of(i)``, ``map_of(i)``: slice
+    ``i``'s image, lesion mask and anomaly map as ``[H, W]`` (only the chosen slices are read)."""
     written = []
     for kind in ("abnormal", "normal"):
         index = np.flatnonzero(labels if kind == "abnormal" else ~labels)
@@ -100,6 +101,6 @@ def write_cases(folder: Path, image_of: Callable[[int], np.ndarray], masks: np.n
         for quality, chosen in picks.items():
             for rank, i in enumerate(chosen, start=1):
                 name = f"{quality}-{kind}-{rank:02d}-{Path(paths[i]).stem}-score{scores[i]:.3f}.png"
-                save_rgb_png(folder / name, overlay_heatmap(image_of(int(i)), maps[i], masks[i], vmax))
+                save_rgb_png(folder / name, overlay_heatmap(image_of(int(i)), map_of(int(i)), mask_of(int(i)), vmax))
                 written.append(name)
     return written

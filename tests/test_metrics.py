@@ -334,3 +334,57 @@ def test_bad_input_errors():
         metrics.compute_metrics([0, 1], [0.1, 0.2, 0.3], masks, maps)
     with pytest.raises(ValueError, match=r"image_labels must have shape \[N\]"):
         metrics.compute_metrics([[0, 1]], [[0.1, 0.2]], masks, maps)
+
+
+# --------------------------------------------------------------------------- streaming
+
+def _stream_data(seed: int, n: int = 23, side: int = 19):
+    rng = np.random.default_rng(seed)
+    maps = rng.random((n, side, side)).astype(np.float32)
+    maps[rng.random(maps.shape) < 0.2] = 0.5  # ties across and within classes
+    masks = np.zeros(maps.shape, dtype=bool)
+    for i in rng.choice(n, size=n // 2, replace=False):  # blobs and single pixels, several per slice
+        y, x = rng.integers(0, side - 5, 2)
+        masks[i, y:y + rng.integers(1, 6), x:x + rng.integers(1, 6)] = True
+        masks[i, rng.integers(0, side), rng.integers(0, side)] = True
+    maps[masks] += 0.3 * rng.random(int(masks.sum())).astype(np.float32)
+    return masks, maps
+
+
+@pytest.mark.parametrize("spill", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pixel_stream_equals_the_whole_array_computation_bitwise(tmp_path, spill, seed):
+    from medad_fast.metrics import PixelMetricsStream, compute_metrics
+    masks, maps = _stream_data(seed)
+    labels = masks.reshape(masks.shape[0], -1).any(axis=1)
+    expected = compute_metrics(labels, maps.reshape(maps.shape[0], -1).max(axis=1), masks, maps)
+    # uneven batches, chunks of a few slices: the counts of every piece must add up exactly
+    stream = PixelMetricsStream(str(tmp_path / "spill") if spill else None, chunk_pixels=3 * 19 * 19 + 5)
+    for start, stop in ((0, 1), (1, 8), (8, 8), (8, 20), (20, 23)):
+        if stop > start:
+            stream.add(masks[start:stop], maps[start:stop])
+    got = stream.metrics()
+    for key in ("pixel_auroc", "pixel_ap", "aupro_0.3", "best_dice", "n_pixels", "n_abnormal_pixels"):
+        assert got[key] == expected[key], key  # exact, not approximately
+    assert got["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()), abs=1e-12)
+    assert np.array_equal(stream.map(9), maps[9]) and stream.max == float(maps.max())
+    stream.close()
+    assert not spill or not list((tmp_path / "spill").iterdir())
+
+
+def test_pixel_stream_errors_name_the_argument(tmp_path):
+    from medad_fast.metrics import PixelMetricsStream
+    stream = PixelMetricsStream(str(tmp_path))
+    with pytest.raises(ValueError, match="empty"):
+        stream.counts()
+    stream.add(np.zeros((2, 4, 4), bool), np.zeros((2, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="masks contains only normal"):
+        stream.metrics()
+    with pytest.raises(ValueError, match="maps must all be"):
+        stream.add(np.zeros((1, 5, 4), bool), np.zeros((1, 5, 4), np.float32))
+    bad = np.zeros((1, 4, 4), np.float32)
+    bad[0, 0, 0] = np.nan
+    stream.add(np.ones((1, 4, 4), bool) & (np.arange(16).reshape(1, 4, 4) == 3), bad)
+    with pytest.raises(ValueError, match="maps contains NaN"):
+        stream.metrics()
+    stream.close()

@@ -63,8 +63,9 @@ def synchronize(device: torch.device) -> None:
 
 def measure(benchmark, fn: Callable[[], object], device: torch.device, *, group: str, impl: str,
             bytes_moved: int | None = None, images: int | None = None, budget_s: float = ROUND_BUDGET_S,
-            max_rounds: int = MAX_ROUNDS) -> None:
-    """Time ``fn`` (one call per round) into ``benchmark`` under ``group`` / ``impl``."""
+            max_rounds: int = MAX_ROUNDS, min_rounds: int = MIN_ROUNDS) -> None:
+    """Time ``fn`` (one call per round) into ``benchmark`` under ``group`` / ``impl``.
+    ``min_rounds`` overrides the budget for jobs whose implementations differ by a few %."""
 
     def call() -> None:
         fn()
@@ -76,6 +77,7 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, group:
     rounds = max(MIN_ROUNDS, min(max_rounds, math.ceil(budget_s / max(estimate, 1e-6))))
     if estimate > SLOW_CALL_S:
         rounds = 2
+    rounds = max(rounds, min_rounds)
     benchmark.group = group
     benchmark.extra_info.update({"impl": impl, "device": device.type, "threads": torch.get_num_threads(),
                                  "timer": "process CPU time" if CPU_TIME else "wall time"})

@@ -559,8 +559,8 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
                             run.save_checkpoint(trainer.state_dict())
                             policy.written()
                         if bar is None:
-                            values = " ".join(f"{k} {v:.3f}" for k, v in trainer.method.log_values().items())
-                            say(f"epoch {record['epoch']}/{run_config.epochs} loss {record['loss']:.4f} {values} "
+                            values = "".join(f" {k} {v:.3f}" for k, v in trainer.method.log_values().items())
+                            say(f"epoch {record['epoch']}/{run_config.epochs} loss {record['loss']:.4f}{values} "
                                 f"lr {record['lr']:.2e} {record['images_per_s']:.1f} img/s")
                     if trainer.stop_now and trainer.state.epoch < run_config.epochs:
                         path = run.save_checkpoint(trainer.state_dict())

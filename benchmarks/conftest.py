@@ -63,14 +63,18 @@ def synchronize(device: torch.device) -> None:
 
 def measure(benchmark, fn: Callable[[], object], device: torch.device, *, group: str, impl: str,
             bytes_moved: int | None = None, images: int | None = None, budget_s: float = ROUND_BUDGET_S,
-            max_rounds: int = MAX_ROUNDS, min_rounds: int = MIN_ROUNDS) -> None:
+            max_rounds: int = MAX_ROUNDS, min_rounds: int = MIN_ROUNDS, warmup_calls: int = 1) -> None:
     """Time ``fn`` (one call per round) into ``benchmark`` under ``group`` / ``impl``.
-    ``min_rounds`` overrides the budget for jobs whose implementations differ by a few %."""
+    ``min_rounds`` overrides the budget for jobs whose implementations differ by a few %;
+    ``warmup_calls`` untimed calls first (the first implementation of a group in a fresh
+    process otherwise pays the allocator's growth in its early rounds)."""
 
     def call() -> None:
         fn()
         synchronize(device)
 
+    for _ in range(warmup_calls - 1):
+        call()
     start = time.perf_counter()
     call()  # warm-up (allocator, FFT plans, lazy init), timed as a generous estimate of one call
     estimate = time.perf_counter() - start

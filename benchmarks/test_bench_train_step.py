@@ -57,7 +57,7 @@ def test_train_step(benchmark, device, impl, method):
         with ops.use_reference(use_reference):
             return trainer.train_step(batch_index)
     measure(benchmark, fn, device, group=f"train step {step_name(trainer, device)}", impl=impl,
-            images=trainer.config.run.batch_size, min_rounds=20)  # the two differ by a few %
+            images=trainer.config.run.batch_size, min_rounds=20, warmup_calls=5)  # they differ by a few %
 
 
 @pytest.mark.parametrize("ops_impl", ["extension", "reference"])

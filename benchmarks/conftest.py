@@ -63,11 +63,14 @@ def synchronize(device: torch.device) -> None:
 
 def measure(benchmark, fn: Callable[[], object], device: torch.device, *, group: str, impl: str,
             bytes_moved: int | None = None, images: int | None = None, budget_s: float = ROUND_BUDGET_S,
-            max_rounds: int = MAX_ROUNDS, min_rounds: int = MIN_ROUNDS, warmup_calls: int = 1) -> None:
+            max_rounds: int = MAX_ROUNDS, min_rounds: int = MIN_ROUNDS, warmup_calls: int = 1,
+            setup: Callable[[], object] | None = None) -> None:
     """Time ``fn`` (one call per round) into ``benchmark`` under ``group`` / ``impl``.
     ``min_rounds`` overrides the budget for jobs whose implementations differ by a few %;
     ``warmup_calls`` untimed calls first (the first implementation of a group in a fresh
-    process otherwise pays the allocator's growth in its early rounds)."""
+    process otherwise pays the allocator's growth in its early rounds); ``setup``: an untimed
+    call before every round (e.g. a call of the other implementation, so that both are
+    timed in the same state of caches and allocator: interleaved pairs)."""
 
     def call() -> None:
         fn()
@@ -89,4 +92,4 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, group:
         benchmark.extra_info["bytes"] = int(bytes_moved)
     if images is not None:
         benchmark.extra_info["images"] = int(images)
-    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(call, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)

@@ -92,4 +92,9 @@ def measure(benchmark, fn: Callable[[], object], device: torch.device, *, group:
         benchmark.extra_info["bytes"] = int(bytes_moved)
     if images is not None:
         benchmark.extra_info["images"] = int(images)
-    benchmark.pedantic(call, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
+    def before() -> None:  # pytest-benchmark reads a returned value as the call's arguments
+        if setup is not None:
+            setup()
+            synchronize(device)
+
+    benchmark.pedantic(call, setup=before, rounds=rounds, iterations=1, warmup_rounds=0)

@@ -34,8 +34,8 @@ import torch
 
 from . import distributed
 from .cli import int_at_least
-from .data.dataset import BmadSliceDataset, iter_batches
-from .inference import load_method, resolve_checkpoint, score_batch
+from .data.dataset import BmadSliceDataset
+from .inference import load_method, resolve_checkpoint, score_dataset
 from .io import atomic_write_json
 from .metrics import PixelMetricsStream, image_metrics, roc_curve, roc_curve_from_counts
 from .runtime import ops_mode, resolve_device
@@ -65,14 +65,9 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
         # each rank scores its share of the slices, one batch in memory at a time; with
         # several processes the shares are gathered to rank 0 in slice order
         start, stop = distributed.shard_bounds(len(dataset))
-        batches = iter_batches(dataset, batch_size, start, stop)
-        if progress and world.is_main:
-            from tqdm import tqdm
-            batches = tqdm(batches, total=-(-(stop - start) // batch_size), desc="score", unit="batch",
-                           dynamic_ncols=True)
         scores, shard = [], []
-        for batch in batches:
-            batch_maps, batch_scores = score_batch(method, batch.images, world.device)
+        for batch, batch_maps, batch_scores in score_dataset(method, dataset, batch_size, start, stop,
+                                                             progress and world.is_main, world.device):
             scores.append(batch_scores)
             if world.is_distributed:
                 shard.append((batch.masks[:, 0].bool(), batch_maps))

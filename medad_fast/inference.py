@@ -8,6 +8,7 @@ of its config, so :func:`load_method` rebuilds any registered method from the fi
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,11 @@ import torch
 
 from .checkpoint import LATEST_NAME, load_checkpoint
 from .config import Config
+from .data.dataset import SliceBatch, iter_batches
 from .methods import Method, get_method
 from .runtime import resolve_device
 
-__all__ = ["resolve_checkpoint", "load_method", "score_batch", "score_images"]
+__all__ = ["resolve_checkpoint", "load_method", "score_batch", "score_dataset", "score_images"]
 
 
 def resolve_checkpoint(run_or_checkpoint: str | os.PathLike) -> Path:
@@ -61,6 +63,21 @@ def score_batch(method: Method, images: torch.Tensor, device: torch.device | Non
     images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
     maps, scores = method.predict(method.to_memory_format(images))
     return maps.float().cpu(), scores.float().cpu()
+
+
+def score_dataset(method: Method, dataset, batch_size: int = 16, start: int = 0, stop: int | None = None,
+                  progress: bool = False, device: torch.device | None = None
+                  ) -> Iterator[tuple[SliceBatch, torch.Tensor, torch.Tensor]]:
+    """``(batch, maps, scores)`` for the slices ``[start, stop)`` of a per-slice dataset
+    (:mod:`medad_fast.data.dataset`), read and scored one batch at a time."""
+    stop = len(dataset) if stop is None else stop
+    batches = iter_batches(dataset, batch_size, start, stop)
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, total=-(-(stop - start) // batch_size), desc="score", unit="batch",
+                       dynamic_ncols=True)
+    for batch in batches:
+        yield (batch, *score_batch(method, batch.images, device))
 
 
 def score_images(method: Method, images: torch.Tensor, batch_size: int = 16, progress: bool = False,

@@ -28,8 +28,8 @@ import torch
 from . import distributed
 from .cli import int_at_least
 from .config import Config
-from .inference import load_method, resolve_checkpoint, score_batch
-from .data.dataset import ImageFileDataset, iter_batches
+from .inference import load_method, resolve_checkpoint, score_dataset
+from .data.dataset import ImageFileDataset
 from .data.layout import collect_image_files
 from .io import atomic_write_json, atomic_write_text
 from .runtime import resolve_device
@@ -49,11 +49,8 @@ def predict(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
     method, _ = load_method(checkpoint, world.device)
     dataset = ImageFileDataset(files, size=method.config.run.image_size)
     start, stop = distributed.shard_bounds(len(files))  # this rank's share, gathered back in order
-    batches = iter_batches(dataset, batch_size, start, stop)
-    if progress and world.is_main:
-        from tqdm import tqdm
-        batches = tqdm(batches, total=-(-(stop - start) // batch_size), desc="score", unit="batch", dynamic_ncols=True)
-    results = [score_batch(method, batch.images, world.device) for batch in batches]
+    results = [(maps, scores) for _, maps, scores in
+               score_dataset(method, dataset, batch_size, start, stop, progress and world.is_main, world.device)]
     size = method.config.run.image_size
     maps = torch.cat([m for m, _ in results]) if results else torch.empty(0, size, size)
     scores = torch.cat([s for _, s in results]) if results else torch.empty(0)

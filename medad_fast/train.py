@@ -254,7 +254,8 @@ class Trainer:
         self.network: nn.Module = self.method
         if self.context.is_distributed:
             self.network = nn.parallel.DistributedDataParallel(
-                self.method, device_ids=[device.index] if device.type == "cuda" else None)
+                self.method, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=self.method.find_unused_parameters)
         self.optimizers, self.schedulers = self.method.configure_optimizers()
         self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, run.amp))
         self.state = TrainState()

@@ -17,6 +17,9 @@ DDP and ``channels_last`` work on it as on any model) that says, and only says:
 ``predict(images)``         ``(maps [B, H, W], scores [B])`` float32, in eval mode, no grad
 ``method_state()``          extra state to checkpoint beyond parameters and buffers
 ``log_values()``            plain numbers for the log (e.g. ``alpha``)
+``find_unused_parameters``  True when a step may leave some parameters without a gradient
+                           (staged training: DDAD's autoencoders, then its refinement net);
+                           passed to ``DistributedDataParallel``
 =========================  =================================================================
 
 The training step is ``forward`` so that ``DistributedDataParallel(method)(images, gen)``
@@ -48,6 +51,7 @@ class Method(nn.Module):
     summary: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    find_unused_parameters: ClassVar[bool] = False
 
     def __init__(self, config: Config) -> None:
         super().__init__()

@@ -21,6 +21,7 @@ COMMANDS = {
     "train": ("medad_fast.train", "train a method on BMAD-layout data"),
     "evaluate": ("medad_fast.evaluate", "evaluate a run or checkpoint: metrics.json, heatmaps, ROC plot"),
     "predict": ("medad_fast.predict", "score images with a checkpoint and write heatmaps"),
+    "compare": ("medad_fast.compare", "train and evaluate several methods on the same data: one table"),
 }
 
 

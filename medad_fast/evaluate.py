@@ -2,7 +2,9 @@
 
 Output folder (default ``<run>/eval-<split>``)::
 
-    metrics.json                  image/pixel AUROC, AP, AUPRO@0.3, best Dice, counts (+ run facts)
+    metrics.json                  image/pixel AUROC, AP, AUPRO@0.3, best Dice, counts, scoring
+                                  speed (slices/s of the read-and-score loop) and run facts
+    scores.csv                    every slice's path, label (1 = lesion) and image score
     roc.png                       image-level and pixel-level ROC curves
     heatmaps/worst-*.png          abnormal slices with the lowest scores and normal slices
                                   with the highest (the method's worst cases)
@@ -24,8 +26,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import io
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +41,7 @@ from . import distributed
 from .cli import int_at_least
 from .data.dataset import BmadSliceDataset
 from .inference import load_method, resolve_checkpoint, score_dataset
-from .io import atomic_write_json
+from .io import atomic_write_json, atomic_write_text
 from .metrics import PixelMetricsStream, image_metrics, roc_curve, roc_curve_from_counts
 from .runtime import ops_mode, resolve_device
 from .visualize import plot_roc, write_cases
@@ -66,6 +71,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
         # several processes the shares are gathered to rank 0 in slice order
         start, stop = distributed.shard_bounds(len(dataset))
         scores, shard = [], []
+        started = time.perf_counter()
         for batch, batch_maps, batch_scores in score_dataset(method, dataset, batch_size, start, stop,
                                                              progress and world.is_main, world.device):
             scores.append(batch_scores)
@@ -73,6 +79,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
                 shard.append((batch.masks[:, 0].bool(), batch_maps))
             else:
                 stream.add(batch.masks[:, 0].numpy(), batch_maps.numpy())
+        scoring_seconds = time.perf_counter() - started
         scores = distributed.all_gather_uneven(torch.cat(scores) if scores else torch.empty(0))
         if world.is_distributed:
             size = method.config.run.image_size
@@ -84,14 +91,14 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
                 stream.add(masks.numpy(), maps.numpy())
         if world.is_main:
             metrics = _write_evaluation(out, checkpoint, data, split, method.config, state, dataset, stream,
-                                        scores.numpy(), n_cases)
+                                        scores.numpy(), n_cases, scoring_seconds)
     return distributed.broadcast_object(metrics)
 
 
 def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str, config: Any,
                       state: dict[str, Any], dataset: BmadSliceDataset, stream: PixelMetricsStream,
-                      scores: np.ndarray, n_cases: int) -> dict[str, Any]:
-    """Metrics of the scored split; metrics.json, roc.png, heatmaps."""
+                      scores: np.ndarray, n_cases: int, scoring_seconds: float) -> dict[str, Any]:
+    """Metrics of the scored split; metrics.json, scores.csv, roc.png, heatmaps."""
     labels = np.array([entry.abnormal for entry in dataset.files], dtype=bool)
     pixel_counts = stream.counts("AUROC")
     metrics = image_metrics(labels, scores) | stream.metrics(pixel_counts)
@@ -102,8 +109,16 @@ def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str,
                     "method": config.run.method, "variant": config.variant, "epoch": int(state.get("epoch", 0)),
                     **{k: float(v) for k, v in state.get("method_state", {}).items() if isinstance(v, (int, float))},
                     "preset": config.run.preset, "image_size": config.run.image_size,
-                    "heatmap_scale": heatmap_scale})
+                    "heatmap_scale": heatmap_scale,
+                    # rank 0's read-and-score loop (with torchrun: its shard and the gather)
+                    "scoring_seconds": scoring_seconds,
+                    "slices_per_s": len(scores) / scoring_seconds if scoring_seconds > 0 else float("nan")})
     atomic_write_json(out / "metrics.json", metrics)
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["path", "label", "score"])
+    writer.writerows((path, int(label), f"{score:.9g}") for path, label, score in zip(dataset.paths, labels, scores))
+    atomic_write_text(out / "scores.csv", table.getvalue())
     curves = [(f"image (AUROC {metrics['image_auroc']:.3f})", *roc_curve(labels, scores)),
               (f"pixel (AUROC {metrics['pixel_auroc']:.3f})", *roc_curve_from_counts(pixel_counts))]
     plot_roc(out / "roc.png", curves, title=f"{config.variant}, {config.run.preset}, {split} split")

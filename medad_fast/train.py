@@ -603,6 +603,25 @@ def _method_settings() -> dict[str, dataclasses.Field]:
     return settings
 
 
+def add_method_setting_arguments(parser: argparse.ArgumentParser, title: str = "method settings (default: the "
+                                 "preset's; each applies to the methods that have it)") -> argparse._ArgumentGroup:
+    """One option per method setting that has help (``--latent-channels``, ``--no-roi``...),
+    default None (= the preset's); returns the argument group."""
+    group = parser.add_argument_group(title)
+    for name, f in _method_settings().items():
+        option = "--" + name.replace("_", "-")
+        if isinstance(f.default, bool):
+            group.add_argument(option, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        else:
+            group.add_argument(option, type=_setting_type(f), default=None, help=f.metadata["help"])
+    return group
+
+
+def method_setting_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The method settings of a parsed command line (None: not given)."""
+    return {name: getattr(args, name, None) for name in _method_settings()}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="DIR", help="BMAD-layout folder (uses train/good)")
     parser.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(),
@@ -626,13 +645,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="write a checkpoint when M minutes have passed since the last one (default 10)")
     g.add_argument("--keep-checkpoints", type=int, default=DEFAULT_KEEP, metavar="K",
                    help=f"keep the newest K checkpoints in the run directory (default {DEFAULT_KEEP})")
-    m = parser.add_argument_group("method settings (default: the preset's; each applies to the methods that have it)")
-    for name, f in _method_settings().items():
-        option = "--" + name.replace("_", "-")
-        if isinstance(f.default, bool):
-            m.add_argument(option, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
-        else:
-            m.add_argument(option, type=_setting_type(f), default=None, help=f.metadata["help"])
+    m = add_method_setting_arguments(parser)
     modes = m.add_mutually_exclusive_group()
     modes.add_argument("--recon-only", action="store_const", dest="mode", const="recon_only",
                        help="the paper's ablation: reconstruction network only (same as --mode recon_only)")
@@ -659,7 +672,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         anomaly_source=str(args.anomaly_source) if args.anomaly_source else None, data=str(args.data),
         reference_ops=args.reference_ops or None, amp=False if args.no_amp else None,
         channels_last=False if args.no_channels_last else None)
-    overrides.update({name: getattr(args, name) for name in _method_settings()})
+    overrides.update(method_setting_values(args))
     return resolve_config(args.method, args.preset, **overrides)
 
 

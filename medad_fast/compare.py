@@ -1,0 +1,255 @@
+"""`medad-fast compare`: train and evaluate several methods (or variants of one) on the same
+data, with the same engine, synthesis op, metrics and slices, and tabulate them.
+
+The table has the layout of the paper's Table 2 (image AUROC, pixel AUROC, image AP, pixel
+AP, AUPRO@0.3, best Dice) plus the training minutes (the sum of the run's epoch times, so
+an interrupted and resumed run counts only the work done) and the inference speed (slices/s
+of evaluate's read-and-score loop). Output folder::
+
+    <out>/<name>/run/            the run of each method (`medad-fast train`)
+    <out>/<name>/eval/           its evaluation (`medad-fast evaluate`: metrics.json, scores.csv, ...)
+    <out>/compare.md             the table, with the command and the machine
+    <out>/compare.json           the same figures, machine-readable
+    <out>/roc.png                every method's image-level ROC curve in one plot
+
+Resumable: a method whose run finished and whose evaluation exists is reused, but only when
+its config (data, preset, seed, settings) equals the one asked for; an unfinished run is
+resumed from its checkpoint; a run made with another config is refused (delete its folder
+or choose another ``--out``), so a table never mixes data sets or settings.
+
+The same machinery runs the paper's ablations (``scripts/ablations.py``): entries that are
+variants of one method instead of different methods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import PRESET_NAMES, Config, RunConfig, resolve_config
+from .io import atomic_write_json, atomic_write_text
+from .methods import get_method, method_names
+
+__all__ = ["Entry", "COLUMNS", "run_entry", "sweep", "add_arguments", "main"]
+
+#: (metrics.json key, column title) of the quality columns, in the paper's Table 2 order
+COLUMNS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("image_ap", "image AP"),
+           ("pixel_ap", "pixel AP"), ("aupro_0.3", "AUPRO@0.3"), ("best_dice", "best Dice")]
+#: run fields that do not change what is trained (how often a checkpoint is written)
+_BOOKKEEPING = ("checkpoint_every", "checkpoint_minutes")
+
+
+@dataclass
+class Entry:
+    """One row of a comparison: a method and the settings that make the row.
+
+    ``overrides``: fields of the run or the method config on top of the preset;
+    ``switches``: how the row is asked for on the command line (shown in the table)."""
+
+    name: str
+    method: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    switches: str = ""
+
+    def config(self, data: Path, preset: str, common: dict[str, Any]) -> Config:
+        """The entry's config: ``common`` settings apply where the method has them."""
+        method_cls = get_method(self.method)
+        known = {f.name for f in dataclasses.fields(method_cls.Config)} | {f.name for f in dataclasses.fields(RunConfig)}
+        shared = {k: v for k, v in common.items() if k in known}
+        return resolve_config(self.method, preset, **{**shared, **self.overrides, "data": str(data.resolve())})
+
+
+def _config_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """``key: saved -> wanted`` for every differing field (bookkeeping fields ignored)."""
+    differences = []
+    for part in ("run", "method_config"):
+        a, b = saved.get(part, {}), wanted.get(part, {})
+        for key in sorted(set(a) | set(b)):
+            if key in _BOOKKEEPING or (key == "data" and a.get(key) and b.get(key)
+                                       and Path(a[key]).resolve() == Path(b[key]).resolve()):
+                continue
+            if a.get(key) != b.get(key):
+                differences.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    if saved.get("method") != wanted.get("method"):
+        differences.insert(0, f"method: {saved.get('method')!r} -> {wanted.get('method')!r}")
+    return differences
+
+
+def _read_log(run: Path) -> list[dict[str, Any]]:
+    from .train import LOG_NAME
+    path = run / LOG_NAME
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_entry(entry: Entry, data: Path, folder: Path, preset: str, common: dict[str, Any],
+              device: str | None = None, progress: bool = True, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train (or resume, or reuse) and evaluate one entry in ``folder``; returns its row:
+    the evaluation's metrics plus ``training_minutes``, ``method``, ``switches``."""
+    from .checkpoint import LATEST_NAME
+    from .evaluate import evaluate
+    from .train import train
+
+    config = entry.config(data, preset, common)
+    run, eval_dir = folder / "run", folder / "eval"
+    config_path = run / "config.json"
+    if config_path.is_file():
+        saved = Config.from_dict(json.loads(config_path.read_text())).to_dict()
+        differences = _config_difference(saved, config.to_dict())
+        if differences:
+            raise SystemExit(f"medad-fast compare: {run} holds a run of another config ({'; '.join(differences)}); "
+                             f"delete {folder} or choose another --out")
+    log = _read_log(run)
+    finished = (run / LATEST_NAME).is_file() and bool(log) and log[-1].get("epoch") == config.run.epochs
+    if not finished:
+        resume = any(run.glob("checkpoint*.pt"))
+        say(f"== {entry.name}: {'resuming' if resume else 'training'} {config.variant}, {preset} preset")
+        train(config, run, resume=resume, device=device, progress=progress)
+        log = _read_log(run)
+    metrics_path = eval_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    checkpoint = str((run / LATEST_NAME).resolve())
+    if (metrics is None or metrics.get("checkpoint") != checkpoint or metrics.get("data") != str(data.resolve())
+            or metrics.get("epoch") != config.run.epochs or not (eval_dir / "scores.csv").is_file()):
+        say(f"== {entry.name}: evaluating on the test split")
+        metrics = evaluate(run, data, "test", eval_dir, device=device, progress=progress)
+    else:
+        say(f"== {entry.name}: already trained and evaluated ({metrics_path})")
+    return {**{key: metrics[key] for key, _ in COLUMNS}, "method": entry.method, "variant": metrics["variant"],
+            "switches": entry.switches,
+            "training_minutes": sum(r.get("seconds", 0.0) for r in log) / 60,
+            "slices_per_s": metrics.get("slices_per_s", float("nan")), "n_images": metrics["n_images"],
+            "epochs": config.run.epochs, "image_size": config.run.image_size, "preset": preset}
+
+
+def _machine() -> str:
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def table(rows: dict[str, dict[str, Any]], first_column: str = "method") -> str:
+    """The markdown table of ``rows`` (name -> row of :func:`run_entry`)."""
+    header = (f"| {first_column} | switches | " + " | ".join(title for _, title in COLUMNS)
+              + " | training min | slices/s |")
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 4)]
+    for name, row in rows.items():
+        cells = [f"{row[key]:.3f}" for key, _ in COLUMNS]
+        minutes = f"{row['training_minutes']:.1f}" if "training_minutes" in row else "-"
+        speed = f"{row['slices_per_s']:.0f}" if np.isfinite(row.get("slices_per_s", float("nan"))) else "-"
+        lines.append(f"| {name} | `{row.get('switches') or '-'}` | " + " | ".join(cells) + f" | {minutes} | {speed} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: Path, stem: str, rows: dict[str, dict[str, Any]], command: str,
+                  first_column: str = "method") -> str:
+    """``<stem>.md`` (table, command, machine), ``<stem>.json`` and ``roc.png`` (every row's
+    image-level ROC curve, from its ``eval/scores.csv``). Returns the markdown."""
+    from .metrics import roc_curve
+    from .visualize import plot_roc
+
+    best = max(rows, key=lambda n: rows[n]["image_auroc"]) if rows else None
+    markdown = (table(rows, first_column) + "\n"
+                + (f"Highest image AUROC: **{best}**. " if best else "")
+                + f"Test split, {next(iter(rows.values()))['n_images'] if rows else 0} slices. "
+                + f"Command: `{command}`. Machine: {_machine()}.\n")
+    atomic_write_text(out / f"{stem}.md", markdown)
+    atomic_write_json(out / f"{stem}.json", {"command": command, "machine": _machine(), "rows": rows})
+    curves = []
+    for name, row in rows.items():
+        with open(out / name / "eval" / "scores.csv", newline="") as handle:
+            records = list(csv.DictReader(handle))
+        labels = np.array([int(r["label"]) for r in records], dtype=bool)
+        scores = np.array([float(r["score"]) for r in records])
+        curves.append((f"{name} (AUROC {row['image_auroc']:.3f})", *roc_curve(labels, scores)))
+    if curves:
+        plot_roc(out / "roc.png", curves, title=f"image-level ROC, {stem}")
+    return markdown
+
+
+def sweep(entries: Sequence[Entry], data: Path, out: Path, preset: str, common: dict[str, Any], stem: str,
+          command: str, device: str | None = None, progress: bool = True, first_column: str = "method") -> int:
+    """Run every entry (:func:`run_entry`) into ``out/<name>`` and write the outputs."""
+    if not (data / "train" / "good").is_dir():
+        raise SystemExit(f"medad-fast {stem}: --data {data}: no train/good folder "
+                         f"(run `make demo` or `medad-fast phantom` first)")
+    rows = {}
+    for entry in entries:
+        rows[entry.name] = run_entry(entry, data, out / entry.name, preset, common, device, progress)
+        write_outputs(out, stem, rows, command, first_column)  # a partial table after every row
+    print(write_outputs(out, stem, rows, command, first_column))
+    print(f"wrote {out / (stem + '.md')}, {out / (stem + '.json')}, {out / 'roc.png'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .train import add_method_setting_arguments
+
+    parser.add_argument("--data", required=True, type=Path, metavar="DIR",
+                        help="BMAD-layout folder (trains on train/good, evaluates on test)")
+    parser.add_argument("--methods", default=",".join(method_names()), metavar="A,B,...",
+                        help=f"comma-separated methods (default all: {','.join(method_names())})")
+    parser.add_argument("--preset", choices=PRESET_NAMES, default="small", help="preset of every method (default small)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default compare-<preset>)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    g = parser.add_argument_group("run overrides for every method (default: each preset's)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--image-size", type=int)
+    g.add_argument("--max-train-images", type=int)
+    add_method_setting_arguments(parser, "method settings (each applies to the methods that have it)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _option(name: str, value: Any) -> str:
+    """``name=value`` as a command-line option (``--no-roi`` for a False switch)."""
+    option = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{option}" if value else f"--no-{option}"
+    return f"--{option} {value}"
+
+
+def main(args: argparse.Namespace) -> int:
+    from .train import method_setting_values
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in method_names()]
+    if unknown or not methods:
+        print(f"medad-fast compare: error: --methods: unknown {unknown or 'empty list'}; choose from "
+              f"{','.join(method_names())}", file=sys.stderr)
+        return 2
+    common = {"epochs": args.epochs, "seed": args.seed, "image_size": args.image_size,
+              "max_train_images": args.max_train_images, **method_setting_values(args)}
+    common = {k: v for k, v in common.items() if v is not None}
+    entries = [Entry(m, m, {}, f"--method {m}") for m in methods]
+    out = args.out or Path(f"compare-{args.preset}")
+    given = " ".join(_option(k, v) for k, v in common.items())
+    command = f"medad-fast compare --data {args.data} --methods {','.join(methods)} --preset {args.preset} {given}".strip()
+    try:
+        return sweep(entries, args.data, out, args.preset, common, "compare", command,
+                     device=args.device, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"medad-fast compare: error: {exc}", file=sys.stderr)
+        return 2

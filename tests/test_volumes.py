@@ -20,9 +20,9 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
+from ct_data import slice_dataset
 from medad_fast.data import volumes
 from medad_fast.data.volumes import (equalize_liver_histogram, prepare_dataset, split_counts, split_patients)
 
@@ -119,29 +119,9 @@ def btcv_labels(label):
 
 
 def _dicom_dataset(series_uid, rows, cols, ipp, iop, instance, bits=16):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = "1.2.3.4"
-    ds.SeriesInstanceUID = series_uid
-    ds.Modality = "CT"
-    ds.PatientID = "phantom"
-    ds.Rows, ds.Columns = rows, cols
-    ds.PixelSpacing = [SPACING_A, SPACING_R]
+    ds = slice_dataset(series_uid, "CT", rows, cols, ipp, iop, (SPACING_A, SPACING_R), bits)
     ds.SliceThickness = SPACING_S
-    ds.ImagePositionPatient = [float(v) for v in ipp]
-    ds.ImageOrientationPatient = [float(v) for v in iop]
     ds.InstanceNumber = instance
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
     return ds
 
 

@@ -10,6 +10,10 @@ Sources (``KIND``):
   and ``MASKS_DICOM/liver/`` plus optional ``MASKS_DICOM/livertumor*/`` (mask series, nonzero
   stored value = inside). SRC is one patient folder or a folder containing them.
 
+Reading (NIfTI headers and voxels, DICOM series, orientation, the HU window) is
+:mod:`medad_fast.data.scan`'s, shared with ``medad-fast predict`` on volumes; this module adds
+the datasets' label conventions, the liver slab, the split and the BMAD writing.
+
 Geometry. Every volume is brought to ONE display orientation through its affine (NIfTI) or
 its ImageOrientationPatient / ImagePositionPatient (DICOM): the closest canonical RAS+
 orientation (``nibabel.orientations.io_orientation``), then a fixed flip + transpose so that a
@@ -73,6 +77,9 @@ import numpy as np
 
 from medad_fast.data.layout import (ABNORMAL_FOLDER, EVAL_SPLITS, MANIFEST_NAME, NORMAL_FOLDER, SPLITS, WRITTEN_SUFFIX,
                                     kind_folder, parse_slice_stem, slice_folders, slice_relpaths, slice_stem)
+from medad_fast.data.scan import (DEFAULT_WINDOW, DicomSeries, VolumeError, apply_window, equalize_liver_histogram,
+                                  liver_image, load_nifti, match_mask_files, orientation, read_dicom_pixels,
+                                  read_dicom_series, read_nifti_block, to_display)
 from medad_fast.io import atomic_write_json, resize_images, resize_masks, save_png
 
 __all__ = [
@@ -99,7 +106,6 @@ __all__ = [
 ]
 
 KINDS = ("lits", "btcv", "dicom")
-DEFAULT_WINDOW = (-200.0, 250.0)
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_TEST_FRACTION = 0.2
 GENERATOR_NAME = "medad_fast.prepare"
@@ -112,19 +118,6 @@ NIFTI_LABELS = {"lits": ((1,), (2,)), "btcv": ((6,), ())}
 NIFTI_MAX_LABEL = {"lits": 2, "btcv": None}
 # File name prefixes (image, label) per NIfTI source: <prefix><number>.nii[.gz].
 NIFTI_PREFIXES = {"lits": ("volume-", "segmentation-"), "btcv": ("img", "label")}
-# Label volumes are read in chunks of this many slices along the axial axis (bounded memory).
-LABEL_CHUNK_SLICES = 64
-# A gap between consecutive DICOM slices larger than this multiple of the median spacing
-# means at least one slice is missing.
-MISSING_SLICE_GAP_FACTOR = 1.5
-# Files in a DICOM folder that are never slices.
-DICOM_IGNORED_NAMES = {"dicomdir", "thumbs.db", "desktop.ini"}
-DICOM_IGNORED_SUFFIXES = {".txt", ".md", ".json", ".xml", ".csv", ".zip", ".png", ".jpg", ".jpeg"}
-
-
-class VolumeError(Exception):
-    """A volume (or DICOM series) that cannot be converted; the message names the file."""
-
 
 # --------------------------------------------------------------------------- data classes
 
@@ -294,29 +287,6 @@ def discover_cases(kind: str, src: str | Path) -> list[CaseTask]:
 # --------------------------------------------------------------------------- orientation
 
 
-def _orientation(affine: np.ndarray, where: str) -> np.ndarray:
-    """``nibabel`` orientation (array axes -> closest RAS+ axes) of a voxel-to-world affine."""
-    import nibabel as nib
-
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise VolumeError(f"{where}: the voxel-to-world affine is missing or degenerate, cannot orient the volume")
-    return nib.orientations.io_orientation(affine)
-
-
-def _to_display(array_ijk: np.ndarray, ornt: np.ndarray) -> np.ndarray:
-    """[I, J, K] voxel array -> [slice, row, col] display stack (see the module docstring).
-
-    After ``apply_orientation`` the axes point to patient Right, Anterior, Superior; rows must
-    run anterior -> posterior and columns right -> left, so both in-plane axes are flipped,
-    and ``[R, A, S] -> [S, A, R]``.
-    """
-    import nibabel as nib
-
-    canonical = nib.orientations.apply_orientation(array_ijk, ornt)
-    return np.ascontiguousarray(np.flip(canonical, (0, 1)).transpose(2, 1, 0))
-
-
 def _axial_axis_range(ornt: np.ndarray, shape: tuple[int, ...], first: int, last: int) -> tuple[int, int, int]:
     """The array axis that becomes the axial (S) axis, and the index range ``[lo, hi)`` on it
     that holds display slices ``first..last`` (inclusive)."""
@@ -344,38 +314,6 @@ def _case_volume(codes_display: np.ndarray, hu_display: np.ndarray, first: int, 
 # --------------------------------------------------------------------------- NIfTI
 
 
-def _load_nifti(path: Path):
-    import nibabel as nib
-
-    try:
-        image = nib.load(str(path))
-    except Exception as e:  # nibabel raises many types for broken files
-        raise VolumeError(f"{path}: cannot read NIfTI header ({type(e).__name__}: {e})") from e
-    shape = tuple(int(s) for s in image.shape)
-    while len(shape) > 3 and shape[-1] == 1:  # [X, Y, Z, 1] -> [X, Y, Z]
-        shape = shape[:-1]
-    if len(shape) != 3:
-        raise VolumeError(f"{path}: expected a 3-D volume, got shape {tuple(image.shape)}")
-    return image, shape
-
-
-def _read_nifti_block(image, path: Path, axis: int, lo: int, hi: int, convert) -> np.ndarray:
-    """``convert(data)`` of ``image[..., lo:hi, ...]`` (``axis`` sliced), read in chunks so the
-    float64 that nibabel may return never exists for the whole volume."""
-    extra = (0,) * (len(image.shape) - 3)
-    chunks = []
-    try:
-        for start in range(lo, hi, LABEL_CHUNK_SLICES):
-            index = [slice(None)] * 3
-            index[axis] = slice(start, min(start + LABEL_CHUNK_SLICES, hi))
-            chunks.append(convert(np.asarray(image.dataobj[tuple(index) + extra])))
-    except VolumeError:
-        raise
-    except Exception as e:  # truncated / corrupt data: zlib.error, EOFError, OSError, ValueError...
-        raise VolumeError(f"{path}: cannot read the voxel data ({type(e).__name__}: {e})") from e
-    return np.concatenate(chunks, axis=axis)
-
-
 def _label_codes(labels: np.ndarray, liver_values: tuple[int, ...], tumour_values: tuple[int, ...]) -> np.ndarray:
     """Label volume -> uint8 codes: 0 background, 1 liver, 2 tumour (float labels rounded)."""
     if not np.issubdtype(labels.dtype, np.integer):
@@ -398,12 +336,12 @@ def read_nifti_case(image_path: str | Path, label_path: str | Path, kind: str) -
     """
     liver_values, tumour_values = NIFTI_LABELS[kind]
     image_path, label_path = Path(image_path), Path(label_path)
-    image, shape = _load_nifti(image_path)
-    label, label_shape = _load_nifti(label_path)
+    image, shape = load_nifti(image_path)
+    label, label_shape = load_nifti(label_path)
     if label_shape != shape:
         raise VolumeError(f"{label_path}: label shape {label_shape} does not match the image shape {shape} "
                           f"of {image_path}")
-    ornt = _orientation(image.affine, str(image_path))
+    ornt = orientation(image.affine, str(image_path))
 
     value_range = [math.inf, -math.inf]
 
@@ -413,8 +351,8 @@ def read_nifti_case(image_path: str | Path, label_path: str | Path, kind: str) -
             value_range[1] = max(value_range[1], float(np.nanmax(chunk)))
         return _label_codes(chunk, liver_values, tumour_values)
 
-    codes_ijk = _read_nifti_block(label, label_path, 2, 0, shape[2], to_codes)
-    codes_display = _to_display(codes_ijk, ornt)
+    codes_ijk = read_nifti_block(label, label_path, 2, 0, shape[2], to_codes)
+    codes_display = to_display(codes_ijk, ornt)
     del codes_ijk
     max_label = NIFTI_MAX_LABEL[kind]
     if max_label is not None and (value_range[0] < 0 or value_range[1] > max_label):
@@ -427,195 +365,19 @@ def read_nifti_case(image_path: str | Path, label_path: str | Path, kind: str) -
                           f"{value_range[0]:g}..{value_range[1]:g} — is this the right KIND?")
     first, last = span
     axis, lo, hi = _axial_axis_range(ornt, shape, first, last)
-    hu_ijk = _read_nifti_block(image, image_path, axis, lo, hi, lambda a: a.astype(np.float32, copy=False))
+    hu_ijk = read_nifti_block(image, image_path, axis, lo, hi, lambda a: a.astype(np.float32, copy=False))
     # The block is the axial range [first, last]; orienting it puts its slices in display order.
-    return _case_volume(codes_display, _to_display(hu_ijk, ornt), first, str(image_path))
+    return _case_volume(codes_display, to_display(hu_ijk, ornt), first, str(image_path))
 
 
 # --------------------------------------------------------------------------- DICOM
 
 
-@dataclass
-class DicomSeries:
-    """A DICOM series sorted along its slice normal (ascending).
-
-    ``files``: [n] paths; ``positions``: float64 [n] mm along ``normal`` (unit vector, LPS);
-    ``affine``: RAS voxel-to-world of the voxel array ``[col, row, slice]``; ``shape``: (rows, cols).
-    Pixel data is not read here (see :func:`_read_dicom_pixels`).
-    """
-
-    folder: Path
-    files: list[Path]
-    positions: np.ndarray
-    normal: np.ndarray
-    affine: np.ndarray
-    shape: tuple[int, int]
-
-
-def _dicom_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise VolumeError(f"{folder}: DICOM folder not found")
-    files = [p for p in sorted(folder.iterdir())
-             if p.is_file() and not p.name.startswith(".") and p.name.lower() not in DICOM_IGNORED_NAMES
-             and p.suffix.lower() not in DICOM_IGNORED_SUFFIXES]
-    if not files:
-        raise VolumeError(f"{folder}: no DICOM files")
-    return files
-
-
-def _read_dicom_header(path: Path):
-    import pydicom
-
-    try:
-        dataset = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
-    except Exception as e:
-        raise VolumeError(f"{path}: cannot read DICOM ({type(e).__name__}: {e})") from e
-    return dataset
-
-
-def _float_list(dataset, keyword: str, count: int, path: Path) -> np.ndarray | None:
-    value = dataset.get(keyword)
-    if value is None:
-        return None
-    try:
-        array = np.array([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise VolumeError(f"{path}: invalid {keyword} {value!r}") from e
-    if array.shape != (count,) or not np.isfinite(array).all():
-        raise VolumeError(f"{path}: invalid {keyword} {value!r}")
-    return array
-
-
-def read_dicom_series(folder: str | Path) -> DicomSeries:
-    """Read the headers of the CT series in ``folder``, sort and check it.
-
-    Slices are sorted by ImagePositionPatient projected on the normal (row x column cosine).
-    Raises ``VolumeError`` naming the folder or file: unreadable file, not an image, several
-    series or orientations or sizes mixed, duplicate positions, missing slices (a gap larger
-    than ``MISSING_SLICE_GAP_FACTOR`` x the median spacing), multi-frame files.
-    """
-    folder = Path(folder)
-    files = _dicom_files(folder)
-    positions, series_uids, sizes = [], set(), set()
-    orientation = spacing = None
-    for path in files:
-        ds = _read_dicom_header(path)
-        if "Rows" not in ds or "Columns" not in ds:
-            raise VolumeError(f"{path}: not a DICOM image (no Rows/Columns)")
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise VolumeError(f"{path}: multi-frame DICOM is not supported (expected one file per slice)")
-        ipp = _float_list(ds, "ImagePositionPatient", 3, path)
-        iop = _float_list(ds, "ImageOrientationPatient", 6, path)
-        if ipp is None or iop is None:
-            raise VolumeError(f"{path}: no ImagePositionPatient/ImageOrientationPatient, cannot place the slice")
-        if orientation is None:
-            orientation = iop
-            ps = _float_list(ds, "PixelSpacing", 2, path)
-            spacing = ps if ps is not None else np.ones(2)
-        elif np.abs(iop - orientation).max() > 1e-3:
-            raise VolumeError(f"{path}: ImageOrientationPatient {iop.tolist()} differs from the rest of the "
-                              f"series in {folder}")
-        series_uids.add(str(ds.get("SeriesInstanceUID", "")))
-        sizes.add((int(ds.get("Rows", 0)), int(ds.get("Columns", 0))))
-        positions.append(ipp)
-    if len(series_uids) > 1:
-        raise VolumeError(f"{folder}: holds {len(series_uids)} different series (SeriesInstanceUID); "
-                          "put each series in its own folder")
-    if len(sizes) > 1:
-        raise VolumeError(f"{folder}: slices of different sizes {sorted(sizes)}")
-    row_cosine, col_cosine = orientation[:3], orientation[3:]
-    normal = np.cross(row_cosine, col_cosine)
-    if np.linalg.norm(normal) < 1e-3:
-        raise VolumeError(f"{folder}: degenerate ImageOrientationPatient {orientation.tolist()}")
-    normal /= np.linalg.norm(normal)
-    ipps = np.stack(positions)
-    along = ipps @ normal
-    order = np.argsort(along, kind="stable")
-    files = [files[i] for i in order]
-    along, ipps = along[order], ipps[order]
-
-    if len(files) > 1:
-        steps = np.diff(along)
-        spacing_z = float(np.median(steps))
-        duplicate = np.flatnonzero(steps < max(1e-3, 0.01 * spacing_z))
-        if duplicate.size:
-            i = int(duplicate[0])
-            raise VolumeError(f"{folder}: two slices at the same position {along[i]:.3f} mm: "
-                              f"{files[i].name} and {files[i + 1].name}")
-        gaps = np.flatnonzero(steps > MISSING_SLICE_GAP_FACTOR * spacing_z)
-        if gaps.size:
-            i = int(gaps[0])
-            n_missing = int(round(steps[i] / spacing_z)) - 1
-            raise VolumeError(f"{folder}: missing slice(s): a gap of {steps[i]:.2f} mm between {files[i].name} and "
-                              f"{files[i + 1].name} where the series spacing is {spacing_z:.2f} mm "
-                              f"(about {n_missing} slice(s) missing, {gaps.size} gap(s) in all)")
-        slice_step = (ipps[-1] - ipps[0]) / (len(files) - 1)
-    else:
-        slice_step = normal * 1.0
-
-    # Voxel [col i, row j, slice k] -> LPS mm; PixelSpacing = (between rows, between columns).
-    lps = np.eye(4)
-    lps[:3, 0] = row_cosine * spacing[1]
-    lps[:3, 1] = col_cosine * spacing[0]
-    lps[:3, 2] = slice_step
-    lps[:3, 3] = ipps[0]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
-    (rows, cols), = sizes
-    return DicomSeries(folder, files, along, normal, affine, (rows, cols))
-
-
-def _read_dicom_pixels(path: Path, shape: tuple[int, int], rescale: bool) -> np.ndarray:
-    """Pixel data of one slice, float32 [rows, cols]; ``rescale`` applies slope/intercept (HU)."""
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(str(path), force=True)
-        pixels = ds.pixel_array
-    except Exception as e:  # compressed without a decoder, truncated, ...
-        raise VolumeError(f"{path}: cannot decode the pixel data ({type(e).__name__}: {e})") from e
-    if pixels.shape != shape:
-        raise VolumeError(f"{path}: pixel data has shape {pixels.shape}, expected {shape}")
-    pixels = pixels.astype(np.float32)
-    if rescale:
-        slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-        intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-        pixels = pixels * np.float32(slope) + np.float32(intercept)
-    return pixels
-
-
 def _read_mask_series(folder: Path, ct: DicomSeries) -> np.ndarray:
-    """A mask series aligned to ``ct``: bool [n, rows, cols], True where the STORED value is
-    nonzero. Slices are matched to the CT by position along the CT normal; masks without
-    ImagePositionPatient are matched by file name (3D-IRCADb names both ``image_N``)."""
-    files = _dicom_files(folder)
-    normal_positions = {}
-    by_name = {p.name: p for p in files}
-    headers_have_ipp = True
-    for path in files:
-        ds = _read_dicom_header(path)
-        ipp = _float_list(ds, "ImagePositionPatient", 3, path)
-        if ipp is None:
-            headers_have_ipp = False
-            break
-        normal_positions[path] = float(ipp @ ct.normal)
-    if len(files) != len(ct.files):
-        raise VolumeError(f"{folder}: {len(files)} mask slices but the CT series {ct.folder} has {len(ct.files)}")
-    if headers_have_ipp:
-        mask_files = sorted(files, key=lambda p: normal_positions[p])
-        mask_positions = np.array([normal_positions[p] for p in mask_files])
-        spacing = float(np.median(np.diff(ct.positions))) if len(ct.files) > 1 else 1.0
-        mismatch = np.flatnonzero(np.abs(mask_positions - ct.positions) > max(1e-2, 0.1 * abs(spacing)))
-        if mismatch.size:
-            i = int(mismatch[0])
-            raise VolumeError(f"{folder}: mask slice {mask_files[i].name} at {mask_positions[i]:.2f} mm does not "
-                              f"match CT slice {ct.files[i].name} at {ct.positions[i]:.2f} mm")
-    else:
-        missing = [p.name for p in ct.files if p.name not in by_name]
-        if missing:
-            raise VolumeError(f"{folder}: masks have no ImagePositionPatient and their file names do not match "
-                              f"the CT files (e.g. no {missing[0]})")
-        mask_files = [by_name[p.name] for p in ct.files]
-    return np.stack([_read_dicom_pixels(p, ct.shape, rescale=False) != 0 for p in mask_files])
+    """A mask series aligned to ``ct`` (:func:`medad_fast.data.scan.match_mask_files`): bool
+    [n, rows, cols], True where the STORED value is nonzero."""
+    return np.stack([read_dicom_pixels(p, ct.shape, rescale=False) != 0 for p in match_mask_files(folder, ct)])
+
 
 
 def read_dicom_case(patient_dir: str | Path) -> CaseVolume:
@@ -634,49 +396,28 @@ def read_dicom_case(patient_dir: str | Path) -> CaseVolume:
         raise VolumeError(f"{patient_dir}: no MASKS_DICOM/liver folder (the liver mask series is required)")
     liver_dir = _find_child(masks_dir, "liver")
     ct = read_dicom_series(ct_dir)
-    ornt = _orientation(ct.affine, str(ct_dir))
+    ornt = orientation(ct.affine, str(ct_dir))
     codes = _read_mask_series(liver_dir, ct).astype(np.uint8)
     for tumour_dir in sorted(masks_dir.iterdir()):
         if tumour_dir.is_dir() and tumour_dir.name.lower().startswith("livertumor"):
             codes[_read_mask_series(tumour_dir, ct)] = 2
     # [slice, row, col] -> voxel array [col, row, slice], the axes of the affine.
-    codes_display = _to_display(codes.transpose(2, 1, 0), ornt)
+    codes_display = to_display(codes.transpose(2, 1, 0), ornt)
     span = _liver_range(codes_display)
     if span is None:
         raise VolumeError(f"{liver_dir}: the liver mask series is empty")
     first, last = span
     axis, lo, hi = _axial_axis_range(ornt, (ct.shape[1], ct.shape[0], len(ct.files)), first, last)
     if axis == 2:  # usual axial acquisition: decode only the files spanning the liver
-        hu = np.stack([_read_dicom_pixels(p, ct.shape, rescale=True) for p in ct.files[lo:hi]])
+        hu = np.stack([read_dicom_pixels(p, ct.shape, rescale=True) for p in ct.files[lo:hi]])
         hu_ijk = hu.transpose(2, 1, 0)
     else:  # coronal/sagittal acquisition: every file holds part of every axial slice
-        hu = np.stack([_read_dicom_pixels(p, ct.shape, rescale=True) for p in ct.files])
+        hu = np.stack([read_dicom_pixels(p, ct.shape, rescale=True) for p in ct.files])
         hu_ijk = np.take(hu.transpose(2, 1, 0), np.arange(lo, hi), axis=axis)
-    return _case_volume(codes_display, _to_display(hu_ijk, ornt), first, str(ct_dir))
+    return _case_volume(codes_display, to_display(hu_ijk, ornt), first, str(ct_dir))
 
 
 # --------------------------------------------------------------------------- rendering
-
-
-def equalize_liver_histogram(image: np.ndarray, liver: np.ndarray) -> np.ndarray:
-    """Histogram-equalise the liver pixels of one slice onto 1..255; background stays 0.
-
-    ``image``: uint8 [H, W]; ``liver``: bool [H, W]. With ``c`` the cumulative histogram of
-    the liver values and ``c_min`` its first nonzero value, a liver pixel ``v`` becomes
-    ``1 + round(254 (c(v) - c_min) / (N - c_min))`` (the textbook mapping, shifted so the
-    liver stays > 0). A liver of a single grey value is left unchanged.
-    """
-    out = np.where(liver, image, 0).astype(np.uint8)
-    values = image[liver]
-    if values.size == 0:
-        return out
-    cdf = np.cumsum(np.bincount(values, minlength=256))
-    cdf_min = cdf[values.min()]
-    if cdf[-1] == cdf_min:
-        return out
-    lut = 1 + np.rint(254.0 * (cdf - cdf_min) / (cdf[-1] - cdf_min))
-    out[liver] = np.clip(lut, 1, 255).astype(np.uint8)[values]
-    return out
 
 
 def render_slices(volume: CaseVolume, window: tuple[float, float] = DEFAULT_WINDOW, hist_eq: bool = False,
@@ -691,11 +432,7 @@ def render_slices(volume: CaseVolume, window: tuple[float, float] = DEFAULT_WIND
     liver, tumour = volume.liver[has_liver], volume.tumour[has_liver]
     slice_indices = volume.slice_indices[has_liver]
     abnormal = tumour.reshape(tumour.shape[0], -1).any(axis=1)
-    lo, hi = window
-    scaled -= np.float32(lo)
-    scaled *= np.float32(255.0 / (hi - lo))
-    np.clip(scaled, 0.0, 255.0, out=scaled)
-    np.nan_to_num(scaled, copy=False, nan=0.0)
+    apply_window(scaled, window)
 
     if size is not None and scaled.shape[0] and scaled.shape[1:] != (size, size):
         resized = resize_images(torch.from_numpy(scaled)[:, None], size)
@@ -711,12 +448,8 @@ def render_slices(volume: CaseVolume, window: tuple[float, float] = DEFAULT_WIND
         scaled, liver, tumour = scaled[keep], liver[keep], tumour[keep]
         abnormal, slice_indices = abnormal[keep], slice_indices[keep]
 
-    images = np.rint(scaled, out=scaled).astype(np.uint8)  # already within 0..255
+    images = liver_image(scaled, liver, hist_eq)
     del scaled
-    np.maximum(images, 1, out=images, where=liver)  # liver pixels >= 1 ...
-    images[~liver] = 0  # ... and everything else exactly 0
-    if hist_eq:
-        images = np.stack([equalize_liver_histogram(im, lv) for im, lv in zip(images, liver)]) if len(images) else images
     return RenderedSlices(images=images, masks=tumour, abnormal=abnormal, slice_indices=slice_indices)
 
 

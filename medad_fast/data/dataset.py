@@ -43,6 +43,7 @@ __all__ = [
     "iter_batches",
     "collate_slices",
     "read_slice",
+    "to_model_side",
     "check_size",
 ]
 
@@ -95,6 +96,18 @@ def check_size(size: int) -> int:
     return int(size)
 
 
+def to_model_side(images: np.ndarray, size: int) -> torch.Tensor:
+    """Grayscale slices ``[N, H, W]`` (float in [0, 1], or uint8) as the model reads them:
+    resized to ``size x size`` (:func:`medad_fast.io.resize_images`) and quantised to
+    ``torch.uint8 [N, 1, S, S]`` with every positive pixel kept >= 1. What :func:`read_slice`
+    does to an image file, and ``medad-fast predict`` to the slices of a CT volume."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / np.float32(255.0)
+    resized = resize_images(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))[:, None], size)
+    return torch.from_numpy(quantize_uint8(resized.numpy(), keep_positive=True))
+
+
 def read_slice(image_path: str | os.PathLike, mask_path: str | os.PathLike | None, size: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read one slice resized to ``size``: ``(image uint8 [1, S, S], mask uint8 0/1 [1, S, S])``,
@@ -104,8 +117,7 @@ def read_slice(image_path: str | os.PathLike, mask_path: str | os.PathLike | Non
     names both files when the mask's shape differs from its image's.
     """
     image = read_image_gray(image_path)
-    resized = resize_images(torch.from_numpy(image)[None, None], size)[0].numpy()
-    image_out = torch.from_numpy(quantize_uint8(resized, keep_positive=True))
+    image_out = to_model_side(image[None], size)[0]
     if mask_path is None:
         return image_out, torch.zeros(1, size, size, dtype=torch.uint8)
     mask = read_mask(mask_path)

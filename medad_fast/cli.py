@@ -20,7 +20,7 @@ COMMANDS = {
     "methods": ("medad_fast.methods", "list the methods, one line each"),
     "train": ("medad_fast.train", "train a method on BMAD-layout data"),
     "evaluate": ("medad_fast.evaluate", "evaluate a run or checkpoint: metrics.json, heatmaps, ROC plot"),
-    "predict": ("medad_fast.predict", "score images with a checkpoint and write heatmaps"),
+    "predict": ("medad_fast.predict", "score images or CT volumes with a checkpoint; write heatmaps / map volumes"),
     "compare": ("medad_fast.compare", "train and evaluate several methods on the same data: one table"),
 }
 

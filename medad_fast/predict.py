@@ -1,8 +1,15 @@
-"""`medad-fast predict`: score image files with a checkpoint of any method and write heatmaps.
+"""`medad-fast predict`: score images or CT volumes with a checkpoint of any method.
 
-``medad-fast predict CKPT INPUT... --out DIR``: every INPUT is an image file or a folder
-(its images, recursively). Each image is read as grayscale, resized to the model's side
-(area averaging to shrink, bilinear to enlarge, as the BMAD loader does) and scored.
+Two kinds of input, one kind per call:
+
+- **2-D images**: ``medad-fast predict CKPT INPUT... --out DIR``: every INPUT is an image
+  file or a folder (its images, recursively);
+- **CT volumes**: ``medad-fast predict CKPT SCAN... --liver-mask MASK... --out DIR``: every
+  SCAN is a NIfTI file (``.nii``, ``.nii.gz``) or a DICOM series folder, with one liver mask
+  per scan, in the same order (see :func:`predict_volumes`).
+
+Images: each is read as grayscale, resized to the model's side (area averaging to shrink,
+bilinear to enlarge, as the BMAD loader does) and scored.
 
 Writes into ``--out``::
 
@@ -13,6 +20,29 @@ Writes into ``--out``::
 
 Under torchrun every rank reads and scores its contiguous share of the images; rank 0
 gathers them and writes every file.
+
+CT volumes (:mod:`medad_fast.volume_inference` scores them): the axial slices holding liver
+are windowed as ``prepare`` writes them (``--window``, ``--hist-eq``; by default the settings
+``prepare`` recorded in the manifest of the checkpoint's training data when it is readable,
+else ``prepare``'s defaults), scored at the model's side in batches, and the maps put back on
+the scan's grid. Writes into ``--out``, per scan (``NAME`` = the file name without
+``.nii[.gz]``, or the DICOM folder's name; prefixed with the scan's index in the call when two
+scans share a name)::
+
+    NAME_anomaly.nii.gz   the pixel anomaly map, float32, on the scan's grid: same shape,
+                          affine, qform/sform and codes as the input; 0 outside the liver
+    NAME_slices.csv       slice,z_mm,liver_pixels,score: one row per scored (liver) slice,
+                          ``slice`` the voxel index along the axial axis, ``z_mm`` the RAS z
+                          of the slice's centre
+    NAME_review.png       the --top-k highest-scoring slices with their maps (one colour
+                          scale per scan: 0 .. the map's maximum), slice number and z on each
+    scores.json           per scan: ``score`` (max of the slice scores), ``top_k_mean`` (mean
+                          of the --top-k highest), every slice's score, the outputs' names
+
+Nothing is half-written: every output goes to a hidden staging folder inside ``--out`` and is
+moved into place only once every scan has been scored; any error (a mask off the scan's grid,
+an empty liver mask, a truncated file...) leaves ``--out`` as it was. Volumes are scored in
+one process (not under torchrun).
 """
 
 from __future__ import annotations
@@ -20,9 +50,14 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import distributed
@@ -30,12 +65,15 @@ from .cli import int_at_least
 from .config import Config
 from .inference import load_method, resolve_checkpoint, score_dataset
 from .data.dataset import ImageFileDataset
-from .data.layout import collect_image_files
-from .io import atomic_write_json, atomic_write_text
+from .data.layout import MANIFEST_NAME, collect_image_files
+from .data.scan import (DEFAULT_WINDOW, VolumeError, display_slice, is_dicom_folder, is_nifti_path, nifti_like,
+                        open_liver_mask, read_geometry, read_volume)
+from .io import atomic_write_json, atomic_write_text, fsync_directory
 from .runtime import resolve_device
-from .visualize import overlay_heatmap, save_rgb_png
+from .visualize import overlay_heatmap, plot_review, save_rgb_png
+from .volume_inference import DEFAULT_TOP_K, aggregate_slice_scores, display_images, score_volume
 
-__all__ = ["predict", "add_arguments", "main"]
+__all__ = ["predict", "predict_volumes", "is_volume_input", "add_arguments", "main"]
 
 
 def predict(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
@@ -85,16 +123,202 @@ def _write_predictions(out: Path, checkpoint: Path, config: Config, dataset: Ima
     return rows
 
 
+def is_volume_input(path: str | Path) -> bool:
+    """True for a CT volume input: a NIfTI file name or a DICOM series folder."""
+    return is_nifti_path(path) or is_dicom_folder(path)
+
+
+def _training_window(config: Config) -> tuple[tuple[float, float], bool, str]:
+    """``(window, hist_eq, where from)``: the settings ``prepare`` recorded in the manifest of
+    the run's training data when it is readable and they agree, else ``prepare``'s defaults."""
+    if config.run.data:
+        manifest = Path(config.run.data) / MANIFEST_NAME
+        try:
+            sources = json.loads(manifest.read_text())["sources"]
+            settings = {(tuple(s["settings"]["window"]), bool(s["settings"]["hist_eq"])) for s in sources}
+        except (OSError, ValueError, KeyError, TypeError):
+            settings = set()
+        if len(settings) == 1:
+            (window, hist_eq), = settings
+            return (float(window[0]), float(window[1])), hist_eq, str(manifest)
+    return DEFAULT_WINDOW, False, "default"
+
+
+def _output_names(geometries) -> list[str]:
+    """Output name per scan: its name, or ``<index>-<name>`` for all when two names clash."""
+    names = [g.name for g in geometries]
+    if len(set(names)) == len(names):
+        return names
+    width = max(3, len(str(len(names))))
+    return [f"{i:0{width}d}-{name}" for i, name in enumerate(names)]
+
+
+def _slices_csv(result) -> str:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["slice", "z_mm", "liver_pixels", "score"])
+    writer.writerows([int(k), f"{z:.3f}", int(n), f"{score:.6f}"]
+                     for k, z, n, score in zip(result.slice_indices, result.z_mm, result.liver_pixels,
+                                               result.slice_scores))
+    return text.getvalue()
+
+
+def _write_review(path: Path, scan, liver, result, top_k: int, window, hist_eq: bool) -> None:
+    """The montage of the ``top_k`` highest-scoring slices (ranked by score)."""
+    ranked = np.argsort(-result.slice_scores, kind="stable")[:top_k]
+    indices = result.slice_indices[ranked]
+    images, _ = display_images(scan, liver, indices, window, hist_eq)
+    ornt = scan.orientation
+    tiles = [(image, display_slice(result.anomaly_map, ornt, int(k)),
+              f"slice {int(k)}  z = {z:.1f} mm  score {score:.3f}")
+             for image, k, z, score in zip(images, indices, result.z_mm[ranked], result.slice_scores[ranked])]
+    vmax = float(result.anomaly_map.max())
+    plot_review(path, tiles, vmax, f"{scan.path.name}: the {len(tiles)} highest-scoring slices "
+                f"(radiological view: patient right on the left; colour scale 0 .. {vmax:.3g})")
+
+
+def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks: list[str | Path],
+                    out: str | Path, device: str | torch.device | None = None, batch_size: int = 16,
+                    progress: bool = True, window: tuple[float, float] | None = None, hist_eq: bool | None = None,
+                    top_k: int = DEFAULT_TOP_K, liver_labels: list[float] | None = None) -> dict:
+    """Score CT volumes with ``checkpoint`` and write their maps, slice tables, review
+    montages and ``scores.json`` into ``out`` (see the module docstring). Returns the
+    ``scores.json`` content.
+
+    ``liver_masks[i]`` is the liver mask of ``scans[i]``: on the scan's voxel grid, liver =
+    any nonzero value, or one of ``liver_labels``. ``window`` / ``hist_eq`` None: the training
+    data's ``prepare`` settings when recorded, else ``prepare``'s defaults. Every scan and
+    mask header is checked before anything is scored; errors raise ``ValueError`` (a
+    :class:`~medad_fast.data.scan.VolumeError`) or ``FileNotFoundError`` naming the files,
+    and leave ``out`` as it was."""
+    checkpoint = resolve_checkpoint(checkpoint)
+    scans, liver_masks = [Path(p) for p in scans], [Path(p) for p in liver_masks]
+    if not scans:
+        raise ValueError("no scan to score")
+    if len(liver_masks) != len(scans):
+        raise ValueError(f"{len(scans)} scan(s) but {len(liver_masks)} liver mask(s): pass one --liver-mask per "
+                         "scan, in the same order")
+    if top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    world = distributed.init_distributed(resolve_device(device))
+    if world.is_distributed:
+        raise ValueError("CT volumes are scored in one process: run `medad-fast predict` without torchrun")
+    # headers first: a wrong mask or a broken series is reported before any scoring
+    geometries = [read_geometry(scan, modality="CT") for scan in scans]
+    sources = [open_liver_mask(mask, geometry) for mask, geometry in zip(liver_masks, geometries)]
+    method, _ = load_method(checkpoint, world.device)
+    trained_window, trained_hist_eq, settings_from = _training_window(method.config)
+    window = tuple(float(w) for w in (window if window is not None else trained_window))
+    if not (np.isfinite(window).all() and window[0] < window[1]):
+        raise ValueError(f"--window: LO must be smaller than HI (finite), got {window[0]} {window[1]}")
+    hist_eq = trained_hist_eq if hist_eq is None else bool(hist_eq)
+    names = _output_names(geometries)
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a folder")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".predict-", suffix=".partial", dir=out))
+    try:
+        entries = []
+        for geometry, source, name in zip(geometries, sources, names):
+            scan = read_volume(geometry)
+            liver = source.read(liver_labels)
+            if not liver.any():
+                raise VolumeError(f"liver mask {source.path} of scan {scan.path} is empty"
+                                  + (f" (no voxel labelled {liver_labels})" if liver_labels else "")
+                                  + ": the method scores the liver only")
+            result = score_volume(method, scan, liver, window, hist_eq, batch_size, world.device, progress)
+            outputs = {"anomaly_map": f"{name}_anomaly.nii.gz", "slices_csv": f"{name}_slices.csv",
+                       "review": f"{name}_review.png"}
+            nifti_like(scan, result.anomaly_map).to_filename(str(stage / outputs["anomaly_map"]))
+            (stage / outputs["slices_csv"]).write_text(_slices_csv(result))
+            _write_review(stage / outputs["review"], scan, liver, result, top_k, window, hist_eq)
+            entries.append({
+                "scan": str(scan.path), "liver_mask": str(source.path), "format": scan.format,
+                **aggregate_slice_scores(result.slice_scores, top_k),
+                "shape": list(scan.shape), "axial_axis": scan.axial_axis, "n_slices": int(scan.shape[scan.axial_axis]),
+                "n_liver_slices": int(result.slice_indices.size), "map_max": float(result.anomaly_map.max()),
+                "outputs": outputs,
+                "slices": [{"slice": int(k), "z_mm": round(float(z), 3), "liver_pixels": int(n), "score": float(v)}
+                           for k, z, n, v in zip(result.slice_indices, result.z_mm, result.liver_pixels,
+                                                 result.slice_scores)]})
+            del scan, liver, result
+        summary = {"checkpoint": str(checkpoint.resolve()), "method": method.config.run.method,
+                   "variant": method.config.variant, "preset": method.config.run.preset,
+                   "image_size": method.config.run.image_size, "window": list(window), "hist_eq": hist_eq,
+                   "window_from": settings_from, "top_k": top_k,
+                   "liver_labels": None if liver_labels is None else list(liver_labels),
+                   "aggregation": "score = max of the slice scores; top_k_mean = mean of the top_k highest slice "
+                                  "scores (all of them when fewer); a slice score is the method's image score",
+                   "scans": entries}
+        atomic_write_json(stage / "scores.json", summary)
+        for path in sorted(stage.iterdir()):
+            os.replace(path, out / path.name)
+        fsync_directory(out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+    return summary
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint file or run directory")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders of images")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files or folders of images; or CT scans: NIfTI files (.nii, .nii.gz) or DICOM "
+                             "series folders (then --liver-mask is required)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    volumes = parser.add_argument_group("CT volumes")
+    volumes.add_argument("--liver-mask", nargs="+", metavar="MASK", default=None,
+                         help="liver mask of each scan, in the same order (NIfTI or DICOM series on the scan's grid)")
+    volumes.add_argument("--liver-label", nargs="+", type=float, metavar="V", default=None,
+                         help="mask values that are liver (default: any nonzero value; e.g. 6 for BTCV labels)")
+    volumes.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                         help="HU window (default: the training data's prepare settings, else -200 250)")
+    volumes.add_argument("--hist-eq", action=argparse.BooleanOptionalAction, default=None,
+                         help="histogram-equalise the liver pixels (default: as the training data was prepared)")
+    volumes.add_argument("--top-k", type=int_at_least(1), default=DEFAULT_TOP_K, metavar="K",
+                         help=f"slices in the top-k mean score and the review montage (default {DEFAULT_TOP_K})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=16)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _main_volumes(args: argparse.Namespace) -> int:
+    try:
+        summary = predict_volumes(args.checkpoint, args.inputs, args.liver_mask or [], args.out, args.device,
+                                  args.batch_size, not args.no_progress, args.window, args.hist_eq, args.top_k,
+                                  args.liver_label)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"medad-fast predict: error: {exc}", file=sys.stderr)
+        return 2
+    for entry in summary["scans"]:
+        print(f"{entry['score']:.4f}  (top-{summary['top_k']} mean {entry['top_k_mean']:.4f}, "
+              f"{entry['n_liver_slices']} liver slices)  {entry['scan']}")
+    print(f"wrote {len(summary['scans'])} anomaly map(s), slice table(s) and review montage(s) and "
+          f"{Path(args.out) / 'scores.json'} (window {summary['window'][0]:g} {summary['window'][1]:g} HU, "
+          f"hist-eq {'on' if summary['hist_eq'] else 'off'}: {summary['window_from']})")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    volume_inputs = [p for p in args.inputs if is_volume_input(p)]
+    if volume_inputs or args.liver_mask:
+        problem = None
+        if len(volume_inputs) != len(args.inputs):
+            others = [p for p in args.inputs if not is_volume_input(p)]
+            problem = (f"CT volumes and 2-D images in one call ({others[0]} is not a NIfTI file or DICOM series "
+                       "folder); score them in separate calls" if volume_inputs else
+                       f"--liver-mask is for CT volumes (NIfTI files or DICOM series folders); {others[0]} is not one")
+        elif not args.liver_mask:
+            problem = (f"a liver mask is required for CT scans (the method is defined inside the liver): pass "
+                       f"--liver-mask MASK for each of the {len(volume_inputs)} scan(s), in the same order")
+        if problem:
+            print(f"medad-fast predict: error: {problem}", file=sys.stderr)
+            return 2
+        return _main_volumes(args)
     try:
         world = distributed.init_distributed(resolve_device(args.device))  # so that only rank 0 prints
         rows = predict(args.checkpoint, args.inputs, args.out, world.device, args.batch_size,

@@ -3,7 +3,9 @@
 * :func:`overlay_heatmap`: the slice beside the slice with its anomaly map blended in (jet,
   one colour scale per call) and the ground-truth lesion outline in green;
 * :func:`write_cases`: heatmaps of the worst and best cases of an evaluation;
-* :func:`plot_roc`: ROC curves (one or several, e.g. image and pixel, or one per method).
+* :func:`plot_roc`: ROC curves (one or several, e.g. image and pixel, or one per method);
+* :func:`plot_review`: a montage of a volume's highest-scoring slices with their maps, one
+  colour bar, a caption per tile (``medad-fast predict`` on CT volumes).
 
 Every file is written atomically.
 """
@@ -19,7 +21,7 @@ from PIL import Image
 
 from .io import atomic_write_bytes
 
-__all__ = ["overlay_heatmap", "save_rgb_png", "plot_roc", "write_cases"]
+__all__ = ["overlay_heatmap", "save_rgb_png", "plot_roc", "plot_review", "write_cases"]
 
 
 def _jet(values: np.ndarray) -> np.ndarray:
@@ -76,6 +78,43 @@ def plot_roc(path: Path, curves: Sequence[tuple[str, np.ndarray, np.ndarray]], t
     axis.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01), title=title)
     axis.legend(loc="lower right")
     figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_review(path: Path, tiles: Sequence[tuple[np.ndarray, np.ndarray, str]], vmax: float, title: str,
+                columns: int = 2) -> None:
+    """A montage PNG (written atomically) of ``tiles``: ``(image [H, W], anomaly map [H, W],
+    caption)`` each, drawn by :func:`overlay_heatmap` (the slice beside the slice with its map)
+    with the caption above it, in rows of ``columns``; one jet colour bar for ``[0, vmax]``."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    if not tiles:
+        raise ValueError(f"no slices to show in {path}")
+    vmax = float(vmax) if float(vmax) > 0 else 1.0
+    columns = max(1, min(columns, len(tiles)))
+    rows = -(-len(tiles) // columns)
+    pictures = [overlay_heatmap(image, anomaly_map, vmax=vmax, min_side=1) for image, anomaly_map, _ in tiles]
+    aspect = max(p.shape[1] / p.shape[0] for p in pictures)  # width / height of the widest tile
+    tile_height = 3.0  # inches, at 120 dpi: a 512-pixel slice is shown at ~360 pixels
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * tile_height * aspect + 1.0,
+                                                        rows * (tile_height + 0.3) + 0.4),
+                                dpi=120, squeeze=False, layout="constrained")
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, picture, (_, _, caption) in zip(axes.flat, pictures, tiles):
+        axis.imshow(picture, interpolation="nearest")
+        axis.set_title(caption, fontsize=9)
+    figure.suptitle(title, fontsize=10)
+    mappable = ScalarMappable(norm=Normalize(0.0, vmax), cmap=colormaps["jet"])
+    figure.colorbar(mappable, ax=axes, fraction=0.04, pad=0.01, shrink=0.9, label="anomaly map")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)

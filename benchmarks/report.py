@@ -380,6 +380,11 @@ def render(runs: list[Run], facts: dict, command: str) -> str:
         out += ["## CUDA", "", "No GPU in this run (`torch.cuda.is_available()` is false): the CUDA suites",
                 "(same groups on the device, synchronised timing, cupy's FFT as an extra high-pass peer",
                 "when cupy imports, GB/s against the device's copy bandwidth) were skipped.", ""]
+    from volume_throughput import saved_section  # this folder's CT-volume benchmark, run on its own
+
+    volume = saved_section()
+    if volume:
+        out += [volume]
     return "\n".join(out)
 
 

@@ -10,6 +10,8 @@ CUDA_ARCHS ?= 80 90
 PYTEST_ARGS ?=
 DEPS := pybind11 ninja setuptools wheel numpy scipy nibabel pydicom scikit-learn tqdm matplotlib pillow \
         pytest pytest-benchmark
+# test-only: a second, independent reader of the CT geometry (tests/test_second_reader.py)
+TEST_DEPS := SimpleITK
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 STAMP := $(VENV)/.medad_fast-built
 
@@ -28,8 +30,12 @@ $(STAMP): $(VPY) $(EXT_SOURCES)
 	$(VENV)/bin/medad-fast info
 	touch $(STAMP)
 
-test: setup
+test: setup $(VENV)/.test-deps
 	$(VPY) -m pytest tests -q $(PYTEST_ARGS)
+
+$(VENV)/.test-deps: $(VPY)
+	$(VPY) -m pip install -q --disable-pip-version-check $(TEST_DEPS)
+	touch $@
 
 demo: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh

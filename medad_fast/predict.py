@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import os
@@ -67,11 +68,11 @@ from .inference import load_method, resolve_checkpoint, score_dataset
 from .data.dataset import ImageFileDataset
 from .data.layout import MANIFEST_NAME, collect_image_files
 from .data.scan import (DEFAULT_WINDOW, VolumeError, display_slice, is_dicom_folder, is_nifti_path, nifti_like,
-                        open_liver_mask, read_geometry, read_volume)
+                        Volume, open_liver_mask, read_geometry, read_volume)
 from .io import atomic_write_json, atomic_write_text, fsync_directory
 from .runtime import resolve_device
 from .visualize import overlay_heatmap, plot_review, save_rgb_png
-from .volume_inference import DEFAULT_TOP_K, aggregate_slice_scores, display_images, score_volume
+from .volume_inference import DEFAULT_TOP_K, aggregate_slice_scores, display_images, read_ahead, score_volume
 
 __all__ = ["predict", "predict_volumes", "is_volume_input", "add_arguments", "main"]
 
@@ -177,6 +178,17 @@ def _write_review(path: Path, scan, liver, result, top_k: int, window, hist_eq: 
                 f"(radiological view: patient right on the left; colour scale 0 .. {vmax:.3g})")
 
 
+def _read_scan_and_liver(geometry, source, liver_labels: list[float] | None) -> tuple[Volume, np.ndarray]:
+    """The scan's voxels and its liver mask (``VolumeError`` naming both when the mask is empty)."""
+    scan = read_volume(geometry)
+    liver = source.read(liver_labels)
+    if not liver.any():
+        raise VolumeError(f"liver mask {source.path} of scan {scan.path} is empty"
+                          + (f" (no voxel labelled {liver_labels})" if liver_labels else "")
+                          + ": the method scores the liver only")
+    return scan, liver
+
+
 def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks: list[str | Path],
                     out: str | Path, device: str | torch.device | None = None, batch_size: int = 16,
                     progress: bool = True, window: tuple[float, float] | None = None, hist_eq: bool | None = None,
@@ -222,13 +234,9 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
     stage = Path(tempfile.mkdtemp(prefix=".predict-", suffix=".partial", dir=out))
     try:
         entries = []
-        for geometry, source, name in zip(geometries, sources, names):
-            scan = read_volume(geometry)
-            liver = source.read(liver_labels)
-            if not liver.any():
-                raise VolumeError(f"liver mask {source.path} of scan {scan.path} is empty"
-                                  + (f" (no voxel labelled {liver_labels})" if liver_labels else "")
-                                  + ": the method scores the liver only")
+        loaders = [functools.partial(_read_scan_and_liver, geometry, source, liver_labels)
+                   for geometry, source in zip(geometries, sources)]
+        for (scan, liver), source, name in zip(read_ahead(loaders), sources, names):
             result = score_volume(method, scan, liver, window, hist_eq, batch_size, world.device, progress)
             outputs = {"anomaly_map": f"{name}_anomaly.nii.gz", "slices_csv": f"{name}_slices.csv",
                        "review": f"{name}_review.png"}

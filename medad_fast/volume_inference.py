@@ -17,7 +17,9 @@ that contains liver:
    sets it to 0 outside the liver and writes it into the slice's voxels.
 
 Slices are read, scored and put back ``batch_size`` at a time: only one batch of slices exists
-at the model's side. Slices without liver are not scored; their map is 0.
+at the model's side. Slices without liver are not scored; their map is 0. Several scans go
+through :func:`read_ahead`, which reads the next scan from disk (decompression, DICOM
+decoding) in a background thread while the current one is scored.
 
 Volume score (:func:`aggregate_slice_scores`): ``score`` is the maximum of the slice scores
 (a volume is as abnormal as its most abnormal slice, the image score's rule one level up);
@@ -27,7 +29,10 @@ sensitive to one noisy slice.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -38,7 +43,9 @@ from .inference import score_batch
 from .io import resize_images
 from .methods import Method
 
-__all__ = ["VolumeScores", "score_volume", "aggregate_slice_scores", "display_images", "DEFAULT_TOP_K"]
+__all__ = ["VolumeScores", "score_volume", "aggregate_slice_scores", "display_images", "read_ahead", "DEFAULT_TOP_K"]
+
+T = TypeVar("T")
 
 #: slices averaged by ``top_k_mean`` and shown in the review montage
 DEFAULT_TOP_K = 6
@@ -117,3 +124,21 @@ def aggregate_slice_scores(slice_scores: np.ndarray, top_k: int = DEFAULT_TOP_K)
     if ranked.size == 0:
         raise ValueError("no slice scores to aggregate")
     return {"score": float(ranked[0]), "top_k_mean": float(ranked[:top_k].mean())}
+
+
+def read_ahead(loaders: Iterable[Callable[[], T]]) -> Iterator[T]:
+    """The results of ``loaders`` in order, each started in a background thread as soon as the
+    previous result is handed out: reading scan ``i + 1`` overlaps whatever the caller does
+    with scan ``i`` (nibabel's gzip and pydicom's decoding release the GIL for most of their
+    work). At most two results are alive at a time when the caller drops each before asking
+    for the next. An error of a loader is raised when its
+    result is due, so the scans before it are processed first."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+        pending: Future | None = None
+        for loader in loaders:
+            future = pool.submit(loader)
+            if pending is not None:
+                yield pending.result()
+            pending = future
+        if pending is not None:
+            yield pending.result()

@@ -49,8 +49,13 @@ def test_format_1_checkpoint_evaluates_to_the_old_codes_metrics(data, tmp_path, 
     assert cli(["evaluate", str(CHECKPOINT), "--data", str(data), "--out", str(out), "--device", "cpu",
                 "--no-progress", "--cases", "1"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    exact = ("n_images", "n_pixels", "epoch", "alpha")  # counts, and a value no convolution touches
     for key, expected in RECORD["metrics"].items():
-        assert metrics[key] == pytest.approx(expected, rel=1e-12, abs=1e-12), key
+        # the rest go through the networks: oneDNN picks AVX2 or AVX-512 convolution kernels by CPU,
+        # which moves the maps' last bits (a pixel AUROC by 5e-6 between two EPYC machines); a
+        # wrongly migrated weight or alpha moves them by orders of magnitude more
+        tolerance = dict(rel=1e-12, abs=1e-12) if key in exact else dict(rel=1e-4, abs=1e-4)
+        assert metrics[key] == pytest.approx(expected, **tolerance), key
 
 
 def test_format_1_checkpoint_resumes_training(data, tmp_path, monkeypatch):

@@ -67,6 +67,7 @@ def slice_dataset(series_uid: str, modality: str, rows: int, cols: int, ipp, iop
     ds.SeriesInstanceUID = series_uid
     ds.Modality = modality
     ds.PatientID = "synthetic"
+    ds.FrameOfReferenceUID = "1.2.3.4.5"
     ds.Rows, ds.Columns = rows, cols
     ds.PixelSpacing = [float(v) for v in spacing]
     ds.ImagePositionPatient = [float(v) for v in ipp]

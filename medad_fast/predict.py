@@ -213,7 +213,12 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
     world = distributed.init_distributed(resolve_device(device))
     if world.is_distributed:
         raise ValueError("CT volumes are scored in one process: run `medad-fast predict` without torchrun")
-    point = read_operating_point(checkpoint.parent)  # a broken file is reported before any scoring
+    try:
+        point = read_operating_point(checkpoint.parent)  # a broken file is reported before any scoring
+    except ValueError:
+        if threshold is None:
+            raise
+        point = None  # --threshold given: the stored point is not needed
     if threshold is not None:
         threshold, threshold_from = float(threshold), "--threshold"
         if not np.isfinite(threshold):

@@ -96,15 +96,20 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
                 point = operating_point(_labels(valid), valid_scores, valid_stream.counts("the operating point"),
                                         "valid", f"the valid split of {Path(data).resolve()}", False)
         if world.is_main:
+            extra: dict[str, Any] = {"operating_point": point, "operating_point_file": None}
             if point is None:
-                point = operating_point(_labels(dataset), scores, stream.counts("the operating point"), split,
-                                        f"the evaluated {split} split of {Path(data).resolve()} (no valid split "
-                                        "with normal and abnormal slices)", True)
-            point.update(checkpoint=str(checkpoint.resolve()), data=str(Path(data).resolve()))
-            point_file = write_operating_point(checkpoint.parent, point)
+                try:
+                    point = operating_point(_labels(dataset), scores, stream.counts("the operating point"), split,
+                                            f"the evaluated {split} split of {Path(data).resolve()} (no valid "
+                                            "split with normal and abnormal slices)", True)
+                except ValueError as e:  # one class only: the metrics below say so
+                    extra["operating_point_undefined"] = str(e)
+            if point is not None:
+                point.update(checkpoint=str(checkpoint.resolve()), data=str(Path(data).resolve()))
+                extra.update(operating_point=point,
+                             operating_point_file=str(write_operating_point(checkpoint.parent, point)))
             metrics = _write_evaluation(out, checkpoint, data, split, method.config, state, dataset, stream,
-                                        scores, n_cases, scoring_seconds,
-                                        {"operating_point": point, "operating_point_file": str(point_file)})
+                                        scores, n_cases, scoring_seconds, extra)
     return distributed.broadcast_object(metrics)
 
 
@@ -310,7 +315,8 @@ def main(args: argparse.Namespace) -> int:
           f"AUPRO@0.3 {metrics['aupro_0.3']:.4f}, best Dice {metrics['best_dice']:.4f}; "
           f"{metrics['n_images']} slices)")
     point = metrics["operating_point"]
-    print(f"operating point from {point['source']}: slice threshold {point['slice_threshold']:.6g} (score > it), "
-          f"pixel threshold {point['pixel_threshold']:.6g} (map >= it) -> {metrics['operating_point_file']}")
+    if point:
+        print(f"operating point from {point['source']}: slice threshold {point['slice_threshold']:.6g} (score > "
+              f"it), pixel threshold {point['pixel_threshold']:.6g} (map >= it) -> {metrics['operating_point_file']}")
     print(f"wrote {out / 'metrics.json'}, {out / 'roc.png'}, {out / 'heatmaps'}/")
     return 0

@@ -763,11 +763,12 @@ def lesion_froc(volumes, fp_budgets=DEFAULT_FP_BUDGETS) -> dict:
 def detection_thresholds(values, max_thresholds: int | None = None, include=()) -> np.ndarray:
     """Thresholds to sweep, descending: the distinct ``values`` (any shape; e.g. the maps'
     values inside the liver), or, when there are more than ``max_thresholds``, that many of
-    their quantiles; plus ``include`` (e.g. every lesion's peak, where recall changes)."""
+    their quantiles (each one of the values: ``inverted_cdf``); plus ``include`` (e.g. every
+    lesion's peak, where recall changes)."""
     values = np.unique(np.asarray(_to_numpy(values, "values"), dtype=np.float64).reshape(-1))
     values = values[~np.isnan(values)]
     if max_thresholds is not None and values.size > max_thresholds:
-        values = np.unique(np.quantile(values, np.linspace(0.0, 1.0, int(max_thresholds))))
+        values = np.unique(np.quantile(values, np.linspace(0.0, 1.0, int(max_thresholds)), method="inverted_cdf"))
     extra = np.asarray(include, dtype=np.float64).reshape(-1)
     return np.unique(np.concatenate([values, extra]))[::-1]
 

@@ -88,8 +88,10 @@ def plot_roc(path: Path, curves: Sequence[tuple[str, np.ndarray, np.ndarray]], t
 def plot_froc(path: Path, curves: Sequence[tuple[str, Sequence[float], Sequence[float]]], budgets: Sequence[float],
               title: str) -> None:
     """FROC-style plot of ``curves``: ``(label, mean false positives per scan, lesion recall)``
-    each, points in threshold order (highest first), drawn as steps; dotted lines at the
-    false-positive ``budgets``. A PNG written atomically."""
+    each, one point per threshold. Drawn: the points (faint) and, as steps, the best recall
+    reached within each false-positive count (what the recall at a budget reads off; recall is
+    not monotone in the false positives, components merge as the threshold falls); dotted
+    lines at the false-positive ``budgets``. A PNG written atomically."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -99,7 +101,9 @@ def plot_froc(path: Path, curves: Sequence[tuple[str, Sequence[float], Sequence[
     for label, fp, recall in curves:
         fp, recall = np.asarray(fp, dtype=np.float64), np.asarray(recall, dtype=np.float64)
         order = np.argsort(fp, kind="stable")
-        axis.plot(fp[order], recall[order], marker=".", markersize=3, label=label)
+        best = np.maximum.accumulate(recall[order])
+        (line,) = axis.step(fp[order], best, where="post", label=label)
+        axis.scatter(fp, recall, s=6, alpha=0.35, color=line.get_color())
         x_max = max(x_max, min(float(fp.max(initial=0.0)) * 1.05, 3 * max(budgets, default=1.0)))
     for budget in budgets:
         axis.axvline(budget, color="gray", linestyle=":", linewidth=1)

@@ -78,7 +78,7 @@ __all__ = ["LabelSource", "VolumeCase", "cases_from_arguments", "cases_from_mani
 
 #: quantiles of the maps' liver values swept for the lesion-wise metrics (besides every lesion's peak)
 DEFAULT_LESION_THRESHOLDS = 100
-# samples of each volume's liver map values kept to choose the thresholds
+# at least this many of each volume's liver map values are kept to choose the thresholds from
 _SAMPLES_PER_VOLUME = 1001
 
 
@@ -235,9 +235,10 @@ def _padded(images: list[np.ndarray], shape: tuple[int, int], fill) -> np.ndarra
 
 def _score_cases(method, opened: list[_Opened], stream: PixelMetricsStream, pad_shape: tuple[int, int],
                  window, hist_eq: bool, batch_size: int, device, progress: bool, top_k: int,
-                 lesion_dir: Path | None) -> _Scored:
+                 lesion_dir: Path | None, sample_size: int = _SAMPLES_PER_VOLUME) -> _Scored:
     """Score every case, feed its liver slices to ``stream`` and (with ``lesion_dir``) spill
-    its map, tumour and region, cropped to the region, for the lesion-wise metrics."""
+    its map, tumour and region, cropped to the region, for the lesion-wise metrics, keeping
+    up to ``sample_size`` of its liver map values to choose the thresholds from."""
     scored = _Scored()
     for k, item in enumerate(opened):
         scan = read_volume(item.geometry)
@@ -265,8 +266,11 @@ def _score_cases(method, opened: list[_Opened], stream: PixelMetricsStream, pad_
             path = lesion_dir / f"{k:05d}.npz"
             np.savez(path, anomaly_map=crop_map, lesions=crop_tumour, region=crop_region)
             scored.lesion_files.append(path)
-            values = crop_map[crop_region]
-            scored.samples.append(np.quantile(values, np.linspace(0.0, 1.0, _SAMPLES_PER_VOLUME)))
+            # the distinct liver values, or that many of their quantiles (values of the map)
+            values = np.unique(crop_map[crop_region])
+            if values.size > sample_size:
+                values = np.quantile(values, np.linspace(0.0, 1.0, sample_size), method="inverted_cdf")
+            scored.samples.append(values)
             labelled, n_lesions = ndimage.label(crop_tumour, structure=LESION_STRUCTURE)
             if n_lesions:
                 scored.peaks.append(np.asarray(ndimage.maximum(crop_map, labelled, np.arange(1, n_lesions + 1)),
@@ -334,7 +338,7 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
         started = time.perf_counter()
         with PixelMetricsStream(str(spill / "pixels")) as stream:
             scored = _score_cases(method, opened, stream, pad_shape, window, hist_eq, batch_size, device, progress,
-                                  top_k, spill / "lesions")
+                                  top_k, spill / "lesions", max(_SAMPLES_PER_VOLUME, lesion_thresholds))
             seconds = time.perf_counter() - started
             labels, scores = scored.slice_labels, scored.slice_scores
             slice_metrics, slice_reason = _or_reason(lambda: image_metrics(labels, scores))

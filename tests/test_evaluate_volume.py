@@ -32,22 +32,27 @@ def tumour_ball(shape, centre, radius=1.6) -> np.ndarray:
     return sum((g - c) ** 2 for g, c in zip(grids, centre)) <= radius ** 2
 
 
+# scan 2 is stored axial axis first, on another in-plane size: its slices are padded in the pixel stream
+AXIAL_AXES = (2, 2, 0)
+AFFINE_AXIAL_FIRST = np.array([[0, 0.8, 0, 0], [0, 0, 0.8, 0], [2.5, 0, 0, 0], [0, 0, 0, 1.0]])
+
+
 def write_cases(folder: Path) -> list[tuple[Path, Path, Path]]:
     """Three scans: two with a bright lesion labelled as tumour (the second also with an
-    unlabelled bright blob: a false positive), one without tumour."""
+    unlabelled bright blob: a false positive), one without tumour (axial axis first)."""
     cases = []
-    shape = (30, 28, 10)
     for i, lesion in enumerate([(12, 12, 4), (18, 10, 6), None]):
-        hu, liver = liver_phantom(shape, 2, lesion or (15, 14, 5), seed=i)
+        shape, affine = ((30, 28, 10), AFFINE) if lesion else ((8, 34, 22), AFFINE_AXIAL_FIRST)
+        hu, liver = liver_phantom(shape, AXIAL_AXES[i], lesion or (4, 17, 11), seed=i)
         tumour = tumour_ball(shape, lesion) & liver if lesion else np.zeros(shape, bool)
         if lesion is None:
             hu = np.where(liver, LIVER, AIR).astype(np.float32)
         if i == 1:
             hu[tumour_ball(shape, (8, 18, 3))] = 200.0  # an unlabelled bright blob inside the liver
             hu[~liver] = AIR
-        cases.append((write_nifti(folder / f"scan{i}.nii.gz", hu, AFFINE),
-                      write_nifti(folder / f"liver{i}.nii.gz", liver, AFFINE, dtype=np.uint8),
-                      write_nifti(folder / f"tumour{i}.nii.gz", tumour, AFFINE, dtype=np.uint8)))
+        cases.append((write_nifti(folder / f"scan{i}.nii.gz", hu, affine),
+                      write_nifti(folder / f"liver{i}.nii.gz", liver, affine, dtype=np.uint8),
+                      write_nifti(folder / f"tumour{i}.nii.gz", tumour, affine, dtype=np.uint8)))
     return cases
 
 
@@ -81,9 +86,11 @@ def test_volume_metrics_match_the_predicted_maps(checkpoint, tmp_path, monkeypat
     assert result["best_dice"] == pytest.approx(metrics.best_dice(inside_tumour, inside_maps))
 
     slices = list(csv.DictReader((out / "slices.csv").open()))
-    liver_slices = [(i, k) for i, liver in enumerate(livers) for k in range(liver.shape[2]) if liver[:, :, k].any()]
+    liver_slices = [(i, k) for i, liver in enumerate(livers) for k in range(liver.shape[AXIAL_AXES[i]])
+                    if np.take(liver, k, axis=AXIAL_AXES[i]).any()]
     assert [(int(r["name"][-1]), int(r["slice"])) for r in slices] == liver_slices
-    assert [int(r["label"]) for r in slices] == [int(tumours[i][:, :, k].any()) for i, k in liver_slices]
+    assert [int(r["label"]) for r in slices] == [int(np.take(tumours[i], k, axis=AXIAL_AXES[i]).any())
+                                                 for i, k in liver_slices]
     assert result["n_slices"] == len(slices) and result["n_abnormal_slices"] == sum(int(r["label"]) for r in slices)
     assert result["image_auroc"] == pytest.approx(metrics.roc_auc([int(r["label"]) for r in slices],
                                                                   [float(r["score"]) for r in slices]), abs=1e-6)
@@ -163,3 +170,25 @@ def test_manifest_of_prepare_with_a_valid_split(checkpoint, tmp_path, monkeypatc
     assert point["split"] == "valid" and point["on_evaluated_split"] is False
     assert "operating point from the 1 valid volume(s)" in printed
     assert json.loads((checkpoint.parent / "operating_point.json").read_text())["split"] == "valid"
+
+
+def test_dicom_scan_with_dicom_liver_and_a_nifti_tumour_in_another_voxel_order(checkpoint, tmp_path, monkeypatch):
+    from ct_data import DicomGrid, rotation, write_dicom_series
+
+    identity_maps(monkeypatch)
+    grid = DicomGrid(rotation(0.2, -0.1, 0.3), spacing=(0.8, 0.7), step=2.0)
+    shape, lesion = (32, 28, 9), (14, 12, 4)  # [column, row, slice]
+    hu, liver = liver_phantom(shape, 2, lesion)
+    tumour = tumour_ball(shape, lesion) & liver
+    write_dicom_series(tmp_path / "CT", hu, grid)
+    write_dicom_series(tmp_path / "liver", liver, grid, modality="OT", label=True, seed=1)
+    stored = write_nifti(tmp_path / "tumour.nii.gz", tumour.transpose(2, 1, 0), grid.affine(shape[2])[:, [2, 1, 0, 3]],
+                         dtype=np.uint8)
+    out = tmp_path / "eval"
+    assert evaluate(checkpoint, [(tmp_path / "CT", tmp_path / "liver", stored)], out) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    volume, = result["volumes"]
+    assert volume["tumour_voxels"] == int(tumour.sum()) and volume["n_lesions"] == 1
+    assert volume["n_tumour_slices"] == int(tumour.any(axis=(0, 1)).sum())
+    assert result["n_abnormal_pixels"] == int(tumour.sum()) and result["lesion_recall_at_fp_peak"]["1"] == 1.0
+    assert result["undefined"]["volume"].startswith("needs two or more scans")

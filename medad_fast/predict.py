@@ -338,7 +338,8 @@ def _main_volumes(args: argparse.Namespace) -> int:
         print(f"{entry['score']:.4f}  (top-{summary['top_k']} mean {entry['top_k_mean']:.4f}, "
               f"{entry['n_liver_slices']} liver slices)  {entry['scan']}")
     if summary["threshold"] is not None:
-        print(f"lesion masks at pixel threshold {summary['threshold']:.6g} (map >= it) from {summary['threshold_from']}")
+        print(f"lesion masks at pixel threshold {summary['threshold']:.6g} (map >= it) from "
+              f"{summary['threshold_from']}")
     print(f"wrote {len(summary['scans'])} anomaly map(s), slice table(s) and review montage(s) and "
           f"{Path(args.out) / 'scores.json'} (window {summary['window'][0]:g} {summary['window'][1]:g} HU, "
           f"hist-eq {'on' if summary['hist_eq'] else 'off'}: {summary['window_from']})")

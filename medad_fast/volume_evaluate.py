@@ -277,7 +277,8 @@ def _score_cases(method, opened: list[_Opened], stream: PixelMetricsStream, pad_
                                                dtype=np.float64).reshape(-1))
         scored.volumes.append({
             "name": item.case.name, "scan": str(scan.path),
-            "liver_mask": [str(s.path) for s in item.case.liver], "tumour_label": [str(s.path) for s in item.case.tumour],
+            "liver_mask": [str(s.path) for s in item.case.liver],
+            "tumour_label": [str(s.path) for s in item.case.tumour],
             "has_tumour": bool(tumour.any()), "n_lesions": int(n_lesions), "tumour_voxels": int(tumour.sum()),
             "n_liver_slices": int(result.slice_indices.size), "n_tumour_slices": int(tumour_slices.sum()),
             **aggregate_slice_scores(result.slice_scores, top_k)})

@@ -71,7 +71,8 @@ def test_without_valid_the_evaluated_split_is_used(phantom, tmp_path):
     assert cli(["evaluate", str(run), "--data", str(data), "--no-progress", "--cases", "0"]) == 0
     point = read_operating_point(run)
     assert point["split"] == "test" and point["on_evaluated_split"] is True
-    assert point["pixel_dice"] == pytest.approx(json.loads((run / "eval-test" / "metrics.json").read_text())["best_dice"])
+    best_dice = json.loads((run / "eval-test" / "metrics.json").read_text())["best_dice"]
+    assert point["pixel_dice"] == pytest.approx(best_dice)
 
 
 def test_predict_writes_lesion_masks_at_the_threshold(tmp_path, monkeypatch, capsys):

@@ -48,8 +48,8 @@ Definitions
   given). Two hit rules are counted side by side: ``overlap`` (a lesion is found
   when some predicted component overlaps it; a component overlapping no lesion is
   a false positive) and ``peak`` (a component finds the lesion holding its
-  highest-scoring voxel and is a false positive when that voxel lies in no
-  lesion). Lesion recall at 1, 2, 5 false-positive components per scan: over
+  highest-scoring voxel, every such lesion when the highest value is tied, and is
+  a false positive when no voxel of that value lies in a lesion). Lesion recall at 1, 2, 5 false-positive components per scan: over
   the thresholds swept, the best recall whose mean false-positive count per scan
   is within the budget (a FROC curve's points). Under ``overlap`` a threshold low
   enough to merge the whole liver into one component finds every lesion with no
@@ -705,15 +705,19 @@ def lesion_hits(lesions, anomaly_map, thresholds, region=None) -> LesionHits:
         n_components[i] = count
         if count == 0:
             continue
+        # the predicted voxels only, flat: their component, value and lesion (0: none)
+        component_of, value_of, lesion_of = components[predicted], anomaly_map[predicted], lesion_labels[predicted]
+        in_lesion = lesion_of > 0
         # overlap: the components holding a lesion voxel, and the lesions holding a predicted voxel
-        hit_components = np.unique(components[lesion_labels > 0])
-        false_positives["overlap"][i] = count - np.count_nonzero(hit_components)
+        false_positives["overlap"][i] = count - np.unique(component_of[in_lesion]).size
         found["overlap"][i] = np.count_nonzero(lesion_peaks >= threshold)
-        # peak: the lesion (or none) at each component's highest voxel
-        peaks = ndimage.maximum_position(anomaly_map, components, np.arange(1, count + 1))
-        lesion_at_peak = np.array([lesion_labels[p] for p in peaks], dtype=np.int64)
-        false_positives["peak"][i] = np.count_nonzero(lesion_at_peak == 0)
-        found["peak"][i] = np.unique(lesion_at_peak[lesion_at_peak > 0]).size
+        # peak: a lesion voxel at its component's highest value (np.maximum.at: several times
+        # faster than ndimage.maximum_position over thousands of components)
+        component_peak = np.full(count + 1, -np.inf, dtype=np.float64)
+        np.maximum.at(component_peak, component_of, value_of)
+        at_peak = value_of[in_lesion] == component_peak[component_of[in_lesion]]
+        false_positives["peak"][i] = count - np.unique(component_of[in_lesion][at_peak]).size
+        found["peak"][i] = np.unique(lesion_of[in_lesion][at_peak]).size
     return LesionHits(thresholds, int(n_lesions), found, false_positives, n_components,
                       lesion_peaks.astype(np.float64))
 

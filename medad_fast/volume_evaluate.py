@@ -31,7 +31,9 @@ The region scored is the liver mask united with the tumour label (tumour counts 
   lesion recall at 1, 2 and 5 false-positive components per scan, under the ``overlap`` and
   the ``peak`` hit rule (see :mod:`medad_fast.metrics`). The thresholds swept are every
   lesion's peak value and up to ``--lesion-thresholds`` quantiles of the maps' values inside
-  the liver (exact when the maps hold no more distinct values than that).
+  the liver (exact when the maps hold no more distinct values than that). Each threshold is one
+  ``scipy.ndimage.label`` of the liver's bounding box: about 0.5 s for 6 million voxels on one
+  busy CPU core, so a minute per volume at the default 100.
 
 Writes into ``--out`` (default ``<run>/eval-volumes`` or ``<run>/eval-volumes-<split>``)::
 

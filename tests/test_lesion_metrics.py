@@ -133,3 +133,20 @@ def test_pixel_stream_counts_only_the_region():
     assert stream.max == pytest.approx(float(maps[region].max()))
     with pytest.raises(ValueError, match="outside region"):
         stream.add(masks, maps, np.zeros_like(region))
+
+
+def test_peak_rule_with_the_peak_outside_any_lesion_and_tied():
+    shape = (8, 8, 8)
+    lesions = np.zeros(shape, bool)
+    lesions[1:3, 1:3, 1:3] = True
+    lesions[5:7, 5:7, 5:7] = True
+    anomaly_map = np.zeros(shape, np.float32)
+    anomaly_map[1:7, 1:7, 1:7] = 0.5  # one component over both lesions...
+    anomaly_map[4, 4, 4] = 0.8  # ...peaking outside them: a false positive that finds nothing
+    hits = metrics.lesion_hits(lesions, anomaly_map, [0.5])
+    assert hits.found["peak"].tolist() == [0] and hits.false_positives["peak"].tolist() == [1]
+    assert hits.found["overlap"].tolist() == [2] and hits.false_positives["overlap"].tolist() == [0]
+    anomaly_map[4, 4, 4] = 0.5
+    anomaly_map[1, 1, 1] = anomaly_map[6, 6, 6] = 0.8  # the peak tied in both lesions: both found
+    hits = metrics.lesion_hits(lesions, anomaly_map, [0.5])
+    assert hits.found["peak"].tolist() == [2] and hits.false_positives["peak"].tolist() == [0]

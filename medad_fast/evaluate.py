@@ -1,5 +1,8 @@
 """`medad-fast evaluate`: score a split with a trained method and write the evaluation.
 
+``--data DIR`` evaluates BMAD-layout slices (below); ``--scans ... --masks ... --labels ...``
+or ``--manifest FILE`` evaluates CT volumes (:mod:`medad_fast.volume_evaluate`).
+
 Output folder (default ``<run>/eval-<split>``)::
 
     metrics.json                  image/pixel AUROC, AP, AUPRO@0.3, best Dice, counts, scoring
@@ -9,6 +12,11 @@ Output folder (default ``<run>/eval-<split>``)::
     heatmaps/worst-*.png          abnormal slices with the lowest scores and normal slices
                                   with the highest (the method's worst cases)
     heatmaps/best-*.png           the opposite (its best cases)
+
+and in the run folder (the checkpoint's), ``operating_point.json``: the slice-score threshold
+at 95 % slice specificity and the best-Dice pixel threshold, from the ``valid`` split when the
+data has one with normal and abnormal slices, else from the evaluated split
+(:mod:`medad_fast.operating_point`; ``metrics.json`` repeats it under ``operating_point``).
 
 Each heatmap PNG shows the slice and, beside it, the slice with the anomaly map blended in
 (jet colour map from 0 to the split's largest pixel value, ``heatmap_scale`` in
@@ -43,7 +51,10 @@ from .data.dataset import BmadSliceDataset
 from .inference import load_method, resolve_checkpoint, score_dataset
 from .io import atomic_write_json, atomic_write_text
 from .metrics import PixelMetricsStream, image_metrics, roc_curve, roc_curve_from_counts
+from .operating_point import operating_point, write_operating_point
 from .runtime import ops_mode, resolve_device
+from .volume_evaluate import DEFAULT_LESION_THRESHOLDS
+from .volume_inference import DEFAULT_TOP_K
 from .visualize import plot_roc, write_cases
 
 __all__ = ["evaluate", "add_arguments", "main"]
@@ -53,7 +64,10 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
              device: str | torch.device | None = None, batch_size: int = 16, n_cases: int = 4,
              progress: bool = True, reference_ops: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint (or run directory) of any method on a split of a BMAD-layout
-    folder; write ``metrics.json``, ``roc.png`` and the heatmaps into ``out``. Returns the metrics."""
+    folder; write ``metrics.json``, ``roc.png`` and the heatmaps into ``out`` and the
+    operating point into the run folder (:mod:`medad_fast.operating_point`: from the
+    ``valid`` split when the data has one with both classes, else from ``split``). Returns
+    the metrics."""
     checkpoint = resolve_checkpoint(checkpoint)
     out = Path(out) if out is not None else checkpoint.parent / f"eval-{split}"
     world = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
@@ -67,39 +81,87 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
             out.mkdir(parents=True, exist_ok=True)
             spill = cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".pixel-maps-", dir=out))
             stream = cleanup.enter_context(PixelMetricsStream(spill))
-        # each rank scores its share of the slices, one batch in memory at a time; with
-        # several processes the shares are gathered to rank 0 in slice order
-        start, stop = distributed.shard_bounds(len(dataset))
-        scores, shard = [], []
         started = time.perf_counter()
-        for batch, batch_maps, batch_scores in score_dataset(method, dataset, batch_size, start, stop,
-                                                             progress and world.is_main, world.device):
-            scores.append(batch_scores)
-            if world.is_distributed:
-                shard.append((batch.masks[:, 0].bool(), batch_maps))
-            else:
-                stream.add(batch.masks[:, 0].numpy(), batch_maps.numpy())
+        scores = _score_split(method, dataset, stream, batch_size, progress, world)
         scoring_seconds = time.perf_counter() - started
-        scores = distributed.all_gather_uneven(torch.cat(scores) if scores else torch.empty(0))
-        if world.is_distributed:
-            size = method.config.run.image_size
-            masks = distributed.all_gather_uneven(torch.cat([m for m, _ in shard]) if shard
-                                                  else torch.empty(0, size, size, dtype=torch.bool))
-            maps = distributed.all_gather_uneven(torch.cat([m for _, m in shard]) if shard
-                                                 else torch.empty(0, size, size))
+        point = None
+        valid = _validation_split(data, split, method.config.run.image_size)
+        if valid is not None:
+            valid_stream = None
             if world.is_main:
-                stream.add(masks.numpy(), maps.numpy())
+                valid_spill = cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".valid-maps-", dir=out))
+                valid_stream = cleanup.enter_context(PixelMetricsStream(valid_spill))
+            valid_scores = _score_split(method, valid, valid_stream, batch_size, progress, world)
+            if world.is_main:
+                point = operating_point(_labels(valid), valid_scores, valid_stream.counts("the operating point"),
+                                        "valid", f"the valid split of {Path(data).resolve()}", False)
         if world.is_main:
+            extra: dict[str, Any] = {"operating_point": point, "operating_point_file": None}
+            if point is None:
+                try:
+                    point = operating_point(_labels(dataset), scores, stream.counts("the operating point"), split,
+                                            f"the evaluated {split} split of {Path(data).resolve()} (no valid "
+                                            "split with normal and abnormal slices)", True)
+                except ValueError as e:  # one class only: the metrics below say so
+                    extra["operating_point_undefined"] = str(e)
+            if point is not None:
+                point.update(checkpoint=str(checkpoint.resolve()), data=str(Path(data).resolve()))
+                extra.update(operating_point=point,
+                             operating_point_file=str(write_operating_point(checkpoint.parent, point)))
             metrics = _write_evaluation(out, checkpoint, data, split, method.config, state, dataset, stream,
-                                        scores.numpy(), n_cases, scoring_seconds)
+                                        scores, n_cases, scoring_seconds, extra)
     return distributed.broadcast_object(metrics)
+
+
+def _labels(dataset: BmadSliceDataset) -> np.ndarray:
+    return np.array([entry.abnormal for entry in dataset.files], dtype=bool)
+
+
+def _validation_split(data: str | Path, split: str, size: int) -> BmadSliceDataset | None:
+    """The ``valid`` split of ``data`` when it is not the evaluated one and holds both normal
+    and abnormal slices; else None."""
+    if split == "valid" or not (Path(data).expanduser() / "valid").is_dir():
+        return None
+    try:
+        valid = BmadSliceDataset(data, "valid", size=size)
+    except FileNotFoundError:
+        return None
+    labels = _labels(valid)
+    return valid if labels.any() and not labels.all() else None
+
+
+def _score_split(method, dataset: BmadSliceDataset, stream: PixelMetricsStream | None, batch_size: int,
+                 progress: bool, world) -> np.ndarray:
+    """Score ``dataset`` into ``stream`` (rank 0's; None elsewhere). Each rank scores its share
+    of the slices, one batch in memory at a time; with several processes the shares are
+    gathered to rank 0 in slice order. Returns the image scores [N] (every rank)."""
+    start, stop = distributed.shard_bounds(len(dataset))
+    scores, shard = [], []
+    for batch, batch_maps, batch_scores in score_dataset(method, dataset, batch_size, start, stop,
+                                                         progress and world.is_main, world.device):
+        scores.append(batch_scores)
+        if world.is_distributed:
+            shard.append((batch.masks[:, 0].bool(), batch_maps))
+        else:
+            stream.add(batch.masks[:, 0].numpy(), batch_maps.numpy())
+    scores = distributed.all_gather_uneven(torch.cat(scores) if scores else torch.empty(0))
+    if world.is_distributed:
+        size = method.config.run.image_size
+        masks = distributed.all_gather_uneven(torch.cat([m for m, _ in shard]) if shard
+                                              else torch.empty(0, size, size, dtype=torch.bool))
+        maps = distributed.all_gather_uneven(torch.cat([m for _, m in shard]) if shard
+                                             else torch.empty(0, size, size))
+        if world.is_main:
+            stream.add(masks.numpy(), maps.numpy())
+    return scores.numpy()
 
 
 def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str, config: Any,
                       state: dict[str, Any], dataset: BmadSliceDataset, stream: PixelMetricsStream,
-                      scores: np.ndarray, n_cases: int, scoring_seconds: float) -> dict[str, Any]:
-    """Metrics of the scored split; metrics.json, scores.csv, roc.png, heatmaps."""
-    labels = np.array([entry.abnormal for entry in dataset.files], dtype=bool)
+                      scores: np.ndarray, n_cases: int, scoring_seconds: float,
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Metrics of the scored split (and ``extra``); metrics.json, scores.csv, roc.png, heatmaps."""
+    labels = _labels(dataset)
     pixel_counts = stream.counts("AUROC")
     metrics = image_metrics(labels, scores) | stream.metrics(pixel_counts)
     # the heatmaps share one colour scale: the largest pixel value of the split (the
@@ -112,7 +174,8 @@ def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str,
                     "heatmap_scale": heatmap_scale,
                     # rank 0's read-and-score loop (with torchrun: its shard and the gather)
                     "scoring_seconds": scoring_seconds,
-                    "slices_per_s": len(scores) / scoring_seconds if scoring_seconds > 0 else float("nan")})
+                    "slices_per_s": len(scores) / scoring_seconds if scoring_seconds > 0 else float("nan"),
+                    **(extra or {})})
     atomic_write_json(out / "metrics.json", metrics)
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
@@ -129,18 +192,114 @@ def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_or_checkpoint", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
-    parser.add_argument("--data", required=True, metavar="DIR", help="BMAD-layout folder")
-    parser.add_argument("--split", default="test", choices=("test", "valid", "train"), help="default test")
-    parser.add_argument("--out", metavar="DIR", help="output folder (default <run>/eval-<split>)")
+    parser.add_argument("--data", metavar="DIR", help="BMAD-layout folder (or --scans / --manifest for CT volumes)")
+    parser.add_argument("--split", default="test", choices=("test", "valid", "train"),
+                        help="default test (with --manifest: the patients of that split)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="output folder (default <run>/eval-<split>; volumes: <run>/eval-volumes[-<split>])")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=16)
     parser.add_argument("--cases", type=int_at_least(0), default=4, metavar="K",
                         help="heatmaps of the K worst and K best slices per class (default 4)")
     parser.add_argument("--reference-ops", action="store_true", help="use the pure-PyTorch reference ops")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    volumes = parser.add_argument_group("CT volumes")
+    volumes.add_argument("--scans", nargs="+", metavar="SCAN", default=None,
+                         help="CT scans: NIfTI files or DICOM series folders")
+    volumes.add_argument("--masks", nargs="+", metavar="MASK", default=None,
+                         help="liver mask of each scan, in the same order (on the scan's grid)")
+    volumes.add_argument("--labels", nargs="+", metavar="LABEL", default=None,
+                         help="tumour label volume of each scan, in the same order (on the scan's grid)")
+    volumes.add_argument("--liver-label", nargs="+", type=float, metavar="V", default=None,
+                         help="mask values that are liver (default: any nonzero value)")
+    volumes.add_argument("--tumour-label", nargs="+", type=float, metavar="V", default=None,
+                         help="label values that are tumour (default: any nonzero value; 2 for LiTS)")
+    volumes.add_argument("--manifest", metavar="FILE", default=None,
+                         help="a `medad-fast prepare` manifest.json: evaluate the source volumes of --split")
+    volumes.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                         help="HU window (default: the training data's prepare settings, else -200 250)")
+    volumes.add_argument("--hist-eq", action=argparse.BooleanOptionalAction, default=None,
+                         help="histogram-equalise the liver pixels (default: as the training data was prepared)")
+    volumes.add_argument("--top-k", type=int_at_least(1), default=DEFAULT_TOP_K, metavar="K",
+                         help=f"slices in a volume's top-k mean score (default {DEFAULT_TOP_K})")
+    volumes.add_argument("--lesion-thresholds", type=int_at_least(2), default=DEFAULT_LESION_THRESHOLDS,
+                         metavar="N", help="map quantiles swept for the lesion-wise metrics, besides every lesion's "
+                                           f"peak (default {DEFAULT_LESION_THRESHOLDS})")
+
+
+def _volume_inputs(args: argparse.Namespace) -> str | None:
+    """The problem with the input options, or None: exactly one of --data, --scans, --manifest."""
+    given = [name for name, value in (("--data", args.data), ("--scans", args.scans), ("--manifest", args.manifest))
+             if value]
+    if len(given) != 1:
+        return (f"pass one of --data (BMAD slices), --scans (CT volumes) or --manifest (a prepare manifest); got "
+                f"{' and '.join(given) if given else 'none'}")
+    volume_only = [name for name, value in (("--masks", args.masks), ("--labels", args.labels),
+                                            ("--liver-label", args.liver_label),
+                                            ("--tumour-label", args.tumour_label)) if value]
+    if not args.scans and volume_only:
+        return f"{volume_only[0]} goes with --scans"
+    if args.scans and (not args.masks or not args.labels):
+        return ("CT volumes need a liver mask (--masks) and a tumour label volume (--labels) per scan, in the same "
+                "order")
+    return None
+
+
+def _main_volumes(args: argparse.Namespace) -> int:
+    from .volume_evaluate import cases_from_arguments, cases_from_manifest, evaluate_volumes
+
+    try:
+        if args.manifest:
+            cases, skipped = cases_from_manifest(args.manifest, args.split)
+            valid_cases = cases_from_manifest(args.manifest, "valid")[0] if args.split != "valid" else None
+            split, source = args.split, str(Path(args.manifest).resolve())
+        else:
+            cases = cases_from_arguments(args.scans, args.masks, args.labels, args.liver_label, args.tumour_label)
+            skipped, valid_cases, split, source = [], None, None, None
+        metrics = evaluate_volumes(args.run_or_checkpoint, cases, args.out, valid_cases, args.device,
+                                   args.batch_size, not args.no_progress, args.window, args.hist_eq, args.top_k,
+                                   lesion_thresholds=args.lesion_thresholds, split=split, source=source,
+                                   skipped=skipped)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"medad-fast evaluate: error: {exc}", file=sys.stderr)
+        return 2
+
+    def number(value) -> str:
+        return "n/a" if value is None else f"{value:.4f}"
+
+    print(f"{metrics['n_volumes']} volume(s) ({metrics['n_volumes_with_tumour']} with tumour), "
+          f"{metrics['n_slices']} liver slices ({metrics['n_abnormal_slices']} with tumour)")
+    print(f"slice AUROC {number(metrics['image_auroc'])}  pixel AUROC (liver) {number(metrics['pixel_auroc'])}  "
+          f"AUPRO@0.3 {number(metrics['aupro_0.3'])}  best Dice {number(metrics['best_dice'])}  "
+          f"volume AUROC {number(metrics['volume_auroc'])}")
+    lesions = metrics["lesions"]
+    if lesions:
+        for rule, key in (("overlap", "lesion_recall_at_fp"), ("peak", "lesion_recall_at_fp_peak")):
+            recalls = ", ".join(f"{recall:.3f} at {budget} FP" for budget, recall in metrics[key].items())
+            print(f"lesion recall ({rule}, {lesions['n_lesions']} lesions): {recalls}")
+    for name, reason in metrics["undefined"].items():
+        print(f"{name} metrics undefined: {reason}")
+    for entry in metrics["skipped"]:
+        print(f"skipped {entry['patient']} ({entry['status']} in the manifest)")
+    point = metrics.get("operating_point")
+    if point:
+        print(f"operating point from {point['source']}: slice threshold {point['slice_threshold']:.6g} "
+              f"(score > it; specificity {point['slice_specificity']:.3f}), pixel threshold "
+              f"{point['pixel_threshold']:.6g} (map >= it; Dice {point['pixel_dice']:.3f}) -> "
+              f"{metrics['operating_point_file']}")
+    out = Path(metrics["out"])
+    print(f"wrote {out / 'metrics.json'}, {out / 'volumes.csv'}, {out / 'slices.csv'}"
+          + (f", {out / 'froc.png'}" if lesions else ""))
+    return 0
 
 
 def main(args: argparse.Namespace) -> int:
+    problem = _volume_inputs(args)
+    if problem:
+        print(f"medad-fast evaluate: error: {problem}", file=sys.stderr)
+        return 2
+    if args.scans or args.manifest:
+        return _main_volumes(args)
     try:
         world = distributed.init_distributed(resolve_device(args.device))  # so that only rank 0 prints
         metrics = evaluate(args.run_or_checkpoint, args.data, args.split, args.out, world.device,
@@ -155,5 +314,9 @@ def main(args: argparse.Namespace) -> int:
           f"(image AP {metrics['image_ap']:.4f}, pixel AP {metrics['pixel_ap']:.4f}, "
           f"AUPRO@0.3 {metrics['aupro_0.3']:.4f}, best Dice {metrics['best_dice']:.4f}; "
           f"{metrics['n_images']} slices)")
+    point = metrics["operating_point"]
+    if point:
+        print(f"operating point from {point['source']}: slice threshold {point['slice_threshold']:.6g} (score > "
+              f"it), pixel threshold {point['pixel_threshold']:.6g} (map >= it) -> {metrics['operating_point_file']}")
     print(f"wrote {out / 'metrics.json'}, {out / 'roc.png'}, {out / 'heatmaps'}/")
     return 0

@@ -39,7 +39,22 @@ Definitions
   Exact: every distinct threshold is used, not a quantile grid.
 * Best Dice: max over all thresholds ``t`` of the global Dice
   ``2 TP / (2 TP + FP + FN)`` of ``map >= t`` against the masks, pooled over all
-  pixels of all slices. Exact over every distinct threshold.
+  pixels of all slices. Exact over every distinct threshold
+  (:func:`best_dice_threshold`: the threshold that reaches it).
+* Lesion-wise detection in 3-D (:func:`lesion_hits`, :func:`lesion_froc`,
+  :func:`lesion_recall_at_fp`): lesions are the 26-connected components of a
+  volume's tumour label; at a threshold ``t`` the predicted components are the
+  26-connected components of ``map >= t`` (inside the liver when a region is
+  given). Two hit rules are counted side by side: ``overlap`` (a lesion is found
+  when some predicted component overlaps it; a component overlapping no lesion is
+  a false positive) and ``peak`` (a component finds the lesion holding its
+  highest-scoring voxel, every such lesion when the highest value is tied, and is
+  a false positive when no voxel of that value lies in a lesion). Lesion recall at 1, 2, 5 false-positive components per scan: over
+  the thresholds swept, the best recall whose mean false-positive count per scan
+  is within the budget (a FROC curve's points). Under ``overlap`` a threshold low
+  enough to merge the whole liver into one component finds every lesion with no
+  false positive, so its recall at any budget is 1 for every map; ``peak``
+  does not have that degenerate point.
 
 Inputs may be torch tensors (any device, any float/int/bool dtype) or numpy
 arrays. Bad input (shape mismatch, empty input, NaN scores, labels that are
@@ -63,11 +78,26 @@ __all__ = [
     "image_metrics",
     "PixelMetricsStream",
     "roc_curve_from_counts",
+    "best_dice_threshold",
+    "best_dice_threshold_from_counts",
+    "LESION_STRUCTURE",
+    "HIT_RULES",
+    "LesionHits",
+    "lesion_hits",
+    "lesion_froc",
+    "lesion_recall_at_fp",
+    "detection_thresholds",
 ]
 
 # 8-connectivity inside each slice, nothing across slices of an [N, H, W] stack.
 _REGION_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
 _REGION_STRUCTURE[1] = True
+# Lesions and predicted components in 3-D: face, edge and corner neighbours (26-connectivity).
+LESION_STRUCTURE = ndimage.generate_binary_structure(3, 3)
+#: how a predicted component finds a lesion (see the module docstring)
+HIT_RULES = ("overlap", "peak")
+#: false-positive components per scan at which lesion recall is reported
+DEFAULT_FP_BUDGETS = (1.0, 2.0, 5.0)
 
 
 # --------------------------------------------------------------------------- #
@@ -258,11 +288,19 @@ def _average_precision_from(counts: _RankCounts) -> float:
 
 
 def _best_dice_from(counts: _RankCounts) -> float:
+    return best_dice_threshold_from_counts(counts)[0]
+
+
+def best_dice_threshold_from_counts(counts: _RankCounts) -> tuple[float, float]:
+    """``(best Dice, its threshold t)`` of counts already taken (``map >= t`` is lesion);
+    among thresholds with the same Dice, the highest."""
     # Dice = 2TP / (2TP + FP + FN) = 2TP / (TP + FP + P). Thresholds between positive
     # values only add false positives, so the maximum is at a positive value.
     tp = counts.pos_at_or_above.astype(np.float64)
     fp = counts.neg_at_or_above.astype(np.float64)
-    return float(np.max(2.0 * tp / (tp + fp + counts.n_positive)))
+    dice = 2.0 * tp / (tp + fp + counts.n_positive)
+    best = int(dice.size - 1 - np.argmax(dice[::-1]))  # the last (highest value) of the maxima
+    return float(dice[best]), float(counts.values[best])
 
 
 def _curve_points(counts: _RankCounts, positive_mass: np.ndarray, total_mass: float) -> tuple[np.ndarray, np.ndarray]:
@@ -326,7 +364,9 @@ class PixelMetricsStream:
     """Exact pixel metrics (AUROC, AP, AUPRO, best Dice) of slices added batch by batch,
     with memory bounded by the lesion pixels instead of all pixels.
 
-    Only the scores of the lesion pixels (and the size of the region each belongs to) stay
+    ``add(masks, maps, region)`` counts only the pixels inside ``region`` (e.g. the liver
+    of CT slices); slices of different sizes can be padded to one size with pixels outside
+    it. Only the scores of the lesion pixels (and the size of the region each belongs to) stay
     in memory. With ``spill_dir``, every map and mask is appended to files there (5 bytes
     per pixel) and read back ``chunk_pixels`` at a time for the counts of the other pixels;
     without it the batches are kept in memory. The figures are those of
@@ -353,6 +393,7 @@ class PixelMetricsStream:
         self._region_sizes: list[np.ndarray] = []
         self._n_regions = 0
         self._n_positive = 0
+        self._n_excluded = 0  # pixels outside the regions: stored as -inf, never counted
         self._batches: list[tuple[np.ndarray, np.ndarray]] = []  # in memory (no spill_dir)
         self._files = None
         if spill_dir is not None:
@@ -361,18 +402,32 @@ class PixelMetricsStream:
             self._paths = (os.path.join(spill_dir, "maps.bin"), os.path.join(spill_dir, "masks.bin"))
             self._files = tuple(open(path, "wb") for path in self._paths)  # noqa: SIM115
 
-    def add(self, masks, maps) -> None:
-        """Append slices: ``masks`` [B, H, W] (or [B, 1, H, W]) bool / 0-1, ``maps`` the same shape."""
+    def add(self, masks, maps, region=None) -> None:
+        """Append slices: ``masks`` [B, H, W] (or [B, 1, H, W]) bool / 0-1, ``maps`` the same
+        shape; ``region`` (bool, the same shape, optional): only its pixels are counted, and
+        every lesion pixel must lie in it. With a region, maps must be float and finite
+        inside it (outside pixels are stored as -inf; :meth:`map` returns them so)."""
         mask_array = _as_image_stack(_as_labels(masks, "masks"), "masks")
         map_array = _as_image_stack(_as_scores(maps, "maps"), "maps")
         _check_same_shape(mask_array, map_array, "masks", "maps")
+        if region is not None:
+            region_array = _as_image_stack(_as_labels(region, "region"), "region")
+            _check_same_shape(mask_array, region_array, "masks", "region")
+            if (mask_array & ~region_array).any():
+                raise ValueError("masks has lesion pixels outside region; the region must hold every lesion pixel")
+            if not np.issubdtype(map_array.dtype, np.floating):
+                raise ValueError(f"maps must be float to be restricted to a region, got {map_array.dtype}")
+            if not np.isfinite(map_array[region_array]).all():
+                raise ValueError("maps must be finite inside region")
+            map_array = np.where(region_array, map_array, map_array.dtype.type(-np.inf))
+            self._n_excluded += int(region_array.size - np.count_nonzero(region_array))
         if self.shape is None:
             self.shape, self.dtype = tuple(map_array.shape[1:]), map_array.dtype
         elif tuple(map_array.shape[1:]) != self.shape or map_array.dtype != self.dtype:
             raise ValueError(f"maps must all be {self.dtype} [N, {self.shape[0]}, {self.shape[1]}]; got "
                              f"{map_array.dtype} {tuple(map_array.shape)}")
         self.n_slices += map_array.shape[0]
-        self.max = max(self.max, float(map_array.max()))
+        self.max = max(self.max, float(map_array.max()))  # -inf (outside the region) never wins over a pixel inside
         if mask_array.any():
             # regions are 8-connected within a slice, never across: labelling per batch
             # gives the same regions as labelling all slices at once
@@ -413,7 +468,7 @@ class PixelMetricsStream:
         """The exact counts of all pixels added, with the AUPRO region weights."""
         if self.n_slices == 0:
             raise ValueError("maps is empty")
-        n_pixels = self.n_slices * self.shape[0] * self.shape[1]
+        n_pixels = self.n_slices * self.shape[0] * self.shape[1] - self._n_excluded
         _check_classes(self._n_positive, n_pixels - self._n_positive, "masks", metric)
         weights = 1.0 / (self._n_regions * np.concatenate(self._region_sizes).astype(np.float64))
         values, pos_count, pos_weight = _positive_runs(np.concatenate(self._positive_scores), weights)
@@ -425,6 +480,9 @@ class PixelMetricsStream:
                 below, at_or_below = _count_at_values(np.asarray(maps[start:start + rows]), values, "maps")
                 all_below += below
                 all_at_or_below += at_or_below
+        # the excluded pixels are -inf, below every (finite) lesion score
+        all_below -= self._n_excluded
+        all_at_or_below -= self._n_excluded
         return _counts_from(values, pos_count, pos_weight, all_below, all_at_or_below, self._n_positive,
                             n_pixels - self._n_positive)
 
@@ -566,3 +624,172 @@ def image_metrics(image_labels, image_scores) -> dict:
     counts = _rank_counts(image_label_array, image_score_array, "image_labels", "image_scores", "AUROC")
     return {"image_auroc": _auroc_from(counts), "image_ap": _average_precision_from(counts),
             "n_images": int(image_label_array.size), "n_abnormal_images": counts.n_positive}
+
+
+def best_dice_threshold(masks, maps) -> tuple[float, float]:
+    """``(best Dice, threshold t)``: the :func:`best_dice` and the threshold reaching it
+    (``maps >= t`` is lesion; the highest such threshold when several tie)."""
+    labels_array = _as_labels(masks, "masks")
+    scores_array = _as_scores(maps, "maps")
+    return best_dice_threshold_from_counts(_rank_counts(labels_array, scores_array, "masks", "maps", "best Dice"))
+
+
+# --------------------------------------------------------------------------- #
+# Lesion-wise detection in 3-D
+# --------------------------------------------------------------------------- #
+@dataclass(frozen=True)
+class LesionHits:
+    """Lesion detection in one volume at thresholds ``thresholds`` (float64 [T]).
+
+    ``n_lesions``: the 26-connected components of its tumour label. Per hit rule
+    (:data:`HIT_RULES`), ``found[rule]`` int64 [T]: lesions found at each threshold;
+    ``false_positives[rule]`` int64 [T]: predicted components that are false positives.
+    ``n_components`` int64 [T]: predicted components; ``lesion_peaks`` float64 [n_lesions]:
+    each lesion's highest map value (under ``overlap`` it is found exactly when the
+    threshold is at most this).
+    """
+
+    thresholds: np.ndarray
+    n_lesions: int
+    found: dict
+    false_positives: dict
+    n_components: np.ndarray
+    lesion_peaks: np.ndarray
+
+
+def _as_volume(x, name: str, shape=None) -> np.ndarray:
+    array = _to_numpy(x, name)
+    if array.ndim != 3:
+        raise ValueError(f"{name} must be a 3-D volume [X, Y, Z], got shape {tuple(array.shape)}")
+    if shape is not None and tuple(array.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(array.shape)}, expected {tuple(shape)} (the anomaly map's)")
+    return array
+
+
+def lesion_hits(lesions, anomaly_map, thresholds, region=None) -> LesionHits:
+    """Count lesions found and false-positive components of one volume at each of ``thresholds``.
+
+    ``lesions``: [X, Y, Z] bool / 0-1 tumour label (its 26-connected components are the
+    lesions; may be empty); ``anomaly_map``: [X, Y, Z] real, NaN-free; ``thresholds``: [T];
+    ``region``: [X, Y, Z] bool (e.g. the liver), optional: predicted components are those of
+    ``(anomaly_map >= t) & region``; every lesion voxel must lie in it. One
+    ``scipy.ndimage.label`` per threshold, on the bounding box of the region.
+    """
+    anomaly_map = _as_volume(anomaly_map, "anomaly_map")
+    if np.issubdtype(anomaly_map.dtype, np.floating) and np.isnan(anomaly_map).any():
+        raise ValueError("anomaly_map contains NaN")
+    lesion_mask = _as_volume(_as_labels(lesions, "lesions"), "lesions", anomaly_map.shape)
+    if region is not None:
+        region = _as_volume(_as_labels(region, "region"), "region", anomaly_map.shape)
+        if (lesion_mask & ~region).any():
+            raise ValueError("lesions has voxels outside region; the region must hold every lesion voxel")
+        box = ndimage.find_objects(region.astype(np.uint8))
+        box = box[0] if box else tuple(slice(0, 0) for _ in range(3))
+        anomaly_map, lesion_mask, region = anomaly_map[box], lesion_mask[box], region[box]
+    thresholds = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    if thresholds.size == 0 or np.isnan(thresholds).any():
+        raise ValueError("thresholds must be a non-empty list of numbers")
+    # compared in the map's float type: a threshold of 0.9 means the map's 0.9
+    levels = thresholds.astype(anomaly_map.dtype) if np.issubdtype(anomaly_map.dtype, np.floating) else thresholds
+    lesion_labels, n_lesions = ndimage.label(lesion_mask, structure=LESION_STRUCTURE)
+    lesion_peaks = (np.asarray(ndimage.maximum(anomaly_map, lesion_labels, np.arange(1, n_lesions + 1)),
+                               dtype=anomaly_map.dtype).reshape(-1) if n_lesions else np.zeros(0, anomaly_map.dtype))
+    found = {rule: np.zeros(thresholds.size, dtype=np.int64) for rule in HIT_RULES}
+    false_positives = {rule: np.zeros(thresholds.size, dtype=np.int64) for rule in HIT_RULES}
+    n_components = np.zeros(thresholds.size, dtype=np.int64)
+    for i, threshold in enumerate(levels):
+        predicted = anomaly_map >= threshold
+        if region is not None:
+            predicted &= region
+        components, count = ndimage.label(predicted, structure=LESION_STRUCTURE)
+        n_components[i] = count
+        if count == 0:
+            continue
+        # the predicted voxels only, flat: their component, value and lesion (0: none)
+        component_of, value_of, lesion_of = components[predicted], anomaly_map[predicted], lesion_labels[predicted]
+        in_lesion = lesion_of > 0
+        # overlap: the components holding a lesion voxel, and the lesions holding a predicted voxel
+        false_positives["overlap"][i] = count - np.unique(component_of[in_lesion]).size
+        found["overlap"][i] = np.count_nonzero(lesion_peaks >= threshold)
+        # peak: a lesion voxel at its component's highest value (np.maximum.at: several times
+        # faster than ndimage.maximum_position over thousands of components)
+        component_peak = np.full(count + 1, -np.inf, dtype=np.float64)
+        np.maximum.at(component_peak, component_of, value_of)
+        at_peak = value_of[in_lesion] == component_peak[component_of[in_lesion]]
+        false_positives["peak"][i] = count - np.unique(component_of[in_lesion][at_peak]).size
+        found["peak"][i] = np.unique(lesion_of[in_lesion][at_peak]).size
+    return LesionHits(thresholds, int(n_lesions), found, false_positives, n_components,
+                      lesion_peaks.astype(np.float64))
+
+
+def lesion_froc(volumes, fp_budgets=DEFAULT_FP_BUDGETS) -> dict:
+    """Lesion recall at false-positive budgets, pooled over scans (:class:`LesionHits` each,
+    all at the same thresholds).
+
+    At each threshold: ``recall`` = lesions found / all lesions, ``mean_fp_per_scan`` = false
+    positive components summed over scans / scans. For each budget ``b``: the best recall over
+    the thresholds whose mean false positives per scan are at most ``b`` (0 when none is), and
+    the highest threshold reaching it. Returns, per hit rule, ``{"recall_at_fp": {"1": r...},
+    "threshold_at_fp": {...}, "curve": {"threshold", "mean_fp_per_scan", "recall"}}`` with
+    ``n_scans``, ``n_lesions``, ``fp_budgets``. ``ValueError`` when no scan holds a lesion.
+    """
+    volumes = list(volumes)
+    if not volumes:
+        raise ValueError("no volumes to pool")
+    thresholds = volumes[0].thresholds
+    for k, hits in enumerate(volumes[1:], start=1):
+        if not np.array_equal(hits.thresholds, thresholds):
+            raise ValueError(f"volume {k} was counted at other thresholds than volume 0; count all at the same ones")
+    n_lesions = sum(hits.n_lesions for hits in volumes)
+    if n_lesions == 0:
+        raise ValueError("no lesion in any volume: lesion recall is undefined")
+    budgets = [float(b) for b in fp_budgets]
+    order = np.argsort(-thresholds, kind="stable")  # curve from the highest threshold down
+    result = {"n_scans": len(volumes), "n_lesions": int(n_lesions), "fp_budgets": budgets}
+    for rule in HIT_RULES:
+        recall = sum(hits.found[rule] for hits in volumes)[order] / n_lesions
+        mean_fp = sum(hits.false_positives[rule] for hits in volumes)[order] / len(volumes)
+        at_fp, threshold_at = {}, {}
+        for budget in budgets:
+            within = np.flatnonzero(mean_fp <= budget)
+            key = f"{budget:g}"
+            if within.size == 0:
+                at_fp[key], threshold_at[key] = 0.0, None
+                continue
+            best = within[np.argmax(recall[within])]  # first = highest threshold among the maxima
+            at_fp[key], threshold_at[key] = float(recall[best]), float(thresholds[order][best])
+        result[rule] = {"recall_at_fp": at_fp, "threshold_at_fp": threshold_at,
+                        "curve": {"threshold": thresholds[order].tolist(), "mean_fp_per_scan": mean_fp.tolist(),
+                                  "recall": recall.tolist()}}
+    return result
+
+
+def detection_thresholds(values, max_thresholds: int | None = None, include=()) -> np.ndarray:
+    """Thresholds to sweep, descending: the distinct ``values`` (any shape; e.g. the maps'
+    values inside the liver), or, when there are more than ``max_thresholds``, that many of
+    their quantiles (each one of the values: ``inverted_cdf``); plus ``include`` (e.g. every
+    lesion's peak, where recall changes)."""
+    values = np.unique(np.asarray(_to_numpy(values, "values"), dtype=np.float64).reshape(-1))
+    values = values[~np.isnan(values)]
+    if max_thresholds is not None and values.size > max_thresholds:
+        values = np.unique(np.quantile(values, np.linspace(0.0, 1.0, int(max_thresholds)), method="inverted_cdf"))
+    extra = np.asarray(include, dtype=np.float64).reshape(-1)
+    return np.unique(np.concatenate([values, extra]))[::-1]
+
+
+def lesion_recall_at_fp(lesion_labels, anomaly_maps, regions=None, fp_budgets=DEFAULT_FP_BUDGETS,
+                        thresholds=None) -> dict:
+    """:func:`lesion_froc` of in-memory volumes: ``lesion_labels``, ``anomaly_maps`` (and
+    ``regions``, optional) are sequences of [X, Y, Z] arrays, one per scan. ``thresholds``
+    default: every distinct map value (inside the regions) of all scans, so the sweep is exact."""
+    lesion_labels, anomaly_maps = list(lesion_labels), list(anomaly_maps)
+    regions = [None] * len(anomaly_maps) if regions is None else list(regions)
+    if not (len(lesion_labels) == len(anomaly_maps) == len(regions)):
+        raise ValueError(f"one label, map (and region) per scan: got {len(lesion_labels)} lesion_labels, "
+                         f"{len(anomaly_maps)} anomaly_maps, {len(regions)} regions")
+    if thresholds is None:
+        pooled = [np.asarray(m)[r] if r is not None else np.asarray(m) for m, r in
+                  zip(anomaly_maps, [None if r is None else _as_labels(r, "region") for r in regions])]
+        thresholds = detection_thresholds(np.concatenate([p.reshape(-1) for p in pooled]))
+    return lesion_froc([lesion_hits(lesion, m, thresholds, r)
+                        for lesion, m, r in zip(lesion_labels, anomaly_maps, regions)], fp_budgets)

@@ -36,8 +36,14 @@ scans share a name)::
                           of the slice's centre
     NAME_review.png       the --top-k highest-scoring slices with their maps (one colour
                           scale per scan: 0 .. the map's maximum), slice number and z on each
+    NAME_lesions.nii.gz   with a pixel threshold (``--threshold T``, else the run's stored
+                          operating point, :mod:`medad_fast.operating_point`): uint8, 1 where
+                          the map >= T, on the scan's grid (same header geometry as the map)
     scores.json           per scan: ``score`` (max of the slice scores), ``top_k_mean`` (mean
-                          of the --top-k highest), every slice's score, the outputs' names
+                          of the --top-k highest), every slice's score, the outputs' names;
+                          the pixel threshold and where it came from (``threshold_from``);
+                          with a stored operating point also its slice threshold and, per
+                          slice, ``flagged`` (score > slice threshold)
 
 Nothing is half-written: every output goes to a hidden staging folder inside ``--out`` and is
 moved into place only once every scan has been scored; any error (a mask off the scan's grid,
@@ -70,6 +76,7 @@ from .data.layout import MANIFEST_NAME, collect_image_files
 from .data.scan import (DEFAULT_WINDOW, VolumeError, display_slice, is_dicom_folder, is_nifti_path, nifti_like,
                         Volume, open_liver_mask, read_geometry, read_volume)
 from .io import atomic_write_json, atomic_write_text, fsync_directory
+from .operating_point import OPERATING_POINT_NAME, read_operating_point
 from .runtime import resolve_device
 from .visualize import overlay_heatmap, plot_review, save_rgb_png
 from .volume_inference import DEFAULT_TOP_K, aggregate_slice_scores, display_images, read_ahead, score_volume
@@ -192,14 +199,17 @@ def _read_scan_and_liver(geometry, source, liver_labels: list[float] | None) -> 
 def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks: list[str | Path],
                     out: str | Path, device: str | torch.device | None = None, batch_size: int = 16,
                     progress: bool = True, window: tuple[float, float] | None = None, hist_eq: bool | None = None,
-                    top_k: int = DEFAULT_TOP_K, liver_labels: list[float] | None = None) -> dict:
+                    top_k: int = DEFAULT_TOP_K, liver_labels: list[float] | None = None,
+                    threshold: float | None = None) -> dict:
     """Score CT volumes with ``checkpoint`` and write their maps, slice tables, review
     montages and ``scores.json`` into ``out`` (see the module docstring). Returns the
     ``scores.json`` content.
 
     ``liver_masks[i]`` is the liver mask of ``scans[i]``: on the scan's voxel grid, liver =
     any nonzero value, or one of ``liver_labels``. ``window`` / ``hist_eq`` None: the training
-    data's ``prepare`` settings when recorded, else ``prepare``'s defaults. Every scan and
+    data's ``prepare`` settings when recorded, else ``prepare``'s defaults. ``threshold``: the
+    pixel threshold of the ``_lesions`` masks; None: the run's stored operating point when it
+    has one (``operating_point.json`` beside the checkpoint), else no masks. Every scan and
     mask header is checked before anything is scored; errors raise ``ValueError`` (a
     :class:`~medad_fast.data.scan.VolumeError`) or ``FileNotFoundError`` naming the files,
     and leave ``out`` as it was."""
@@ -215,6 +225,22 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
     world = distributed.init_distributed(resolve_device(device))
     if world.is_distributed:
         raise ValueError("CT volumes are scored in one process: run `medad-fast predict` without torchrun")
+    try:
+        point = read_operating_point(checkpoint.parent)  # a broken file is reported before any scoring
+    except ValueError:
+        if threshold is None:
+            raise
+        point = None  # --threshold given: the stored point is not needed
+    if threshold is not None:
+        threshold, threshold_from = float(threshold), "--threshold"
+        if not np.isfinite(threshold):
+            raise ValueError(f"--threshold must be a finite number, got {threshold}")
+    elif point is not None:
+        threshold = float(point["pixel_threshold"])
+        threshold_from = f"{checkpoint.parent / OPERATING_POINT_NAME} (split {point.get('split')})"
+    else:
+        threshold_from = None
+    slice_threshold = float(point["slice_threshold"]) if point is not None and "slice_threshold" in point else None
     # headers first: a wrong mask or a broken series is reported before any scoring
     geometries = [read_geometry(scan, modality="CT") for scan in scans]
     sources = [open_liver_mask(mask, geometry) for mask, geometry in zip(liver_masks, geometries)]
@@ -240,6 +266,10 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
             result = score_volume(method, scan, liver, window, hist_eq, batch_size, world.device, progress)
             outputs = {"anomaly_map": f"{name}_anomaly.nii.gz", "slices_csv": f"{name}_slices.csv",
                        "review": f"{name}_review.png"}
+            if threshold is not None:
+                outputs["lesions"] = f"{name}_lesions.nii.gz"
+                lesions = (result.anomaly_map >= np.float32(threshold)) & liver
+                nifti_like(scan, lesions.astype(np.uint8)).to_filename(str(stage / outputs["lesions"]))
             nifti_like(scan, result.anomaly_map).to_filename(str(stage / outputs["anomaly_map"]))
             (stage / outputs["slices_csv"]).write_text(_slices_csv(result))
             _write_review(stage / outputs["review"], scan, liver, result, top_k, window, hist_eq)
@@ -248,8 +278,12 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
                 **aggregate_slice_scores(result.slice_scores, top_k),
                 "shape": list(scan.shape), "axial_axis": scan.axial_axis, "n_slices": int(scan.shape[scan.axial_axis]),
                 "n_liver_slices": int(result.slice_indices.size), "map_max": float(result.anomaly_map.max()),
+                **({"lesion_voxels": int(lesions.sum())} if threshold is not None else {}),
+                **({"n_flagged_slices": int((result.slice_scores > slice_threshold).sum())}
+                   if slice_threshold is not None else {}),
                 "outputs": outputs,
-                "slices": [{"slice": int(k), "z_mm": round(float(z), 3), "liver_pixels": int(n), "score": float(v)}
+                "slices": [{"slice": int(k), "z_mm": round(float(z), 3), "liver_pixels": int(n), "score": float(v),
+                            **({"flagged": bool(v > slice_threshold)} if slice_threshold is not None else {})}
                            for k, z, n, v in zip(result.slice_indices, result.z_mm, result.liver_pixels,
                                                  result.slice_scores)]})
             del scan, liver, result
@@ -258,6 +292,9 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
                    "image_size": method.config.run.image_size, "window": list(window), "hist_eq": hist_eq,
                    "window_from": settings_from, "top_k": top_k,
                    "liver_labels": None if liver_labels is None else list(liver_labels),
+                   "threshold": threshold, "threshold_from": threshold_from,
+                   "threshold_rule": "lesion voxel: anomaly map >= threshold (inside the liver)",
+                   "slice_threshold": slice_threshold,
                    "aggregation": "score = max of the slice scores; top_k_mean = mean of the top_k highest slice "
                                   "scores (all of them when fewer); a slice score is the method's image score",
                    "scans": entries}
@@ -289,6 +326,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="histogram-equalise the liver pixels (default: as the training data was prepared)")
     volumes.add_argument("--top-k", type=int_at_least(1), default=DEFAULT_TOP_K, metavar="K",
                          help=f"slices in the top-k mean score and the review montage (default {DEFAULT_TOP_K})")
+    volumes.add_argument("--threshold", type=float, default=None, metavar="T",
+                         help="pixel threshold: write NAME_lesions.nii.gz (map >= T) per scan (default: the run's "
+                              "operating_point.json from `medad-fast evaluate`, if any)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=16)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -298,13 +338,16 @@ def _main_volumes(args: argparse.Namespace) -> int:
     try:
         summary = predict_volumes(args.checkpoint, args.inputs, args.liver_mask or [], args.out, args.device,
                                   args.batch_size, not args.no_progress, args.window, args.hist_eq, args.top_k,
-                                  args.liver_label)
+                                  args.liver_label, args.threshold)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"medad-fast predict: error: {exc}", file=sys.stderr)
         return 2
     for entry in summary["scans"]:
         print(f"{entry['score']:.4f}  (top-{summary['top_k']} mean {entry['top_k_mean']:.4f}, "
               f"{entry['n_liver_slices']} liver slices)  {entry['scan']}")
+    if summary["threshold"] is not None:
+        print(f"lesion masks at pixel threshold {summary['threshold']:.6g} (map >= it) from "
+              f"{summary['threshold_from']}")
     print(f"wrote {len(summary['scans'])} anomaly map(s), slice table(s) and review montage(s) and "
           f"{Path(args.out) / 'scores.json'} (window {summary['window'][0]:g} {summary['window'][1]:g} HU, "
           f"hist-eq {'on' if summary['hist_eq'] else 'off'}: {summary['window_from']})")
@@ -327,6 +370,10 @@ def main(args: argparse.Namespace) -> int:
             print(f"medad-fast predict: error: {problem}", file=sys.stderr)
             return 2
         return _main_volumes(args)
+    if args.threshold is not None:
+        print("medad-fast predict: error: --threshold is for CT volumes (it writes NAME_lesions.nii.gz); 2-D images "
+              "get heatmaps only", file=sys.stderr)
+        return 2
     try:
         world = distributed.init_distributed(resolve_device(args.device))  # so that only rank 0 prints
         rows = predict(args.checkpoint, args.inputs, args.out, world.device, args.batch_size,

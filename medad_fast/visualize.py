@@ -4,6 +4,7 @@
   one colour scale per call) and the ground-truth lesion outline in green;
 * :func:`write_cases`: heatmaps of the worst and best cases of an evaluation;
 * :func:`plot_roc`: ROC curves (one or several, e.g. image and pixel, or one per method);
+* :func:`plot_froc`: lesion recall against false-positive components per scan (FROC-style);
 * :func:`plot_review`: a montage of a volume's highest-scoring slices with their maps, one
   colour bar, a caption per tile (``medad-fast predict`` on CT volumes).
 
@@ -21,7 +22,7 @@ from PIL import Image
 
 from .io import atomic_write_bytes
 
-__all__ = ["overlay_heatmap", "save_rgb_png", "plot_roc", "plot_review", "write_cases"]
+__all__ = ["overlay_heatmap", "save_rgb_png", "plot_roc", "plot_froc", "plot_review", "write_cases"]
 
 
 def _jet(values: np.ndarray) -> np.ndarray:
@@ -76,6 +77,38 @@ def plot_roc(path: Path, curves: Sequence[tuple[str, np.ndarray, np.ndarray]], t
         axis.plot(fpr, tpr, label=label)
     axis.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
     axis.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01), title=title)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_froc(path: Path, curves: Sequence[tuple[str, Sequence[float], Sequence[float]]], budgets: Sequence[float],
+              title: str) -> None:
+    """FROC-style plot of ``curves``: ``(label, mean false positives per scan, lesion recall)``
+    each, one point per threshold. Drawn: the points (faint) and, as steps, the best recall
+    reached within each false-positive count (what the recall at a budget reads off; recall is
+    not monotone in the false positives, components merge as the threshold falls); dotted
+    lines at the false-positive ``budgets``. A PNG written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 5), dpi=100)
+    x_max = 1.2 * max(budgets) if budgets else 1.0
+    for label, fp, recall in curves:
+        fp, recall = np.asarray(fp, dtype=np.float64), np.asarray(recall, dtype=np.float64)
+        order = np.argsort(fp, kind="stable")
+        best = np.maximum.accumulate(recall[order])
+        (line,) = axis.step(fp[order], best, where="post", label=label)
+        axis.scatter(fp, recall, s=6, alpha=0.35, color=line.get_color())
+        x_max = max(x_max, min(float(fp.max(initial=0.0)) * 1.05, 3 * max(budgets, default=1.0)))
+    for budget in budgets:
+        axis.axvline(budget, color="gray", linestyle=":", linewidth=1)
+    axis.set(xlabel="false-positive components per scan (mean)", ylabel="lesion recall", xlim=(0, x_max),
+             ylim=(0, 1.02), title=title)
     axis.legend(loc="lower right")
     figure.tight_layout()
     buffer = io.BytesIO()

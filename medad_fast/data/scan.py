@@ -632,11 +632,12 @@ def _corners(shape: Sequence[int]) -> np.ndarray:
     return np.array([[i * n[0], j * n[1], k * n[2], 1.0] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
 
 
-def match_grid(mask: Geometry, scan: Geometry) -> GridMatch:
+def match_grid(mask: Geometry, scan: Geometry, what: str = "liver mask") -> GridMatch:
     """How ``mask``'s voxels map onto ``scan``'s grid: the same shape and affine, or the same
     grid in another voxel order (axes permuted or reversed, as converters write it), every
     corner voxel centre within ``GRID_TOLERANCE_VOXELS``. Anything else raises
-    ``VolumeError`` naming both files (the mask must be resampled onto the scan first)."""
+    ``VolumeError`` naming both files (the mask must be resampled onto the scan first);
+    ``what`` names the mask's role in the message."""
     transform = np.linalg.inv(mask.affine) @ scan.affine  # scan voxel index -> mask voxel index
     rotation = transform[:3, :3]
     signed = np.rint(rotation)
@@ -656,14 +657,14 @@ def match_grid(mask: Geometry, scan: Geometry) -> GridMatch:
                 return GridMatch(axes, flips)
     corners = _corners(scan.shape)
     if sorted(mask.shape) != sorted(scan.shape):
-        what = f"its shape {tuple(mask.shape)} differs from the scan's {tuple(scan.shape)}"
+        problem = f"its shape {tuple(mask.shape)} differs from the scan's {tuple(scan.shape)}"
     else:
         nearest = np.rint(corners @ transform.T)  # the mask voxels nearest to the scan's corner voxels
         distance = np.linalg.norm((nearest @ mask.affine.T - corners @ scan.affine.T)[:, :3], axis=1).max()
-        what = (f"its affine differs from the scan's (a corner voxel of the scan is {distance:.2f} mm from the "
+        problem = (f"its affine differs from the scan's (a corner voxel of the scan is {distance:.2f} mm from the "
                 f"nearest mask voxel; mask affine {np.round(mask.affine[:3], 3).tolist()}, scan affine "
                 f"{np.round(scan.affine[:3], 3).tolist()})")
-    raise VolumeError(f"liver mask {mask.path} does not lie on the voxel grid of scan {scan.path}: {what}; "
+    raise VolumeError(f"{what} {mask.path} does not lie on the voxel grid of scan {scan.path}: {problem}; "
                       "resample the mask onto the scan's grid (nearest neighbour)")
 
 
@@ -691,23 +692,24 @@ class LiverMaskSource:
         return self.match.apply(mask)
 
 
-def open_liver_mask(path: str | Path, scan: Geometry) -> LiverMaskSource:
+def open_liver_mask(path: str | Path, scan: Geometry, what: str = "liver mask") -> LiverMaskSource:
     """Check that the liver mask at ``path`` (NIfTI file or DICOM series folder) lies on
     ``scan``'s voxel grid (:func:`match_grid`); a DICOM mask series without
-    ImagePositionPatient is matched to a DICOM scan by file name. ``VolumeError`` naming both."""
+    ImagePositionPatient is matched to a DICOM scan by file name. ``VolumeError`` naming both
+    (``what``: the mask's role in the message, e.g. ``"tumour label"``)."""
     path = Path(path)
     if not path.exists():
-        raise VolumeError(f"liver mask {path} of scan {scan.path}: not found")
+        raise VolumeError(f"{what} {path} of scan {scan.path}: not found")
     if path.is_dir() and scan.series is not None:
         first = read_dicom_header(dicom_files(path)[0])
         if "ImagePositionPatient" not in first:
             try:
                 files = match_mask_files(path, scan.series)
             except VolumeError as e:
-                raise VolumeError(f"liver mask {path} does not fit scan {scan.path}: {e}") from None
+                raise VolumeError(f"{what} {path} does not fit scan {scan.path}: {e}") from None
             return LiverMaskSource(path, scan, None, None, tuple(files))
     geometry = read_geometry(path)
-    return LiverMaskSource(path, scan, geometry, match_grid(geometry, scan))
+    return LiverMaskSource(path, scan, geometry, match_grid(geometry, scan, what))
 
 
 # --------------------------------------------------------------------------- intensities

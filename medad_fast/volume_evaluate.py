@@ -1,0 +1,451 @@
+"""`medad-fast evaluate` on CT volumes: slice, pixel, volume and lesion-wise metrics.
+
+Two ways to name the volumes:
+
+- ``medad-fast evaluate CKPT --scans S... --masks M... --labels L...``: every SCAN is a NIfTI
+  file or a DICOM series folder, with its liver mask and its tumour label volume (NIfTI or
+  DICOM series, on the scan's voxel grid: checked as ``predict`` checks a liver mask, errors
+  naming both files), in the same order. Liver = any nonzero mask value (or
+  ``--liver-label``), tumour = any nonzero label value (or ``--tumour-label``): a LiTS
+  segmentation is both, ``--masks seg.nii.gz --labels seg.nii.gz --liver-label 1 2
+  --tumour-label 2``.
+- ``medad-fast evaluate CKPT --manifest DATA/manifest.json [--split test]``: the patients of a
+  split that ``medad-fast prepare`` converted (its manifest lists each patient's source files
+  and split): LiTS (liver 1 and 2, tumour 2), BTCV (liver 6, no tumour), 3D-IRCADb DICOM
+  (``PATIENT_DICOM``, ``MASKS_DICOM/liver``, ``MASKS_DICOM/livertumor*`` united). Patients
+  that ``prepare`` could not convert are skipped and listed.
+
+The region scored is the liver mask united with the tumour label (tumour counts as liver, as
+``prepare`` writes slices). Each volume is scored as ``predict`` scores it
+(:func:`medad_fast.volume_inference.score_volume`: the liver slices, a batch at a time), then:
+
+- **slices** (pooled over all scans): a liver slice is abnormal when it holds a tumour voxel;
+  image AUROC / AP of the slice scores;
+- **pixels** (pooled, inside the region only): pixel AUROC, AP, AUPRO@0.3 (regions 8-connected
+  within a slice), best Dice, exactly as ``evaluate`` computes them on BMAD slices but without
+  the pixels outside the liver (:class:`medad_fast.metrics.PixelMetricsStream` with a region;
+  slices of different sizes are padded with pixels outside it);
+- **volumes**: score = max of the slice scores (as ``predict``), has tumour = any tumour voxel;
+  volume AUROC when there are two or more scans of both kinds;
+- **lesions in 3-D** (:func:`medad_fast.metrics.lesion_hits`, :func:`~medad_fast.metrics.lesion_froc`):
+  lesion recall at 1, 2 and 5 false-positive components per scan, under the ``overlap`` and
+  the ``peak`` hit rule (see :mod:`medad_fast.metrics`). The thresholds swept are every
+  lesion's peak value and up to ``--lesion-thresholds`` quantiles of the maps' values inside
+  the liver (exact when the maps hold no more distinct values than that). Each threshold is one
+  ``scipy.ndimage.label`` of the liver's bounding box: about 0.5 s for 6 million voxels on one
+  busy CPU core, so a minute per volume at the default 100.
+
+Writes into ``--out`` (default ``<run>/eval-volumes`` or ``<run>/eval-volumes-<split>``)::
+
+    metrics.json   all of the above, the operating point, the FROC curves, skipped patients
+    volumes.csv    one row per scan: name, scan, has_tumour, n_lesions, tumour_voxels,
+                   n_liver_slices, n_tumour_slices, score, top_k_mean
+    slices.csv     one row per liver slice: name, slice, z_mm, label, score
+    froc.png       lesion recall against false-positive components per scan
+
+and ``operating_point.json`` into the run folder (:mod:`medad_fast.operating_point`): from
+the manifest's ``valid`` patients when the evaluated split is another one and they hold
+normal slices and tumour, else from the evaluated volumes (``split`` says which). Every file
+is written atomically; maps are spilled to temporary files inside ``--out`` (deleted at the
+end), so memory holds one volume at a time.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .data.scan import (Geometry, LiverMaskSource, VolumeError, display_slice, open_liver_mask, read_geometry,
+                        read_volume)
+from .inference import load_method, resolve_checkpoint
+from .io import atomic_write_json, atomic_write_text
+from .metrics import (DEFAULT_FP_BUDGETS, HIT_RULES, LESION_STRUCTURE, PixelMetricsStream, detection_thresholds,
+                      image_metrics, lesion_froc, lesion_hits, roc_auc)
+from .operating_point import operating_point, write_operating_point
+from .runtime import resolve_device
+from .volume_inference import DEFAULT_TOP_K, aggregate_slice_scores, score_volume
+
+__all__ = ["LabelSource", "VolumeCase", "cases_from_arguments", "cases_from_manifest", "evaluate_volumes",
+           "DEFAULT_LESION_THRESHOLDS"]
+
+#: quantiles of the maps' liver values swept for the lesion-wise metrics (besides every lesion's peak)
+DEFAULT_LESION_THRESHOLDS = 100
+# at least this many of each volume's liver map values are kept to choose the thresholds from
+_SAMPLES_PER_VOLUME = 1001
+
+
+@dataclass(frozen=True)
+class LabelSource:
+    """A mask or label volume and the values that count as inside (None: any nonzero value)."""
+
+    path: Path
+    values: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class VolumeCase:
+    """One scan to evaluate: ``liver`` sources united are its liver, ``tumour`` sources united
+    its tumour (none: a scan without tumour)."""
+
+    name: str
+    scan: Path
+    liver: tuple[LabelSource, ...]
+    tumour: tuple[LabelSource, ...] = ()
+
+
+def _values(values: Sequence[float] | None) -> tuple[float, ...] | None:
+    return None if values is None else tuple(float(v) for v in values)
+
+
+def cases_from_arguments(scans: Sequence[str | Path], masks: Sequence[str | Path], labels: Sequence[str | Path],
+                         liver_labels: Sequence[float] | None = None,
+                         tumour_labels: Sequence[float] | None = None) -> list[VolumeCase]:
+    """``--scans`` / ``--masks`` / ``--labels``: one liver mask and one tumour label per scan."""
+    if not scans:
+        raise ValueError("no scan to evaluate: pass --scans S1 S2 ... (or --manifest)")
+    if len(masks) != len(scans) or len(labels) != len(scans):
+        raise ValueError(f"{len(scans)} scan(s), {len(masks)} liver mask(s) (--masks) and {len(labels)} tumour "
+                         "label(s) (--labels): pass one of each per scan, in the same order")
+    from .data.scan import scan_name
+
+    names = [scan_name(s) for s in scans]
+    if len(set(names)) != len(names):  # two scans called ct.nii.gz in different folders
+        width = max(3, len(str(len(names))))
+        names = [f"{i:0{width}d}-{name}" for i, name in enumerate(names)]
+    return [VolumeCase(name, Path(scan), (LabelSource(Path(mask), _values(liver_labels)),),
+                       (LabelSource(Path(label), _values(tumour_labels)),))
+            for name, scan, mask, label in zip(names, scans, masks, labels)]
+
+
+def cases_from_manifest(manifest: str | Path, split: str) -> tuple[list[VolumeCase], list[dict[str, Any]]]:
+    """The patients of ``split`` in a ``medad-fast prepare`` manifest: ``(cases, skipped)``,
+    ``skipped`` the patients of the split that prepare did not convert (``patient``,
+    ``status``, ``error``). ``ValueError`` naming the file when it is not such a manifest."""
+    from .data.volumes import GENERATOR_NAME, NIFTI_LABELS, _find_child
+
+    path = Path(manifest)
+    try:
+        content = json.loads(path.read_text())
+        sources = content["sources"] if content.get("generator") == GENERATOR_NAME else None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--manifest {path}: file not found") from None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+        raise ValueError(f"--manifest {path}: not readable as a prepare manifest ({type(e).__name__}: {e})") from None
+    if sources is None:
+        raise ValueError(f"--manifest {path}: not written by `medad-fast prepare` (generator "
+                         f"{content.get('generator')!r}); the phantom's manifest lists no volumes")
+    cases, skipped = [], []
+    for source in sources:
+        kind = source["kind"]
+        for patient, info in sorted(source["patients"].items()):
+            if info["split"] != split:
+                continue
+            if info["status"] != "done":
+                skipped.append({"patient": patient, "status": info["status"], "error": info.get("error")})
+                continue
+            if kind in NIFTI_LABELS:
+                liver_values, tumour_values = NIFTI_LABELS[kind]
+                label = Path(info["label"])
+                cases.append(VolumeCase(patient, Path(info["image"]),
+                                        (LabelSource(label, tuple(map(float, liver_values + tumour_values))),),
+                                        (LabelSource(label, tuple(map(float, tumour_values))),) if tumour_values
+                                        else ()))
+            elif kind == "dicom":
+                folder = Path(info["image"])
+                ct, masks = _find_child(folder, "PATIENT_DICOM"), _find_child(folder, "MASKS_DICOM")
+                liver = _find_child(masks, "liver") if masks is not None else None
+                if ct is None or liver is None:
+                    raise VolumeError(f"{folder}: no PATIENT_DICOM or MASKS_DICOM/liver folder (listed in {path})")
+                tumours = sorted(d for d in masks.iterdir() if d.is_dir() and d.name.lower().startswith("livertumor"))
+                cases.append(VolumeCase(patient, ct, (LabelSource(liver),), tuple(LabelSource(d) for d in tumours)))
+            else:
+                raise ValueError(f"--manifest {path}: unknown source kind {kind!r} of patient {patient}")
+    return cases, skipped
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class _Opened:
+    """A case whose headers are checked: the scan's geometry and its label sources on its grid."""
+
+    case: VolumeCase
+    geometry: Geometry
+    liver: list[tuple[LiverMaskSource, tuple[float, ...] | None]]
+    tumour: list[tuple[LiverMaskSource, tuple[float, ...] | None]]
+
+    @property
+    def display_shape(self) -> tuple[int, int]:
+        """(rows, cols) of its axial slices in display orientation (rows anterior-posterior)."""
+        ornt = self.geometry.orientation
+        rows_axis = int(np.flatnonzero(ornt[:, 0] == 1)[0])
+        cols_axis = int(np.flatnonzero(ornt[:, 0] == 0)[0])
+        return int(self.geometry.shape[rows_axis]), int(self.geometry.shape[cols_axis])
+
+
+def _open(case: VolumeCase) -> _Opened:
+    geometry = read_geometry(case.scan, modality="CT")
+    liver = [(open_liver_mask(s.path, geometry, "liver mask"), s.values) for s in case.liver]
+    tumour = [(open_liver_mask(s.path, geometry, "tumour label"), s.values) for s in case.tumour]
+    return _Opened(case, geometry, liver, tumour)
+
+
+def _united(sources, shape) -> np.ndarray:
+    inside = np.zeros(shape, dtype=bool)
+    for source, values in sources:
+        inside |= source.read(values)
+    return inside
+
+
+@dataclass
+class _Scored:
+    """What the scoring of a list of cases leaves: per volume rows, per slice arrays."""
+
+    volumes: list[dict[str, Any]] = field(default_factory=list)
+    slice_rows: list[tuple] = field(default_factory=list)  # (name, slice, z_mm, label, score)
+    lesion_files: list[Path] = field(default_factory=list)
+    samples: list[np.ndarray] = field(default_factory=list)
+    peaks: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def slice_labels(self) -> np.ndarray:
+        return np.array([row[3] for row in self.slice_rows], dtype=bool)
+
+    @property
+    def slice_scores(self) -> np.ndarray:
+        return np.array([row[4] for row in self.slice_rows], dtype=np.float64)
+
+
+def _padded(images: list[np.ndarray], shape: tuple[int, int], fill) -> np.ndarray:
+    """[n, *shape] with each image at the top left, ``fill`` elsewhere."""
+    out = np.full((len(images), *shape), fill, dtype=images[0].dtype)
+    for i, image in enumerate(images):
+        out[i, :image.shape[0], :image.shape[1]] = image
+    return out
+
+
+def _score_cases(method, opened: list[_Opened], stream: PixelMetricsStream, pad_shape: tuple[int, int],
+                 window, hist_eq: bool, batch_size: int, device, progress: bool, top_k: int,
+                 lesion_dir: Path | None, sample_size: int = _SAMPLES_PER_VOLUME) -> _Scored:
+    """Score every case, feed its liver slices to ``stream`` and (with ``lesion_dir``) spill
+    its map, tumour and region, cropped to the region, for the lesion-wise metrics, keeping
+    up to ``sample_size`` of its liver map values to choose the thresholds from."""
+    scored = _Scored()
+    for k, item in enumerate(opened):
+        scan = read_volume(item.geometry)
+        liver = _united(item.liver, scan.shape)
+        tumour = _united(item.tumour, scan.shape)
+        region = liver | tumour  # tumour counts as liver, as prepare writes slices
+        if not region.any():
+            raise VolumeError(f"liver mask {item.case.liver[0].path} of scan {scan.path} is empty"
+                              + (f" (no voxel labelled {list(item.case.liver[0].values)})"
+                                 if item.case.liver[0].values else "") + ": the method scores the liver only")
+        result = score_volume(method, scan, region, window, hist_eq, batch_size, device, progress)
+        ornt, axis = scan.orientation, scan.axial_axis
+        other = tuple(a for a in range(3) if a != axis)
+        tumour_slices = tumour.any(axis=other)[result.slice_indices]
+        for start in range(0, result.slice_indices.size, batch_size):
+            batch = result.slice_indices[start:start + batch_size]
+            maps = _padded([display_slice(result.anomaly_map, ornt, int(i)) for i in batch], pad_shape, 0.0)
+            masks = _padded([display_slice(tumour, ornt, int(i)) for i in batch], pad_shape, False)
+            inside = _padded([display_slice(region, ornt, int(i)) for i in batch], pad_shape, False)
+            stream.add(masks, maps, inside)
+        n_lesions = 0
+        if lesion_dir is not None:
+            box = ndimage.find_objects(region.astype(np.uint8))[0]
+            crop_map, crop_tumour, crop_region = result.anomaly_map[box], tumour[box], region[box]
+            path = lesion_dir / f"{k:05d}.npz"
+            np.savez(path, anomaly_map=crop_map, lesions=crop_tumour, region=crop_region)
+            scored.lesion_files.append(path)
+            # the distinct liver values, or that many of their quantiles (values of the map)
+            values = np.unique(crop_map[crop_region])
+            if values.size > sample_size:
+                values = np.quantile(values, np.linspace(0.0, 1.0, sample_size), method="inverted_cdf")
+            scored.samples.append(values)
+            labelled, n_lesions = ndimage.label(crop_tumour, structure=LESION_STRUCTURE)
+            if n_lesions:
+                scored.peaks.append(np.asarray(ndimage.maximum(crop_map, labelled, np.arange(1, n_lesions + 1)),
+                                               dtype=np.float64).reshape(-1))
+        scored.volumes.append({
+            "name": item.case.name, "scan": str(scan.path),
+            "liver_mask": [str(s.path) for s in item.case.liver],
+            "tumour_label": [str(s.path) for s in item.case.tumour],
+            "has_tumour": bool(tumour.any()), "n_lesions": int(n_lesions), "tumour_voxels": int(tumour.sum()),
+            "n_liver_slices": int(result.slice_indices.size), "n_tumour_slices": int(tumour_slices.sum()),
+            **aggregate_slice_scores(result.slice_scores, top_k)})
+        scored.slice_rows.extend((item.case.name, int(i), float(z), bool(t), float(s)) for i, z, t, s in
+                                 zip(result.slice_indices, result.z_mm, tumour_slices, result.slice_scores))
+        del scan, liver, tumour, region, result
+    return scored
+
+
+def _or_reason(compute):
+    """``(value, None)`` or ``(None, the reason it is undefined)``."""
+    try:
+        return compute(), None
+    except ValueError as e:
+        return None, str(e)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str | Path | None = None,
+                     valid_cases: list[VolumeCase] | None = None, device: str | torch.device | None = None,
+                     batch_size: int = 16, progress: bool = True, window: tuple[float, float] | None = None,
+                     hist_eq: bool | None = None, top_k: int = DEFAULT_TOP_K, fp_budgets=DEFAULT_FP_BUDGETS,
+                     lesion_thresholds: int = DEFAULT_LESION_THRESHOLDS, split: str | None = None,
+                     source: str | None = None, skipped: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on CT volumes (see the module docstring); ``valid_cases``: the
+    volumes to take the operating point from (None or unusable: ``cases``). ``split`` /
+    ``source``: what the cases are (for the output). Returns the metrics written to
+    ``metrics.json``. Every header is checked before anything is scored; errors raise
+    ``ValueError`` (:class:`~medad_fast.data.scan.VolumeError`) or ``FileNotFoundError``
+    naming the files."""
+    from .predict import _training_window
+
+    checkpoint = resolve_checkpoint(checkpoint)
+    if not cases:
+        raise ValueError("no volumes to evaluate" + (f" in the {split} split of {source}" if source else ""))
+    if top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    if lesion_thresholds < 2:
+        raise ValueError(f"--lesion-thresholds must be >= 2, got {lesion_thresholds}")
+    opened = [_open(case) for case in cases]  # headers first: a wrong label is reported before any scoring
+    valid_opened = [_open(case) for case in valid_cases or []]
+    device = resolve_device(device)
+    method, state = load_method(checkpoint, device)
+    trained_window, trained_hist_eq, settings_from = _training_window(method.config)
+    window = tuple(float(w) for w in (window if window is not None else trained_window))
+    if not (np.isfinite(window).all() and window[0] < window[1]):
+        raise ValueError(f"--window: LO must be smaller than HI (finite), got {window[0]} {window[1]}")
+    hist_eq = trained_hist_eq if hist_eq is None else bool(hist_eq)
+    out = Path(out) if out is not None else checkpoint.parent / ("eval-volumes" if split is None
+                                                                  else f"eval-volumes-{split}")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".volume-eval-", dir=out) as spill:
+        spill = Path(spill)
+        (spill / "lesions").mkdir()
+        pad_shape = tuple(np.max([o.display_shape for o in opened], axis=0).tolist())
+        started = time.perf_counter()
+        with PixelMetricsStream(str(spill / "pixels")) as stream:
+            scored = _score_cases(method, opened, stream, pad_shape, window, hist_eq, batch_size, device, progress,
+                                  top_k, spill / "lesions", max(_SAMPLES_PER_VOLUME, lesion_thresholds))
+            seconds = time.perf_counter() - started
+            labels, scores = scored.slice_labels, scored.slice_scores
+            slice_metrics, slice_reason = _or_reason(lambda: image_metrics(labels, scores))
+            counts, pixel_reason = _or_reason(lambda: stream.counts("the pixel metrics"))
+            pixel_metrics = stream.metrics(counts) if counts is not None else None
+            point, point_reason = None, None
+            if valid_opened:
+                valid_pad = tuple(np.max([o.display_shape for o in valid_opened], axis=0).tolist())
+                with PixelMetricsStream(str(spill / "valid-pixels")) as valid_stream:
+                    valid = _score_cases(method, valid_opened, valid_stream, valid_pad, window, hist_eq, batch_size,
+                                         device, progress, top_k, None)
+                    point, point_reason = _or_reason(lambda: operating_point(
+                        valid.slice_labels, valid.slice_scores, valid_stream.counts("the operating point"), "valid",
+                        f"the {len(valid_opened)} valid volume(s) of {source}", False))
+            if point is None:
+                why = (f" (the valid volumes cannot give one: {point_reason})" if point_reason else
+                       " (no validation volumes)")
+                point, reason = _or_reason(lambda: operating_point(
+                    labels, scores, counts if counts is not None else stream.counts("the operating point"),
+                    split or "volumes", f"the evaluated volumes{why}", True))
+                point_reason = reason if point is None else None
+        lesion_metrics, lesion_reason = None, None
+        if any(v["n_lesions"] for v in scored.volumes):
+            thresholds = detection_thresholds(np.concatenate(scored.samples), lesion_thresholds,
+                                              np.concatenate(scored.peaks))
+            hits = []
+            for path in scored.lesion_files:
+                with np.load(path) as arrays:
+                    hits.append(lesion_hits(arrays["lesions"], arrays["anomaly_map"], thresholds, arrays["region"]))
+            lesion_metrics = lesion_froc(hits, fp_budgets)
+        else:
+            lesion_reason = "no tumour in any volume: lesion recall is undefined"
+    volume_labels = np.array([v["has_tumour"] for v in scored.volumes], dtype=bool)
+    volume_scores = np.array([v["score"] for v in scored.volumes], dtype=np.float64)
+    volume_auroc, volume_reason = None, None
+    if len(scored.volumes) >= 2 and volume_labels.any() and not volume_labels.all():
+        volume_auroc = roc_auc(volume_labels, volume_scores)
+    else:
+        volume_reason = (f"needs two or more scans with and without tumour; got {int(volume_labels.sum())} with and "
+                         f"{int((~volume_labels).sum())} without")
+
+    metrics: dict[str, Any] = {
+        "checkpoint": str(checkpoint.resolve()), "method": method.config.run.method,
+        "variant": method.config.variant, "preset": method.config.run.preset,
+        "image_size": method.config.run.image_size, "epoch": int(state.get("epoch", 0)),
+        "split": split, "source": source, "window": list(window), "hist_eq": hist_eq, "window_from": settings_from,
+        "top_k": top_k, "n_volumes": len(scored.volumes),
+        "n_volumes_with_tumour": int(volume_labels.sum()), "n_slices": int(labels.size),
+        "n_abnormal_slices": int(labels.sum()),
+        **(slice_metrics or {"image_auroc": None, "image_ap": None}),
+        **(pixel_metrics or {"pixel_auroc": None, "pixel_ap": None, "aupro_0.3": None, "best_dice": None}),
+        "pixel_region": "liver mask united with the tumour label (pixels outside it are not counted)",
+        "volume_auroc": volume_auroc,
+        "volume_score": "max of the slice scores; has_tumour = any tumour voxel",
+        "lesion_recall_at_fp": (lesion_metrics["overlap"]["recall_at_fp"] if lesion_metrics else None),
+        "lesion_recall_at_fp_peak": (lesion_metrics["peak"]["recall_at_fp"] if lesion_metrics else None),
+        "lesions": lesion_metrics,
+        "lesion_rules": {"overlap": "a lesion is found when some predicted component (26-connected, map >= t, "
+                                    "inside the liver) overlaps it; a component overlapping no lesion is a false "
+                                    "positive",
+                         "peak": "a component finds the lesion holding its highest voxel; it is a false positive "
+                                 "when that voxel lies in no lesion"},
+        "undefined": {name: reason for name, reason in (("slice", slice_reason), ("pixel", pixel_reason),
+                                                         ("volume", volume_reason), ("lesion", lesion_reason),
+                                                         ("operating_point", point_reason)) if reason},
+        "skipped": skipped or [],
+        "scoring_seconds": seconds,
+        "volumes": scored.volumes,
+    }
+    if point is not None:
+        point.update(checkpoint=str(checkpoint.resolve()))
+        metrics["operating_point"] = point
+        metrics["operating_point_file"] = str(write_operating_point(checkpoint.parent, point))
+    if lesion_metrics:
+        from .visualize import plot_froc
+
+        plot_froc(out / "froc.png", [(f"{rule} (recall@1FP {lesion_metrics[rule]['recall_at_fp']['1']:.2f})"
+                                      if "1" in lesion_metrics[rule]["recall_at_fp"] else rule,
+                                      lesion_metrics[rule]["curve"]["mean_fp_per_scan"],
+                                      lesion_metrics[rule]["curve"]["recall"]) for rule in HIT_RULES],
+                  [float(b) for b in fp_budgets],
+                  f"{method.config.variant}: {lesion_metrics['n_lesions']} lesion(s) in {len(scored.volumes)} scan(s)")
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_text(out / "volumes.csv", _volumes_csv(scored.volumes))
+    atomic_write_text(out / "slices.csv", _slices_csv(scored.slice_rows))
+    metrics["out"] = str(out)
+    return metrics
+
+
+def _volumes_csv(volumes: list[dict[str, Any]]) -> str:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    columns = ["name", "scan", "has_tumour", "n_lesions", "tumour_voxels", "n_liver_slices", "n_tumour_slices",
+               "score", "top_k_mean"]
+    writer.writerow(columns)
+    for v in volumes:
+        writer.writerow([v["name"], v["scan"], int(v["has_tumour"]), v["n_lesions"], v["tumour_voxels"],
+                         v["n_liver_slices"], v["n_tumour_slices"], f"{v['score']:.6f}", f"{v['top_k_mean']:.6f}"])
+    return text.getvalue()
+
+
+def _slices_csv(rows: list[tuple]) -> str:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["name", "slice", "z_mm", "label", "score"])
+    writer.writerows([name, k, f"{z:.3f}", int(label), f"{score:.6f}"] for name, k, z, label, score in rows)
+    return text.getvalue()

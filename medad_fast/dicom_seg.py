@@ -21,7 +21,7 @@ import numpy as np
 from .data.scan import Geometry, VolumeError
 from .io import atomic_write_bytes
 
-__all__ = ["write_dicom_seg", "HIGHDICOM_MISSING"]
+__all__ = ["write_dicom_seg", "require_highdicom", "HIGHDICOM_MISSING"]
 
 HIGHDICOM_MISSING = ("--dicom-seg needs the optional package highdicom: pip install 'medad_fast[dicom-seg]' "
                      "(or pip install highdicom)")
@@ -32,7 +32,8 @@ _PATIENT_STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "Patient
                         "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
-def _highdicom():
+def require_highdicom():
+    """The highdicom module (``ImportError`` saying how to install it when it is missing)."""
     try:
         import highdicom
     except ImportError:
@@ -52,7 +53,7 @@ def write_dicom_seg(path: str | Path, geometry: Geometry, lesions: np.ndarray, *
     if tuple(lesions.shape) != tuple(geometry.shape):
         raise VolumeError(f"lesion mask of shape {tuple(lesions.shape)} does not fit series {geometry.path} "
                           f"{tuple(geometry.shape)}")
-    hd = _highdicom()
+    hd = require_highdicom()
     import pydicom
     from pydicom.sr.codedict import codes
 

@@ -39,6 +39,9 @@ scans share a name)::
     NAME_lesions.nii.gz   with a pixel threshold (``--threshold T``, else the run's stored
                           operating point, :mod:`medad_fast.operating_point`): uint8, 1 where
                           the map >= T, on the scan's grid (same header geometry as the map)
+    NAME_seg.dcm          with ``--dicom-seg``, for scans that came as DICOM series: the same
+                          mask as a DICOM Segmentation object referencing the series
+                          (:mod:`medad_fast.dicom_seg`, needs the optional highdicom)
     scores.json           per scan: ``score`` (max of the slice scores), ``top_k_mean`` (mean
                           of the --top-k highest), every slice's score, the outputs' names;
                           the pixel threshold and where it came from (``threshold_from``);
@@ -67,7 +70,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
+from . import __version__, distributed
 from .cli import int_at_least
 from .config import Config
 from .inference import load_method, resolve_checkpoint, score_dataset
@@ -79,6 +82,7 @@ from .io import atomic_write_json, atomic_write_text, fsync_directory
 from .operating_point import OPERATING_POINT_NAME, read_operating_point
 from .runtime import resolve_device
 from .visualize import overlay_heatmap, plot_review, save_rgb_png
+from .dicom_seg import require_highdicom, write_dicom_seg
 from .volume_inference import DEFAULT_TOP_K, aggregate_slice_scores, display_images, read_ahead, score_volume
 
 __all__ = ["predict", "predict_volumes", "is_volume_input", "add_arguments", "main"]
@@ -200,7 +204,7 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
                     out: str | Path, device: str | torch.device | None = None, batch_size: int = 16,
                     progress: bool = True, window: tuple[float, float] | None = None, hist_eq: bool | None = None,
                     top_k: int = DEFAULT_TOP_K, liver_labels: list[float] | None = None,
-                    threshold: float | None = None) -> dict:
+                    threshold: float | None = None, dicom_seg: bool = False) -> dict:
     """Score CT volumes with ``checkpoint`` and write their maps, slice tables, review
     montages and ``scores.json`` into ``out`` (see the module docstring). Returns the
     ``scores.json`` content.
@@ -209,7 +213,8 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
     any nonzero value, or one of ``liver_labels``. ``window`` / ``hist_eq`` None: the training
     data's ``prepare`` settings when recorded, else ``prepare``'s defaults. ``threshold``: the
     pixel threshold of the ``_lesions`` masks; None: the run's stored operating point when it
-    has one (``operating_point.json`` beside the checkpoint), else no masks. Every scan and
+    has one (``operating_point.json`` beside the checkpoint), else no masks. ``dicom_seg``: also
+    write each DICOM scan's mask as a DICOM SEG (needs a threshold). Every scan and
     mask header is checked before anything is scored; errors raise ``ValueError`` (a
     :class:`~medad_fast.data.scan.VolumeError`) or ``FileNotFoundError`` naming the files,
     and leave ``out`` as it was."""
@@ -225,6 +230,8 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
     world = distributed.init_distributed(resolve_device(device))
     if world.is_distributed:
         raise ValueError("CT volumes are scored in one process: run `medad-fast predict` without torchrun")
+    if dicom_seg:
+        require_highdicom()  # a missing optional package is reported before any scoring
     try:
         point = read_operating_point(checkpoint.parent)  # a broken file is reported before any scoring
     except ValueError:
@@ -241,8 +248,14 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
     else:
         threshold_from = None
     slice_threshold = float(point["slice_threshold"]) if point is not None and "slice_threshold" in point else None
+    if dicom_seg and threshold is None:
+        raise ValueError("--dicom-seg needs a pixel threshold: pass --threshold T, or run `medad-fast evaluate` on "
+                         f"the run first (it stores {OPERATING_POINT_NAME})")
     # headers first: a wrong mask or a broken series is reported before any scoring
     geometries = [read_geometry(scan, modality="CT") for scan in scans]
+    if dicom_seg and not any(g.format == "dicom" for g in geometries):
+        raise ValueError(f"--dicom-seg: none of the scans is a DICOM series ({scans[0]} is {geometries[0].format}); "
+                         "a DICOM SEG references the series it was made from")
     sources = [open_liver_mask(mask, geometry) for mask, geometry in zip(liver_masks, geometries)]
     method, _ = load_method(checkpoint, world.device)
     trained_window, trained_hist_eq, settings_from = _training_window(method.config)
@@ -270,6 +283,10 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
                 outputs["lesions"] = f"{name}_lesions.nii.gz"
                 lesions = (result.anomaly_map >= np.float32(threshold)) & liver
                 nifti_like(scan, lesions.astype(np.uint8)).to_filename(str(stage / outputs["lesions"]))
+                if dicom_seg and scan.format == "dicom":
+                    outputs["dicom_seg"] = f"{name}_seg.dcm"
+                    write_dicom_seg(stage / outputs["dicom_seg"], scan, lesions, threshold=threshold,
+                                    method=method.config.run.method, software_version=__version__)
             nifti_like(scan, result.anomaly_map).to_filename(str(stage / outputs["anomaly_map"]))
             (stage / outputs["slices_csv"]).write_text(_slices_csv(result))
             _write_review(stage / outputs["review"], scan, liver, result, top_k, window, hist_eq)
@@ -329,6 +346,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     volumes.add_argument("--threshold", type=float, default=None, metavar="T",
                          help="pixel threshold: write NAME_lesions.nii.gz (map >= T) per scan (default: the run's "
                               "operating_point.json from `medad-fast evaluate`, if any)")
+    volumes.add_argument("--dicom-seg", action="store_true",
+                         help="also write NAME_seg.dcm, the thresholded map as a DICOM Segmentation referencing the "
+                              "series, for scans given as DICOM series (needs a threshold and highdicom)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=16)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -338,8 +358,8 @@ def _main_volumes(args: argparse.Namespace) -> int:
     try:
         summary = predict_volumes(args.checkpoint, args.inputs, args.liver_mask or [], args.out, args.device,
                                   args.batch_size, not args.no_progress, args.window, args.hist_eq, args.top_k,
-                                  args.liver_label, args.threshold)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+                                  args.liver_label, args.threshold, args.dicom_seg)
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as exc:
         print(f"medad-fast predict: error: {exc}", file=sys.stderr)
         return 2
     for entry in summary["scans"]:
@@ -370,6 +390,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"medad-fast predict: error: {problem}", file=sys.stderr)
             return 2
         return _main_volumes(args)
+    if args.dicom_seg:
+        print("medad-fast predict: error: --dicom-seg is for CT scans given as DICOM series", file=sys.stderr)
+        return 2
     if args.threshold is not None:
         print("medad-fast predict: error: --threshold is for CT volumes (it writes NAME_lesions.nii.gz); 2-D images "
               "get heatmaps only", file=sys.stderr)

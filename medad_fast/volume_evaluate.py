@@ -53,6 +53,7 @@ end), so memory holds one volume at a time.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import tempfile
@@ -65,7 +66,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .data.scan import (Geometry, LiverMaskSource, VolumeError, display_slice, open_liver_mask, read_geometry,
+from .data.scan import (Geometry, LiverMaskSource, Volume, VolumeError, display_slice, open_liver_mask, read_geometry,
                         read_volume)
 from .inference import load_method, resolve_checkpoint
 from .io import atomic_write_json, atomic_write_text
@@ -73,7 +74,7 @@ from .metrics import (DEFAULT_FP_BUDGETS, HIT_RULES, LESION_STRUCTURE, PixelMetr
                       image_metrics, lesion_froc, lesion_hits, roc_auc)
 from .operating_point import operating_point, write_operating_point
 from .runtime import resolve_device
-from .volume_inference import DEFAULT_TOP_K, aggregate_slice_scores, score_volume
+from .volume_inference import DEFAULT_TOP_K, aggregate_slice_scores, read_ahead, score_volume
 
 __all__ = ["LabelSource", "VolumeCase", "cases_from_arguments", "cases_from_manifest", "evaluate_volumes",
            "DEFAULT_LESION_THRESHOLDS"]
@@ -235,6 +236,19 @@ def _padded(images: list[np.ndarray], shape: tuple[int, int], fill) -> np.ndarra
     return out
 
 
+def _read_case(item: _Opened) -> tuple[Volume, np.ndarray, np.ndarray, np.ndarray]:
+    """``(scan, liver, tumour, region)`` of a case; ``VolumeError`` when its liver is empty."""
+    scan = read_volume(item.geometry)
+    liver = _united(item.liver, scan.shape)
+    tumour = _united(item.tumour, scan.shape)
+    region = liver | tumour  # tumour counts as liver, as prepare writes slices
+    if not region.any():
+        raise VolumeError(f"liver mask {item.case.liver[0].path} of scan {scan.path} is empty"
+                          + (f" (no voxel labelled {list(item.case.liver[0].values)})"
+                             if item.case.liver[0].values else "") + ": the method scores the liver only")
+    return scan, liver, tumour, region
+
+
 def _score_cases(method, opened: list[_Opened], stream: PixelMetricsStream, pad_shape: tuple[int, int],
                  window, hist_eq: bool, batch_size: int, device, progress: bool, top_k: int,
                  lesion_dir: Path | None, sample_size: int = _SAMPLES_PER_VOLUME) -> _Scored:
@@ -242,15 +256,8 @@ def _score_cases(method, opened: list[_Opened], stream: PixelMetricsStream, pad_
     its map, tumour and region, cropped to the region, for the lesion-wise metrics, keeping
     up to ``sample_size`` of its liver map values to choose the thresholds from."""
     scored = _Scored()
-    for k, item in enumerate(opened):
-        scan = read_volume(item.geometry)
-        liver = _united(item.liver, scan.shape)
-        tumour = _united(item.tumour, scan.shape)
-        region = liver | tumour  # tumour counts as liver, as prepare writes slices
-        if not region.any():
-            raise VolumeError(f"liver mask {item.case.liver[0].path} of scan {scan.path} is empty"
-                              + (f" (no voxel labelled {list(item.case.liver[0].values)})"
-                                 if item.case.liver[0].values else "") + ": the method scores the liver only")
+    loaders = [functools.partial(_read_case, item) for item in opened]
+    for k, (item, (scan, liver, tumour, region)) in enumerate(zip(opened, read_ahead(loaders))):
         result = score_volume(method, scan, region, window, hist_eq, batch_size, device, progress)
         ornt, axis = scan.orientation, scan.axial_axis
         other = tuple(a for a in range(3) if a != axis)

@@ -181,6 +181,10 @@ EPOCHS = 20
 BRIEF = dict(image_size=64, epochs=EPOCHS, source_pool_size=32)
 IMAGE_AUROC_MIN = 0.65
 PIXEL_AUROC_MIN = 0.72
+# what separates the run from its twin on every machine measured: AUROCs of the twin's near-constant
+# segmentation output still follow the lesions' intensity (0.51 / 0.61 on one EPYC, 0.71 / 0.75 on
+# another, where float rounding differs), but it does not outline them (pixel AP 0.02; the run 0.30)
+PIXEL_AP_MIN = 0.10
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +203,7 @@ def train_and_evaluate(data, out, **switches):
     train(config, out / "run", progress=False, log=lambda message: None)
     metrics = evaluate(out / "run", data, out=out / "eval", progress=False, n_cases=0)
     print(f"draem {switches or '(full)'}: image AUROC {metrics['image_auroc']:.3f}, pixel AUROC "
-          f"{metrics['pixel_auroc']:.3f} ({time.perf_counter() - start:.0f} s)")
+          f"{metrics['pixel_auroc']:.3f}, pixel AP {metrics['pixel_ap']:.3f} ({time.perf_counter() - start:.0f} s)")
     return metrics
 
 
@@ -207,9 +211,9 @@ def test_brief_small_run_detects_lesions(phantom, tmp_path):
     metrics = train_and_evaluate(phantom, tmp_path)
     assert metrics["image_auroc"] >= IMAGE_AUROC_MIN
     assert metrics["pixel_auroc"] >= PIXEL_AUROC_MIN
+    assert metrics["pixel_ap"] >= PIXEL_AP_MIN
 
 
 def test_without_anomalies_to_segment_the_same_run_does_not(phantom, tmp_path):
     metrics = train_and_evaluate(phantom, tmp_path, p_anomaly=0.0)
-    assert metrics["image_auroc"] < IMAGE_AUROC_MIN
-    assert metrics["pixel_auroc"] < PIXEL_AUROC_MIN
+    assert metrics["pixel_ap"] < PIXEL_AP_MIN

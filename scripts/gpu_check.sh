@@ -49,6 +49,8 @@ fi
 # the extension built here (in place) wins over any installed medad_fast
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export MEDAD_BENCH_BUDGET_S=${MEDAD_BENCH_BUDGET_S:-0.5}
+# nproc obeys OMP_NUM_THREADS; the build wants every core
+CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 SUMMARY=()
 FAILED=0
 STEP_NO=0
@@ -102,7 +104,7 @@ command -v nvcc >/dev/null 2>&1 && HAVE_NVCC=1
 ENV_LOG=$OUT/01-environment.log
 STEP_NO=1
 {
-  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')  host: $(hostname)  cores: $(nproc)"
+  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')  host: $(hostname)  cores: $CORES"
   echo "git: $(git rev-parse --short HEAD 2>/dev/null) on $(git rev-parse --abbrev-ref HEAD 2>/dev/null)"
   echo "python: $PYTHON"
   if [ $HAVE_NVCC = 1 ]; then echo "nvcc: $(command -v nvcc)"; nvcc --version | tail -n 2; else echo "nvcc: not found"; fi
@@ -117,7 +119,7 @@ print(torch.__version__, torch.version.cuda, int(gpu), arch)
 print("GPU:", torch.cuda.get_device_name(0) if gpu else "none")
 ' 2>>"$ENV_LOG")
 PROBE_STATUS=$?
-echo "$PROBE" >>"$ENV_LOG"
+echo "torch version, torch CUDA, CUDA available, GPU architecture: $PROBE" >>"$ENV_LOG"
 if [ $PROBE_STATUS != 0 ]; then
   line=$(printf 'FAIL     %-12s %s cannot import torch (log: %s)' environment "$PYTHON" "$ENV_LOG")
   echo "$line"; tail -n 5 "$ENV_LOG" | sed 's/^/    | /'
@@ -144,9 +146,9 @@ if [ $PROBE_STATUS != 0 ]; then
 elif [ $HAVE_NVCC = 0 ]; then
   skip build "nvcc not found on PATH: the CUDA kernels cannot be compiled"
 elif [ $HAVE_CUDA_TORCH = 0 ]; then
-  # no CUDA torch to link against: at least every .cu file must compile
+  skip build "$NO_GPU_REASON: no CUDA torch to build the extension's CUDA kernels against"
+  # nvcc alone can still check that every .cu file compiles
   run cuda-check make cuda-check || true
-  echo "         (the extension's CUDA build needs a CUDA torch: $NO_GPU_REASON)"
 else
   # one architecture (this GPU's) builds in a fraction of the time of torch's default list
   arch_list=${TORCH_CUDA_ARCH_LIST:-}
@@ -154,7 +156,7 @@ else
     if [ "$GPU_ARCH" != - ]; then arch_list=$GPU_ARCH; else arch_list="8.0;9.0"; fi
   fi
   build() {
-    FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} TORCH_CUDA_ARCH_LIST="$arch_list" \
+    FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-$CORES} TORCH_CUDA_ARCH_LIST="$arch_list" \
       "$PYTHON" setup.py build_ext --inplace &&
     "$PYTHON" -c 'import json, medad_fast; info = medad_fast.build_info(); print(json.dumps(info, indent=2))
 assert info["extension_loaded"] and info["cuda_kernels_built"], "the extension was built without CUDA kernels"'

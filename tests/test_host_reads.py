@@ -68,16 +68,21 @@ def _caller() -> str:
 @dataclass
 class HostReadCounter(TorchDispatchMode):
     """Records every read of a tensor value on the host while active (see the module doc).
-    ``host_resident``: data pointers of tensors that stay on the host on every device."""
+
+    ``host_resident``: data pointers of tensors that stay on the host on every device.
+    ``device_only``: count only reads of tensors on a device other than the CPU (a step
+    on CUDA: reading a CPU tensor, e.g. a step counter, does not wait for the GPU)."""
 
     host_resident: set[int] = field(default_factory=set)
+    device_only: bool = False
     reads: list[HostRead] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__init__()
 
     def _record(self, what: str, tensor: torch.Tensor | None) -> None:
-        if tensor is not None and tensor.data_ptr() in self.host_resident:
+        if tensor is not None and (tensor.data_ptr() in self.host_resident
+                                   or (self.device_only and tensor.device.type == "cpu")):
             return
         self.reads.append(HostRead(what, _caller()))
 
@@ -136,7 +141,7 @@ def host_reads_of_a_step(name: str, device: torch.device, preset: str = "tiny"
     trainer.train_step(batches[0])
     steps = {t.data_ptr() for optimizer in trainer.optimizers for state in optimizer.state.values()
              for key, t in state.items() if key == "step" and isinstance(t, torch.Tensor) and t.device.type == "cpu"}
-    with HostReadCounter(host_resident=steps) as counter:
+    with HostReadCounter(host_resident=steps, device_only=device.type != "cpu") as counter:
         trainer.train_step(batches[1])
     synthesizer = getattr(trainer.method, "synthesizer", None)
     tries = synthesizer.last_retries if synthesizer is not None else 0

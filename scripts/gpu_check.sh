@@ -4,7 +4,8 @@
 #
 #   1. environment  nvcc, torch (a CUDA build?), the GPU, medad_fast's build info
 #   2. build        the extension with its CUDA kernels (setup.py build_ext --inplace,
-#                   MAX_JOBS = all cores, TORCH_CUDA_ARCH_LIST = this GPU's architecture)
+#                   MAX_JOBS = all cores, TORCH_CUDA_ARCH_LIST = this GPU's architecture);
+#                   build-info checks that the CUDA kernels were built and load
 #                   -- or, where torch has no CUDA but nvcc is found, `make cuda-check`
 #                   (every .cu file compiles with nvcc alone)
 #   3. cuda-tests   tests/test_ops_cuda.py and every other CUDA-marked test (pytest -m cuda;
@@ -115,17 +116,22 @@ PROBE=$("$PYTHON" -c '
 import torch
 gpu = torch.cuda.is_available()
 arch = "%d.%d" % torch.cuda.get_device_capability(0) if gpu else "-"
-print(torch.__version__, torch.version.cuda, int(gpu), arch)
+try:  # an extension with CUDA kernels already built (or installed) here
+    import medad_fast
+    built = int(medad_fast.build_info()["cuda_kernels_built"])
+except Exception:
+    built = 0
+print(torch.__version__, torch.version.cuda, int(gpu), arch, built)
 print("GPU:", torch.cuda.get_device_name(0) if gpu else "none")
 ' 2>>"$ENV_LOG")
 PROBE_STATUS=$?
-echo "torch version, torch CUDA, CUDA available, GPU architecture: $PROBE" >>"$ENV_LOG"
+echo "torch version, torch CUDA, CUDA available, GPU architecture, medad_fast CUDA kernels built: $PROBE" >>"$ENV_LOG"
 if [ $PROBE_STATUS != 0 ]; then
   line=$(printf 'FAIL     %-12s %s cannot import torch (log: %s)' environment "$PYTHON" "$ENV_LOG")
   echo "$line"; tail -n 5 "$ENV_LOG" | sed 's/^/    | /'
   SUMMARY+=("$line"); FAILED=1
 else
-  read -r TORCH_VERSION TORCH_CUDA GPU_FLAG GPU_ARCH <<<"$(head -n 1 <<<"$PROBE")"
+  read -r TORCH_VERSION TORCH_CUDA GPU_FLAG GPU_ARCH CUDA_EXT <<<"$(head -n 1 <<<"$PROBE")"
   [ "$TORCH_CUDA" != None ] && HAVE_CUDA_TORCH=1
   [ "$GPU_FLAG" = 1 ] && HAVE_GPU=1
   line=$(printf 'PASS     %-12s torch %s (CUDA %s), %s, nvcc %s  %s' environment "$TORCH_VERSION" "$TORCH_CUDA" \
@@ -145,6 +151,8 @@ if [ $PROBE_STATUS != 0 ]; then
   skip build "$NO_GPU_REASON"
 elif [ $HAVE_NVCC = 0 ]; then
   skip build "nvcc not found on PATH: the CUDA kernels cannot be compiled"
+  # an extension built (or installed) earlier with CUDA kernels can still be tested
+  [ "${CUDA_EXT:-0}" = 1 ] && BUILT=1 && echo "         (the medad_fast found here has CUDA kernels: testing that one)"
 elif [ $HAVE_CUDA_TORCH = 0 ]; then
   skip build "$NO_GPU_REASON: no CUDA torch to build the extension's CUDA kernels against"
   # nvcc alone can still check that every .cu file compiles
@@ -155,20 +163,19 @@ else
   if [ -z "$arch_list" ]; then
     if [ "$GPU_ARCH" != - ]; then arch_list=$GPU_ARCH; else arch_list="8.0;9.0"; fi
   fi
-  build() {
-    FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-$CORES} TORCH_CUDA_ARCH_LIST="$arch_list" \
-      "$PYTHON" setup.py build_ext --inplace &&
-    "$PYTHON" -c 'import json, medad_fast; info = medad_fast.build_info(); print(json.dumps(info, indent=2))
-assert info["extension_loaded"] and info["cuda_kernels_built"], "the extension was built without CUDA kernels"'
-  }
-  run build build && BUILT=1
+  run build env FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-$CORES}" TORCH_CUDA_ARCH_LIST="$arch_list" \
+    "$PYTHON" setup.py build_ext --inplace &&
+  run build-info "$PYTHON" -c 'import json, medad_fast; info = medad_fast.build_info(); print(json.dumps(info, indent=2))
+assert info["extension_loaded"] and info["cuda_kernels_built"], "the extension was built without CUDA kernels"' &&
+  BUILT=1
 fi
 
 # ------------------------------------------------------------------ 3-5. on the GPU
 gpu_step() {  # gpu_step NAME COMMAND...: runs only with a GPU and a CUDA build of the extension
   local name=$1; shift
   if [ -n "$NO_GPU_REASON" ]; then skip "$name" "$NO_GPU_REASON"
-  elif [ $BUILT = 0 ] && [ "$DRY_RUN" = 0 ]; then skip "$name" "the extension's CUDA build did not succeed (step build)"
+  elif [ $BUILT = 0 ] && [ "$DRY_RUN" = 0 ]; then
+    skip "$name" "no medad_fast with CUDA kernels (step build $([ $HAVE_NVCC = 0 ] && echo 'skipped: no nvcc' || echo failed))"
   else run "$name" "$@"
   fi
 }

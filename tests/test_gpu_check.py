@@ -54,3 +54,22 @@ def test_a_failing_check_makes_it_exit_non_zero(tmp_path):
 def test_unknown_arguments_are_refused(tmp_path):
     result = run_script(tmp_path / "out", sys.executable, "--fast")
     assert result.returncode == 2 and "unknown argument --fast" in result.stderr
+
+
+def test_on_a_gpu_machine_the_dry_run_lists_every_step(tmp_path):
+    # a stand-in Python whose torch reports a CUDA build and an H200 (the probe is its only call in a dry run)
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho '2.13.0+cu130 13.0 1 9.0 0'\necho 'GPU: NVIDIA H200'\n")
+    fake.chmod(0o755)
+    bindir = tmp_path / "bin"  # and an nvcc on the PATH
+    bindir.mkdir()
+    (bindir / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0'\n")
+    (bindir / "nvcc").chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(tmp_path / "out"), "PATH": f"{bindir}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(SCRIPT), "--dry-run"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    dry = {line.split()[1]: line for line in result.stdout.splitlines() if line.startswith("DRY-RUN")}
+    assert set(dry) == {"build", "build-info", *GPU_STEPS}, result.stdout
+    assert "TORCH_CUDA_ARCH_LIST=9.0" in dry["build"] and "FORCE_CUDA=1" in dry["build"]
+    assert "tests/test_ops_cuda.py" in dry["cuda-tests"] and "-m cuda" in dry["cuda-tests"]
+    assert "SKIPPED" not in result.stdout

@@ -58,7 +58,7 @@ def test_section_shows_the_rate_its_share_of_matmul_and_the_batch_used():
     assert text.startswith(roofline.SECTION)
     # 10 GFLOP in 0.5 s = 20 GFLOP/s = 20 % of 100 GFLOP/s; batch 2 of the preset's 8
     assert "| frequency_aware | paper | train step | 2 (preset: 8) | 256 | 10.000 | 500.0 | 20.00 | 20.0 % |" in text
-    assert "### 2 threads: matmul 100.0 GFLOP/s" in text
+    assert "### 2 threads (wall time): matmul 100.0 GFLOP/s" in text
     assert "| synthesis | 5.00 | 5.0 % |" in text and "| other | 10.00 | 10.0 % |" in text
 
 

@@ -380,11 +380,13 @@ def render(runs: list[Run], facts: dict, command: str) -> str:
         out += ["## CUDA", "", "No GPU in this run (`torch.cuda.is_available()` is false): the CUDA suites",
                 "(same groups on the device, synchronised timing, cupy's FFT as an extra high-pass peer",
                 "when cupy imports, GB/s against the device's copy bandwidth) were skipped.", ""]
-    from volume_throughput import saved_section  # this folder's CT-volume benchmark, run on its own
+    # the sections of this folder's benchmarks that run on their own, from their saved JSON
+    from roofline import saved_section as roofline_section
+    from volume_throughput import saved_section as volume_section
 
-    volume = saved_section()
-    if volume:
-        out += [volume]
+    for section in (volume_section(), roofline_section()):
+        if section:
+            out += [section]
     return "\n".join(out)
 
 

@@ -5,7 +5,8 @@ A step is :meth:`medad_fast.train.Trainer.train_step`: batch -> the method's ste
 paper's method: anomaly synthesis -> Butterworth high-pass -> reconstruction + segmentation
 forward -> loss) -> backward -> Adam step. Group ``train step ...`` gives images/s; group
 ``train step parts ...`` times the synthesis of the step's batch and its high-pass alone,
-so the report can state the share of the step they take.
+so the report can state the share of the step they take. On CUDA, group ``paper step
+(AMP, channels_last) ...`` times each method's paper-preset step as a GPU user trains it.
 """
 
 from __future__ import annotations
@@ -84,3 +85,21 @@ def test_train_step_parts(benchmark, device, part, ops_impl):
                 return trainer.method.model.highpass(augmented)
     measure(benchmark, fn, device, group=f"train step parts {step_name(trainer, device)}",
             impl=f"{part} ({ops_impl})", images=trainer.config.run.batch_size)
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_train_step_paper_amp_channels_last(benchmark, device, method):
+    # What a GPU user trains: the paper preset with mixed precision (bfloat16 where the GPU
+    # has it) and channels_last, the presets' defaults. CUDA only: on a 2-core CPU a paper
+    # step takes seconds, and autocast is off on the CPU anyway.
+    if device.type != "cuda":
+        pytest.skip("the paper-preset step is timed on CUDA only")
+    config = resolve_config(method, "paper")
+    assert config.run.amp and config.run.channels_last, "the paper preset trains with AMP + channels_last"
+    trainer = Trainer(create_method(config), liver_like_images(4 * config.run.batch_size, config.run.image_size),
+                      device)
+    batch_index = torch.arange(config.run.batch_size)
+    c = config.run
+    measure(benchmark, lambda: trainer.train_step(batch_index), device,
+            group=f"paper step (AMP, channels_last) {method} B={c.batch_size} {c.image_size}x{c.image_size} "
+                  f"{device.type}", impl="extension", images=c.batch_size, warmup_calls=5)

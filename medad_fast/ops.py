@@ -64,23 +64,37 @@ def _check_shape(t: torch.Tensor, name: str, shape: tuple[int, ...], what: str) 
         raise ValueError(f"{name} must have shape {list(shape)} ({what}); got {list(t.shape)}")
 
 
-def _check_lattice(angles: torch.Tensor, res: torch.Tensor, batch: int) -> None:
-    """Shape checks of the Perlin lattice; value checks only outside torch.compile
-    (they need the values on the host, which would break a full graph)."""
+def _check_lattice(angles: torch.Tensor, res: torch.Tensor, batch: int,
+                   res_bounds: tuple[int, int] | None = None) -> None:
+    """Shape checks of the Perlin lattice, and value checks of ``res``.
+
+    The values: with ``res_bounds = (lo, hi)``, the caller's guarantee that every entry of
+    ``res`` lies in ``[lo, hi]`` (e.g. the range it drew them from), the bounds are checked
+    instead of the tensor, with no read of device memory. Without, ``res`` is read back
+    in ONE transfer (a host synchronisation on CUDA), and not at all under torch.compile
+    (it would break a full graph). The CPU kernel checks the values itself and the CUDA
+    kernel clamps them, so a wrong guarantee cannot read outside ``angles``."""
     if angles.dim() != 3 or angles.shape[0] != batch:
         raise ValueError(f"angles must have shape [B={batch}, Ry+1, Rx+1]; got {list(angles.shape)}")
     if angles.shape[1] < 2 or angles.shape[2] < 2:
         raise ValueError(f"angles needs at least 2 lattice nodes per axis (res >= 1); got {list(angles.shape)}")
     _check_shape(res, "res", (batch, 2), "cells (ry, rx) per sample")
-    if not torch.compiler.is_compiling() and batch > 0:
-        lo = int(res.min())
-        if lo < 1:
-            raise ValueError(f"res must be >= 1 in every entry; got min {lo}")
-        ry_max, rx_max = (int(v) for v in res.max(dim=0).values)
-        if ry_max + 1 > angles.shape[1] or rx_max + 1 > angles.shape[2]:
-            raise ValueError(
-                f"res up to ({ry_max}, {rx_max}) needs angles of at least "
-                f"[B, {ry_max + 1}, {rx_max + 1}]; got {list(angles.shape)}")
+    if res_bounds is not None:
+        lo, hi = res_bounds
+        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+            raise ValueError(f"res_bounds must be two ints 1 <= lo <= hi; got {res_bounds!r}")
+        ry_max = rx_max = hi
+    elif not torch.compiler.is_compiling() and batch > 0:
+        # min and per-axis max in one device-to-host transfer
+        lo, ry_max, rx_max = torch.cat([res.min().view(1), res.max(dim=0).values]).tolist()
+    else:
+        return
+    if lo < 1:
+        raise ValueError(f"res must be >= 1 in every entry; got min {lo}")
+    if ry_max + 1 > angles.shape[1] or rx_max + 1 > angles.shape[2]:
+        raise ValueError(
+            f"res up to ({ry_max}, {rx_max}) needs angles of at least "
+            f"[B, {ry_max + 1}, {rx_max + 1}]; got {list(angles.shape)}")
 
 
 def perlin_noise(angles: torch.Tensor, res: torch.Tensor, height: int, width: int,
@@ -117,8 +131,8 @@ def perlin_noise(angles: torch.Tensor, res: torch.Tensor, height: int, width: in
 
 def synthesize_anomalies(images: torch.Tensor, sources: torch.Tensor, angles: torch.Tensor,
                          res: torch.Tensor, rotation: torch.Tensor | None, beta: torch.Tensor,
-                         anomalous: torch.Tensor, threshold: float = 0.5,
-                         roi_threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                         anomalous: torch.Tensor, threshold: float = 0.5, roi_threshold: float = 0.0,
+                         *, res_bounds: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused liver-aware Perlin anomaly synthesis: one pass per pixel computes the noise,
     rotation, threshold, liver mask and blend (the paper's liver-aware synthesis).
 
@@ -132,6 +146,9 @@ def synthesize_anomalies(images: torch.Tensor, sources: torch.Tensor, angles: to
         anomalous: ``[B]`` bool; False leaves the sample unchanged with an empty mask.
         threshold: Perlin threshold (0.5). roi_threshold: liver mask ``I > roi_threshold``
             (0.0; pass ``-inf`` to switch the liver localisation off).
+        res_bounds: ``(lo, hi)`` such that ``lo <= res <= hi`` everywhere, when the caller
+            knows it (the range it drew ``res`` from): then ``res`` is not read back to check
+            it, which on CUDA saves a host synchronisation per call. Default: read and check.
 
     Returns:
         ``(augmented [B,1,H,W], mask [B,1,H,W])`` in the dtype of ``images``.
@@ -145,7 +162,7 @@ def synthesize_anomalies(images: torch.Tensor, sources: torch.Tensor, angles: to
     _check_shape(sources, "sources", tuple(images.shape), "same as images")
     _check_tensor(angles, "angles", device=device)
     _check_tensor(res, "res", dtypes=(torch.int32, torch.int64), device=device)
-    _check_lattice(angles, res, B)
+    _check_lattice(angles, res, B, res_bounds)
     if rotation is not None:
         _check_tensor(rotation, "rotation", device=device)
         _check_shape(rotation, "rotation", (B,), "one angle per sample")

@@ -128,8 +128,10 @@ class AnomalySynthesizer:
         beta = lo + (hi - lo) * torch.rand(B, generator=generator, device=device, dtype=dtype)
         sources = self.sources[source_index].to(dtype)
         angles, res, rotation = self._draw_lattice(B, generator, dtype)
+        # res = 2^k, k in [0, max_log2_res] (_draw_lattice): the op need not read it back to check it
+        res_bounds = (1, 2 ** self.max_log2_res)
         augmented, mask = ops.synthesize_anomalies(images, sources, angles, res, rotation, beta, anomalous,
-                                                   self.threshold, self.roi_threshold)
+                                                   self.threshold, self.roi_threshold, res_bounds=res_bounds)
 
         failed = anomalous & (mask.flatten(1).amax(dim=1) == 0)
         for _ in range(self.max_retries):
@@ -140,7 +142,8 @@ class AnomalySynthesizer:
             angles, res, rotation = self._draw_lattice(index.numel(), generator, dtype)
             retry_augmented, retry_mask = ops.synthesize_anomalies(
                 images[index], sources[index], angles, res, rotation, beta[index],
-                torch.ones(index.numel(), dtype=torch.bool, device=device), self.threshold, self.roi_threshold)
+                torch.ones(index.numel(), dtype=torch.bool, device=device), self.threshold, self.roi_threshold,
+                res_bounds=res_bounds)
             augmented[index] = retry_augmented
             mask[index] = retry_mask
             failed[index] = retry_mask.flatten(1).amax(dim=1) == 0

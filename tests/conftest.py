@@ -15,7 +15,11 @@ TOLERANCES = {
     torch.bfloat16: (1.6e-2, 1.6e-2),
 }
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+def requires_cuda(test):
+    """Mark ``test`` as a CUDA test (``pytest -m cuda`` selects them: scripts/gpu_check.sh),
+    skipped where there is no CUDA device."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 def random_lattice(batch: int, generator: torch.Generator, dtype=torch.float32, device="cpu",

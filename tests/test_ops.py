@@ -492,6 +492,33 @@ def test_synthesize_anomalies_bad_input_names_the_argument(index, bad, match, ge
         ops.synthesize_anomalies(*args)
 
 
+def test_synthesize_anomalies_with_res_bounds_reads_no_value_and_gives_the_same_result(generator):
+    args = _good_synthesis_args(generator)  # res = 2^k, k in [0, 5]; angles [B, 33, 33]
+    expected = ops.synthesize_anomalies(*args)
+    reads = []
+    original = torch.Tensor.tolist
+    try:
+        torch.Tensor.tolist = lambda t: reads.append(t) or original(t)
+        got = ops.synthesize_anomalies(*args, res_bounds=(1, 32))
+    finally:
+        torch.Tensor.tolist = original
+    assert not reads
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    # bounds that could not hold for these angles are refused like values that do not
+    with pytest.raises(ValueError, match="needs angles of at least"):
+        ops.synthesize_anomalies(*args, res_bounds=(1, 64))
+    with pytest.raises(ValueError, match="res_bounds must be two ints"):
+        ops.synthesize_anomalies(*args, res_bounds=(0, 4))
+
+
+@needs_extension
+def test_a_wrong_res_bounds_guarantee_is_still_caught_by_the_cpu_kernel(generator):
+    args = _good_synthesis_args(generator)
+    args[3] = args[3] * 0
+    with pytest.raises(RuntimeError, match="res must be >= 1"):
+        ops.synthesize_anomalies(*args, res_bounds=(1, 32))
+
+
 def test_synthesize_anomalies_wrong_image_shape(generator):
     args = _good_synthesis_args(generator)
     args[0] = args[0].expand(2, 3, 8, 8)

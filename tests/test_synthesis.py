@@ -29,10 +29,12 @@ class RecordingOp:
         self.calls = []
         self.real = ops.synthesize_anomalies
 
-    def __call__(self, images, sources, angles, res, rotation, beta, anomalous, threshold, roi_threshold):
-        out = self.real(images, sources, angles, res, rotation, beta, anomalous, threshold, roi_threshold)
+    def __call__(self, images, sources, angles, res, rotation, beta, anomalous, threshold, roi_threshold,
+                 **options):
+        out = self.real(images, sources, angles, res, rotation, beta, anomalous, threshold, roi_threshold, **options)
         self.calls.append(dict(images=images.clone(), angles=angles, res=res, rotation=rotation, beta=beta,
-                               anomalous=anomalous.clone(), augmented=out[0].clone(), mask=out[1].clone()))
+                               anomalous=anomalous.clone(), augmented=out[0].clone(), mask=out[1].clone(),
+                               options=options))
         return out
 
 
@@ -92,6 +94,7 @@ def test_drawn_parameters_follow_the_method(monkeypatch):
     res = call["res"]
     assert set(res.unique().tolist()) == {1, 2, 4, 8, 16, 32}  # 2^k, k in 0..5
     assert not torch.equal(res[:, 0], res[:, 1])  # drawn independently per axis
+    assert call["options"] == {"res_bounds": (1, 32)}  # the range res is drawn from: not read back
     assert float(call["rotation"].abs().max()) <= math.pi / 2
     assert float(call["rotation"].min()) < -1.0 and float(call["rotation"].max()) > 1.0
     assert 0.1 <= float(call["beta"].min()) and float(call["beta"].max()) <= 1.0

@@ -282,11 +282,15 @@ def test_checkpoint_inside_the_asr_stage_resumes_exactly(data, tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
-# Measured (see the report of this commit) on the phantom below, unlabeled = its test split.
-E2E = dict(image_size=64, epochs=12, batch_size=8, members=3, ae_width=4, latent_channels=4, ae_depth=3,
-           refine_width=4, refine_depth=3, source_pool_size=16, unlabeled_split="test")
-IMAGE_AUROC_MIN = 0.6
-PIXEL_AUROC_MIN = 0.6
+# A brief run at 64 x 64 (48 normal slices, unlabeled = the 40 test slices, 30 epochs of 6
+# steps, a third of them ASR; about 40 s on one thread of a busy 2-core machine). Measured
+# (seeds 0 / 1 / 2): image AUROC 0.655 / 0.625 / SEED2_IMAGE, pixel AUROC 0.766 / 0.808 /
+# SEED2_PIXEL (the image score: max of the mean-filtered map; DDAD's mean of the map gave
+# 0.422 / 0.427 on the same runs, below chance). The bars sit below the lowest of them.
+E2E = dict(image_size=64, epochs=30, batch_size=8, members=3, ae_width=8, latent_channels=8, ae_depth=3,
+           refine_width=8, refine_depth=3, source_pool_size=16, unlabeled_split="test")
+IMAGE_AUROC_MIN = 0.58
+PIXEL_AUROC_MIN = 0.70
 
 
 @pytest.fixture(scope="module")

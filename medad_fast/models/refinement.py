@@ -4,7 +4,9 @@ Analysis 2023): a small U-Net from the initial anomaly maps to a refined one.
 
 Input ``[B, in_channels, H, W]`` (DDAD: the image and its intra- and inter-discrepancy
 maps, 3 channels); output ``[B, 1, H, W] >= 0`` (softplus), regressed onto the true
-per-pixel error of a synthetic anomaly. Encoder: ``depth + 1`` blocks of two
+per-pixel error of a synthetic anomaly. The input first goes through a BatchNorm without
+affine weights: the discrepancy maps are some 100x smaller than the image, and each channel
+should reach the first convolution on the same scale. Encoder: ``depth + 1`` blocks of two
 ``3x3 conv + BN + ReLU`` with widths ``w * min(2^i, 8)``, 2x2 max-pool between them;
 decoder: bilinear x2 up-sampling, concatenation with the encoder's feature of that level
 (ordinary U-Net skips) and two ``3x3 conv + BN + ReLU``; a ``1x1`` conv to one channel.
@@ -46,9 +48,10 @@ class RefinementUNet(nn.Module):
             previous = widths[i]
         self.final = nn.Conv2d(widths[0], 1, kernel_size=1)
         self.apply(init_weights)
+        self.input_norm = nn.BatchNorm2d(in_channels, affine=False)  # no weights: init_weights has nothing to set
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, (H, W) = pad_to_multiple(x, self.size_multiple)
+        x, (H, W) = pad_to_multiple(self.input_norm(x), self.size_multiple)
         features = []
         for index, block in enumerate(self.encoder):
             if index > 0:

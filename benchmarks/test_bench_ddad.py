@@ -69,4 +69,4 @@ def test_ddad_autoencoder_step(benchmark, impl, layout):
     other = jobs["sequential" if impl == "batched" else "batched"]
     # interleaved pairs: every timed step follows an untimed step of the other implementation
     measure(benchmark, jobs[impl], device, group=f"{name} cpu", impl=label, images=images,
-            min_rounds=10, warmup_calls=3, setup=other)
+            min_rounds=5, warmup_calls=2, setup=other)

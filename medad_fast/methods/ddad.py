@@ -33,7 +33,9 @@ paper's method uses it: the mask inside ``I > 0``), and a small U-Net
 Inference: the pixel map is the ASR output inside the liver (``I > 0``); before any ASR
 step (``refine_fraction`` 0, or a checkpoint from stage 1) it is the initial ``A_inter``.
 Image score (``image_score``): ``max_filter``, the package's max of the mean-filtered map
-(as every method), or ``mean``, DDAD's mean of the map over the image.
+(as every method; the default), or ``mean``, DDAD's mean of the map over the image. On the
+phantom slices the mean scored below chance (image AUROC ~0.42, tests/test_ddad.py): the
+ASR's small positive floor, summed over the liver, measures the liver's area.
 
 Without unlabeled data the UDM does not exist and the method is DDAD's NDM-only variant:
 the initial map is ``A_intra`` and the ASR's inter channel is zero (a warning says so).

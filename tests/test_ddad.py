@@ -229,6 +229,7 @@ def test_bad_unlabeled_settings_are_named(data, tmp_path):
 
 # ----------------------------------------------------------------------------- scores
 
+@pytest.mark.filterwarnings("ignore:ddad. no unlabeled images:UserWarning")
 def test_image_score_mean_or_max_filter():
     images = images_like(3)
     maxf, mean = tiny_method(image_score="max_filter"), tiny_method(image_score="mean")

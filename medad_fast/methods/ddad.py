@@ -191,7 +191,8 @@ def load_unlabeled_images(config: Config) -> torch.Tensor | None:
         try:
             parts.append(load_split(config.run.data, m.unlabeled_split, size=config.run.image_size).images)
         except FileNotFoundError as exc:
-            raise FileNotFoundError(f"config unlabeled_split={m.unlabeled_split!r} (--unlabeled-split): {exc}") from None
+            raise FileNotFoundError(f"config unlabeled_split={m.unlabeled_split!r} (--unlabeled-split): "
+                                    f"{exc}") from None
     return torch.cat(parts) if parts else None
 
 

@@ -121,6 +121,14 @@ def _step_share(device: str) -> Callable[[Results], float | None]:
     return value
 
 
+def _ddad_ratio() -> Callable[[Results], float | None]:
+    """sequential / batched of the ``ddad step of ...`` group (its sizes follow the preset)."""
+    def value(results: Results) -> float | None:
+        group = next((g for g in results.groups if g.startswith("ddad step of ") and g.endswith(" cpu")), None)
+        return None if group is None else _ratio(group, "sequential", "batched")(results)
+    return value
+
+
 def cpu_targets() -> list[Target]:
     targets = []
     group = "synthesis B=32 256x256 cpu"
@@ -150,6 +158,9 @@ def cpu_targets() -> list[Target]:
     # up to timing noise; the target only guards against the engine adding a cost
     targets.append(Target("train step ae (small, no fused op): extension vs reference", "reference / extension",
                           _step_ratio("ae", "cpu"), True, 0.97))
+    # DDAD's 2K autoencoders in grouped-convolution passes vs one at a time (small preset)
+    targets.append(Target("ddad autoencoder step (small): batched vs sequential", "sequential / batched",
+                          _ddad_ratio(), True, 1.0))
     return targets
 
 

@@ -291,7 +291,10 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         for optimizer in self.optimizers:
-            self.scaler.step(optimizer)
+            # staged methods (DDAD) leave one optimiser's parameters without gradients; Adam
+            # would skip them anyway, but GradScaler.step refuses an optimiser with none
+            if any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+                self.scaler.step(optimizer)
         self.scaler.update()
         self.state.step += 1
         return loss_value, terms

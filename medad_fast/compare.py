@@ -168,9 +168,11 @@ def write_outputs(out: Path, stem: str, rows: dict[str, dict[str, Any]], command
     from .metrics import roc_curve
     from .visualize import plot_roc
 
-    best = max(rows, key=lambda n: rows[n]["image_auroc"]) if rows else None
+    top = max((r["image_auroc"] for r in rows.values()), default=None)
+    best = [n for n, r in rows.items() if r["image_auroc"] == top]
     markdown = (table(rows, first_column) + "\n"
-                + (f"Highest image AUROC: **{best}**. " if best else "")
+                + (f"Highest image AUROC: {' and '.join(f'**{n}**' for n in best)}"
+                   f"{' (tied)' if len(best) > 1 else ''}. " if best else "")
                 + f"Test split, {next(iter(rows.values()))['n_images'] if rows else 0} slices. "
                 + f"Command: `{command}`. Machine: {_machine()}.\n")
     atomic_write_text(out / f"{stem}.md", markdown)

@@ -56,6 +56,17 @@ def test_compare_writes_the_table_json_and_one_roc_plot(compared):
     assert (compared / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_summary_names_every_method_tied_for_the_highest_image_auroc(compared):
+    from medad_fast.compare import write_outputs
+
+    rows = json.loads((compared / "compare.json").read_text())["rows"]
+    rows["ae"]["image_auroc"] = rows["frequency_aware"]["image_auroc"]
+    markdown = write_outputs(compared, "tied", rows, "medad-fast compare ...")
+    assert "Highest image AUROC: **frequency_aware** and **ae** (tied)." in markdown
+    rows["ae"]["image_auroc"] = rows["frequency_aware"]["image_auroc"] + 0.01
+    assert "Highest image AUROC: **ae**. " in write_outputs(compared, "ahead", rows, "medad-fast compare ...")
+
+
 def test_a_finished_method_is_reused_not_retrained(compared, data):
     logs = {n: (compared / n / "run" / "log.jsonl").stat().st_mtime_ns for n in ("frequency_aware", "ae")}
     metrics = {n: (compared / n / "eval" / "metrics.json").stat().st_mtime_ns for n in ("frequency_aware", "ae")}

@@ -282,8 +282,8 @@ def render_section(data: dict) -> str:
              "(10 calls before and 10 after the jobs) in the same run at the same thread count. Training step: synthesis, forward, losses, backward and Adam step; inference: "
              "`predict` of one batch.", "",
              "Above 100 %: the convolutions do more counted flops per second than this torch's float32 matmul "
-             "(oneDNN's convolution kernels, some of them Winograd, which do fewer multiplications than the "
-             "count says, against the GEMM library), so the matmul rate is a floor of the machine's limit, not "
+             "(oneDNN's convolution kernels against the GEMM library; a Winograd kernel would also do fewer "
+             "multiplications than counted: not checked), so the matmul rate is a floor of the machine's limit, not "
              "its peak; the share of the theoretical peak (cores x clock x FMA width) is lower. Measured while "
              "other jobs shared the machine unless the note says otherwise.", ""]
     if data.get("note"):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import double_conv, encode, init_weights, pad_to_multiple
+from .layers import double_conv, double_conv_encoder, encode, init_weights, level_widths, pad_to_multiple
 
 __all__ = ["ConvAutoencoder"]
 
@@ -29,13 +29,10 @@ class ConvAutoencoder(nn.Module):
             raise ValueError(f"base_width and latent_channels must be >= 1; got {base_width}, {latent_channels}")
         if not 1 <= depth <= 8:
             raise ValueError(f"depth must be in 1..8; got {depth}")
-        widths = [base_width * min(2 ** i, 8) for i in range(depth + 1)]
+        widths = level_widths(base_width, depth)
         self.size_multiple = 2 ** depth
-        self.encoder = nn.ModuleList()
-        previous = 1
-        for width in widths:
-            self.encoder.append(double_conv(previous, width, width))
-            previous = width
+        self.encoder = double_conv_encoder(1, widths)
+        previous = widths[-1]
         self.pool = nn.MaxPool2d(2)
         self.squeeze = nn.Sequential(nn.Conv2d(previous, latent_channels, kernel_size=1), nn.ReLU(inplace=True))
         self.expand = nn.Sequential(nn.Conv2d(latent_channels, previous, kernel_size=1), nn.ReLU(inplace=True))

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .autoencoder import ConvAutoencoder
-from .layers import init_weights, pad_to_multiple
+from .layers import init_weights, level_widths, pad_to_multiple
 
 __all__ = ["AutoencoderEnsemble"]
 
@@ -67,7 +67,7 @@ class AutoencoderEnsemble(nn.Module):
             raise ValueError(f"depth must be in 1..8; got {depth}")
         K = members
         self.members, self.base_width, self.latent_channels, self.depth = K, base_width, latent_channels, depth
-        widths = [base_width * min(2 ** i, 8) for i in range(depth + 1)]
+        widths = level_widths(base_width, depth)
         self.size_multiple = 2 ** depth
         self.encoder = nn.ModuleList()
         previous = 1

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["conv_bn_relu", "double_conv", "pad_to_multiple", "encode", "init_weights"]
+__all__ = ["conv_bn_relu", "double_conv", "level_widths", "double_conv_encoder", "pad_to_multiple", "encode",
+           "encode_levels", "init_weights"]
 
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -21,6 +22,21 @@ def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
 def double_conv(in_channels: int, mid_channels: int, out_channels: int) -> nn.Sequential:
     """DRAEM's block: two ``3x3 conv + BN + ReLU`` (``in -> mid -> out``)."""
     return nn.Sequential(conv_bn_relu(in_channels, mid_channels), conv_bn_relu(mid_channels, out_channels))
+
+
+def level_widths(base_width: int, depth: int) -> list[int]:
+    """Channel widths of the ``depth + 1`` encoder levels: ``w * min(2^i, 8)`` (DRAEM's
+    ``w, 2w, 4w, 8w, 8w, ...``)."""
+    return [base_width * min(2 ** i, 8) for i in range(depth + 1)]
+
+
+def double_conv_encoder(in_channels: int, widths: list[int]) -> nn.ModuleList:
+    """One :func:`double_conv` block per level, ``in_channels -> widths[0] -> widths[1] ...``."""
+    blocks, previous = nn.ModuleList(), in_channels
+    for width in widths:
+        blocks.append(double_conv(previous, width, width))
+        previous = width
+    return blocks
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -43,6 +59,17 @@ def encode(blocks: nn.ModuleList, pool: nn.Module, x: torch.Tensor) -> torch.Ten
             x = pool(x)
         x = block(x)
     return x
+
+
+def encode_levels(blocks: nn.ModuleList, pool: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Like :func:`encode`, for the U-Nets: every level's feature, shallowest first."""
+    features = []
+    for index, block in enumerate(blocks):
+        if index > 0:
+            x = pool(x)
+        x = block(x)
+        features.append(x)
+    return features
 
 
 def init_weights(module: nn.Module) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import conv_bn_relu, double_conv, encode, pad_to_multiple
+from .layers import conv_bn_relu, double_conv, double_conv_encoder, encode, level_widths, pad_to_multiple
 
 __all__ = ["ReconstructionNetwork"]
 
@@ -33,12 +33,9 @@ class ReconstructionNetwork(nn.Module):
         if base_width < 1:
             raise ValueError(f"base_width must be >= 1; got {base_width}")
         w = base_width
-        widths = [w, 2 * w, 4 * w, 8 * w, 8 * w]
-        self.encoder = nn.ModuleList()
-        previous = in_channels
-        for width in widths:
-            self.encoder.append(double_conv(previous, width, width))
-            previous = width
+        widths = level_widths(w, 4)  # w, 2w, 4w, 8w, 8w
+        self.encoder = double_conv_encoder(in_channels, widths)
+        previous = widths[-1]
         self.pool = nn.MaxPool2d(2)
         # decoder stage i: up-sample, conv to the bottleneck width, then two convs that
         # halve the width (DRAEM: 8w -> 8w -> 4w, 4w -> 4w -> 2w, 2w -> 2w -> w, w -> w -> w)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import double_conv, init_weights, pad_to_multiple
+from .layers import double_conv, double_conv_encoder, encode_levels, init_weights, level_widths, pad_to_multiple
 
 __all__ = ["RefinementUNet"]
 
@@ -32,13 +32,10 @@ class RefinementUNet(nn.Module):
             raise ValueError(f"in_channels and base_width must be >= 1; got {in_channels}, {base_width}")
         if not 1 <= depth <= 8:
             raise ValueError(f"depth must be in 1..8; got {depth}")
-        widths = [base_width * min(2 ** i, 8) for i in range(depth + 1)]
+        widths = level_widths(base_width, depth)
         self.size_multiple = 2 ** depth
-        self.encoder = nn.ModuleList()
-        previous = in_channels
-        for width in widths:
-            self.encoder.append(double_conv(previous, width, width))
-            previous = width
+        self.encoder = double_conv_encoder(in_channels, widths)
+        previous = widths[-1]
         self.pool = nn.MaxPool2d(2)
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
         # level i: up-sampled level i+1 concatenated with the encoder's level i
@@ -52,12 +49,8 @@ class RefinementUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, (H, W) = pad_to_multiple(self.input_norm(x), self.size_multiple)
-        features = []
-        for index, block in enumerate(self.encoder):
-            if index > 0:
-                x = self.pool(x)
-            x = block(x)
-            features.append(x)
+        features = encode_levels(self.encoder, self.pool, x)
+        x = features[-1]
         for block, skip in zip(self.decoder, reversed(features[:-1])):
             x = block(torch.cat([self.up(x), skip], dim=1))
         # softplus: an error magnitude is >= 0, and unlike ReLU it never stops the gradient

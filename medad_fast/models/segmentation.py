@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..ops import SkipMerge
-from .layers import conv_bn_relu, double_conv, pad_to_multiple
+from .layers import conv_bn_relu, double_conv, double_conv_encoder, encode_levels, level_widths, pad_to_multiple
 
 __all__ = ["SegmentationNetwork"]
 
@@ -42,13 +42,10 @@ class SegmentationNetwork(nn.Module):
         if depth < 1:
             raise ValueError(f"depth must be >= 1; got {depth}")
         w = base_width
-        widths = [w * min(2 ** level, 8) for level in range(depth + 1)]
+        widths = level_widths(w, depth)
         self.size_multiple = 2 ** depth
-        self.encoder = nn.ModuleList()
-        previous = in_channels
-        for width in widths:
-            self.encoder.append(double_conv(previous, width, width))
-            previous = width
+        self.encoder = double_conv_encoder(in_channels, widths)
+        previous = widths[-1]
         self.pool = nn.MaxPool2d(2)
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
         self.up_convs = nn.ModuleList()
@@ -75,12 +72,7 @@ class SegmentationNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, (H, W) = pad_to_multiple(x, self.size_multiple)
-        features = []
-        for index, block in enumerate(self.encoder):
-            if index > 0:
-                x = self.pool(x)
-            x = block(x)
-            features.append(x)
+        features = encode_levels(self.encoder, self.pool, x)
         x = features.pop()  # bottleneck
         for up_conv, skip, block in zip(self.up_convs, self.skips, self.decoder):
             decoder_feature = up_conv(self.up(x))

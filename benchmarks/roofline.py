@@ -36,9 +36,7 @@ import argparse
 import contextlib
 import datetime as dt
 import functools
-import json
 import platform
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +44,9 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+import sections  # this folder's RESULTS.md sections
+from sections import merge_section
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -320,18 +321,10 @@ def render_section(data: dict) -> str:
     return "\n".join(lines)
 
 
-def merge_section(results_md: str, section: str) -> str:
-    """``results_md`` with its roofline section replaced by ``section`` (appended if absent)."""
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    section = section.rstrip("\n") + "\n"
-    if pattern.search(results_md):
-        return pattern.sub(lambda _: section + "\n", results_md, count=1).rstrip("\n") + "\n"
-    return results_md.rstrip("\n") + "\n\n" + section
-
 
 def saved_section() -> str | None:
     """The section of the saved ``roofline.json``, if any (for ``report.py``)."""
-    return render_section(json.loads(RESULTS_JSON.read_text())) if RESULTS_JSON.is_file() else None
+    return sections.saved_section(RESULTS_JSON, render_section)
 
 
 # ----------------------------------------------------------------------------- main

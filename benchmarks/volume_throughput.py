@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -29,6 +27,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+import sections  # this folder's RESULTS.md sections
+from sections import merge_section
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_JSON = BENCH_DIR / "volume_throughput.json"
@@ -115,17 +116,10 @@ def render_section(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def merge_section(results_md: str, section: str) -> str:
-    """``results_md`` with its CT-volume section replaced by ``section`` (appended if absent)."""
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(results_md):
-        return pattern.sub(lambda _: section + "\n", results_md, count=1).rstrip("\n") + "\n"
-    return results_md.rstrip("\n") + "\n\n" + section
-
 
 def saved_section() -> str | None:
     """The section of the saved ``volume_throughput.json``, if any (for ``report.py``)."""
-    return render_section(json.loads(RESULTS_JSON.read_text())) if RESULTS_JSON.is_file() else None
+    return sections.saved_section(RESULTS_JSON, render_section)
 
 
 def main(argv: list[str] | None = None) -> int:

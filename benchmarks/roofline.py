@@ -94,27 +94,16 @@ def matmul_rate(side: int = MATMUL_SIDE, rounds: int = 5, clock: Callable[[], fl
     return 2 * side**3 / best_time(lambda: torch.mm(a, b, out=out), rounds, clock=clock)
 
 
-def liver_like_images(n: int, side: int) -> torch.Tensor:
-    """``uint8 [n, 1, side, side]``: textured ellipses on a zero background (the synthesis'
-    liver mask is ``I > 0``)."""
-    g = torch.Generator().manual_seed(0)
-    ys = torch.linspace(-1, 1, side).view(side, 1)
-    xs = torch.linspace(-1, 1, side).view(1, side)
-    radii = 0.5 + 0.4 * torch.rand(n, 2, generator=g)
-    inside = (ys / radii[:, 0, None, None]) ** 2 + (xs / radii[:, 1, None, None]) ** 2 <= 1
-    texture = torch.randint(60, 200, (n, side, side), generator=g, dtype=torch.uint8)
-    return (texture * inside).to(torch.uint8).unsqueeze(1)
-
-
 def make_trainer(method: str, preset: str, batch_size: int | None = None):
     """A :class:`~medad_fast.train.Trainer` of ``method`` at ``preset`` on the CPU, with
     ``batch_size`` in place of the preset's when given; 4 batches of images."""
     from medad_fast.config import resolve_config
+    from medad_fast.data.phantom import ellipse_slices
     from medad_fast.methods import create_method
     from medad_fast.train import Trainer
 
     config = resolve_config(method, preset, **({"batch_size": batch_size} if batch_size else {}))
-    images = liver_like_images(4 * config.run.batch_size, config.run.image_size)
+    images = ellipse_slices(4 * config.run.batch_size, config.run.image_size)
     return Trainer(create_method(config), images, torch.device("cpu"))
 
 
@@ -319,7 +308,6 @@ def render_section(data: dict) -> str:
             lines.append(f"| {part} | {seconds * 1e3:,.2f} | {100 * seconds / step:.1f} % |")
         lines.append("")
     return "\n".join(lines)
-
 
 
 def saved_section() -> str | None:

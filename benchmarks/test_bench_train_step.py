@@ -17,6 +17,7 @@ import torch
 from conftest import measure
 from medad_fast import ops
 from medad_fast.config import resolve_config
+from medad_fast.data.phantom import ellipse_slices
 from medad_fast.methods import create_method, method_names
 from medad_fast.train import Trainer
 
@@ -24,21 +25,9 @@ PRESET = "small"
 N_IMAGES = 32
 
 
-def liver_like_images(n: int, side: int) -> torch.Tensor:
-    """``uint8 [n, 1, side, side]``: textured ellipses on a zero background (the BMAD
-    liver slices are 0 outside the liver, which the synthesis' liver mask relies on)."""
-    g = torch.Generator().manual_seed(0)
-    ys = torch.linspace(-1, 1, side).view(side, 1)
-    xs = torch.linspace(-1, 1, side).view(1, side)
-    radii = 0.5 + 0.4 * torch.rand(n, 2, generator=g)
-    inside = (ys / radii[:, 0, None, None]) ** 2 + (xs / radii[:, 1, None, None]) ** 2 <= 1
-    texture = torch.randint(60, 200, (n, side, side), generator=g, dtype=torch.uint8)
-    return (texture * inside).to(torch.uint8).unsqueeze(1)
-
-
 def make_trainer(device: torch.device, method: str = "frequency_aware") -> Trainer:
     config = resolve_config(method, PRESET)
-    images = liver_like_images(N_IMAGES, config.run.image_size)
+    images = ellipse_slices(N_IMAGES, config.run.image_size)
     return Trainer(create_method(config), images, device)
 
 
@@ -96,7 +85,7 @@ def test_train_step_paper_amp_channels_last(benchmark, device, method):
         pytest.skip("the paper-preset step is timed on CUDA only")
     config = resolve_config(method, "paper")
     assert config.run.amp and config.run.channels_last, "the paper preset trains with AMP + channels_last"
-    trainer = Trainer(create_method(config), liver_like_images(4 * config.run.batch_size, config.run.image_size),
+    trainer = Trainer(create_method(config), ellipse_slices(4 * config.run.batch_size, config.run.image_size),
                       device)
     batch_index = torch.arange(config.run.batch_size)
     c = config.run

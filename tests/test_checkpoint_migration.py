@@ -46,7 +46,10 @@ def test_format_1_checkpoint_is_migrated_on_load():
 def test_format_1_checkpoint_evaluates_to_the_old_codes_metrics(data, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDAD_FAST_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "eval"
-    assert cli(["evaluate", str(CHECKPOINT), "--data", str(data), "--out", str(out), "--device", "cpu",
+    run = tmp_path / "run"  # evaluate stores an operating point beside the checkpoint: not in the sources
+    run.mkdir()
+    shutil.copy(CHECKPOINT, run / "checkpoint.pt")
+    assert cli(["evaluate", str(run / "checkpoint.pt"), "--data", str(data), "--out", str(out), "--device", "cpu",
                 "--no-progress", "--cases", "1"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     exact = ("n_images", "n_pixels", "epoch", "alpha")  # counts, and a value no convolution touches

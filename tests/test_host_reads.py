@@ -28,6 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from medad_fast.config import resolve_config
+from medad_fast.data.phantom import ellipse_slices
 from medad_fast.methods import create_method, method_names
 from medad_fast.train import Trainer
 
@@ -118,24 +119,12 @@ class HostReadCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def liver_like_images(n: int, side: int, seed: int = 0) -> torch.Tensor:
-    """``uint8 [n, 1, side, side]``: textured ellipses on a zero background (the liver mask
-    of the synthesis is ``I > 0``)."""
-    g = torch.Generator().manual_seed(seed)
-    ys = torch.linspace(-1, 1, side).view(side, 1)
-    xs = torch.linspace(-1, 1, side).view(1, side)
-    radii = 0.5 + 0.4 * torch.rand(n, 2, generator=g)
-    inside = (ys / radii[:, 0, None, None]) ** 2 + (xs / radii[:, 1, None, None]) ** 2 <= 1
-    texture = torch.randint(60, 200, (n, side, side), generator=g, dtype=torch.uint8)
-    return (texture * inside).to(torch.uint8).unsqueeze(1)
-
-
 def host_reads_of_a_step(name: str, device: torch.device, preset: str = "tiny"
                          ) -> tuple[list[HostRead], int]:
     """``(reads, synthesis tries)`` of the second training step of ``name`` (the first
     one warms up: lazy initialisation and the optimiser's state are not per-step costs)."""
     config = resolve_config(name, preset)
-    images = liver_like_images(4 * config.run.batch_size, config.run.image_size)
+    images = ellipse_slices(4 * config.run.batch_size, config.run.image_size)
     trainer = Trainer(create_method(config), images, device)
     batches = trainer.epoch_order()
     trainer.train_step(batches[0])

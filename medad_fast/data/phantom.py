@@ -51,7 +51,7 @@ from tqdm import tqdm
 from medad_fast.data.layout import ABNORMAL_FOLDER, EVAL_SPLITS, MANIFEST_NAME, NORMAL_FOLDER, slice_relpaths
 from medad_fast.io import atomic_write_json, save_png
 
-__all__ = ["generate_slice", "write_phantom_dataset", "add_arguments", "main"]
+__all__ = ["generate_slice", "ellipse_slices", "write_phantom_dataset", "add_arguments", "main"]
 
 GENERATOR_NAME = "medad_fast.phantom"
 FORMAT_VERSION = 1
@@ -538,6 +538,22 @@ def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100
 
 
 # --------------------------------------------------------------------------- CLI
+
+
+
+def ellipse_slices(n: int, side: int, seed: int = 0):
+    """``uint8 torch [n, 1, side, side]``: textured ellipses on a zero background, the cheapest
+    stand-in for liver slices (0 outside the liver, which the synthesis' liver mask ``I > 0``
+    relies on) for benchmarks and step-level tests, where the content does not matter."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.linspace(-1, 1, side).view(side, 1)
+    xs = torch.linspace(-1, 1, side).view(1, side)
+    radii = 0.5 + 0.4 * torch.rand(n, 2, generator=g)
+    inside = (ys / radii[:, 0, None, None]) ** 2 + (xs / radii[:, 1, None, None]) ** 2 <= 1
+    texture = torch.randint(60, 200, (n, side, side), generator=g, dtype=torch.uint8)
+    return (texture * inside).to(torch.uint8).unsqueeze(1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -589,7 +589,7 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
         if found is None:
             raise FileNotFoundError(f"--resume: no checkpoint to resume in {run.path} "
                                     f"(no checkpoint-*.pt or {CHECKPOINT_NAME})")
-    elif list_checkpoints(run.path) or run.checkpoint_path.exists():
+    elif list_checkpoints(run.path) or run.checkpoint_path.exists() or run.best_path.exists():
         raise FileExistsError(f"{run.path} already holds a checkpoint; pass --resume to continue "
                               f"that run or choose another --out")
 
@@ -658,9 +658,10 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
                                 f"lr {record['lr']:.2e} {record['images_per_s']:.1f} img/s")
                         if trainer.stopped_early:
                             state = trainer.validation_state
+                            best = (f"the best, {state.best_score:.4f} at epoch {state.best_epoch}, is {run.best_path}"
+                                    if state.best_score is not None else "no epoch had a finite score")
                             say(f"early stop after epoch {trainer.state.epoch}: no better validation score for "
-                                f"{run_config.patience} epochs; the best, {state.best_score:.4f} at epoch "
-                                f"{state.best_epoch}, is {run.best_path}")
+                                f"{run_config.patience} epochs; {best}")
                     if trainer.stop_now and trainer.state.epoch < run_config.epochs and not trainer.stopped_early:
                         path = run.save_checkpoint(trainer.state_dict())
                         # name the signal even on ranks that did not receive it themselves

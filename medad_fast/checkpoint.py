@@ -5,8 +5,12 @@ Files in the run directory::
 
     checkpoint-e00003-s000000120.pt   one file per checkpoint: completed epochs, completed steps
     checkpoint.pt                     the newest checkpoint (a hard link to it, or a copy where
-                                      the file system has no hard links): what evaluate,
-                                      predict and users read
+                                      the file system has no hard links)
+    checkpoint-best.pt                with a validation set (``--val-fraction``): the checkpoint
+                                      of the epoch with the best validation score (a hard link
+                                      or a copy, so pruning the numbered files keeps it); what
+                                      evaluate and predict read when it exists
+                                      (:func:`medad_fast.inference.resolve_checkpoint`)
 
 Every write goes through :func:`medad_fast.io.atomic_write_bytes` with ``fsync=True``: the
 bytes go to a temporary file in the run directory, which is flushed and fsynced, renamed
@@ -49,6 +53,8 @@ __all__ = [
     "load_checkpoint",
     "migrate_checkpoint",
     "LATEST_NAME",
+    "BEST_NAME",
+    "point_best_checkpoint",
     "DEFAULT_KEEP",
     "REQUIRED_KEYS",
     "checkpoint_filename",
@@ -63,6 +69,8 @@ __all__ = [
 
 #: the newest checkpoint under a fixed name (what a run directory resolves to)
 LATEST_NAME = "checkpoint.pt"
+#: the checkpoint of the epoch with the best validation score (never pruned)
+BEST_NAME = "checkpoint-best.pt"
 #: checkpoints kept by default (``--keep-checkpoints``)
 DEFAULT_KEEP = 3
 #: keys without which a checkpoint cannot resume a run
@@ -168,23 +176,40 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return [path for _, path in sorted(found, reverse=True)]
 
 
-def _point_latest(run_dir: Path, target: Path, data: bytes) -> None:
-    """Make ``run_dir/checkpoint.pt`` the newest checkpoint, atomically: a hard link made
-    under a temporary name and renamed over the old one (no second copy of the bytes);
-    where hard links are not supported, an atomic durable copy."""
-    latest = run_dir / LATEST_NAME
-    temporary = run_dir / f".{LATEST_NAME}.{secrets.token_hex(6)}.tmp"
+def _point_at(run_dir: Path, name: str, target: Path, data: bytes | None = None) -> Path:
+    """Make ``run_dir/name`` the checkpoint ``target``, atomically: a hard link made under a
+    temporary name and renamed over the old one (no second copy of the bytes); where hard
+    links are not supported, an atomic durable copy (of ``data``, or of ``target``'s bytes)."""
+    destination = run_dir / name
+    temporary = run_dir / f".{name}.{secrets.token_hex(6)}.tmp"
     try:
         os.link(target, temporary)
     except OSError:
-        atomic_write_bytes(latest, data, fsync=True)
-        return
+        atomic_write_bytes(destination, data if data is not None else Path(target).read_bytes(), fsync=True)
+        return destination
     try:
-        os.replace(temporary, latest)
+        os.replace(temporary, destination)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     fsync_directory(run_dir)
+    return destination
+
+
+def _point_latest(run_dir: Path, target: Path, data: bytes) -> None:
+    """Make ``run_dir/checkpoint.pt`` the newest checkpoint (:func:`_point_at`)."""
+    _point_at(run_dir, LATEST_NAME, target, data)
+
+
+def point_best_checkpoint(run_dir: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Make ``run_dir/checkpoint-best.pt`` the checkpoint file ``target`` (a numbered
+    checkpoint of ``run_dir``), atomically and durably: a hard link, so pruning ``target``'s
+    name later keeps the file, or a copy where the file system has no hard links.
+    Returns the path of the best checkpoint."""
+    target = Path(target)
+    if not target.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {target}")
+    return _point_at(Path(run_dir), BEST_NAME, target)
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:

@@ -100,6 +100,7 @@ def run_entry(entry: Entry, data: Path, folder: Path, preset: str, common: dict[
     the evaluation's metrics plus ``training_minutes``, ``method``, ``switches``."""
     from .checkpoint import LATEST_NAME
     from .evaluate import evaluate
+    from .inference import resolve_checkpoint
     from .train import train
 
     config = entry.config(data, preset, common)
@@ -112,7 +113,8 @@ def run_entry(entry: Entry, data: Path, folder: Path, preset: str, common: dict[
             raise SystemExit(f"medad-fast compare: {run} holds a run of another config ({'; '.join(differences)}); "
                              f"delete {folder} or choose another --out")
     log = _read_log(run)
-    finished = (run / LATEST_NAME).is_file() and bool(log) and log[-1].get("epoch") == config.run.epochs
+    finished = (run / LATEST_NAME).is_file() and bool(log) and (log[-1].get("epoch") == config.run.epochs
+                                                                 or bool(log[-1].get("stopped_early")))
     if not finished:
         resume = any(run.glob("checkpoint*.pt"))
         say(f"== {entry.name}: {'resuming' if resume else 'training'} {config.variant}, {preset} preset")
@@ -120,9 +122,11 @@ def run_entry(entry: Entry, data: Path, folder: Path, preset: str, common: dict[
         log = _read_log(run)
     metrics_path = eval_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
-    checkpoint = str((run / LATEST_NAME).resolve())
+    # what evaluate reads: checkpoint-best.pt of a run with a validation set, else checkpoint.pt
+    checkpoint = str(resolve_checkpoint(run).resolve())
+    epoch = log[-1].get("val_best_epoch", config.run.epochs) if log else config.run.epochs
     if (metrics is None or metrics.get("checkpoint") != checkpoint or metrics.get("data") != str(data.resolve())
-            or metrics.get("epoch") != config.run.epochs or not (eval_dir / "scores.csv").is_file()):
+            or metrics.get("epoch") != epoch or not (eval_dir / "scores.csv").is_file()):
         say(f"== {entry.name}: evaluating on the test split")
         metrics = evaluate(run, data, "test", eval_dir, device=device, progress=progress)
     else:
@@ -207,7 +211,7 @@ def sweep(entries: Sequence[Entry], data: Path, out: Path, preset: str, common: 
 # ----------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .train import add_method_setting_arguments
+    from .train import add_method_setting_arguments, add_small_data_arguments
 
     parser.add_argument("--data", required=True, type=Path, metavar="DIR",
                         help="BMAD-layout folder (trains on train/good, evaluates on test)")
@@ -221,6 +225,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--image-size", type=int)
     g.add_argument("--max-train-images", type=int)
+    add_small_data_arguments(parser)
     add_method_setting_arguments(parser, "method settings (each applies to the methods that have it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -234,7 +239,7 @@ def _option(name: str, value: Any) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .train import method_setting_values
+    from .train import method_setting_values, small_data_values
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in method_names()]
@@ -243,7 +248,7 @@ def main(args: argparse.Namespace) -> int:
               f"{','.join(method_names())}", file=sys.stderr)
         return 2
     common = {"epochs": args.epochs, "seed": args.seed, "image_size": args.image_size,
-              "max_train_images": args.max_train_images, **method_setting_values(args)}
+              "max_train_images": args.max_train_images, **small_data_values(args), **method_setting_values(args)}
     common = {k: v for k, v in common.items() if v is not None}
     entries = [Entry(m, m, {}, f"--method {m}") for m in methods]
     out = args.out or Path(f"compare-{args.preset}")

@@ -34,6 +34,11 @@ def setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _need(owner: Any, condition: bool, name: str, what: str) -> None:
     if not condition:
         raise ValueError(f"config {name}={getattr(owner, name)!r}: {what}")
@@ -60,6 +65,11 @@ class RunConfig:
     channels_last: bool = True  # memory format of the activations (CPU and CUDA)
     anomaly_source: str | None = None
     data: str | None = None
+    # small training sets (medad_fast.augment, medad_fast.validation); all off by default
+    augment: bool = False  # random flips, rotations, scales and intensity changes of the normal slices
+    augment_strength: float = 1.0  # in [0, 1]: scales every augmentation range (0: the identity)
+    val_fraction: float = 0.0  # normal slices held back for a synthetic validation set (not trained on)
+    patience: int | None = None  # stop after this many epochs without a better validation score
 
     def __post_init__(self) -> None:
         self.validate()
@@ -77,6 +87,15 @@ class RunConfig:
         need(self.max_train_images is None or self.max_train_images >= 1, "max_train_images", "must be >= 1")
         need(self.checkpoint_every is None or self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         need(self.checkpoint_minutes is None or self.checkpoint_minutes >= 0, "checkpoint_minutes", "must be >= 0")
+        need(isinstance(self.augment, bool), "augment", "must be true or false")
+        need(_is_number(self.augment_strength) and 0.0 <= self.augment_strength <= 1.0, "augment_strength",
+             "must be a number in [0, 1] (--augment-strength)")
+        need(_is_number(self.val_fraction) and 0.0 <= self.val_fraction < 1.0, "val_fraction",
+             "must be a number in [0, 1) (--val-fraction; 0: no validation)")
+        need(self.patience is None or (isinstance(self.patience, int) and not isinstance(self.patience, bool)
+                                       and self.patience >= 1), "patience", "must be None or an int >= 1 (--patience)")
+        need(self.patience is None or self.val_fraction > 0, "patience",
+             "early stopping needs a validation set: set --val-fraction > 0 too")
 
 
 @dataclass

@@ -8,13 +8,14 @@ of its config, so :func:`load_method` rebuilds any registered method from the fi
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import LATEST_NAME, load_checkpoint
+from .checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint
 from .config import Config
 from .data.dataset import SliceBatch, iter_batches
 from .methods import Method, get_method
@@ -23,11 +24,34 @@ from .runtime import resolve_device
 __all__ = ["resolve_checkpoint", "load_method", "score_batch", "score_dataset", "score_images"]
 
 
-def resolve_checkpoint(run_or_checkpoint: str | os.PathLike) -> Path:
-    """A run directory -> its ``checkpoint.pt``; a file -> itself. FileNotFoundError naming
-    the path otherwise."""
+#: run directories whose best checkpoint this process has already announced
+_ANNOUNCED: set[Path] = set()
+
+
+def _announce(message: str) -> None:
+    """Say ``message`` on stderr (main process only)."""
+    from .distributed import is_main_process
+    if is_main_process():
+        print(message, file=sys.stderr)
+
+
+def resolve_checkpoint(run_or_checkpoint: str | os.PathLike, log: Callable[[str], None] | None = _announce) -> Path:
+    """The checkpoint to score with.
+
+    A run directory -> its ``checkpoint-best.pt`` (the epoch with the best validation score,
+    written by a run with ``--val-fraction``) when it exists, and ``log`` is told so, once
+    per run directory and process; else its ``checkpoint.pt`` (the last epoch). A file ->
+    itself (name ``RUN/checkpoint.pt`` to score the last epoch of a run that has a best
+    one). FileNotFoundError naming the path otherwise."""
     path = Path(run_or_checkpoint)
     if path.is_dir():
+        best = path / BEST_NAME
+        if best.is_file():
+            if log is not None and path.resolve() not in _ANNOUNCED:
+                _ANNOUNCED.add(path.resolve())
+                log(f"{path}: using {BEST_NAME}, the epoch with the best validation score "
+                    f"(pass {path / LATEST_NAME} for the last epoch)")
+            return best
         path = path / LATEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (pass a run directory or a checkpoint file)")

@@ -4,12 +4,20 @@ The engine (:class:`Trainer`) is the same for every method; it knows a method on
 the interface of :mod:`medad_fast.methods.base`. One training step, all on the device:
 
 1. a batch of normal images (uint8 tensors kept on the device, shuffled by a seeded
-   generator) -> float in [0, 1], in the activations' memory format;
+   generator) -> float in [0, 1]; with ``--augment`` randomly flipped, rotated, scaled and
+   intensity-jittered (:mod:`medad_fast.augment`, drawn from the step generator); in the
+   activations' memory format;
 2. the method's per-step hook (e.g. the alpha schedule), then its ``forward(images,
    generator)``: the loss and a dict of loss terms (anomaly synthesis, networks, losses:
    the method's business; all its randomness comes from the step generator);
 3. a non-finite loss stops the run; backward; every optimiser steps. The loss terms are
    summed on the device and read back once per epoch.
+
+With ``--val-fraction F`` a fraction F of the normal slices is held back (not trained on)
+and made, once, into a synthetic validation set (:mod:`medad_fast.validation`); after every
+epoch the method scores it (``val_pixel_ap``, ``val_image_auroc``, their mean ``val_score``,
+in the log), the epoch with the best ``val_score`` is kept as ``checkpoint-best.pt``, and
+``--patience P`` stops the run after P epochs without a better score.
 
 Run directory (``--out``)::
 
@@ -23,7 +31,12 @@ Run directory (``--out``)::
                               :mod:`medad_fast.checkpoint`; written every
                               ``--checkpoint-every`` epochs and/or after
                               ``--checkpoint-minutes`` (default 10), and at the end
-    checkpoint.pt             the newest of them: what evaluate and predict read
+    checkpoint.pt             the newest of them: what evaluate and predict read without
+                              a validation set
+    checkpoint-best.pt        with ``--val-fraction``: the checkpoint of the epoch with the
+                              best validation score (a hard link to its numbered checkpoint,
+                              which is written when the score improves; pruning keeps it);
+                              what evaluate and predict read when it exists
 
 Everything written goes through :class:`RunDirectory`, whose writes only happen on the
 main process (rank 0).
@@ -48,6 +61,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
@@ -60,13 +74,15 @@ import torch
 from torch import nn
 
 from . import distributed, ops
-from .checkpoint import (DEFAULT_KEEP, LATEST_NAME, global_rng_states, latest_valid_checkpoint, list_checkpoints,
-                         restore_global_rng_states, save_checkpoint)
+from .augment import NormalSliceAugmentation
+from .checkpoint import (BEST_NAME, DEFAULT_KEEP, LATEST_NAME, global_rng_states, latest_valid_checkpoint,
+                         list_checkpoints, point_best_checkpoint, restore_global_rng_states, save_checkpoint)
 from .config import PRESET_NAMES, Config, RunConfig, resolve_config
 from .distributed import DistributedContext, is_main_process
 from .io import atomic_write_json, atomic_write_text
 from .methods import DEFAULT_METHOD, Method, create_method, get_method, method_names
 from .runtime import deterministic_mode, needs_grad_scaler, ops_mode, resolve_device
+from .validation import SyntheticValidationSet, ValidationState, split_validation
 
 __all__ = ["RunDirectory", "TrainState", "Trainer", "TrainingInterrupted", "train", "load_training_images",
            "config_from_args", "add_arguments", "main"]
@@ -146,6 +162,10 @@ class RunDirectory:
     def checkpoint_path(self) -> Path:
         return self.path / CHECKPOINT_NAME
 
+    @property
+    def best_path(self) -> Path:
+        return self.path / BEST_NAME
+
     def write_config(self, config: Config) -> None:
         if self.writer:
             atomic_write_json(self.config_path, config.to_dict())
@@ -166,6 +186,11 @@ class RunDirectory:
         if self.writer:
             return save_checkpoint(self.path, state, keep=self.keep_checkpoints)
         return None
+
+    def point_best(self, checkpoint: Path | None) -> None:
+        """Make ``checkpoint-best.pt`` the checkpoint file ``checkpoint`` (main process only)."""
+        if self.writer and checkpoint is not None:
+            point_best_checkpoint(self.path, checkpoint)
 
 
 @dataclass
@@ -223,10 +248,13 @@ class Trainer:
         device: training device.
         context: this process's place in a torchrun world (default: a single process). With
             more than one process the method is wrapped in ``DistributedDataParallel``.
+        validation: the synthetic validation set (:mod:`medad_fast.validation`) scored by
+            :meth:`validate` after every epoch; None: no validation.
     """
 
     def __init__(self, method: Method, train_images: torch.Tensor, device: torch.device,
-                 context: DistributedContext | None = None) -> None:
+                 context: DistributedContext | None = None,
+                 validation: SyntheticValidationSet | None = None) -> None:
         if train_images.dim() != 4 or train_images.shape[1] != 1 or train_images.dtype != torch.uint8:
             raise ValueError(f"train_images must be uint8 [N, 1, S, S]; got {train_images.dtype} "
                              f"{list(train_images.shape)}")
@@ -245,6 +273,10 @@ class Trainer:
         self.method_generator = torch.Generator(device=device).manual_seed(
             distributed.rank_seed(run.seed + 1, self.context.rank))
         self.images = train_images.to(device)
+        # augmentation of the normal slices (no state: its randomness is the method generator's)
+        self.augmentation = NormalSliceAugmentation(run.augment_strength) if run.augment else None
+        self.validation = validation.to(device) if validation is not None else None
+        self.validation_state = ValidationState()
         # channels_last also speeds up oneDNN convolutions on the CPU (~20 %), so it is used everywhere
         self.method = method.configure_runtime(device, run.amp, run.channels_last)
         if run.channels_last:
@@ -281,6 +313,8 @@ class Trainer:
 
         Returns the loss and the method's terms (detached tensors on the device)."""
         images = self.images[batch_index.to(self.device)].float().div_(255.0)
+        if self.augmentation is not None:
+            images = self.augmentation(images, self.method_generator)
         images = self.method.to_memory_format(images)
         self.method.on_train_step(self.state.step, self.steps_per_epoch)
         loss, terms = self.network(images, self.method_generator)
@@ -382,6 +416,29 @@ class Trainer:
                                                                   self.method.log_values().items()})
         return record
 
+    # ------------------------------------------------------------ validation
+    @property
+    def stopped_early(self) -> bool:
+        """Early stopping (``--patience``) ended this run."""
+        return self.validation_state.stopped_early
+
+    def validate(self) -> tuple[dict[str, Any], bool]:
+        """Score the validation set after an epoch: ``(values for the log record, improved)``,
+        ``improved`` True when this epoch's ``val_score`` is the best so far. Updates
+        :attr:`validation_state` (and the early stop). The main process scores and broadcasts,
+        so every rank takes the same decisions."""
+        if self.validation is None:
+            raise RuntimeError("validate() needs a validation set (--val-fraction > 0)")
+        values = self.validation.score(self.method, self.config.run.batch_size) if self.context.is_main else None
+        values = distributed.broadcast_object(values)
+        run = self.config.run
+        improved = self.validation_state.update(values["val_score"], self.state.epoch, run.patience, run.epochs)
+        values = {**values, "val_best_score": self.validation_state.best_score,
+                  "val_best_epoch": self.validation_state.best_epoch}
+        if self.validation_state.stopped_early:
+            values["stopped_early"] = True
+        return values, improved
+
     # ------------------------------------------------------------ checkpoints
     def _rank_generator_states(self) -> dict[str, torch.Tensor | None]:
         return {"method": self.method_generator.get_state().cpu(), **global_rng_states(self.device)}
@@ -409,6 +466,8 @@ class Trainer:
             "rank_generators": [r["generators"] for r in per_rank],
             "world_size": self.context.world_size,
             "epoch_progress": progress.to_dict([r["epoch"] for r in per_rank]) if progress is not None else None,
+            # the best validation score so far, its epoch, the early stop (--val-fraction)
+            "validation": self.validation_state.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -422,6 +481,7 @@ class Trainer:
                 item.load_state_dict(item_state)
         self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(epoch=int(state["epoch"]), step=int(state["step"]))
+        self.validation_state = ValidationState.from_dict(state.get("validation"))
         self.data_generator.set_state(state["generators"]["data"])
         rank, world = self.context.rank, self.context.world_size
         saved_world = int(state.get("world_size", 1))
@@ -446,7 +506,8 @@ class Trainer:
 
 def load_training_images(config: Config) -> torch.Tensor:
     """``uint8 [N, 1, S, S]``: the normal training slices of ``run.data`` (``train/good``),
-    a seeded subset of ``run.max_train_images`` when set."""
+    a seeded subset of ``run.max_train_images`` when set (before ``run.val_fraction`` holds
+    some of them back: :func:`medad_fast.validation.split_validation`)."""
     from .data.bmad import load_split
     run = config.run
     images = load_split(run.data, "train", size=run.image_size).images
@@ -501,6 +562,19 @@ def train(config: Config, out: str | Path, *, resume: bool = False, device: str 
         return _train(config, Path(out), resume, context, progress, log, keep_checkpoints)
 
 
+def _restore_best_link(run: RunDirectory, trainer: Trainer, found: Any) -> None:
+    """After a resume: when the resumed checkpoint is itself the best epoch's (written at the
+    end of that epoch) and ``checkpoint-best.pt`` is not that file (a crash between the two
+    writes), point it there, so the best file always matches the best score the run remembers."""
+    state = trainer.validation_state
+    if (trainer.validation is None or state.best_score is None or state.best_epoch != trainer.state.epoch
+            or trainer.epoch_progress is not None or not run.writer):
+        return
+    if run.best_path.is_file() and os.path.samefile(run.best_path, found.path):
+        return
+    run.point_best(found.path)
+
+
 def _train(config: Config, out: Path, resume: bool, context: DistributedContext, progress: bool, log: Any,
            keep_checkpoints: int) -> dict[str, Any]:
     device, run_config = context.device, config.run
@@ -518,13 +592,15 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
         if found is None:
             raise FileNotFoundError(f"--resume: no checkpoint to resume in {run.path} "
                                     f"(no checkpoint-*.pt or {CHECKPOINT_NAME})")
-    elif list_checkpoints(run.path) or run.checkpoint_path.exists():
+    elif list_checkpoints(run.path) or run.checkpoint_path.exists() or run.best_path.exists():
         raise FileExistsError(f"{run.path} already holds a checkpoint; pass --resume to continue "
                               f"that run or choose another --out")
 
     with ops_mode(run_config.reference_ops):
-        images = load_training_images(config)
-        trainer = Trainer(create_method(config), images, device, context)
+        images, held_back = split_validation(load_training_images(config), run_config.val_fraction, run_config.seed)
+        # made once from the run's seed: the same set at every epoch and after a resume
+        validation = SyntheticValidationSet.build(held_back, config) if held_back.shape[0] else None
+        trainer = Trainer(create_method(config), images, device, context, validation)
         records = run.read_log()
         if found is not None:
             saved_world = int(found.state.get("world_size", 1))
@@ -535,12 +611,18 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
             if saved_world != context.world_size:
                 say(f"the checkpoint was written by {saved_world} process(es) and {context.world_size} resume it: "
                     f"the data shares and random draws differ from an uninterrupted run")
+            _restore_best_link(run, trainer, found)
         run.write_config(config)
         world = f", {context.world_size} processes ({context.backend})" if context.is_distributed else ""
-        say(f"training {config.variant}, {run_config.preset} preset, on {images.shape[0]} images of "
-            f"{run_config.image_size}x{run_config.image_size}, {run_config.epochs} epochs x "
+        held = (f" ({held_back.shape[0]} held back for validation: {len(validation)} synthetic-validation slices)"
+                if validation is not None else "")
+        extras = f", augmented (strength {run_config.augment_strength:g})" if run_config.augment else ""
+        say(f"training {config.variant}, {run_config.preset} preset, on {images.shape[0]} images{held} of "
+            f"{run_config.image_size}x{run_config.image_size}{extras}, {run_config.epochs} epochs x "
             f"{trainer.steps_per_epoch} steps, device {device}{world}, "
             f"ops: {'reference' if ops.using_reference() else 'extension'}")
+        if trainer.stopped_early:
+            say(f"{run.path} was stopped early at epoch {trainer.state.epoch} (--patience): nothing to train")
 
         bar = None
         if progress and run.writer:
@@ -553,20 +635,37 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
         stop = _StopOnSignal(trainer)
         try:
             with stop:
-                while trainer.state.epoch < run_config.epochs:
+                while trainer.state.epoch < run_config.epochs and not trainer.stopped_early:
                     epoch_record = trainer.train_epoch(bar)
                     if epoch_record is not None:
                         record = epoch_record
+                        improved = False
+                        if trainer.validation is not None:
+                            values, improved = trainer.validate()
+                            record.update(values)
                         records.append(record)
                         run.write_log(records)
-                        if policy.due(trainer.state.epoch, trainer.state.epoch == run_config.epochs):
-                            run.save_checkpoint(trainer.state_dict())
+                        last = trainer.state.epoch == run_config.epochs or trainer.stopped_early
+                        # a better epoch gets a numbered checkpoint (even between the policy's),
+                        # which checkpoint-best.pt then links to: a resume always knows its best
+                        if policy.due(trainer.state.epoch, last) or improved:
+                            path = run.save_checkpoint(trainer.state_dict())
                             policy.written()
+                            if improved:
+                                run.point_best(path)
                         if bar is None:
                             values = "".join(f" {k} {v:.3f}" for k, v in trainer.method.log_values().items())
+                            if "val_score" in record:
+                                values += f" val_score {record['val_score']:.4f}"
                             say(f"epoch {record['epoch']}/{run_config.epochs} loss {record['loss']:.4f}{values} "
                                 f"lr {record['lr']:.2e} {record['images_per_s']:.1f} img/s")
-                    if trainer.stop_now and trainer.state.epoch < run_config.epochs:
+                        if trainer.stopped_early:
+                            state = trainer.validation_state
+                            best = (f"the best, {state.best_score:.4f} at epoch {state.best_epoch}, is {run.best_path}"
+                                    if state.best_score is not None else "no epoch had a finite score")
+                            say(f"early stop after epoch {trainer.state.epoch}: no better validation score for "
+                                f"{run_config.patience} epochs; {best}")
+                    if trainer.stop_now and trainer.state.epoch < run_config.epochs and not trainer.stopped_early:
                         path = run.save_checkpoint(trainer.state_dict())
                         # name the signal even on ranks that did not receive it themselves
                         received = [s for s in distributed.gather_objects(stop.received) if s is not None]
@@ -648,6 +747,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="write a checkpoint when M minutes have passed since the last one (default 10)")
     g.add_argument("--keep-checkpoints", type=int, default=DEFAULT_KEEP, metavar="K",
                    help=f"keep the newest K checkpoints in the run directory (default {DEFAULT_KEEP})")
+    add_small_data_arguments(parser)
     m = add_method_setting_arguments(parser)
     modes = m.add_mutually_exclusive_group()
     modes.add_argument("--recon-only", action="store_const", dest="mode", const="recon_only",
@@ -665,6 +765,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(bitwise on the CPU), also across --resume")
 
 
+def add_small_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """``--augment/--no-augment``, ``--augment-strength``, ``--val-fraction``, ``--patience``
+    (default None: the preset's, all off); shared by ``train`` and ``compare``."""
+    g = parser.add_argument_group("small training sets (default: off)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="randomly flip, rotate, scale and jitter the intensities of the normal slices "
+                        "(inside the liver) before each step")
+    g.add_argument("--augment-strength", type=float, metavar="S",
+                   help="in [0, 1]: scales every augmentation range (default 1; 0 = no change)")
+    g.add_argument("--val-fraction", type=float, metavar="F",
+                   help="hold back this fraction of the normal slices as a synthetic validation set; keep "
+                        "the best epoch as checkpoint-best.pt (default 0: off)")
+    g.add_argument("--patience", type=int, metavar="P",
+                   help="stop after P epochs without a better validation score (needs --val-fraction)")
+    return g
+
+
+def small_data_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The run settings of :func:`add_small_data_arguments` (None: not given)."""
+    return {"augment": args.augment, "augment_strength": args.augment_strength, "val_fraction": args.val_fraction,
+            "patience": args.patience}
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The resolved :class:`Config` of the parsed command line; ``ValueError`` names a
     setting the chosen method does not have."""
@@ -674,7 +797,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         checkpoint_minutes=args.checkpoint_minutes,
         anomaly_source=str(args.anomaly_source) if args.anomaly_source else None, data=str(args.data),
         reference_ops=args.reference_ops or None, amp=False if args.no_amp else None,
-        channels_last=False if args.no_channels_last else None)
+        channels_last=False if args.no_channels_last else None, **small_data_values(args))
     overrides.update(method_setting_values(args))
     return resolve_config(args.method, args.preset, **overrides)
 
@@ -703,6 +826,10 @@ def main(args: argparse.Namespace) -> int:
     if record:
         print(f"trained {out} to epoch {record['epoch']}: loss {record['loss']:.4f} ({minutes:.1f} min)")
     print(f"checkpoint: {out / CHECKPOINT_NAME}")
+    best = out / BEST_NAME
+    if best.is_file() and record.get("val_best_epoch") is not None:
+        print(f"best checkpoint: {best} (epoch {record['val_best_epoch']}, validation score "
+              f"{record['val_best_score']:.4f}; what evaluate and predict use)")
     return 0
 
 

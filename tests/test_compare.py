@@ -120,3 +120,19 @@ def test_ablations_script_runs_variants_of_the_paper_method(data, tmp_path):
     assert lines[3].startswith("| no-roi | `--no-roi` |")
     config = json.loads((tmp_path / "no-roi" / "run" / "config.json").read_text())
     assert config["method_config"]["roi"] is False
+
+
+def test_runs_with_a_validation_set_are_evaluated_on_their_best_checkpoint_and_reused(data, tmp_path):
+    out = tmp_path / "out"
+    small = ["--augment", "--val-fraction", "0.25", "--patience", "1"]
+    assert compare(data, out, *small) == 0
+    table = (out / "compare.md").read_text()
+    assert "--augment" in table and "--val-fraction 0.25" in table and "--patience 1" in table
+    for name in ("frequency_aware", "ae"):
+        records = [json.loads(line) for line in (out / name / "run" / "log.jsonl").read_text().splitlines()]
+        metrics = json.loads((out / name / "eval" / "metrics.json").read_text())
+        assert metrics["checkpoint"] == str((out / name / "run" / "checkpoint-best.pt").resolve())
+        assert metrics["epoch"] == records[-1]["val_best_epoch"]
+    stamps = {n: (out / n / "eval" / "metrics.json").stat().st_mtime_ns for n in ("frequency_aware", "ae")}
+    assert compare(data, out, *small) == 0  # finished (or stopped early) and evaluated: nothing is redone
+    assert stamps == {n: (out / n / "eval" / "metrics.json").stat().st_mtime_ns for n in stamps}

@@ -201,3 +201,31 @@ def test_cli_writes_dataset_and_reports_errors(tmp_path, capsys):
     bad = parser.parse_args([str(tmp_path / "x"), "--size", "4", "--no-progress"])
     assert phantom.main(bad) == 2
     assert "size" in capsys.readouterr().err
+
+
+def test_few_slices_mode_writes_few_normal_slices_and_small_faint_lesions(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    phantom.add_arguments(parser)
+    out = tmp_path / "few"
+    assert phantom.main(parser.parse_args([str(out), "--few-slices", "--test", "4", "--size", "64",
+                                           "--no-progress"])) == 0
+    parameters = json.loads((out / "manifest.json").read_text())["parameters"]
+    assert (parameters["n_train"], parameters["lesion_scale"], parameters["difficulty"]) == (24, 0.5, 2.0)
+    assert len(list((out / "train" / "good").glob("*.png"))) == 24
+    # explicit options win over the mode's
+    assert phantom.main(parser.parse_args([str(tmp_path / "own"), "--few-slices", "--train", "3", "--test", "2",
+                                           "--size", "32", "--lesion-scale", "0.8", "--no-progress"])) == 0
+    parameters = json.loads((tmp_path / "own" / "manifest.json").read_text())["parameters"]
+    assert (parameters["n_train"], parameters["lesion_scale"], parameters["difficulty"]) == (3, 0.8, 2.0)
+    assert phantom.main(parser.parse_args([str(tmp_path / "bad"), "--lesion-scale", "0", "--no-progress"])) == 2
+    assert "--lesion-scale" in capsys.readouterr().err
+
+
+def test_lesion_scale_shrinks_the_same_lesions():
+    def radii(scale):
+        rng = phantom.slice_rng(0, "test", "Ungood", 0)
+        return [lesion["radius_px"] for lesion in phantom._render_slice(rng, 256, True, 1.0, scale)[2]["lesions"]]
+
+    full, half = radii(1.0), radii(0.5)
+    assert len(full) == len(half)
+    assert all(h == pytest.approx(max(f / 2, 1.5), rel=1e-3) for f, h in zip(full, half))

@@ -24,6 +24,12 @@ BMAD's liver slices, in the BMAD layout, with pixel masks:
   run through lesions (tumours displace them). The pixel mask is the lesion's nominal
   outline (where its edge profile crosses 1/2) clipped to the liver.
 
+The hard case of real CT with few normal scans (``--few-slices``): 24 normal training
+slices (``--train 24``), and lesions half the size (``--lesion-scale 0.5``: radius 1-6 % of
+the side) and fainter (``--difficulty 2``: 60 % of them subtle, down to |contrast| 0.02) in
+the valid/test splits. Options given explicitly override these. The livers, vessels and
+noise are drawn as in the default mode, so the normal slices are the same kind.
+
 Randomness: :func:`generate_slice` draws everything from the ``numpy.random.Generator``
 it is given. :func:`write_phantom_dataset` gives every slice its own generator seeded by
 ``(seed, split, kind, index)``, so a slice never depends on how many slices the other
@@ -51,7 +57,7 @@ from tqdm import tqdm
 from medad_fast.data.layout import ABNORMAL_FOLDER, EVAL_SPLITS, MANIFEST_NAME, NORMAL_FOLDER, slice_relpaths
 from medad_fast.io import atomic_write_json, save_png
 
-__all__ = ["generate_slice", "ellipse_slices", "write_phantom_dataset", "add_arguments", "main"]
+__all__ = ["generate_slice", "ellipse_slices", "write_phantom_dataset", "add_arguments", "main", "FEW_SLICES"]
 
 GENERATOR_NAME = "medad_fast.phantom"
 FORMAT_VERSION = 1
@@ -70,6 +76,8 @@ SUBTLE_FRACTION = 0.3
 SUBTLE_MIN_CONTRAST = 0.04  # at difficulty 1
 SUBTLE_MAX_BLUR = 0.4  # at difficulty 1
 HYPODENSE_PROBABILITY = 0.75
+#: ``--few-slices``: few normal training slices, small faint lesions (module docstring)
+FEW_SLICES = {"n_train": 24, "lesion_scale": 0.5, "difficulty": 2.0}
 
 
 # --------------------------------------------------------------------------- geometry helpers
@@ -249,10 +257,11 @@ def _render_tubes(segments: np.ndarray, size: int) -> np.ndarray:
 
 
 def _draw_lesion(rng: np.random.Generator, liver: _LiverShape, liver_mask: np.ndarray, size: int,
-                 difficulty: float) -> dict[str, Any]:
-    """Draw one lesion's parameters, with its centre on a liver pixel well inside the outline."""
+                 difficulty: float, lesion_scale: float = 1.0) -> dict[str, Any]:
+    """Draw one lesion's parameters, with its centre on a liver pixel well inside the outline;
+    ``lesion_scale`` multiplies the radius range (the draws are the same for every scale)."""
     lo, hi = LESION_RADIUS_RANGE
-    radius = max(size * math.exp(rng.uniform(math.log(lo), math.log(hi))), 1.5)
+    radius = max(lesion_scale * size * math.exp(rng.uniform(math.log(lo), math.log(hi))), 1.5)
     for _attempt in range(50):
         phi = rng.uniform(0.0, 2.0 * np.pi)
         outline = float(liver.radius_at(phi))
@@ -336,8 +345,15 @@ def _check_difficulty(difficulty: float) -> float:
     return difficulty
 
 
+def _check_lesion_scale(lesion_scale: float) -> float:
+    lesion_scale = float(lesion_scale)
+    if not math.isfinite(lesion_scale) or not 0 < lesion_scale <= 4:
+        raise ValueError(f"lesion_scale (--lesion-scale) must be a number in (0, 4], got {lesion_scale}")
+    return lesion_scale
+
+
 def _render_slice(rng: np.random.Generator, size: int, abnormal: bool,
-                  difficulty: float) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                  difficulty: float, lesion_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The phantom slice, its lesion mask and a description (liver fraction, lesions)."""
     shape = _LiverShape(rng, size)
     liver, depth = shape.rasterize(size)
@@ -360,7 +376,7 @@ def _render_slice(rng: np.random.Generator, size: int, abnormal: bool,
         lesion_delta = np.zeros((size, size), np.float32)
         occupancy = np.zeros((size, size), np.float32)
         for _ in range(int(rng.integers(1, 4))):
-            lesion = _draw_lesion(rng, shape, liver, size, difficulty)
+            lesion = _draw_lesion(rng, shape, liver, size, difficulty, lesion_scale)
             _render_lesion(lesion, lesion_delta, occupancy, mask, mottle)
             lesions.append(lesion)
         # A tumour displaces the vessels: none run through it (this also keeps its contrast honest).
@@ -467,7 +483,8 @@ def _read_own_manifest(out: Path) -> dict[str, Any] | None:
 
 def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100, n_valid: int = 0,
                           size: int = 256, seed: int = 0, abnormal_fraction: float = 0.5,
-                          difficulty: float = 1.0, progress: bool = True) -> dict[str, dict[str, int]]:
+                          difficulty: float = 1.0, progress: bool = True,
+                          lesion_scale: float = 1.0) -> dict[str, dict[str, int]]:
     """Write a phantom dataset in the BMAD layout under ``out``.
 
     Layout (:mod:`medad_fast.data.layout`): ``train/good/*.png`` (normal only),
@@ -475,7 +492,8 @@ def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100
     ``{valid,test}/Ungood/label/*.png`` (masks 0/255, same stem ``<index:05d>``), plus
     ``manifest.json`` (parameters, counts, and per slice its files and lesions). Splits
     with 0 slices get no folder. ``round(n * abnormal_fraction)`` (half up) slices of
-    valid/test are abnormal.
+    valid/test are abnormal. ``lesion_scale`` in (0, 4] multiplies the lesions' radius range
+    (``FEW_SLICES`` holds the ``--few-slices`` values).
 
     ``out`` must be missing, empty, or a previous phantom output (which is then rewritten;
     files of the previous run that the new one does not produce are removed). The manifest
@@ -496,6 +514,7 @@ def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100
     if not 0.0 <= abnormal_fraction <= 1.0:
         raise ValueError(f"abnormal_fraction must be in [0, 1], got {abnormal_fraction}")
     difficulty = _check_difficulty(difficulty)
+    lesion_scale = _check_lesion_scale(lesion_scale)
     n_train, n_test, n_valid, size, seed = int(n_train), int(n_test), int(n_valid), int(size), int(seed)
 
     previous = _read_own_manifest(out)
@@ -506,7 +525,8 @@ def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100
         "format_version": FORMAT_VERSION,
         "complete": False,
         "parameters": {"size": size, "seed": seed, "abnormal_fraction": abnormal_fraction,
-                       "difficulty": difficulty, "n_train": n_train, "n_valid": n_valid, "n_test": n_test},
+                       "difficulty": difficulty, "lesion_scale": lesion_scale, "n_train": n_train,
+                       "n_valid": n_valid, "n_test": n_test},
         "counts": counts,
         "slices": [{"image": image_rel, "mask": mask_rel, "split": split, "label": int(kind == ABNORMAL_FOLDER),
                     "index": index} for split, kind, index, image_rel, mask_rel in plan],
@@ -525,7 +545,7 @@ def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100
     with tqdm(total=len(plan), desc="phantom", unit="slice", disable=not progress) as bar:
         for entry, (split, kind, index, image_rel, mask_rel) in zip(manifest["slices"], plan):
             image, mask, info = _render_slice(slice_rng(seed, split, kind, index), size, kind == ABNORMAL_FOLDER,
-                                              difficulty)
+                                              difficulty, lesion_scale)
             save_png(out / image_rel, image)
             if mask_rel is not None:
                 save_png(out / mask_rel, mask)
@@ -538,7 +558,6 @@ def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100
 
 
 # --------------------------------------------------------------------------- CLI
-
 
 
 def ellipse_slices(n: int, side: int, seed: int = 0):
@@ -558,13 +577,22 @@ def ellipse_slices(n: int, side: int, seed: int = 0):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT", help="output folder (created; must be empty or a previous phantom output)")
-    parser.add_argument("--train", type=int, default=200, metavar="N", help="normal training slices (default 200)")
+    parser.add_argument("--train", type=int, metavar="N",
+                        help=f"normal training slices (default 200; {FEW_SLICES['n_train']} with --few-slices)")
     parser.add_argument("--test", type=int, default=100, metavar="N", help="test slices (default 100)")
     parser.add_argument("--valid", type=int, default=0, metavar="N", help="validation slices (default 0)")
     parser.add_argument("--size", type=int, default=256, metavar="S", help="image side in pixels (default 256)")
     parser.add_argument("--seed", type=int, default=0, metavar="K", help="random seed (default 0)")
-    parser.add_argument("--difficulty", type=float, default=1.0, metavar="D",
-                        help="> 0; larger allows subtler lesions (default 1.0)")
+    parser.add_argument("--difficulty", type=float, metavar="D",
+                        help=f"> 0; larger allows subtler lesions (default 1.0; {FEW_SLICES['difficulty']:g} with "
+                             f"--few-slices)")
+    parser.add_argument("--lesion-scale", type=float, metavar="F",
+                        help=f"multiplies the lesion radii, in (0, 4] (default 1; {FEW_SLICES['lesion_scale']:g} with "
+                             f"--few-slices)")
+    parser.add_argument("--few-slices", action="store_true",
+                        help=f"the hard case of few normal scans: --train {FEW_SLICES['n_train']} --lesion-scale "
+                             f"{FEW_SLICES['lesion_scale']:g} --difficulty {FEW_SLICES['difficulty']:g} (small faint "
+                             f"lesions; options given explicitly win)")
     parser.add_argument("--abnormal-fraction", type=float, default=0.5, metavar="F",
                         help="fraction of valid/test slices with lesions (default 0.5)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -572,10 +600,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
+        mode = FEW_SLICES if args.few_slices else {"n_train": 200, "lesion_scale": 1.0, "difficulty": 1.0}
+        given = {"n_train": args.train, "lesion_scale": args.lesion_scale, "difficulty": args.difficulty}
+        chosen = {k: mode[k] if v is None else v for k, v in given.items()}
         counts = write_phantom_dataset(
-            args.out, n_train=args.train, n_test=args.test, n_valid=args.valid, size=args.size,
-            seed=args.seed, abnormal_fraction=args.abnormal_fraction, difficulty=args.difficulty,
-            progress=not args.no_progress,
+            args.out, n_test=args.test, n_valid=args.valid, size=args.size, seed=args.seed,
+            abnormal_fraction=args.abnormal_fraction, progress=not args.no_progress, **chosen,
         )
     except (ValueError, FileExistsError, NotADirectoryError) as e:
         print(f"medad-fast phantom: error: {e}", file=sys.stderr)

@@ -557,9 +557,6 @@ def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100
     return counts
 
 
-# --------------------------------------------------------------------------- CLI
-
-
 def ellipse_slices(n: int, side: int, seed: int = 0):
     """``uint8 torch [n, 1, side, side]``: textured ellipses on a zero background, the cheapest
     stand-in for liver slices (0 outside the liver, which the synthesis' liver mask ``I > 0``
@@ -573,6 +570,9 @@ def ellipse_slices(n: int, side: int, seed: int = 0):
     inside = (ys / radii[:, 0, None, None]) ** 2 + (xs / radii[:, 1, None, None]) ** 2 <= 1
     texture = torch.randint(60, 200, (n, side, side), generator=g, dtype=torch.uint8)
     return (texture * inside).to(torch.uint8).unsqueeze(1)
+
+
+# --------------------------------------------------------------------------- CLI
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -116,6 +116,19 @@ class MethodConfig:
     def need(self, condition: bool, name: str, what: str) -> None:
         _need(self, condition, name, what)
 
+    def need_score_filter(self) -> None:
+        """``score_filter`` (the image score's mean filter): None or an odd int >= 1."""
+        size = self.score_filter
+        self.need(size is None or (size >= 1 and size % 2 == 1), "score_filter", "must be None or an odd int >= 1")
+
+    def need_synthesis_settings(self) -> None:
+        """The anomaly-synthesis fields of the methods that train on synthetic anomalies
+        (``p_anomaly``, ``max_retries``, ``perlin_threshold``, ``source_pool_size``)."""
+        self.need(0.0 <= self.p_anomaly <= 1.0, "p_anomaly", "must be in [0, 1]")
+        self.need(isinstance(self.max_retries, int) and self.max_retries >= 0, "max_retries", "must be an int >= 0")
+        self.need(0.0 <= self.perlin_threshold < 1.0, "perlin_threshold", "must be in [0, 1)")
+        self.need(self.source_pool_size >= 1, "source_pool_size", "must be >= 1")
+
     def variant(self) -> str:
         """Short words for the switches that are on, e.g. ``"full, no ROI"`` ("" for none)."""
         return ""

@@ -65,6 +65,16 @@ def save_rgb_png(path: Path, rgb: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _save_figure(figure, path: Path) -> None:
+    """``figure`` as a PNG at ``path``, written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def plot_roc(path: Path, curves: Sequence[tuple[str, np.ndarray, np.ndarray]], title: str) -> None:
     """ROC plot of ``curves``: ``(label, false positive rates, true positive rates)`` each,
     with the chance diagonal; a PNG written atomically."""
@@ -79,10 +89,7 @@ def plot_roc(path: Path, curves: Sequence[tuple[str, np.ndarray, np.ndarray]], t
     axis.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01), title=title)
     axis.legend(loc="lower right")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    _save_figure(figure, path)
 
 
 def plot_froc(path: Path, curves: Sequence[tuple[str, Sequence[float], Sequence[float]]], budgets: Sequence[float],
@@ -111,10 +118,7 @@ def plot_froc(path: Path, curves: Sequence[tuple[str, Sequence[float], Sequence[
              ylim=(0, 1.02), title=title)
     axis.legend(loc="lower right")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    _save_figure(figure, path)
 
 
 def plot_review(path: Path, tiles: Sequence[tuple[np.ndarray, np.ndarray, str]], vmax: float, title: str,
@@ -148,10 +152,7 @@ def plot_review(path: Path, tiles: Sequence[tuple[np.ndarray, np.ndarray, str]],
     figure.suptitle(title, fontsize=10)
     mappable = ScalarMappable(norm=Normalize(0.0, vmax), cmap=colormaps["jet"])
     figure.colorbar(mappable, ax=axes, fraction=0.04, pad=0.01, shrink=0.9, label="anomaly map")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    _save_figure(figure, path)
 
 
 def write_cases(folder: Path, image_of: Callable[[int], np.ndarray], mask_of: Callable[[int], np.ndarray],

@@ -52,8 +52,7 @@ class AutoencoderConfig(MethodConfig):
         need(all(0.0 < m <= 1.0 for m in self.lr_milestones), "lr_milestones", "fractions in (0, 1]")
         need(0.0 < self.lr_gamma <= 1.0, "lr_gamma", "must be in (0, 1]")
         need(self.residual_sigma >= 0, "residual_sigma", "must be >= 0")
-        need(self.score_filter is None or (self.score_filter >= 1 and self.score_filter % 2 == 1),
-             "score_filter", "must be None or an odd int >= 1")
+        self.need_score_filter()
 
 
 @register

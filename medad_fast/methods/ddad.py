@@ -126,12 +126,8 @@ class DDADConfig(MethodConfig):
         need(self.unlabeled_batch is None or self.unlabeled_batch >= 1, "unlabeled_batch", "must be None or >= 1")
         need(0.0 <= self.refine_fraction < 1.0, "refine_fraction", "must be in [0, 1)")
         need(self.image_score in IMAGE_SCORES, "image_score", f"must be one of {list(IMAGE_SCORES)}")
-        need(0.0 <= self.p_anomaly <= 1.0, "p_anomaly", "must be in [0, 1]")
-        need(isinstance(self.max_retries, int) and self.max_retries >= 0, "max_retries", "must be an int >= 0")
-        need(0.0 <= self.perlin_threshold < 1.0, "perlin_threshold", "must be in [0, 1)")
-        need(self.source_pool_size >= 1, "source_pool_size", "must be >= 1")
-        need(self.score_filter is None or (self.score_filter >= 1 and self.score_filter % 2 == 1),
-             "score_filter", "must be None or an odd int >= 1")
+        self.need_synthesis_settings()
+        self.need_score_filter()
 
     @property
     def has_unlabeled(self) -> bool:

@@ -98,12 +98,8 @@ class DraemConfig(MethodConfig):
         need(all(0.0 < m <= 1.0 for m in self.lr_milestones), "lr_milestones", "fractions in (0, 1]")
         need(0.0 < self.lr_gamma <= 1.0, "lr_gamma", "must be in (0, 1]")
         need(self.focal_gamma >= 0, "focal_gamma", "must be >= 0")
-        need(0.0 <= self.p_anomaly <= 1.0, "p_anomaly", "must be in [0, 1]")
-        need(isinstance(self.max_retries, int) and self.max_retries >= 0, "max_retries", "must be an int >= 0")
-        need(0.0 <= self.perlin_threshold < 1.0, "perlin_threshold", "must be in [0, 1)")
-        need(self.source_pool_size >= 1, "source_pool_size", "must be >= 1")
-        need(self.score_filter is None or (self.score_filter >= 1 and self.score_filter % 2 == 1),
-             "score_filter", "must be None or an odd int >= 1")
+        self.need_synthesis_settings()
+        self.need_score_filter()
 
 
 def draem_synthesizer(sources: torch.Tensor, p_anomaly: float = 0.5, max_retries: int = 0,

@@ -85,8 +85,7 @@ class FrequencyAwareConfig(MethodConfig):
         need(isinstance(self.butterworth_order, int) and self.butterworth_order >= 1,
              "butterworth_order", "must be an int >= 1")
         need(self.mode in MODES, "mode", f"must be one of {MODES}")
-        need(self.score_filter is None or (self.score_filter >= 1 and self.score_filter % 2 == 1),
-             "score_filter", "must be None or an odd int >= 1")
+        self.need_score_filter()
 
     @property
     def effective_roi_threshold(self) -> float:

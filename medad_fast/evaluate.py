@@ -54,7 +54,7 @@ from .metrics import PixelMetricsStream, image_metrics, roc_curve, roc_curve_fro
 from .operating_point import operating_point, write_operating_point
 from .runtime import ops_mode, resolve_device
 from .volume_evaluate import DEFAULT_LESION_THRESHOLDS
-from .volume_inference import DEFAULT_TOP_K
+from .volume_inference import DEFAULT_TOP_K, add_display_arguments
 from .visualize import plot_roc, write_cases
 
 __all__ = ["evaluate", "add_arguments", "main"]
@@ -216,10 +216,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="label values that are tumour (default: any nonzero value; 2 for LiTS)")
     volumes.add_argument("--manifest", metavar="FILE", default=None,
                          help="a `medad-fast prepare` manifest.json: evaluate the source volumes of --split")
-    volumes.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                         help="HU window (default: the training data's prepare settings, else -200 250)")
-    volumes.add_argument("--hist-eq", action=argparse.BooleanOptionalAction, default=None,
-                         help="histogram-equalise the liver pixels (default: as the training data was prepared)")
+    add_display_arguments(volumes)
     volumes.add_argument("--top-k", type=int_at_least(1), default=DEFAULT_TOP_K, metavar="K",
                          help=f"slices in a volume's top-k mean score (default {DEFAULT_TOP_K})")
     volumes.add_argument("--lesion-thresholds", type=int_at_least(2), default=DEFAULT_LESION_THRESHOLDS,

@@ -83,7 +83,8 @@ from .operating_point import OPERATING_POINT_NAME, read_operating_point
 from .runtime import resolve_device
 from .visualize import overlay_heatmap, plot_review, save_rgb_png
 from .dicom_seg import require_highdicom, write_dicom_seg
-from .volume_inference import DEFAULT_TOP_K, aggregate_slice_scores, display_images, read_ahead, score_volume
+from .volume_inference import (DEFAULT_TOP_K, add_display_arguments, aggregate_slice_scores, display_images, read_ahead,
+                               score_volume)
 
 __all__ = ["predict", "predict_volumes", "is_volume_input", "add_arguments", "main"]
 
@@ -337,10 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="liver mask of each scan, in the same order (NIfTI or DICOM series on the scan's grid)")
     volumes.add_argument("--liver-label", nargs="+", type=float, metavar="V", default=None,
                          help="mask values that are liver (default: any nonzero value; e.g. 6 for BTCV labels)")
-    volumes.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                         help="HU window (default: the training data's prepare settings, else -200 250)")
-    volumes.add_argument("--hist-eq", action=argparse.BooleanOptionalAction, default=None,
-                         help="histogram-equalise the liver pixels (default: as the training data was prepared)")
+    add_display_arguments(volumes)
     volumes.add_argument("--top-k", type=int_at_least(1), default=DEFAULT_TOP_K, metavar="K",
                          help=f"slices in the top-k mean score and the review montage (default {DEFAULT_TOP_K})")
     volumes.add_argument("--threshold", type=float, default=None, metavar="T",

@@ -43,7 +43,7 @@ from .inference import score_batch
 from .io import resize_images
 from .methods import Method
 
-__all__ = ["VolumeScores", "score_volume", "aggregate_slice_scores", "display_images", "read_ahead", "DEFAULT_TOP_K"]
+__all__ = ["VolumeScores", "score_volume", "aggregate_slice_scores", "display_images", "read_ahead", "add_display_arguments", "DEFAULT_TOP_K"]
 
 T = TypeVar("T")
 
@@ -142,3 +142,14 @@ def read_ahead(loaders: Iterable[Callable[[], T]]) -> Iterator[T]:
             pending = future
         if pending is not None:
             yield pending.result()
+
+
+def add_display_arguments(group) -> None:
+    """``--window LO HI`` and ``--hist-eq``: how CT slices are turned into the model's input
+    (``evaluate`` and ``predict`` on volumes)."""
+    import argparse
+
+    group.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                       help="HU window (default: the training data's prepare settings, else -200 250)")
+    group.add_argument("--hist-eq", action=argparse.BooleanOptionalAction, default=None,
+                       help="histogram-equalise the liver pixels (default: as the training data was prepared)")

@@ -52,3 +52,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The tiny phantom the engine-level tests train on (16 normal training slices, 8 test
+    slices, 32 px, seed 4), once per test module; a module with a ``data`` fixture of its
+    own uses that instead. Sets ``MEDAD_FAST_CACHE`` to a temporary folder."""
+    import os
+
+    from medad_fast.data.phantom import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("phantom")
+    os.environ.setdefault("MEDAD_FAST_CACHE", str(tmp_path_factory.mktemp("cache")))
+    write_phantom_dataset(root, n_train=16, n_test=8, size=32, seed=4, progress=False)
+    return root

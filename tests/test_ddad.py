@@ -7,7 +7,6 @@ evaluate, predict, DDP) is tests/test_methods.py's."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 
@@ -25,13 +24,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from medad_fast.data.phantom import write_phantom_dataset
-    root = tmp_path_factory.mktemp("phantom")
-    os.environ.setdefault("MEDAD_FAST_CACHE", str(tmp_path_factory.mktemp("cache")))
-    write_phantom_dataset(root, n_train=16, n_test=8, size=32, seed=4, progress=False)
-    return root
 
 
 def tiny_method(setup: bool = True, **overrides):

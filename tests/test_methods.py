@@ -28,13 +28,6 @@ TINY_ARGS = ["--preset", "tiny", "--seed", "3", "--deterministic", "--no-progres
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from medad_fast.data.phantom import write_phantom_dataset
-    root = tmp_path_factory.mktemp("phantom")
-    os.environ.setdefault("MEDAD_FAST_CACHE", str(tmp_path_factory.mktemp("cache")))
-    write_phantom_dataset(root, n_train=16, n_test=8, size=32, seed=4, progress=False)
-    return root
 
 
 def run_driver(record_dir: Path, args: list[str], signal_at: tuple[int, str] | None = None,

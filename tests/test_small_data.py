@@ -5,7 +5,6 @@ exact resume with --augment (tiny phantom data, CPU, one thread)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from medad_fast import validation as validation_module
 from medad_fast.checkpoint import BEST_NAME, list_checkpoints
 from medad_fast.cli import main as cli
 from medad_fast.config import resolve_config
-from medad_fast.data.phantom import write_phantom_dataset
 from medad_fast.evaluate import evaluate
 from medad_fast.inference import resolve_checkpoint
 from medad_fast.predict import predict
@@ -33,12 +31,6 @@ DETERMINISTIC_VALUES = ("epoch", "step", "loss", "alpha", "lr", "val_pixel_ap", 
                         "val_best_score", "val_best_epoch")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("phantom")
-    os.environ.setdefault("MEDAD_FAST_CACHE", str(tmp_path_factory.mktemp("cache")))
-    write_phantom_dataset(root, n_train=16, n_test=8, size=32, seed=4, progress=False)
-    return root
 
 
 def config(data: Path, epochs: int = 3, **settings):

@@ -165,16 +165,38 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> Distrib
     return DistributedContext(this_rank, world, local, device, backend, owns_group=True)
 
 
+#: how long the ranks wait for each other before tearing the group down
+_EXIT_BARRIER_S = 60.0
+
+
+def _destroy_group() -> None:
+    """Meet the other ranks, then destroy the group. Without the meeting a rank that tears
+    gloo down while its peer is still finishing its last collective (or already gone) can
+    abort in gloo's threads ("terminate called without an active exception", seen at the
+    end of 2-rank CPU runs). A peer that never comes (it crashed) is given up on after
+    ``_EXIT_BARRIER_S``: the group is destroyed all the same."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_world_size() > 1:
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=_EXIT_BARRIER_S))
+            else:
+                dist.barrier()
+    except Exception:  # noqa: BLE001 - a failed meeting must not stop the teardown
+        pass
+    dist.destroy_process_group()
+
+
 def _destroy_at_exit() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    _destroy_group()
 
 
 def shutdown(context: DistributedContext) -> None:
     """Destroy the process group now if ``context`` created it (idempotent). Optional: a
     group made by :func:`init_distributed` is destroyed at process exit anyway."""
-    if context.owns_group and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if context.owns_group:
+        _destroy_group()
 
 
 # ----------------------------------------------------------------------------- queries

@@ -46,7 +46,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import sections  # this folder's RESULTS.md sections
-from sections import merge_section
+from sections import merge_section  # noqa: F401 (re-exported for tests/test_roofline.py)
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -333,7 +333,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(BENCH_DIR))
-    from medad_fast.io import atomic_write_json, atomic_write_text
     from medad_fast.methods import method_names
     from report import _cpu_model, _git  # noqa: E402 (this folder's report script)
 
@@ -387,10 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(section)
     if write:
-        out_json, out_md = args.out_json or RESULTS_JSON, args.out_md or RESULTS_MD
-        atomic_write_json(out_json, data)
-        atomic_write_text(out_md, merge_section(out_md.read_text() if out_md.is_file() else "", section))
-        print(f"wrote {out_json} and {out_md}")
+        sections.write_section(data, args.out_json or RESULTS_JSON, args.out_md or RESULTS_MD, render_section)
     return 0
 
 

@@ -24,3 +24,15 @@ def merge_section(results_md: str, section: str) -> str:
 def saved_section(json_path: Path, render: Callable[[dict], str]) -> str | None:
     """``render`` of the saved results in ``json_path``, or None when they were never measured."""
     return render(json.loads(json_path.read_text())) if json_path.is_file() else None
+
+
+def write_section(data: dict, json_path: Path, results_md: Path, render: Callable[[dict], str]) -> str:
+    """Print ``render(data)``, save ``data`` to ``json_path`` and put the section into
+    ``results_md`` (both written atomically). Returns the section."""
+    from medad_fast.io import atomic_write_json, atomic_write_text
+
+    section = render(data)
+    atomic_write_json(json_path, data)
+    atomic_write_text(results_md, merge_section(results_md.read_text() if results_md.is_file() else "", section))
+    print(f"wrote {json_path} and {results_md}")
+    return section

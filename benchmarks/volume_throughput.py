@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 import sections  # this folder's RESULTS.md sections
-from sections import merge_section
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_JSON = BENCH_DIR / "volume_throughput.json"
@@ -134,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(BENCH_DIR.parent))
     import torch
 
-    from medad_fast.io import atomic_write_json, atomic_write_text
     from report import _cpu_model, _git  # noqa: E402 (this folder's report script)
 
     rows = []
@@ -160,9 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(section)
     if not args.no_write:
-        atomic_write_json(RESULTS_JSON, data)
-        atomic_write_text(RESULTS_MD, merge_section(RESULTS_MD.read_text() if RESULTS_MD.is_file() else "", section))
-        print(f"wrote {RESULTS_JSON} and {RESULTS_MD}")
+        sections.write_section(data, RESULTS_JSON, RESULTS_MD, render_section)
     return 0
 
 

@@ -47,6 +47,7 @@ import torch
 
 from . import distributed
 from .cli import int_at_least
+from .data.crop import crops_liver
 from .data.dataset import BmadSliceDataset
 from .inference import load_method, resolve_checkpoint, score_dataset
 from .io import atomic_write_json, atomic_write_text
@@ -74,7 +75,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
     metrics = None
     with ops_mode(reference_ops), contextlib.ExitStack() as cleanup:
         method, state = load_method(checkpoint, world.device)
-        dataset = BmadSliceDataset(data, split, size=method.config.run.image_size)
+        crop = crops_liver(method.config.run)  # as the run was trained; maps come back whole
+        dataset = BmadSliceDataset(data, split, size=method.config.run.image_size, crop=crop)
         stream = None
         if world.is_main:
             # the maps go to a spill file beside the outputs, not into memory (deleted at the end)
@@ -85,7 +87,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
         scores = _score_split(method, dataset, stream, batch_size, progress, world)
         scoring_seconds = time.perf_counter() - started
         point = None
-        valid = _validation_split(data, split, method.config.run.image_size)
+        valid = _validation_split(data, split, method.config.run.image_size, crop)
         if valid is not None:
             valid_stream = None
             if world.is_main:
@@ -117,13 +119,13 @@ def _labels(dataset: BmadSliceDataset) -> np.ndarray:
     return np.array([entry.abnormal for entry in dataset.files], dtype=bool)
 
 
-def _validation_split(data: str | Path, split: str, size: int) -> BmadSliceDataset | None:
+def _validation_split(data: str | Path, split: str, size: int, crop: bool = False) -> BmadSliceDataset | None:
     """The ``valid`` split of ``data`` when it is not the evaluated one and holds both normal
     and abnormal slices; else None."""
     if split == "valid" or not (Path(data).expanduser() / "valid").is_dir():
         return None
     try:
-        valid = BmadSliceDataset(data, "valid", size=size)
+        valid = BmadSliceDataset(data, "valid", size=size, crop=crop)
     except FileNotFoundError:
         return None
     labels = _labels(valid)
@@ -171,6 +173,7 @@ def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str,
                     "method": config.run.method, "variant": config.variant, "epoch": int(state.get("epoch", 0)),
                     **{k: float(v) for k, v in state.get("method_state", {}).items() if isinstance(v, (int, float))},
                     "preset": config.run.preset, "image_size": config.run.image_size,
+                    "crop": "liver" if dataset.crop else "none",
                     "heatmap_scale": heatmap_scale,
                     # rank 0's read-and-score loop (with torchrun: its shard and the gather)
                     "scoring_seconds": scoring_seconds,

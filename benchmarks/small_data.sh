@@ -6,7 +6,7 @@
 # several seeds; prints a table of evaluate's image AUROC and pixel AP (computed on the whole
 # slice at the model's side for every row, so the rows compare).
 #
-#   benchmarks/small_data.sh [OUT]        (default small-data-runs; SEEDS="0 1 2 3 4" by default)
+#   benchmarks/small_data.sh [OUT]        (default small-data-runs; SEEDS="0 1 2 3 4", CONFIGS=all rows by default)
 #
 # Rows: base (24 whole slices), crop (--crop liver: each slice cut to its liver box before the
 # resize), aug (--augment), val (--val-fraction 0.25: 18 trained on, the best epoch by the
@@ -22,7 +22,7 @@ PY=${PYTHON:-python}
 export OMP_NUM_THREADS=1
 DATA="$OUT/few-liver"
 RUNS="$OUT/runs-liver"
-CONFIGS="base crop aug val augval all base18"
+CONFIGS=${CONFIGS:-"base crop aug val augval all base18"}
 mkdir -p "$RUNS"
 [ -f "$DATA/manifest.json" ] || $PY -m medad_fast.cli phantom "$DATA" --few-slices --liver-scale 0.65 --no-progress
 for seed in $SEEDS; do

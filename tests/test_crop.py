@@ -177,9 +177,9 @@ def test_auto_crops_prepared_ct_only_and_old_runs_read_as_whole_slices(tmp_path,
 
 @pytest.fixture(scope="module")
 def small_liver(tmp_path_factory):
-    """A phantom whose liver box is about half the slice (64 px slices, tiny preset side 32)."""
+    """A phantom whose liver box is about half the slice (256 px slices; the tiny preset's side is 32)."""
     root = tmp_path_factory.mktemp("small-liver")
-    write_phantom_dataset(root, n_train=12, n_test=6, n_valid=4, size=64, seed=5, progress=False, liver_scale=0.65)
+    write_phantom_dataset(root, n_train=12, n_test=6, n_valid=4, size=256, seed=5, progress=False, liver_scale=0.65)
     return root
 
 
@@ -201,7 +201,8 @@ def test_a_cropped_run_evaluates_and_predicts_on_whole_slices(small_liver, tmp_p
     method, _ = load_method(run)
     dataset = BmadSliceDataset(small_liver, "test", size=32, crop=True)
     for batch, maps, scores in score_dataset(method, dataset, batch_size=4):
-        assert maps.shape == (len(batch), 32, 32) and scores.shape == (len(batch),)  # whole slices
+        # the maps cover the whole slices (at the model's side, as the masks the metrics use)
+        assert maps.shape == batch.masks[:, 0].shape == (len(batch), 32, 32) and scores.shape == (len(batch),)
         assert batch.crops.shape == batch.images.shape
         assert all(box.height < 32 for box in batch.boxes)  # the liver is about half the slice
     metrics = evaluate(run, small_liver, out=tmp_path / "eval", progress=False, n_cases=1)
@@ -269,3 +270,14 @@ def test_training_with_cropping_resumes_bitwise(small_liver, tmp_path, monkeypat
           tmp_path / "whole", deterministic=True, **QUIET)
     c = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
     assert not all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+
+
+def test_ddad_reads_its_unlabeled_slices_cropped_too(small_liver, tmp_path, monkeypatch):
+    from medad_fast.methods.ddad import load_unlabeled_images
+
+    monkeypatch.setenv("MEDAD_FAST_CACHE", str(tmp_path / "cache"))
+    config = crop_config(small_liver, "ddad", unlabeled_split="valid", unlabeled=str(small_liver / "valid" / "good"))
+    images = load_unlabeled_images(config)
+    valid = load_split(small_liver, "valid", size=32, crop=True).images
+    folder = ImageFileDataset(sorted((small_liver / "valid" / "good").rglob("*.png")), size=32, crop=True)
+    assert torch.equal(images, torch.cat([torch.stack([folder[i].crop for i in range(len(folder))]), valid]))

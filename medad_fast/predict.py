@@ -313,6 +313,7 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
         summary = {"checkpoint": str(checkpoint.resolve()), "method": method.config.run.method,
                    "variant": method.config.variant, "preset": method.config.run.preset,
                    "image_size": method.config.run.image_size, "window": list(window), "hist_eq": hist_eq,
+                   "crop": "liver" if crops_liver(method.config.run) else "none",
                    "window_from": settings_from, "top_k": top_k,
                    "liver_labels": None if liver_labels is None else list(liver_labels),
                    "threshold": threshold, "threshold_from": threshold_from,

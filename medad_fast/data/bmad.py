@@ -28,7 +28,7 @@ import torch
 
 from medad_fast.data.crop import CROP_MARGIN
 from medad_fast.data.dataset import BmadSliceDataset, check_size, read_slice
-from medad_fast.data.layout import SPLITS, SliceFile, list_split
+from medad_fast.data.layout import MANIFEST_NAME, SPLITS, SliceFile, list_split
 from medad_fast.io import atomic_write_bytes
 
 __all__ = ["SliceSet", "load_split", "list_split", "clear_memory_cache", "cache_dir", "SPLITS"]
@@ -75,10 +75,13 @@ def clear_memory_cache() -> None:
     _memory_cache.clear()
 
 
-def _cache_key(entries: list[SliceFile], size: int, crop: bool = False) -> str:
+def _cache_key(entries: list[SliceFile], size: int, crop: bool = False, manifest: Path | None = None) -> str:
     # the crop's part only when cropping: the keys of the uncropped sets stay what they were
     cropped = f"|crop-margin={CROP_MARGIN}" if crop else ""
     digest = hashlib.sha256(f"bmad-v{CACHE_FORMAT}|size={size}{cropped}".encode())
+    if crop and manifest is not None and manifest.is_file():  # it tells the volumes, which share a box
+        stat = manifest.stat()
+        digest.update(f"|manifest|{manifest.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     for image, mask, abnormal in entries:
         for path in (image, mask):
             if path is None:
@@ -172,7 +175,7 @@ def load_split(root: str | os.PathLike, split: str, size: int = 256, cache: bool
     if not cache:
         return read()
 
-    key = _cache_key(entries, size, crop)
+    key = _cache_key(entries, size, crop, Path(root).expanduser() / MANIFEST_NAME)
     if key in _memory_cache:
         _memory_cache.move_to_end(key)
         return _memory_cache[key].clone()

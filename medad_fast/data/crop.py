@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medad_fast.data.layout import MANIFEST_NAME
 from medad_fast.io import resize_images
 
 __all__ = ["Box", "EmptyLiverWarning", "CROP_MODES", "CROP_MARGIN", "liver_extent", "square_box", "liver_box",
@@ -211,7 +212,7 @@ def resolve_crop(mode: str, data: str | os.PathLike | None) -> str:
     if data is None:
         return "none"
     try:
-        manifest = json.loads((Path(data).expanduser() / "manifest.json").read_text())
+        manifest = json.loads((Path(data).expanduser() / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
         return "none"
     return "liver" if isinstance(manifest, dict) and manifest.get("generator") == _PREPARE_GENERATOR else "none"

@@ -176,6 +176,8 @@ class _SliceFilesDataset(Dataset):
 
     size: int
     crop: bool = False
+    _boxes: dict[int, Box]  # crop boxes found so far, by slice
+    _group_members: dict[tuple, list[int]] | None = None  # the slices of each crop group
     files: list[SliceFile]
     paths: list[str]
     volume_ids: list[str]
@@ -206,12 +208,10 @@ class _SliceFilesDataset(Dataset):
     def crop_box(self, i: int, image: np.ndarray | None = None) -> Box:
         """The liver box of slice ``i`` in its file's pixels (``image``: that slice, already
         read). The first call for a volume reads its other slices to find their union."""
-        if not hasattr(self, "_boxes"):
-            self._boxes: dict[int, Box] = {}
-            groups: dict[tuple, list[int]] = {}
+        if self._group_members is None:  # built on first use: most datasets never crop
+            self._group_members = {}
             for j in range(len(self.files)):
-                groups.setdefault(self._crop_group(j), []).append(j)
-            self._group_members = groups
+                self._group_members.setdefault(self._crop_group(j), []).append(j)
         if i not in self._boxes:
             members = self._group_members[self._crop_group(i)]
             slices = [image if j == i and image is not None else read_image_gray(self.files[j].image)
@@ -234,7 +234,7 @@ class BmadSliceDataset(_SliceFilesDataset):
 
     def __init__(self, root: str | os.PathLike, split: str, size: int = 256, crop: bool = False):
         self.size = check_size(size)
-        self.crop = bool(crop)
+        self.crop, self._boxes = bool(crop), {}
         self.root = Path(root).expanduser()
         self.split = split
         self.files = list_split(self.root, split)
@@ -257,7 +257,7 @@ class ImageFileDataset(_SliceFilesDataset):
 
     def __init__(self, files: Iterable[str | os.PathLike], size: int = 256, crop: bool = False):
         self.size = check_size(size)
-        self.crop = bool(crop)
+        self.crop, self._boxes = bool(crop), {}
         if isinstance(files, (str, os.PathLike)):  # one file, not the characters of its name
             files = [files]
         self.files = [SliceFile(Path(f), None, False) for f in files]

@@ -22,6 +22,11 @@ Each heatmap PNG shows the slice and, beside it, the slice with the anomaly map 
 (jet colour map from 0 to the split's largest pixel value, ``heatmap_scale`` in
 metrics.json) and the ground-truth lesion outline in green.
 
+A run that crops to the liver box (``--crop``, :mod:`medad_fast.data.crop`) scores each slice
+cut to its liver box and pastes the map back into the whole slice, so the metrics are on the
+same whole slices and masks (at the model's side) as a run's that does not crop;
+``metrics.json`` says which (``crop``).
+
 Slices are read and scored one batch at a time; the exact pixel metrics keep only the
 lesion pixels' scores in memory and spill every map to a temporary file in the output folder
 (4 bytes per pixel, deleted at the end; :class:`medad_fast.metrics.PixelMetricsStream`), so

@@ -4,7 +4,8 @@ The engine (:class:`Trainer`) is the same for every method; it knows a method on
 the interface of :mod:`medad_fast.methods.base`. One training step, all on the device:
 
 1. a batch of normal images (uint8 tensors kept on the device, shuffled by a seeded
-   generator) -> float in [0, 1]; with ``--augment`` randomly flipped, rotated, scaled and
+   generator; with ``--crop liver`` each cut to its volume's liver box before the resize,
+   :mod:`medad_fast.data.crop`) -> float in [0, 1]; with ``--augment`` randomly flipped, rotated, scaled and
    intensity-jittered (:mod:`medad_fast.augment`, drawn from the step generator); in the
    activations' memory format;
 2. the method's per-step hook (e.g. the alpha schedule), then its ``forward(images,

@@ -118,7 +118,7 @@ def test_patch_grid_neighbours_and_position_code():
 def test_each_loss_reaches_only_its_own_side_and_each_optimiser_holds_only_its_own():
     method = tiny_method()
     images = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    generator_loss, discriminator_loss, _ = method.losses(images, torch.Generator().manual_seed(1))
+    generator_loss, discriminator_loss, _, _ = method.losses(images, torch.Generator().manual_seed(1))
     d_params = list(method.discriminator.parameters())
     g_params = method.generator_parameters()
     assert {id(p) for p in d_params}.isdisjoint(id(p) for p in g_params)
@@ -129,7 +129,7 @@ def test_each_loss_reaches_only_its_own_side_and_each_optimiser_holds_only_its_o
     assert sum(float(g.abs().sum()) for g in grads[len(d_params):] if g is not None) > 0
     # ...but its adversarial term does reach the generator through D
     adversarial_only = tiny_method(recon_weight=0.0, teacher_weight=0.0, distill_weight=0.0)
-    g_loss, _, _ = adversarial_only.losses(images, torch.Generator().manual_seed(1))
+    g_loss, _, _, _ = adversarial_only.losses(images, torch.Generator().manual_seed(1))
     decoder_grads = torch.autograd.grad(g_loss, list(adversarial_only.decoder.parameters()), allow_unused=True)
     assert sum(float(g.abs().sum()) for g in decoder_grads if g is not None) > 0
     # the discriminator's loss leaves nothing on the generator's side
@@ -150,7 +150,7 @@ def test_a_training_step_moves_each_side_by_its_own_loss_only():
     def stepped(which: str | None):
         method = tiny_method()
         optimizers, _ = method.configure_optimizers()
-        generator_loss, discriminator_loss, _ = method.losses(images, torch.Generator().manual_seed(1))
+        generator_loss, discriminator_loss, _, _ = method.losses(images, torch.Generator().manual_seed(1))
         loss = {"generator": generator_loss, "discriminator": discriminator_loss}.get(which,
                                                                                    generator_loss + discriminator_loss)
         loss.backward()
@@ -212,6 +212,8 @@ def test_presets():
     assert small.config.run.image_size == 96 and small.memory.dim == 256
     with pytest.raises(ValueError, match="multiple of grid"):
         create_method(resolve_config("squid", "tiny", image_size=36))
+    with pytest.raises(ValueError, match="heads 3 must divide"):
+        create_method(resolve_config("squid", "tiny", heads=3))
 
 
 # ----------------------------------------------------------------------------- DDP: one memory

@@ -161,13 +161,15 @@ class SquidMethod(Method):
             raise ValueError(f"image_size {side} must be a multiple of grid x 2^levels = {m.grid * 2 ** m.levels}")
         width, channels = m.squid_width, m.squid_width * 2 ** m.levels
         self.feature_side = side // m.grid // 2 ** m.levels
+        item = max(1, channels // 4) * self.feature_side ** 2  # values per memory item
+        if item % m.heads:
+            raise ValueError(f"heads {m.heads} must divide the memory items' {item} values")
         self.encoder = PatchEncoder(width, m.levels)
         self.inpainting = InpaintingBlock(channels, self.feature_side, m.grid, m.memory_slots, m.heads, m.temperature,
                                           m.threshold, m.mask_ratio)
         self.decoder = Decoder(width, m.levels)  # the student: the generator's output
         self.teacher = Decoder(width, m.levels)
         self.discriminator = Discriminator(m.disc_width, m.disc_depth)
-        self._pending_queries: torch.Tensor | None = None
 
     @property
     def memory(self):
@@ -177,7 +179,8 @@ class SquidMethod(Method):
     # ------------------------------------------------------------------ training
     def generator_parameters(self) -> list[torch.nn.Parameter]:
         """Everything but the discriminator: encoder, in-painting block, both decoders."""
-        return [p for module in (self.encoder, self.inpainting, self.decoder, self.teacher) for p in module.parameters()]
+        modules = (self.encoder, self.inpainting, self.decoder, self.teacher)
+        return [p for module in modules for p in module.parameters()]
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:
         # SQUID's Adam settings: betas (0.5, 0.999); the generator's with eps 1e-7 and weight decay 1e-5
@@ -208,9 +211,11 @@ class SquidMethod(Method):
         parameters = {name: p.detach() for name, p in self.discriminator.named_parameters()}
         return functional_call(self.discriminator, parameters, (images,))
 
-    def losses(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                dict[str, torch.Tensor]]:
-        """``(L_G, L_D, terms)`` of one batch (module docstring); writes nothing to the memory."""
+    def losses(self, images: torch.Tensor, generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """``(L_G, L_D, terms, queries)`` of one batch (module docstring); ``queries
+        [B, P, D]`` (detached) are what a training step writes to the memory, which this
+        does not."""
         m: SquidConfig = self.config.method
         out = self.networks(images, generator)
         student, teacher = out["student"].float(), out["teacher"].float()
@@ -231,14 +236,12 @@ class SquidMethod(Method):
         terms = {"loss_recon": recon.detach(), "loss_teacher": teacher_recon.detach(), "loss_distill": distill.detach(),
                  "loss_adversarial": adversarial.detach(), "loss_d_real": d_real.detach(),
                  "loss_d_fake": d_fake.detach()}
-        self._pending_queries = out["queries"].detach()
-        return generator_loss, discriminator_loss, terms
+        return generator_loss, discriminator_loss, terms, out["queries"].detach()
 
     def forward(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        generator_loss, discriminator_loss, terms = self.losses(images, generator)
+        generator_loss, discriminator_loss, terms, queries = self.losses(images, generator)
         if self.training:
-            self.write_memory(self._pending_queries)
-        self._pending_queries = None
+            self.write_memory(queries)
         return generator_loss + discriminator_loss, terms
 
     def write_memory(self, queries: torch.Tensor) -> None:

@@ -233,7 +233,8 @@ class Decoder(nn.Module):
     def __init__(self, width: int, levels: int) -> None:
         super().__init__()
         self.ups = nn.ModuleList(
-            nn.Sequential(conv_bn_relu(width * 2 ** (i + 1), width * 2 ** i), conv_bn_relu(width * 2 ** i, width * 2 ** i))
+            nn.Sequential(conv_bn_relu(width * 2 ** (i + 1), width * 2 ** i),
+                          conv_bn_relu(width * 2 ** i, width * 2 ** i))
             for i in reversed(range(levels)))
         self.out = nn.Conv2d(width, 1, 1)
 

@@ -48,6 +48,10 @@ Inference (eval mode, no queue writes):
   ``|I - I_s|`` of the in-painted reconstruction inside the liver (``I > 0``), as the
   autoencoder baseline's.
 
+Measured on the demo data (``small`` preset, seed 0, one CPU thread, 3.6 min): image AUROC
+0.507 with the discriminator's score (it finds every in-painted slice fake: scores 0.968 to
+0.998), 0.817 with ``max_filter``; pixel AUROC 0.969, pixel AP 0.423.
+
 Images of another size than ``run.image_size`` are resized to it (the memory's items have
 the training size's shape) and the reconstruction resized back.
 

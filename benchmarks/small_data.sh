@@ -10,7 +10,8 @@
 #
 # Rows: base (24 whole slices), crop (--crop liver: each slice cut to its liver box before the
 # resize), aug (--augment), val (--val-fraction 0.25: 18 trained on, the best epoch by the
-# synthetic validation score), augval (both), all (crop + aug + val), base18
+# synthetic validation score), augval (both), cropaug, cropval (crop with one of the two),
+# all (crop + aug + val), base18
 # (--max-train-images 18: what the held-back slices cost without any selection). Finished runs
 # are reused. One thread per run (OMP_NUM_THREADS=1); about a minute per run on an idle
 # 2-core machine. (Before --liver-scale the data was `--few-slices` alone, whose liver fills
@@ -22,7 +23,7 @@ PY=${PYTHON:-python}
 export OMP_NUM_THREADS=1
 DATA="$OUT/few-liver"
 RUNS="$OUT/runs-liver"
-CONFIGS=${CONFIGS:-"base crop aug val augval all base18"}
+CONFIGS=${CONFIGS:-"base crop aug val augval cropaug cropval all base18"}
 mkdir -p "$RUNS"
 [ -f "$DATA/manifest.json" ] || $PY -m medad_fast.cli phantom "$DATA" --few-slices --liver-scale 0.65 --no-progress
 for seed in $SEEDS; do
@@ -33,6 +34,8 @@ for seed in $SEEDS; do
       aug) flags="--crop none --augment";;
       val) flags="--crop none --val-fraction 0.25";;
       augval) flags="--crop none --augment --val-fraction 0.25";;
+      cropaug) flags="--crop liver --augment";;
+      cropval) flags="--crop liver --val-fraction 0.25";;
       all) flags="--crop liver --augment --val-fraction 0.25";;
       base18) flags="--crop none --max-train-images 18";;
     esac

@@ -13,7 +13,7 @@ import torch
 from . import ops
 
 __all__ = ["resolve_device", "autocast_context", "amp_dtype", "needs_grad_scaler", "deterministic_mode",
-           "ops_mode"]
+           "ops_mode", "compile_networks"]
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -85,3 +85,17 @@ def ops_mode(reference: bool) -> contextlib.AbstractContextManager:
     """``--reference-ops``: run the ops with the pure-PyTorch reference inside the block;
     otherwise leave the choice to :mod:`medad_fast.ops` (the extension when it loaded)."""
     return ops.use_reference() if reference else contextlib.nullcontext()
+
+
+def compile_networks(method: torch.nn.Module, fullgraph: bool = True) -> torch.nn.Module:
+    """``--compile``: ``torch.compile`` every network of ``method`` (each direct sub-module
+    that holds parameters), in place (``nn.Module.compile``: the state dict keeps its keys,
+    so checkpoints are the same with and without it). The fused ops are traced through their
+    fake kernels and stay single nodes of the graph. The synthesis, losses and optimiser
+    step stay eager: the step's ``torch.Generator`` is not a graph input. ``fullgraph``:
+    a graph break is an error (every network of the registered methods compiles as one
+    graph). Returns ``method``."""
+    for network in method.children():
+        if next(network.parameters(), None) is not None:
+            network.compile(fullgraph=fullgraph)
+    return method

@@ -57,7 +57,8 @@ def resolve_checkpoint(run_or_checkpoint: str | os.PathLike, log: Callable[[str]
             return best
         path = path / LATEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (pass a run directory or a checkpoint file)")
+        raise FileNotFoundError(f"no checkpoint at {path} (pass a run directory, a checkpoint file or a file of "
+                                f"`medad-fast export`)")
     return path
 
 

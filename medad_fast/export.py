@@ -12,6 +12,11 @@ which method, preset and side it scores.
   The fused ops stay in the graph as ``torch.ops.medad_fast.*`` (their fake kernels in
   :mod:`medad_fast._registrations` let them be traced), so the file is run where
   ``medad_fast`` (its compiled extension) is importable.
+  With ``--aoti`` the program is compiled ahead of time by AOTInductor
+  (:func:`torch._inductor.aoti_compile_and_package`: C++ kernels in the file, for the
+  machine's CPU / GPU kind; the fused ops are called through the dispatcher). It works on
+  the CPU here (about a minute to compile the tiny preset on one core); the file is still
+  ``.pt2`` and read the same way.
 * ``onnx``: ONNX has no mapping for the custom ops, so the exported graph uses standard
   ops only. The Butterworth high-pass becomes a matrix DFT
   (:class:`MatrixButterworthHighpass`: precomputed real cosine / sine DFT matrices as
@@ -35,6 +40,7 @@ import json
 import math
 import os
 import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -139,9 +145,12 @@ def _batch_dim() -> dict[str, dict[int, object]]:
     return {"images": {0: torch.export.Dim("batch", min=1, max=65536)}}
 
 
-def export_method(method: nn.Module, out: str | os.PathLike, fmt: str) -> Path:
+def export_method(method: nn.Module, out: str | os.PathLike, fmt: str, aoti: bool = False) -> Path:
     """Write ``method`` (a :class:`~medad_fast.methods.base.Method` in eval mode, on the
-    CPU) as ``fmt`` (``pt2`` or ``onnx``) to ``out``. Returns the path written."""
+    CPU) as ``fmt`` (``pt2`` or ``onnx``) to ``out``; ``aoti``: the pt2 file as an
+    AOTInductor package. Returns the path written."""
+    if aoti and fmt != "pt2":
+        raise ValueError(f"--aoti compiles a pt2 file; got --format {fmt}")
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"--format must be one of {list(EXPORT_FORMATS)}; got {fmt!r}")
     out = Path(out)
@@ -156,7 +165,15 @@ def export_method(method: nn.Module, out: str | os.PathLike, fmt: str) -> Path:
         # grad-mode nodes in the graph (which torch.export.load cannot read back)
         with torch.no_grad():
             program = torch.export.export(InferenceModule(method), (example,), dynamic_shapes=_batch_dim())
-        torch.export.save(program, out, extra_files={CONFIG_KEY: config_json})
+        if not aoti:
+            torch.export.save(program, out, extra_files={CONFIG_KEY: config_json})
+            return out
+        if out.exists():
+            out.unlink()  # the package is a zip; the config is added to the new one below
+        torch._inductor.aoti_compile_and_package(program, package_path=str(out))
+        with zipfile.ZipFile(out, "a") as package:
+            prefix = package.namelist()[0].split("/")[0]
+            package.writestr(f"{prefix}/extra/{CONFIG_KEY}", config_json)
         return out
     import onnx
 
@@ -170,15 +187,25 @@ def export_method(method: nn.Module, out: str | os.PathLike, fmt: str) -> Path:
     return out
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str) -> Path:
-    """Export the method of a checkpoint (or run directory) as ``fmt`` to ``out``."""
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, aoti: bool = False) -> Path:
+    """Export the method of a checkpoint (or run directory) as ``fmt`` to ``out``
+    (``aoti``: see :func:`export_method`)."""
     from .inference import load_method
 
     out = Path(out)
     if fmt in EXPORT_FORMATS and out.suffix != EXPORT_FORMATS[fmt]:
         raise ValueError(f"--out {out}: a {fmt} file must end in {EXPORT_FORMATS[fmt]}")
     method, _ = load_method(checkpoint, "cpu", amp=False)
-    return export_method(method, out, fmt)
+    return export_method(method, out, fmt, aoti)
+
+
+def _is_aoti_package(path: Path) -> bool:
+    """True for a zip holding AOTInductor's compiled model (``<name>/data/aotinductor/``)."""
+    try:
+        with zipfile.ZipFile(path) as package:
+            return any("/data/aotinductor/" in name for name in package.namelist())
+    except zipfile.BadZipFile:
+        return False
 
 
 def is_exported_file(path: str | os.PathLike) -> bool:
@@ -203,6 +230,8 @@ class ExportedModel:
         path, device = Path(path), torch.device(device)
         if not path.is_file():
             raise FileNotFoundError(f"no exported model at {path}")
+        if path.suffix == ".pt2" and _is_aoti_package(path):
+            return cls._load_aoti(path, device)
         if path.suffix == ".pt2":
             extra = {CONFIG_KEY: ""}
             try:
@@ -216,6 +245,20 @@ class ExportedModel:
         if path.suffix == ".onnx":
             return cls._load_onnx(path)
         raise ValueError(f"{path}: not an exported model (expected a {' or '.join(EXPORT_FORMATS.values())} file)")
+
+    @classmethod
+    def _load_aoti(cls, path: Path, device: torch.device) -> ExportedModel:
+        with zipfile.ZipFile(path) as package:
+            configs = [name for name in package.namelist() if name.endswith(f"/extra/{CONFIG_KEY}")]
+            if not configs:
+                raise ValueError(f"{path} holds no medad-fast config: not written by `medad-fast export`")
+            config = Config.from_dict(json.loads(package.read(configs[0])))
+        try:
+            runner = torch._inductor.aoti_load_package(str(path))
+        except Exception as exc:
+            raise ValueError(f"{path}: its AOTInductor package does not load here ({exc}); it runs on the kind "
+                             "of machine it was compiled on") from None
+        return cls(path, config, lambda images: tuple(runner(images)), device)
 
     @classmethod
     def _load_onnx(cls, path: Path) -> ExportedModel:
@@ -259,13 +302,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=list(EXPORT_FORMATS),
                         help="pt2: torch.export (with the fused ops); onnx: standard ops, for ONNX Runtime")
     parser.add_argument("--out", required=True, metavar="FILE", help="the file to write (.pt2 or .onnx)")
+    parser.add_argument("--aoti", action="store_true",
+                        help="pt2 only: compile the program ahead of time with AOTInductor (C++ kernels in the file, for "
+                             "this kind of machine; minutes on a CPU)")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        out = export_checkpoint(args.checkpoint, args.out, args.format)
+        out = export_checkpoint(args.checkpoint, args.out, args.format, args.aoti)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"medad-fast export: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {out} ({args.format}; score with: medad-fast predict {out} IMAGES... --out DIR)")
+    print(f"wrote {out} ({args.format}{', AOTInductor' if args.aoti else ''}; score with: medad-fast predict {out} IMAGES... --out DIR)")
     return 0

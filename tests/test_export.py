@@ -108,6 +108,9 @@ def test_bad_input_is_named(runs, data, tmp_path, capsys):
     # a file name that does not match the format
     assert cli(["export", str(run), "--format", "pt2", "--out", str(tmp_path / "m.onnx")]) == 2
     assert "m.onnx: a pt2 file must end in .pt2" in capsys.readouterr().err
+    # AOTInductor compiles pt2 programs only
+    assert cli(["export", str(run), "--format", "onnx", "--aoti", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "--aoti compiles a pt2 file; got --format onnx" in capsys.readouterr().err
     # no checkpoint
     assert cli(["export", str(tmp_path / "missing"), "--format", "pt2", "--out", str(tmp_path / "m.pt2")]) == 2
     assert f"no checkpoint at {tmp_path / 'missing'}" in capsys.readouterr().err
@@ -136,3 +139,18 @@ def test_matrix_dft_highpass_is_the_fused_op(side):
     assert (matrix - fused).abs().max().item() < 1e-5
     with pytest.raises(ValueError, match="built for"):
         MatrixButterworthHighpass(30.0, 2, 32, 32)(torch.rand(1, 16, 16))
+
+
+@pytest.mark.slow
+def test_aoti_package_matches_eager(runs, test_images, tmp_path):
+    """AOTInductor on the CPU (the paper's method: both fused ops called from the compiled
+    C++): about a minute of compiling on one core."""
+    path = tmp_path / "model.pt2"
+    assert cli(["export", str(runs["frequency_aware"]), "--format", "pt2", "--aoti", "--out", str(path)]) == 0
+    method, _ = load_method(runs["frequency_aware"])
+    exported = load_scorer(path)
+    for batch_size in (8, 1):
+        maps, scores = score_images(exported, test_images, batch_size)
+        eager_maps, eager_scores = score_images(method, test_images, batch_size)
+        assert (maps - eager_maps).abs().max().item() <= MAP_TOLERANCE
+        assert (scores - eager_scores).abs().max().item() <= MAP_TOLERANCE

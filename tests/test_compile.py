@@ -92,3 +92,28 @@ def test_compile_networks_compiles_each_network_in_place():
     assert list(method.state_dict()) == keys  # checkpoints are the same with and without it
     compiled = [name for name, child in method.named_children() if child._compiled_call_impl is not None]
     assert compiled == ["reconstructive", "discriminative"]
+
+
+def test_predict_and_evaluate_with_compile_write_the_eager_results(data, tmp_path):
+    """The command-line switches, on the autoencoder (seconds of compiling)."""
+    import csv
+    import json
+
+    from medad_fast.cli import main as cli
+
+    run = tmp_path / "run"
+    assert cli(["train", "--method", "ae", "--data", str(data), "--out", str(run), "--preset", "tiny", "--epochs",
+                "1", "--no-progress", "--device", "cpu"]) == 0
+    images = [str(p) for p in sorted((data / "test").rglob("img/*.png"))]
+    scores = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        assert cli(["predict", str(run), *images, "--out", str(tmp_path / name), "--no-progress", *extra]) == 0
+        with (tmp_path / name / "scores.csv").open() as f:
+            scores[name] = [(row["path"], float(row["score"])) for row in csv.DictReader(f)]
+        assert cli(["evaluate", str(run), "--data", str(data), "--out", str(tmp_path / f"eval-{name}"), "--cases",
+                    "0", "--no-progress", *extra]) == 0
+    assert [p for p, _ in scores["compiled"]] == [p for p, _ in scores["eager"]]
+    assert all(abs(a - b) <= 2e-6 for (_, a), (_, b) in zip(scores["compiled"], scores["eager"]))
+    metrics = [json.loads((tmp_path / f"eval-{name}" / "metrics.json").read_text()) for name in ("eager", "compiled")]
+    assert metrics[0]["image_auroc"] == pytest.approx(metrics[1]["image_auroc"], abs=1e-6)
+    assert metrics[0]["pixel_auroc"] == pytest.approx(metrics[1]["pixel_auroc"], abs=1e-6)

@@ -175,7 +175,11 @@ def export_method(method: nn.Module, out: str | os.PathLike, fmt: str, aoti: boo
             prefix = package.namelist()[0].split("/")[0]
             package.writestr(f"{prefix}/extra/{CONFIG_KEY}", config_json)
         return out
-    import onnx
+    try:
+        import onnx
+        import onnxscript  # noqa: F401 (what torch.onnx.export(dynamo=True) writes the graph with)
+    except ImportError:
+        raise ImportError("--format onnx needs onnx and onnxscript: pip install 'medad-fast[onnx]'") from None
 
     portable = InferenceModule(_with_matrix_highpass(method, side, side)).eval()
     with ops.use_reference():  # standard ops only in the traced graph

@@ -1,47 +1,61 @@
 #!/bin/bash
-# Few normal slices: the frequency_aware small preset on `medad-fast phantom --few-slices`
-# (24 normal training slices, small faint test lesions), with and without --augment and
-# --val-fraction, several seeds; prints a table of evaluate's image AUROC and pixel AP.
+# Few normal slices on real-CT-like geometry: the frequency_aware small preset (side 96) on
+# `medad-fast phantom --few-slices --liver-scale 0.65` (24 normal training slices, small faint
+# test lesions, 256 px slices whose liver box is about half the slice wide, as on 512 x 512 CT),
+# with and without the three small-data features (--crop liver, --augment, --val-fraction),
+# several seeds; prints a table of evaluate's image AUROC and pixel AP (computed on the whole
+# slice at the model's side for every row, so the rows compare).
 #
-#   benchmarks/small_data.sh [OUT]        (default small-data-runs; SEEDS="0 1 2 3 4" by default)
+#   benchmarks/small_data.sh [OUT]        (default small-data-runs; SEEDS="0 1 2 3 4", CONFIGS=all rows by default)
 #
-# Rows: base (24 slices), aug (--augment), val (--val-fraction 0.25: 18 trained on, the best
-# epoch by the synthetic validation score), augval (both), base18 (--max-train-images 18: what
-# the held-back slices cost without any selection). Finished runs are reused. One thread per
-# run (OMP_NUM_THREADS=1); about a minute per run on an idle 2-core machine.
+# Rows: base (24 whole slices), crop (--crop liver: each slice cut to its liver box before the
+# resize), aug (--augment), val (--val-fraction 0.25: 18 trained on, the best epoch by the
+# synthetic validation score), augval (both), cropaug, cropval (crop with one of the two),
+# all (crop + aug + val), base18
+# (--max-train-images 18: what the held-back slices cost without any selection). Finished runs
+# are reused. One thread per run (OMP_NUM_THREADS=1); about a minute per run on an idle
+# 2-core machine. (Before --liver-scale the data was `--few-slices` alone, whose liver fills
+# most of the slice; its runs were in $OUT/runs, these are in $OUT/runs-liver.)
 set -euo pipefail
 OUT=${1:-small-data-runs}
 SEEDS=${SEEDS:-"0 1 2 3 4"}
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=1
-mkdir -p "$OUT/runs"
-[ -f "$OUT/few/manifest.json" ] || $PY -m medad_fast.cli phantom "$OUT/few" --few-slices --no-progress
+DATA="$OUT/few-liver"
+RUNS="$OUT/runs-liver"
+CONFIGS=${CONFIGS:-"base crop aug val augval cropaug cropval all base18"}
+mkdir -p "$RUNS"
+[ -f "$DATA/manifest.json" ] || $PY -m medad_fast.cli phantom "$DATA" --few-slices --liver-scale 0.65 --no-progress
 for seed in $SEEDS; do
-  for cfg in base aug val augval base18; do
+  for cfg in $CONFIGS; do
     case $cfg in
-      base) flags="";;
-      aug) flags="--augment";;
-      val) flags="--val-fraction 0.25";;
-      augval) flags="--augment --val-fraction 0.25";;
-      base18) flags="--max-train-images 18";;
+      base) flags="--crop none";;
+      crop) flags="--crop liver";;
+      aug) flags="--crop none --augment";;
+      val) flags="--crop none --val-fraction 0.25";;
+      augval) flags="--crop none --augment --val-fraction 0.25";;
+      cropaug) flags="--crop liver --augment";;
+      cropval) flags="--crop liver --val-fraction 0.25";;
+      all) flags="--crop liver --augment --val-fraction 0.25";;
+      base18) flags="--crop none --max-train-images 18";;
     esac
-    run="$OUT/runs/$cfg-s$seed"
+    run="$RUNS/$cfg-s$seed"
     [ -f "$run/eval-test/metrics.json" ] && continue
     # shellcheck disable=SC2086
-    $PY -m medad_fast.cli train --data "$OUT/few" --preset small --seed "$seed" --out "$run" --no-progress \
+    $PY -m medad_fast.cli train --data "$DATA" --preset small --seed "$seed" --out "$run" --no-progress \
       --device cpu $flags > "$run.train.log" 2>&1
-    $PY -m medad_fast.cli evaluate "$run" --data "$OUT/few" --no-progress --cases 0 --device cpu > "$run.eval.log" 2>&1
+    $PY -m medad_fast.cli evaluate "$run" --data "$DATA" --no-progress --cases 0 --device cpu > "$run.eval.log" 2>&1
   done
 done
-$PY - "$OUT" "$SEEDS" <<'EOF'
+$PY - "$RUNS" "$SEEDS" "$CONFIGS" <<'EOF'
 import json, statistics, sys
 from pathlib import Path
-out, seeds = Path(sys.argv[1]), sys.argv[2].split()
+runs, seeds, configs = Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3].split()
 print("| run | seeds | image AUROC (mean ± sd) | pixel AP (mean ± sd) | pixel AUROC | epochs scored |")
 print("|---|---|---|---|---|---|")
-for cfg in ("base", "aug", "val", "augval", "base18"):
+for cfg in configs:
     found = [json.loads(p.read_text()) for s in seeds
-             if (p := out / "runs" / f"{cfg}-s{s}" / "eval-test" / "metrics.json").is_file()]
+             if (p := runs / f"{cfg}-s{s}" / "eval-test" / "metrics.json").is_file()]
     if not found:
         continue
     def cell(key):

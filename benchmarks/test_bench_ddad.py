@@ -38,16 +38,16 @@ def _images(n: int, side: int, seed: int) -> torch.Tensor:
     return torch.rand(n, 1, side, side, generator=torch.Generator().manual_seed(seed))
 
 
-def _jobs(channels_last: bool):
+def _jobs(channels_last: bool, device: torch.device):
     config = resolve_config("ddad", PRESET)
     m, run = config.method, config.run
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    ensembles = [AutoencoderEnsemble(m.members, m.ae_width, m.latent_channels, m.ae_depth).to(memory_format=fmt)
-                 for _ in range(2)]
+    ensembles = [AutoencoderEnsemble(m.members, m.ae_width, m.latent_channels, m.ae_depth)
+                 .to(device=device, memory_format=fmt) for _ in range(2)]
     singles = [e.member(k).to(memory_format=fmt) for e in ensembles for k in range(m.members)]
-    normal = _images(run.batch_size, run.image_size, 1).contiguous(memory_format=fmt)
-    mixed = torch.cat([normal, _images(run.batch_size, run.image_size, 2)]).contiguous(memory_format=fmt)
+    normal = _images(run.batch_size, run.image_size, 1).to(device).contiguous(memory_format=fmt)
+    mixed = torch.cat([normal, _images(run.batch_size, run.image_size, 2).to(device)]).contiguous(memory_format=fmt)
     batches = [normal, mixed]
     batched_adam = torch.optim.Adam([p for e in ensembles for p in e.parameters()], lr=run.lr)
     single_adams = [torch.optim.Adam(s.parameters(), lr=run.lr) for s in singles]
@@ -72,11 +72,12 @@ def _jobs(channels_last: bool):
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 @pytest.mark.parametrize("impl", ["batched", "sequential"])
-def test_ddad_autoencoder_step(benchmark, impl, layout):
-    device = torch.device("cpu")  # grouped convolutions are the CPU question; CUDA batches either way
-    name, jobs, images = _jobs(layout == "channels_last")
+def test_ddad_autoencoder_step(benchmark, device, impl, layout):
+    # on a GPU the sequential step is 2K times the kernel launches of one (small) autoencoder;
+    # scripts/gpu_check.sh runs the cuda rows with the other CUDA benchmarks
+    name, jobs, images = _jobs(layout == "channels_last", device)
     label = impl if layout == "channels_last" else f"{impl} (contiguous)"
     other = jobs["sequential" if impl == "batched" else "batched"]
     # interleaved pairs: every timed step follows an untimed step of the other implementation
-    measure(benchmark, jobs[impl], device, group=f"{name} cpu", impl=label, images=images,
+    measure(benchmark, jobs[impl], device, group=f"{name} {device.type}", impl=label, images=images,
             min_rounds=5, warmup_calls=2, setup=other)

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from .config import PRESET_NAMES, Config, RunConfig, resolve_config
+from .data.crop import resolve_crop
 from .io import atomic_write_json, atomic_write_text
 from .methods import get_method, method_names
 
@@ -67,7 +68,9 @@ class Entry:
         method_cls = get_method(self.method)
         known = {f.name for f in dataclasses.fields(method_cls.Config)} | {f.name for f in dataclasses.fields(RunConfig)}
         shared = {k: v for k, v in common.items() if k in known}
-        return resolve_config(self.method, preset, **{**shared, **self.overrides, "data": str(data.resolve())})
+        config = resolve_config(self.method, preset, **{**shared, **self.overrides, "data": str(data.resolve())})
+        # "auto" cropping as train resolves and saves it, so a finished run's config.json matches
+        return config.replace(crop=resolve_crop(config.run.crop, config.run.data))
 
 
 def _config_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

@@ -73,6 +73,9 @@ class RunConfig:
     augment_strength: float = 1.0  # in [0, 1]: scales every augmentation range (0: the identity)
     val_fraction: float = 0.0  # normal slices held back for a synthetic validation set (not trained on)
     patience: int | None = None  # stop after this many epochs without a better validation score
+    # liver-box cropping (medad_fast.data.crop): "liver", "none", or "auto" (crop the data of
+    # `medad-fast prepare`, not other BMAD folders); training saves the resolved value
+    crop: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -98,6 +101,7 @@ class RunConfig:
              "must be a number in [0, 1) (--val-fraction; 0: no validation)")
         need(self.patience is None or (isinstance(self.patience, int) and not isinstance(self.patience, bool)
                                        and self.patience >= 1), "patience", "must be None or an int >= 1 (--patience)")
+        need(self.crop in ("auto", "liver", "none"), "crop", "must be 'auto', 'liver' or 'none' (--crop)")
         need(self.patience is None or self.val_fraction > 0, "patience",
              "early stopping needs a validation set: set --val-fraction > 0 too")
 
@@ -194,7 +198,8 @@ class Config:
 
         if "run" not in values:
             return cls._from_flat(values)
-        run = _from_dict(RunConfig, values["run"], "run")
+        # a run saved before cropping existed was trained on whole slices
+        run = _from_dict(RunConfig, {"crop": "none", **values["run"]}, "run")
         method_cls = get_method(run.method)
         return cls(run, _from_dict(method_cls.Config, values.get("method_config", {}), run.method))
 
@@ -209,6 +214,7 @@ class Config:
         run_values = {k: v for k, v in values.items() if k in run_keys}
         method_values = {k: v for k, v in values.items() if k not in run_keys}
         run_values.update(method="frequency_aware")
+        run_values.setdefault("crop", "none")  # format 1 predates cropping: whole slices
         return cls(_from_dict(RunConfig, run_values, "run"), _from_dict(method_cls.Config, method_values, "frequency_aware"))
 
     def replace(self, **changes: Any) -> Config:

@@ -22,6 +22,11 @@ Each heatmap PNG shows the slice and, beside it, the slice with the anomaly map 
 (jet colour map from 0 to the split's largest pixel value, ``heatmap_scale`` in
 metrics.json) and the ground-truth lesion outline in green.
 
+A run that crops to the liver box (``--crop``, :mod:`medad_fast.data.crop`) scores each slice
+cut to its liver box and pastes the map back into the whole slice, so the metrics are on the
+same whole slices and masks (at the model's side) as a run's that does not crop;
+``metrics.json`` says which (``crop``).
+
 Slices are read and scored one batch at a time; the exact pixel metrics keep only the
 lesion pixels' scores in memory and spill every map to a temporary file in the output folder
 (4 bytes per pixel, deleted at the end; :class:`medad_fast.metrics.PixelMetricsStream`), so
@@ -47,6 +52,7 @@ import torch
 
 from . import distributed
 from .cli import int_at_least
+from .data.crop import crops_liver
 from .data.dataset import BmadSliceDataset
 from .inference import load_method, resolve_checkpoint, score_dataset
 from .io import atomic_write_json, atomic_write_text
@@ -75,7 +81,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
     metrics = None
     with ops_mode(reference_ops), contextlib.ExitStack() as cleanup:
         method, state = load_method(checkpoint, world.device, compile=compile)
-        dataset = BmadSliceDataset(data, split, size=method.config.run.image_size)
+        crop = crops_liver(method.config.run)  # as the run was trained; maps come back whole
+        dataset = BmadSliceDataset(data, split, size=method.config.run.image_size, crop=crop)
         stream = None
         if world.is_main:
             # the maps go to a spill file beside the outputs, not into memory (deleted at the end)
@@ -86,7 +93,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
         scores = _score_split(method, dataset, stream, batch_size, progress, world)
         scoring_seconds = time.perf_counter() - started
         point = None
-        valid = _validation_split(data, split, method.config.run.image_size)
+        valid = _validation_split(data, split, method.config.run.image_size, crop)
         if valid is not None:
             valid_stream = None
             if world.is_main:
@@ -118,13 +125,13 @@ def _labels(dataset: BmadSliceDataset) -> np.ndarray:
     return np.array([entry.abnormal for entry in dataset.files], dtype=bool)
 
 
-def _validation_split(data: str | Path, split: str, size: int) -> BmadSliceDataset | None:
+def _validation_split(data: str | Path, split: str, size: int, crop: bool = False) -> BmadSliceDataset | None:
     """The ``valid`` split of ``data`` when it is not the evaluated one and holds both normal
     and abnormal slices; else None."""
     if split == "valid" or not (Path(data).expanduser() / "valid").is_dir():
         return None
     try:
-        valid = BmadSliceDataset(data, "valid", size=size)
+        valid = BmadSliceDataset(data, "valid", size=size, crop=crop)
     except FileNotFoundError:
         return None
     labels = _labels(valid)
@@ -172,6 +179,7 @@ def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str,
                     "method": config.run.method, "variant": config.variant, "epoch": int(state.get("epoch", 0)),
                     **{k: float(v) for k, v in state.get("method_state", {}).items() if isinstance(v, (int, float))},
                     "preset": config.run.preset, "image_size": config.run.image_size,
+                    "crop": "liver" if dataset.crop else "none",
                     "heatmap_scale": heatmap_scale,
                     # rank 0's read-and-score loop (with torchrun: its shard and the gather)
                     "scoring_seconds": scoring_seconds,

@@ -19,6 +19,7 @@ import torch
 
 from .checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint
 from .config import Config
+from .data.crop import paste_back
 from .data.dataset import SliceBatch, iter_batches
 from .export import ExportedModel, is_exported_file
 from .methods import Method, get_method
@@ -114,7 +115,10 @@ def score_dataset(method: Method | ExportedModel, dataset, batch_size: int = 16,
                   progress: bool = False, device: torch.device | None = None
                   ) -> Iterator[tuple[SliceBatch, torch.Tensor, torch.Tensor]]:
     """``(batch, maps, scores)`` for the slices ``[start, stop)`` of a per-slice dataset
-    (:mod:`medad_fast.data.dataset`), read and scored one batch at a time."""
+    (:mod:`medad_fast.data.dataset`), read and scored one batch at a time. ``maps``:
+    float32 ``[B, S, S]``, on the whole slices (``batch.images``): with liver-box cropping
+    the method scores ``batch.crops`` and each map is pasted back into its box
+    (:func:`medad_fast.data.crop.paste_back`)."""
     stop = len(dataset) if stop is None else stop
     batches = iter_batches(dataset, batch_size, start, stop)
     if progress:
@@ -122,7 +126,11 @@ def score_dataset(method: Method | ExportedModel, dataset, batch_size: int = 16,
         batches = tqdm(batches, total=-(-(stop - start) // batch_size), desc="score", unit="batch",
                        dynamic_ncols=True)
     for batch in batches:
-        yield (batch, *score_batch(method, batch.images, device))
+        maps, scores = score_batch(method, batch.model_inputs, device)
+        if batch.boxes is not None:
+            frame = tuple(batch.images.shape[-2:])
+            maps = torch.cat([paste_back(maps[i:i + 1], box, frame) for i, box in enumerate(batch.boxes)])
+        yield batch, maps, scores
 
 
 def score_images(method: Method | ExportedModel, images: torch.Tensor, batch_size: int = 16, progress: bool = False,

@@ -9,7 +9,10 @@ Two kinds of input, one kind per call:
   per scan, in the same order (see :func:`predict_volumes`).
 
 Images: each is read as grayscale, resized to the model's side (area averaging to shrink,
-bilinear to enlarge, as the BMAD loader does) and scored.
+bilinear to enlarge, as the BMAD loader does) and scored. When the run crops to the liver box
+(``--crop``, :mod:`medad_fast.data.crop`), each image is cut to its liver box (``image > 0``;
+one box per volume for ``<volume>_<index>`` file names) before the resize, and its map is
+pasted back into the whole image; an image without liver is scored whole, with a warning.
 
 Writes into ``--out``::
 
@@ -74,6 +77,7 @@ from . import __version__, distributed
 from .cli import int_at_least
 from .config import Config
 from .inference import load_scorer, resolve_checkpoint, score_dataset
+from .data.crop import crops_liver
 from .data.dataset import ImageFileDataset
 from .data.layout import MANIFEST_NAME, collect_image_files
 from .data.scan import (DEFAULT_WINDOW, VolumeError, display_slice, is_dicom_folder, is_nifti_path, nifti_like,
@@ -100,7 +104,7 @@ def predict(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
     files = collect_image_files(inputs)
     world = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
     method = load_scorer(checkpoint, world.device, compile)
-    dataset = ImageFileDataset(files, size=method.config.run.image_size)
+    dataset = ImageFileDataset(files, size=method.config.run.image_size, crop=crops_liver(method.config.run))
     start, stop = distributed.shard_bounds(len(files))  # this rank's share, gathered back in order
     results = [(maps, scores) for _, maps, scores in
                score_dataset(method, dataset, batch_size, start, stop, progress and world.is_main, world.device)]
@@ -134,6 +138,7 @@ def _write_predictions(out: Path, checkpoint: Path, config: Config, dataset: Ima
     atomic_write_json(out / "scores.json", {"checkpoint": str(checkpoint.resolve()), "method": config.run.method,
                                             "variant": config.variant, "preset": config.run.preset,
                                             "image_size": config.run.image_size,
+                                            "crop": "liver" if dataset.crop else "none",
                                             "heatmap_scale": heatmap_scale, "images": rows})
     return rows
 
@@ -310,6 +315,7 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
         summary = {"checkpoint": str(checkpoint.resolve()), "method": method.config.run.method,
                    "variant": method.config.variant, "preset": method.config.run.preset,
                    "image_size": method.config.run.image_size, "window": list(window), "hist_eq": hist_eq,
+                   "crop": "liver" if crops_liver(method.config.run) else "none",
                    "window_from": settings_from, "top_k": top_k,
                    "liver_labels": None if liver_labels is None else list(liver_labels),
                    "threshold": threshold, "threshold_from": threshold_from,

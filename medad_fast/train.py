@@ -4,7 +4,8 @@ The engine (:class:`Trainer`) is the same for every method; it knows a method on
 the interface of :mod:`medad_fast.methods.base`. One training step, all on the device:
 
 1. a batch of normal images (uint8 tensors kept on the device, shuffled by a seeded
-   generator) -> float in [0, 1]; with ``--augment`` randomly flipped, rotated, scaled and
+   generator; with ``--crop liver`` each cut to its volume's liver box before the resize,
+   :mod:`medad_fast.data.crop`) -> float in [0, 1]; with ``--augment`` randomly flipped, rotated, scaled and
    intensity-jittered (:mod:`medad_fast.augment`, drawn from the step generator); in the
    activations' memory format;
 2. the method's per-step hook (e.g. the alpha schedule), then its ``forward(images,
@@ -78,6 +79,7 @@ from .augment import NormalSliceAugmentation
 from .checkpoint import (BEST_NAME, DEFAULT_KEEP, LATEST_NAME, global_rng_states, latest_valid_checkpoint,
                          list_checkpoints, point_best_checkpoint, restore_global_rng_states, save_checkpoint)
 from .config import PRESET_NAMES, Config, RunConfig, resolve_config
+from .data.crop import CROP_MODES, crops_liver, resolve_crop
 from .distributed import DistributedContext, is_main_process
 from .io import atomic_write_json, atomic_write_text
 from .methods import DEFAULT_METHOD, Method, create_method, get_method, method_names
@@ -508,11 +510,12 @@ class Trainer:
 
 def load_training_images(config: Config) -> torch.Tensor:
     """``uint8 [N, 1, S, S]``: the normal training slices of ``run.data`` (``train/good``),
-    a seeded subset of ``run.max_train_images`` when set (before ``run.val_fraction`` holds
-    some of them back: :func:`medad_fast.validation.split_validation`)."""
+    each cut to its liver box when the run crops (:mod:`medad_fast.data.crop`), a seeded
+    subset of ``run.max_train_images`` when set (before ``run.val_fraction`` holds some of
+    them back: :func:`medad_fast.validation.split_validation`)."""
     from .data.bmad import load_split
     run = config.run
-    images = load_split(run.data, "train", size=run.image_size).images
+    images = load_split(run.data, "train", size=run.image_size, crop=crops_liver(run)).images
     if run.max_train_images is not None and images.shape[0] > run.max_train_images:
         keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(run.seed))
         images = images[keep[: run.max_train_images].sort().values]
@@ -559,6 +562,9 @@ def train(config: Config, out: str | Path, *, resume: bool = False, device: str 
         raise ValueError("config.run.data (--data) must name a BMAD-layout data folder")
     if keep_checkpoints < 1:
         raise ValueError(f"keep_checkpoints (--keep-checkpoints) must be >= 1; got {keep_checkpoints}")
+    # "auto" cropping is decided once, here, from the data; config.json and the checkpoints
+    # keep the decision, which evaluate and predict follow
+    config = config.replace(crop=resolve_crop(config.run.crop, config.run.data))
     context = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
     with deterministic_mode(deterministic, context.device):
         return _train(config, Path(out), resume, context, progress, log, keep_checkpoints)
@@ -619,6 +625,8 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
         held = (f" ({held_back.shape[0]} held back for validation: {len(validation)} synthetic-validation slices)"
                 if validation is not None else "")
         extras = f", augmented (strength {run_config.augment_strength:g})" if run_config.augment else ""
+        if crops_liver(run_config):
+            extras += ", cropped to the liver box"
         say(f"training {config.variant}, {run_config.preset} preset, on {images.shape[0]} images{held} of "
             f"{run_config.image_size}x{run_config.image_size}{extras}, {run_config.epochs} epochs x "
             f"{trainer.steps_per_epoch} steps, device {device}{world}, "
@@ -772,8 +780,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_small_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """``--augment/--no-augment``, ``--augment-strength``, ``--val-fraction``, ``--patience``
-    (default None: the preset's, all off); shared by ``train`` and ``compare``."""
-    g = parser.add_argument_group("small training sets (default: off)")
+    (default None: the preset's, all off) and ``--crop`` (default auto); shared by ``train``
+    and ``compare``."""
+    g = parser.add_argument_group("small training sets and real CT (default: off; --crop auto)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="randomly flip, rotate, scale and jitter the intensities of the normal slices "
                         "(inside the liver) before each step")
@@ -784,13 +793,17 @@ def add_small_data_arguments(parser: argparse.ArgumentParser) -> argparse._Argum
                         "the best epoch as checkpoint-best.pt (default 0: off)")
     g.add_argument("--patience", type=int, metavar="P",
                    help="stop after P epochs without a better validation score (needs --val-fraction)")
+    g.add_argument("--crop", choices=CROP_MODES,
+                   help="liver: cut every slice to its (volume's) liver box plus a margin before resizing it to "
+                        "the model's side, and paste the maps back into the whole slice; none: resize the whole "
+                        "slice; auto (default): liver for data written by `medad-fast prepare`, else none")
     return g
 
 
 def small_data_values(args: argparse.Namespace) -> dict[str, Any]:
     """The run settings of :func:`add_small_data_arguments` (None: not given)."""
     return {"augment": args.augment, "augment_strength": args.augment_strength, "val_fraction": args.val_fraction,
-            "patience": args.patience}
+            "patience": args.patience, "crop": args.crop}
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -5,10 +5,13 @@ Real CT data for this task has normal slices but no labelled lesions to validate
 fraction of the normal training slices is held back (not trained on) and turned into a
 validation set whose "lesions" are synthetic:
 
-* every held-back slice appears twice: once as it is (normal, empty mask) and once with a
-  synthetic anomaly (its mask). The pairs make the image AUROC a paired comparison (does
-  the score of the same slice rise when an anomaly is added?), and with a handful of
-  held-back slices no slice is spent on one class only;
+* every held-back slice appears once as it is (normal, empty mask) and
+  :data:`VALIDATION_DRAWS` times with a synthetic anomaly (each its own draw and mask). The
+  copies make the image AUROC a paired comparison (does the score of the same slices rise
+  when an anomaly is added?), with a handful of held-back slices no slice is spent on one
+  class only, and the several draws per slice keep the score from swinging with a single
+  anomaly's shape and opacity (with 6 held-back slices and one draw each, the score of a
+  24-slice run moved by noise alone, and the "best" epoch with it);
 * the anomalies come from the package's liver-aware synthesis
   (:class:`~medad_fast.synthesis.AnomalySynthesizer`, the fused
   :func:`~medad_fast.ops.synthesize_anomalies` restricted to the liver ``image > 0``), as the
@@ -42,7 +45,7 @@ from .config import Config
 from .metrics import average_precision, roc_auc
 from .synthesis import AnomalySynthesizer
 
-__all__ = ["VALIDATION_SEED_OFFSET", "held_back_count", "split_validation", "SyntheticValidationSet",
+__all__ = ["VALIDATION_SEED_OFFSET", "VALIDATION_DRAWS", "held_back_count", "split_validation", "SyntheticValidationSet",
            "ValidationState"]
 
 #: added to the run's seed for the validation generators: the held-back choice and the
@@ -50,6 +53,8 @@ __all__ = ["VALIDATION_SEED_OFFSET", "held_back_count", "split_validation", "Syn
 VALIDATION_SEED_OFFSET = 7_919
 #: redraws of an anomaly whose Perlin blob missed the liver (the training synthesis uses 10)
 VALIDATION_MAX_RETRIES = 100
+#: anomalous copies of every held-back slice (each a separate draw)
+VALIDATION_DRAWS = 4
 
 
 def held_back_count(n_images: int, val_fraction: float) -> int:
@@ -94,10 +99,11 @@ def _anomaly_sources(config: Config, n: int) -> torch.Tensor:
 class SyntheticValidationSet:
     """The validation slices (module docstring), on one device.
 
-    images: float32 ``[2n, 1, S, S]`` in [0, 1]: the n held-back slices, then the same n
-            with a synthetic anomaly
-    masks:  bool ``[2n, S, S]``, the synthetic anomalies (empty for the first n)
-    labels: bool ``[2n]``, True where the mask is not empty
+    images: float32 ``[(1 + D) n, 1, S, S]`` in [0, 1]: the n held-back slices, then
+            D = :data:`VALIDATION_DRAWS` times the same n, each with a synthetic anomaly
+            (copy ``d`` of slice ``i`` at ``n + d n + i``)
+    masks:  bool ``[(1 + D) n, S, S]``, the synthetic anomalies (empty for the first n)
+    labels: bool ``[(1 + D) n]``, True where the mask is not empty
     """
 
     images: torch.Tensor
@@ -115,9 +121,9 @@ class SyntheticValidationSet:
         synthesizer = AnomalySynthesizer(_anomaly_sources(config, n).float(), p_anomaly=1.0,
                                          max_retries=VALIDATION_MAX_RETRIES, roi_threshold=0.0)
         generator = torch.Generator().manual_seed(config.run.seed + VALIDATION_SEED_OFFSET + 2)
-        anomalous, mask = synthesizer(normal, generator)
+        anomalous, mask = synthesizer(normal.repeat(VALIDATION_DRAWS, 1, 1, 1), generator)
         images = torch.cat([normal, anomalous])
-        masks = torch.cat([torch.zeros_like(mask), mask])[:, 0] > 0
+        masks = torch.cat([mask.new_zeros(n, *mask.shape[1:]), mask])[:, 0] > 0
         labels = masks.flatten(1).any(dim=1)
         if not bool(labels.any()):
             raise ValueError("the synthetic validation set holds no anomaly (no held-back slice has a liver "

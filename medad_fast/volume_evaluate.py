@@ -68,6 +68,7 @@ from scipy import ndimage
 
 from .data.scan import (Geometry, LiverMaskSource, Volume, VolumeError, display_slice, open_liver_mask, read_geometry,
                         read_volume)
+from .data.crop import crops_liver
 from .inference import load_method, resolve_checkpoint
 from .io import atomic_write_json, atomic_write_text
 from .metrics import (DEFAULT_FP_BUDGETS, HIT_RULES, LESION_STRUCTURE, PixelMetricsStream, detection_thresholds,
@@ -394,6 +395,7 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
         "checkpoint": str(checkpoint.resolve()), "method": method.config.run.method,
         "variant": method.config.variant, "preset": method.config.run.preset,
         "image_size": method.config.run.image_size, "epoch": int(state.get("epoch", 0)),
+        "crop": "liver" if crops_liver(method.config.run) else "none",
         "split": split, "source": source, "window": list(window), "hist_eq": hist_eq, "window_from": settings_from,
         "top_k": top_k, "n_volumes": len(scored.volumes),
         "n_volumes_with_tumour": int(volume_labels.sum()), "n_slices": int(labels.size),

@@ -12,9 +12,13 @@ that contains liver:
    histogram equalisation);
 3. resizes it to the model's side as the BMAD loader resizes a PNG
    (:func:`medad_fast.data.dataset.to_model_side`) and scores it
-   (:func:`medad_fast.inference.score_batch`: pixel map and slice score);
-4. resizes the map back to the slice's in-plane size (:func:`medad_fast.io.resize_images`),
-   sets it to 0 outside the liver and writes it into the slice's voxels.
+   (:func:`medad_fast.inference.score_batch`: pixel map and slice score); when the run crops
+   to the liver box (:mod:`medad_fast.data.crop`), the slice is first cut to the VOLUME's
+   liver box (the union of its slices' liver extents plus a margin, square: one scale for
+   every slice of the scan);
+4. resizes the map back to the slice's in-plane size (:func:`medad_fast.io.resize_images`;
+   with cropping, into the box: :func:`medad_fast.data.crop.paste_back`), sets it to 0
+   outside the liver and writes it into the slice's voxels.
 
 Slices are read, scored and put back ``batch_size`` at a time: only one batch of slices exists
 at the model's side. Slices without liver are not scored; their map is 0. Several scans go
@@ -37,6 +41,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from .data.crop import crops_liver, liver_box, paste_back
 from .data.dataset import to_model_side
 from .data.scan import DEFAULT_WINDOW, Volume, VolumeError, apply_window, display_slice, liver_image, put_display_slice
 from .inference import score_batch
@@ -96,6 +101,11 @@ def score_volume(method: Method, scan: Volume, liver: np.ndarray, window: tuple[
     if indices.size == 0:
         raise VolumeError(f"the liver mask of scan {scan.path} is empty: no slice to score")
     side = method.config.run.image_size
+    box = None
+    if crops_liver(method.config.run):
+        # one box for the volume: that of the liver's projection along the axial axis (the
+        # union of the slices' livers), in display orientation
+        box = liver_box(display_slice(liver.any(axis=axis, keepdims=True), ornt, 0))
     anomaly_map = np.zeros(scan.shape, dtype=np.float32)
     scores = np.empty(indices.size, dtype=np.float32)
     liver_pixels = np.empty(indices.size, dtype=np.int64)
@@ -106,8 +116,11 @@ def score_volume(method: Method, scan: Volume, liver: np.ndarray, window: tuple[
     for start in starts:
         batch = indices[start:start + batch_size]
         images, masks = display_images(scan, liver, batch, window, hist_eq)
-        maps, batch_scores = score_batch(method, to_model_side(images, side), device)
-        maps = resize_images(maps[:, None], tuple(images.shape[1:]))[:, 0].numpy()
+        maps, batch_scores = score_batch(method, to_model_side(images, side, box), device)
+        if box is None:
+            maps = resize_images(maps[:, None], tuple(images.shape[1:]))[:, 0].numpy()
+        else:
+            maps = paste_back(maps, box, tuple(images.shape[1:]), fill=0.0).numpy()
         maps[~masks] = 0.0
         for k, image_map in zip(batch, maps):
             put_display_slice(anomaly_map, ornt, int(k), image_map)

@@ -20,7 +20,7 @@ from medad_fast.evaluate import evaluate
 from medad_fast.inference import resolve_checkpoint
 from medad_fast.predict import predict
 from medad_fast.train import TrainingInterrupted, train
-from medad_fast.validation import SyntheticValidationSet, held_back_count, split_validation
+from medad_fast.validation import VALIDATION_DRAWS, SyntheticValidationSet, held_back_count, split_validation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,14 +83,18 @@ def test_validation_set_is_fixed_paired_and_inside_the_liver(data):
     a = SyntheticValidationSet.build(held, run_config)
     b = SyntheticValidationSet.build(held, run_config)
     assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
-    n = held.shape[0]
-    assert len(a) == 2 * n and a.images.shape == (2 * n, 1, 32, 32)
+    n, draws = held.shape[0], VALIDATION_DRAWS
+    assert draws > 1
+    assert len(a) == (1 + draws) * n and a.images.shape == ((1 + draws) * n, 1, 32, 32)
     assert torch.equal(a.images[:n], held.float() / 255)  # the normal copies are the slices themselves
     assert not a.masks[:n].any() and a.labels[n:].any() and not a.labels[:n].any()
     liver = (a.images[n:, 0] > 0)
     assert not (a.masks[n:] & ~liver).any(), "a synthetic anomaly outside the liver"
-    changed = (a.images[n:] != a.images[:n])[:, 0]
+    originals = a.images[:n].repeat(draws, 1, 1, 1)  # copy d of slice i sits at n + d n + i
+    changed = (a.images[n:] != originals)[:, 0]
     assert not (changed & ~a.masks[n:]).any()  # only the anomaly's pixels differ
+    copies = a.masks[n:].view(draws, n, 32, 32)
+    assert any(not torch.equal(copies[0], copies[d]) for d in range(1, draws))  # separate draws
 
 
 def test_a_tiny_run_logs_finite_validation_scores(data, tmp_path, capsys):

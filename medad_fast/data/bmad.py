@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from medad_fast.data.dataset import check_size, read_slice
-from medad_fast.data.layout import SPLITS, SliceFile, list_split
+from medad_fast.data.crop import CROP_MARGIN
+from medad_fast.data.dataset import BmadSliceDataset, check_size, read_slice
+from medad_fast.data.layout import MANIFEST_NAME, SPLITS, SliceFile, list_split
 from medad_fast.io import atomic_write_bytes
 
 __all__ = ["SliceSet", "load_split", "list_split", "clear_memory_cache", "cache_dir", "SPLITS"]
@@ -74,8 +75,13 @@ def clear_memory_cache() -> None:
     _memory_cache.clear()
 
 
-def _cache_key(entries: list[SliceFile], size: int) -> str:
-    digest = hashlib.sha256(f"bmad-v{CACHE_FORMAT}|size={size}".encode())
+def _cache_key(entries: list[SliceFile], size: int, crop: bool = False, manifest: Path | None = None) -> str:
+    # the crop's part only when cropping: the keys of the uncropped sets stay what they were
+    cropped = f"|crop-margin={CROP_MARGIN}" if crop else ""
+    digest = hashlib.sha256(f"bmad-v{CACHE_FORMAT}|size={size}{cropped}".encode())
+    if crop and manifest is not None and manifest.is_file():  # it tells the volumes, which share a box
+        stat = manifest.stat()
+        digest.update(f"|manifest|{manifest.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     for image, mask, abnormal in entries:
         for path in (image, mask):
             if path is None:
@@ -134,11 +140,29 @@ def _read_slices(entries: list[SliceFile], size: int) -> SliceSet:
     return SliceSet(images, masks, labels, [str(entry.image.resolve()) for entry in entries])
 
 
-def load_split(root: str | os.PathLike, split: str, size: int = 256, cache: bool = True) -> SliceSet:
+def _read_cropped_slices(root: str | os.PathLike, split: str, size: int) -> SliceSet:
+    """Every slice of the split cut to its liver box and resized (the boxes need the volumes,
+    which the per-slice dataset knows)."""
+    dataset = BmadSliceDataset(root, split, size, crop=True)
+    n = len(dataset)
+    images = torch.empty(n, 1, size, size, dtype=torch.uint8)
+    masks = torch.empty(n, 1, size, size, dtype=torch.uint8)
+    for i in range(n):
+        record = dataset[i]
+        images[i], masks[i] = record.crop, record.crop_mask
+    labels = torch.tensor([entry.abnormal for entry in dataset.files], dtype=torch.bool)
+    return SliceSet(images, masks, labels, list(dataset.paths))
+
+
+def load_split(root: str | os.PathLike, split: str, size: int = 256, cache: bool = True, crop: bool = False
+               ) -> SliceSet:
     """Load one split (``"train"``, ``"valid"`` or ``"test"``) of a BMAD-layout folder.
 
     Returns a :class:`SliceSet` (uint8 images and 0/1 masks ``[N, 1, size, size]``, bool
-    labels ``[N]``, paths). ``cache=True`` uses the in-process LRU and the disk cache (see
+    labels ``[N]``, paths). ``crop=True``: every slice cut to its (volume's) liver box first
+    (:mod:`medad_fast.data.crop`; images and masks are then the model's inputs, the
+    ``crop``/``crop_mask`` of :class:`medad_fast.data.dataset.BmadSliceDataset` with ``crop=True``).
+``cache=True`` uses the in-process LRU and the disk cache (see
     module docstring); the returned tensors are the caller's own (a copy of the cached ones).
 
     Errors name the culprit: ``FileNotFoundError`` for a missing folder, an empty split or a
@@ -147,17 +171,18 @@ def load_split(root: str | os.PathLike, split: str, size: int = 256, cache: bool
     """
     size = check_size(size)
     entries = list_split(root, split)
+    read = (lambda: _read_cropped_slices(root, split, size)) if crop else (lambda: _read_slices(entries, size))
     if not cache:
-        return _read_slices(entries, size)
+        return read()
 
-    key = _cache_key(entries, size)
+    key = _cache_key(entries, size, crop, Path(root).expanduser() / MANIFEST_NAME)
     if key in _memory_cache:
         _memory_cache.move_to_end(key)
         return _memory_cache[key].clone()
     disk_file = cache_dir() / f"bmad-{key}.pt"
     slices = _load_from_disk(disk_file)
     if slices is None or len(slices) != len(entries):
-        slices = _read_slices(entries, size)
+        slices = read()
         _save_to_disk(disk_file, slices, Path(root).expanduser())
     _memory_cache[key] = slices
     while len(_memory_cache) > _MEMORY_CACHE_SIZE:

@@ -30,6 +30,11 @@ the side) and fainter (``--difficulty 2``: 60 % of them subtle, down to |contras
 the valid/test splits. Options given explicitly override these. The livers, vessels and
 noise are drawn as in the default mode, so the normal slices are the same kind.
 
+``--liver-scale F`` (default 1) shrinks the liver's outline by F: with 0.65 the liver's box is
+about half the slice wide, as on a 512 x 512 CT slice, so resizing the whole slice to the
+model's side shrinks the lesions (the case liver-box cropping, ``train --crop liver``, is
+for). Lesion radii stay fractions of the slice's side, so they are the same size in pixels.
+
 Randomness: :func:`generate_slice` draws everything from the ``numpy.random.Generator``
 it is given. :func:`write_phantom_dataset` gives every slice its own generator seeded by
 ``(seed, split, kind, index)``, so a slice never depends on how many slices the other
@@ -108,7 +113,7 @@ class _LiverShape:
 
     n_table = 1024
 
-    def __init__(self, rng: np.random.Generator, size: int):
+    def __init__(self, rng: np.random.Generator, size: int, liver_scale: float = 1.0):
         phi = np.linspace(0.0, 2.0 * np.pi, self.n_table, endpoint=False)
         # Superellipse |x/a|^p + |y/b|^p = 1 in polar form; p in [2, 3.2] goes from an
         # ellipse to a rounded rectangle, b/a in [0.6, 1] gives elongated to round livers.
@@ -123,8 +128,8 @@ class _LiverShape:
         modulation = 1.0 + (amplitudes[:, None] * np.cos(harmonics * phi + phases[:, None])).sum(0)
         radius = base * modulation  # arbitrary scale for now
 
-        # Scale to the target area: area = 1/2 * integral R^2 dphi.
-        target_fraction = rng.uniform(0.25, 0.5)
+        # Scale to the target area: area = 1/2 * integral R^2 dphi (liver_scale: linear size).
+        target_fraction = rng.uniform(0.25, 0.5) * liver_scale**2
         area = 0.5 * np.mean(radius**2) * 2.0 * np.pi
         radius *= math.sqrt(target_fraction * size * size / area)
 
@@ -345,6 +350,13 @@ def _check_difficulty(difficulty: float) -> float:
     return difficulty
 
 
+def _check_liver_scale(liver_scale: float) -> float:
+    liver_scale = float(liver_scale)
+    if not math.isfinite(liver_scale) or not 0.3 <= liver_scale <= 1:
+        raise ValueError(f"liver_scale (--liver-scale) must be a number in [0.3, 1], got {liver_scale}")
+    return liver_scale
+
+
 def _check_lesion_scale(lesion_scale: float) -> float:
     lesion_scale = float(lesion_scale)
     if not math.isfinite(lesion_scale) or not 0 < lesion_scale <= 4:
@@ -352,10 +364,10 @@ def _check_lesion_scale(lesion_scale: float) -> float:
     return lesion_scale
 
 
-def _render_slice(rng: np.random.Generator, size: int, abnormal: bool,
-                  difficulty: float, lesion_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _render_slice(rng: np.random.Generator, size: int, abnormal: bool, difficulty: float,
+                  lesion_scale: float = 1.0, liver_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """The phantom slice, its lesion mask and a description (liver fraction, lesions)."""
-    shape = _LiverShape(rng, size)
+    shape = _LiverShape(rng, size, liver_scale)
     liver, depth = shape.rasterize(size)
 
     parenchyma = rng.uniform(0.45, 0.65)
@@ -484,7 +496,7 @@ def _read_own_manifest(out: Path) -> dict[str, Any] | None:
 def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100, n_valid: int = 0,
                           size: int = 256, seed: int = 0, abnormal_fraction: float = 0.5,
                           difficulty: float = 1.0, progress: bool = True,
-                          lesion_scale: float = 1.0) -> dict[str, dict[str, int]]:
+                          lesion_scale: float = 1.0, liver_scale: float = 1.0) -> dict[str, dict[str, int]]:
     """Write a phantom dataset in the BMAD layout under ``out``.
 
     Layout (:mod:`medad_fast.data.layout`): ``train/good/*.png`` (normal only),
@@ -493,7 +505,8 @@ def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100
     ``manifest.json`` (parameters, counts, and per slice its files and lesions). Splits
     with 0 slices get no folder. ``round(n * abnormal_fraction)`` (half up) slices of
     valid/test are abnormal. ``lesion_scale`` in (0, 4] multiplies the lesions' radius range
-    (``FEW_SLICES`` holds the ``--few-slices`` values).
+    (``FEW_SLICES`` holds the ``--few-slices`` values). ``liver_scale`` in [0.3, 1] multiplies
+    the liver's linear size (0.65: a liver box about half the slice wide, as on 512 x 512 CT).
 
     ``out`` must be missing, empty, or a previous phantom output (which is then rewritten;
     files of the previous run that the new one does not produce are removed). The manifest
@@ -515,6 +528,7 @@ def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100
         raise ValueError(f"abnormal_fraction must be in [0, 1], got {abnormal_fraction}")
     difficulty = _check_difficulty(difficulty)
     lesion_scale = _check_lesion_scale(lesion_scale)
+    liver_scale = _check_liver_scale(liver_scale)
     n_train, n_test, n_valid, size, seed = int(n_train), int(n_test), int(n_valid), int(size), int(seed)
 
     previous = _read_own_manifest(out)
@@ -525,7 +539,8 @@ def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100
         "format_version": FORMAT_VERSION,
         "complete": False,
         "parameters": {"size": size, "seed": seed, "abnormal_fraction": abnormal_fraction,
-                       "difficulty": difficulty, "lesion_scale": lesion_scale, "n_train": n_train,
+                       "difficulty": difficulty, "lesion_scale": lesion_scale, "liver_scale": liver_scale,
+                       "n_train": n_train,
                        "n_valid": n_valid, "n_test": n_test},
         "counts": counts,
         "slices": [{"image": image_rel, "mask": mask_rel, "split": split, "label": int(kind == ABNORMAL_FOLDER),
@@ -545,7 +560,7 @@ def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100
     with tqdm(total=len(plan), desc="phantom", unit="slice", disable=not progress) as bar:
         for entry, (split, kind, index, image_rel, mask_rel) in zip(manifest["slices"], plan):
             image, mask, info = _render_slice(slice_rng(seed, split, kind, index), size, kind == ABNORMAL_FOLDER,
-                                              difficulty, lesion_scale)
+                                              difficulty, lesion_scale, liver_scale)
             save_png(out / image_rel, image)
             if mask_rel is not None:
                 save_png(out / mask_rel, mask)
@@ -589,6 +604,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lesion-scale", type=float, metavar="F",
                         help=f"multiplies the lesion radii, in (0, 4] (default 1; {FEW_SLICES['lesion_scale']:g} with "
                              f"--few-slices)")
+    parser.add_argument("--liver-scale", type=float, default=1.0, metavar="F",
+                        help="multiplies the liver's size, in [0.3, 1] (default 1: 25-50 %% of the slice's area); "
+                             "0.65 gives a liver box about half the slice wide, as on 512 x 512 CT, the case for "
+                             "train --crop liver")
     parser.add_argument("--few-slices", action="store_true",
                         help=f"the hard case of few normal scans: --train {FEW_SLICES['n_train']} --lesion-scale "
                              f"{FEW_SLICES['lesion_scale']:g} --difficulty {FEW_SLICES['difficulty']:g} (small faint "
@@ -605,7 +624,8 @@ def main(args: argparse.Namespace) -> int:
         chosen = {k: mode[k] if v is None else v for k, v in given.items()}
         counts = write_phantom_dataset(
             args.out, n_test=args.test, n_valid=args.valid, size=args.size, seed=args.seed,
-            abnormal_fraction=args.abnormal_fraction, progress=not args.no_progress, **chosen,
+            abnormal_fraction=args.abnormal_fraction, progress=not args.no_progress, liver_scale=args.liver_scale,
+            **chosen,
         )
     except (ValueError, FileExistsError, NotADirectoryError) as e:
         print(f"medad-fast phantom: error: {e}", file=sys.stderr)

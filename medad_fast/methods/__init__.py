@@ -64,4 +64,4 @@ def main(args=None) -> int:
 
 
 # the built-in methods register themselves on import
-from . import frequency_aware, ae, draem, ddad  # noqa: E402,F401
+from . import frequency_aware, ae, draem, ddad, squid  # noqa: E402,F401

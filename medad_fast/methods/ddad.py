@@ -66,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config, MethodConfig, setting
+from ..data.crop import crops_liver
 from ..models.ensemble import AutoencoderEnsemble
 from ..models.refinement import RefinementUNet
 from ..synthesis import AnomalySynthesizer
@@ -156,8 +157,8 @@ def discrepancy_maps(normative: torch.Tensor, unknown: torch.Tensor | None) -> t
     return intra, (normative.mean(dim=0) - unknown.mean(dim=0)).abs()
 
 
-def _read_folder(folder: str, size: int) -> torch.Tensor:
-    from ..data.dataset import read_slice
+def _read_folder(folder: str, size: int, crop: bool = False) -> torch.Tensor:
+    from ..data.dataset import ImageFileDataset, read_slice
     from ..data.layout import collect_image_files
 
     path = Path(folder).expanduser()
@@ -167,6 +168,9 @@ def _read_folder(folder: str, size: int) -> torch.Tensor:
         files = collect_image_files(path, what="unlabeled (--unlabeled)")
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"config unlabeled={folder!r} (--unlabeled): {exc}") from None
+    if crop:  # as the run's training slices: each cut to its liver box
+        dataset = ImageFileDataset(files, size, crop=True)
+        return torch.stack([dataset[i].crop for i in range(len(dataset))])
     return torch.stack([read_slice(file, None, size)[0] for file in files])
 
 
@@ -178,14 +182,15 @@ def load_unlabeled_images(config: Config) -> torch.Tensor | None:
     m: DDADConfig = config.method
     parts = []
     if m.unlabeled is not None:
-        parts.append(_read_folder(m.unlabeled, config.run.image_size))
+        parts.append(_read_folder(m.unlabeled, config.run.image_size, crops_liver(config.run)))
     if m.unlabeled_split is not None:
         from ..data.bmad import load_split
         if config.run.data is None:
             raise ValueError(f"config unlabeled_split={m.unlabeled_split!r} (--unlabeled-split) needs the run's "
                              f"data folder (--data)")
         try:
-            parts.append(load_split(config.run.data, m.unlabeled_split, size=config.run.image_size).images)
+            parts.append(load_split(config.run.data, m.unlabeled_split, size=config.run.image_size,
+                                    crop=crops_liver(config.run)).images)
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"config unlabeled_split={m.unlabeled_split!r} (--unlabeled-split): "
                                     f"{exc}") from None

@@ -11,8 +11,10 @@ PYTEST_ARGS ?=
 DEPS := pybind11 ninja setuptools wheel numpy scipy nibabel pydicom scikit-learn tqdm matplotlib pillow \
         pytest pytest-benchmark
 # test-only: a second, independent reader of the CT geometry (tests/test_second_reader.py);
-# highdicom: the optional DICOM SEG writer (medad_fast[dicom-seg]), tested by tests/test_dicom_seg.py
-TEST_DEPS := SimpleITK highdicom
+# highdicom: the optional DICOM SEG writer (medad_fast[dicom-seg]), tested by tests/test_dicom_seg.py;
+# onnx, onnxscript (torch.onnx.export), onnxruntime: `medad-fast export --format onnx` and scoring with
+# the file (medad_fast[onnx]), tested by tests/test_export.py
+TEST_DEPS := SimpleITK highdicom onnx onnxscript onnxruntime
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 STAMP := $(VENV)/.medad_fast-built
 

@@ -77,3 +77,35 @@ def _skip_merge_backward(ctx, grad):
 
 torch.library.register_autograd(_lib + "skip_merge", _skip_merge_backward,
                                 setup_context=_skip_merge_setup)
+
+
+# skip_merge with alpha as a 0-d CPU tensor, for torch.compile: the training loop changes
+# alpha every step, and a float would be a constant of the compiled graph (a recompilation
+# per step). Opaque to the compiler, so reading the CPU scalar inside is no graph break and
+# no device synchronisation; the same kernels as skip_merge.
+@torch.library.custom_op(_lib + "skip_merge_alpha_tensor", mutates_args=())
+def _skip_merge_alpha_tensor(encoder: torch.Tensor, decoder: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    return torch.ops.medad_fast.skip_merge(encoder, decoder, float(alpha))
+
+
+@torch.library.custom_op(_lib + "skip_merge_backward_alpha_tensor", mutates_args=())
+def _skip_merge_backward_alpha_tensor(grad: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ops.medad_fast.skip_merge_backward(grad, float(alpha))
+
+
+_skip_merge_alpha_tensor.register_fake(lambda encoder, decoder, alpha: _skip_merge_fake(encoder, decoder, 0.0))
+_skip_merge_backward_alpha_tensor.register_fake(lambda grad, alpha: _skip_merge_backward_fake(grad, 0.0))
+
+
+def _skip_merge_alpha_tensor_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2])
+
+
+def _skip_merge_alpha_tensor_backward(ctx, grad):
+    alpha, = ctx.saved_tensors
+    grad_encoder, grad_decoder = torch.ops.medad_fast.skip_merge_backward_alpha_tensor(grad, alpha)
+    return grad_encoder, grad_decoder, None
+
+
+_skip_merge_alpha_tensor.register_autograd(_skip_merge_alpha_tensor_backward,
+                                           setup_context=_skip_merge_alpha_tensor_setup)

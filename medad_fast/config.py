@@ -63,6 +63,9 @@ class RunConfig:
     reference_ops: bool = False
     amp: bool = True  # only takes effect on CUDA
     channels_last: bool = True  # memory format of the activations (CPU and CUDA)
+    # torch.compile of the method's networks (runtime.compile_networks); off by default: on a
+    # CPU inductor compiles for minutes and the compiled step was not faster (benchmarks)
+    compile: bool = False
     anomaly_source: str | None = None
     data: str | None = None
     # small training sets (medad_fast.augment, medad_fast.validation); all off by default
@@ -91,6 +94,7 @@ class RunConfig:
         need(self.checkpoint_every is None or self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         need(self.checkpoint_minutes is None or self.checkpoint_minutes >= 0, "checkpoint_minutes", "must be >= 0")
         need(isinstance(self.augment, bool), "augment", "must be true or false")
+        need(isinstance(self.compile, bool), "compile", "must be true or false")
         need(_is_number(self.augment_strength) and 0.0 <= self.augment_strength <= 1.0, "augment_strength",
              "must be a number in [0, 1] (--augment-strength)")
         need(_is_number(self.val_fraction) and 0.0 <= self.val_fraction < 1.0, "val_fraction",

@@ -68,18 +68,19 @@ __all__ = ["evaluate", "add_arguments", "main"]
 
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
              device: str | torch.device | None = None, batch_size: int = 16, n_cases: int = 4,
-             progress: bool = True, reference_ops: bool = False) -> dict[str, Any]:
+             progress: bool = True, reference_ops: bool = False, compile: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint (or run directory) of any method on a split of a BMAD-layout
     folder; write ``metrics.json``, ``roc.png`` and the heatmaps into ``out`` and the
     operating point into the run folder (:mod:`medad_fast.operating_point`: from the
     ``valid`` split when the data has one with both classes, else from ``split``). Returns
-    the metrics."""
+    the metrics. ``compile``: compile the method's networks
+    (:func:`~medad_fast.runtime.compile_networks`)."""
     checkpoint = resolve_checkpoint(checkpoint)
     out = Path(out) if out is not None else checkpoint.parent / f"eval-{split}"
     world = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
     metrics = None
     with ops_mode(reference_ops), contextlib.ExitStack() as cleanup:
-        method, state = load_method(checkpoint, world.device)
+        method, state = load_method(checkpoint, world.device, compile=compile)
         crop = crops_liver(method.config.run)  # as the run was trained; maps come back whole
         dataset = BmadSliceDataset(data, split, size=method.config.run.image_size, crop=crop)
         stream = None
@@ -210,6 +211,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", type=int_at_least(0), default=4, metavar="K",
                         help="heatmaps of the K worst and K best slices per class (default 4)")
     parser.add_argument("--reference-ops", action="store_true", help="use the pure-PyTorch reference ops")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the method's networks (slices; compiling takes minutes on a CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     volumes = parser.add_argument_group("CT volumes")
     volumes.add_argument("--scans", nargs="+", metavar="SCAN", default=None,
@@ -308,7 +311,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         world = distributed.init_distributed(resolve_device(args.device))  # so that only rank 0 prints
         metrics = evaluate(args.run_or_checkpoint, args.data, args.split, args.out, world.device,
-                           args.batch_size, args.cases, not args.no_progress, args.reference_ops)
+                           args.batch_size, args.cases, not args.no_progress, args.reference_ops, args.compile)
     except (ValueError, FileNotFoundError) as exc:
         print(f"medad-fast evaluate: error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,8 @@ own code): resolve a checkpoint, rebuild its method, score batches of slices.
 
 No training code is imported here: a checkpoint carries the method's name and both parts
 of its config, so :func:`load_method` rebuilds any registered method from the file alone.
+:func:`load_scorer` also reads the files of ``medad-fast export`` (``.pt2``, ``.onnx``:
+:class:`medad_fast.export.ExportedModel`); the scoring functions take either.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from .checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint
 from .config import Config
 from .data.crop import paste_back
 from .data.dataset import SliceBatch, iter_batches
+from .export import ExportedModel, is_exported_file
 from .methods import Method, get_method
-from .runtime import resolve_device
+from .runtime import compile_networks, resolve_device
 
-__all__ = ["resolve_checkpoint", "load_method", "score_batch", "score_dataset", "score_images"]
+__all__ = ["resolve_checkpoint", "load_method", "load_scorer", "score_batch", "score_dataset", "score_images"]
 
 
 #: run directories whose best checkpoint this process has already announced
@@ -55,16 +58,18 @@ def resolve_checkpoint(run_or_checkpoint: str | os.PathLike, log: Callable[[str]
             return best
         path = path / LATEST_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (pass a run directory or a checkpoint file)")
+        raise FileNotFoundError(f"no checkpoint at {path} (pass a run directory, a checkpoint file or a file of "
+                                f"`medad-fast export`)")
     return path
 
 
 def load_method(run_or_checkpoint: str | os.PathLike, device: str | torch.device | None = "cpu",
-                amp: bool = True) -> tuple[Method, dict[str, Any]]:
+                amp: bool = True, compile: bool = False) -> tuple[Method, dict[str, Any]]:
     """The method of a checkpoint (or run directory) with its weights and state, on
     ``device`` in eval mode, with the run's memory format and (``amp`` and the run's
-    setting) mixed precision. Returns ``(method, checkpoint dict)``; ``method.config`` is
-    the run's :class:`~medad_fast.config.Config`."""
+    setting) mixed precision; ``compile``: its networks compiled
+    (:func:`~medad_fast.runtime.compile_networks`). Returns ``(method, checkpoint dict)``;
+    ``method.config`` is the run's :class:`~medad_fast.config.Config`."""
     device = resolve_device(device)
     state = load_checkpoint(resolve_checkpoint(run_or_checkpoint), map_location="cpu")
     config = Config.from_dict(state["config"])
@@ -73,24 +78,40 @@ def load_method(run_or_checkpoint: str | os.PathLike, device: str | torch.device
     method.load_method_state(state.get("method_state", {}))
     method.configure_runtime(device, amp and config.run.amp, config.run.channels_last)
     method.eval()
+    if compile:
+        compile_networks(method)
     return method, state
 
 
+def load_scorer(path: str | os.PathLike, device: str | torch.device | None = "cpu", compile: bool = False
+                ) -> Method | ExportedModel:
+    """What scores with ``path``: an exported file (``.pt2``, ``.onnx``) ->
+    :class:`~medad_fast.export.ExportedModel`; a checkpoint or run directory -> its method
+    (:func:`load_method`, ``compile`` as there; an exported file is compiled already).
+    Either has ``config``, ``predict`` and ``to_memory_format``, all the scoring functions
+    below use. Errors name the file."""
+    if is_exported_file(path):
+        return ExportedModel.load(path, resolve_device(device))
+    return load_method(path, device, compile=compile)[0]
+
+
 @torch.no_grad()
-def score_batch(method: Method, images: torch.Tensor, device: torch.device | None = None
+def score_batch(method: Method | ExportedModel, images: torch.Tensor, device: torch.device | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(maps float32 [B, H, W], scores float32 [B])`` on the CPU of one batch of images
-    (uint8, or float in [0, 1], ``[B, 1, H, W]``) on the method's device."""
+    (uint8, or float in [0, 1], ``[B, 1, H, W]``) on the method's device (an exported
+    model's: its ``device``)."""
     if images.dim() != 4 or images.shape[1] != 1:
         raise ValueError(f"images must have shape [B, 1, H, W]; got {list(images.shape)}")
-    device = device or next(method.parameters()).device
+    if device is None:
+        device = method.device if isinstance(method, ExportedModel) else next(method.parameters()).device
     images = images.to(device)
     images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
     maps, scores = method.predict(method.to_memory_format(images))
     return maps.float().cpu(), scores.float().cpu()
 
 
-def score_dataset(method: Method, dataset, batch_size: int = 16, start: int = 0, stop: int | None = None,
+def score_dataset(method: Method | ExportedModel, dataset, batch_size: int = 16, start: int = 0, stop: int | None = None,
                   progress: bool = False, device: torch.device | None = None
                   ) -> Iterator[tuple[SliceBatch, torch.Tensor, torch.Tensor]]:
     """``(batch, maps, scores)`` for the slices ``[start, stop)`` of a per-slice dataset
@@ -112,7 +133,7 @@ def score_dataset(method: Method, dataset, batch_size: int = 16, start: int = 0,
         yield batch, maps, scores
 
 
-def score_images(method: Method, images: torch.Tensor, batch_size: int = 16, progress: bool = False,
+def score_images(method: Method | ExportedModel, images: torch.Tensor, batch_size: int = 16, progress: bool = False,
                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel maps and image scores of a tensor of images (uint8 or float in [0, 1],
     ``[N, 1, H, W]``). Returns ``(maps float32 [N, H, W], scores float32 [N])`` on the CPU."""

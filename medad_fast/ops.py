@@ -236,6 +236,12 @@ def skip_merge(encoder: torch.Tensor, decoder: torch.Tensor, alpha: float) -> to
     if encoder.dim() != 4:
         raise ValueError(f"encoder must have shape [B, C, H, W]; got {list(encoder.shape)}")
     _check_shape(decoder, "decoder", tuple(encoder.shape), "same as encoder")
+    if isinstance(alpha, torch.Tensor) and torch.compiler.is_dynamo_compiling():
+        # a graph input of the compiled graph (SkipMerge's alpha under torch.compile): not
+        # read here, so the graph holds for every alpha; its range is the setter's check
+        if using_reference() or (encoder.dtype in _HALF and encoder.device.type == "cpu"):
+            return reference.skip_merge(encoder, decoder, alpha)
+        return torch.ops.medad_fast.skip_merge_alpha_tensor(encoder, decoder, alpha)
     if isinstance(alpha, torch.Tensor):
         alpha = float(alpha)
     if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
@@ -272,13 +278,30 @@ class ButterworthHighpass(nn.Module):
 
 class SkipMerge(nn.Module):
     """Module form of :func:`skip_merge`; ``alpha`` is a plain attribute the training loop
-    sets each iteration (a float, not a parameter). ``[B,C,H,W] x2 -> [B,2C,H,W]``."""
+    sets each iteration (a float, not a parameter). ``[B,C,H,W] x2 -> [B,2C,H,W]``.
+
+    Under ``torch.compile`` the op reads alpha from a 0-d CPU tensor that the setter
+    updates in place (not a buffer: not in the state dict, not moved by ``.to()``), so the
+    compiled graph takes alpha as an input and holds for every value: a float would be
+    a constant of the graph, and a new alpha every step a recompilation every step."""
 
     def __init__(self, alpha: float = 1.0) -> None:
         super().__init__()
+        self._alpha_tensor = torch.zeros((), dtype=torch.float64)
         self.alpha = alpha
 
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._alpha = float(value)
+        self._alpha_tensor.fill_(self._alpha)
+
     def forward(self, encoder: torch.Tensor, decoder: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_dynamo_compiling():
+            return skip_merge(encoder, decoder, self._alpha_tensor)
         return skip_merge(encoder, decoder, self.alpha)
 
     def extra_repr(self) -> str:

@@ -76,7 +76,7 @@ import torch
 from . import __version__, distributed
 from .cli import int_at_least
 from .config import Config
-from .inference import load_method, resolve_checkpoint, score_dataset
+from .inference import load_scorer, resolve_checkpoint, score_dataset
 from .data.crop import crops_liver
 from .data.dataset import ImageFileDataset
 from .data.layout import MANIFEST_NAME, collect_image_files
@@ -94,14 +94,16 @@ __all__ = ["predict", "predict_volumes", "is_volume_input", "add_arguments", "ma
 
 
 def predict(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
-            device: str | torch.device | None = None, batch_size: int = 16, progress: bool = True
-            ) -> list[dict]:
-    """Score the images of ``inputs`` with ``checkpoint``; write scores and heatmaps into
-    ``out``. Returns ``[{"path", "score", "heatmap"}]`` in input order."""
+            device: str | torch.device | None = None, batch_size: int = 16, progress: bool = True,
+            compile: bool = False) -> list[dict]:
+    """Score the images of ``inputs`` with ``checkpoint`` (a checkpoint, run directory or a
+    file of ``medad-fast export``); write scores and heatmaps into ``out``. ``compile``:
+    compile the method's networks (:func:`~medad_fast.runtime.compile_networks`). Returns
+    ``[{"path", "score", "heatmap"}]`` in input order."""
     checkpoint = resolve_checkpoint(checkpoint)
     files = collect_image_files(inputs)
     world = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
-    method, _ = load_method(checkpoint, world.device)
+    method = load_scorer(checkpoint, world.device, compile)
     dataset = ImageFileDataset(files, size=method.config.run.image_size, crop=crops_liver(method.config.run))
     start, stop = distributed.shard_bounds(len(files))  # this rank's share, gathered back in order
     results = [(maps, scores) for _, maps, scores in
@@ -210,7 +212,7 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
                     out: str | Path, device: str | torch.device | None = None, batch_size: int = 16,
                     progress: bool = True, window: tuple[float, float] | None = None, hist_eq: bool | None = None,
                     top_k: int = DEFAULT_TOP_K, liver_labels: list[float] | None = None,
-                    threshold: float | None = None, dicom_seg: bool = False) -> dict:
+                    threshold: float | None = None, dicom_seg: bool = False, compile: bool = False) -> dict:
     """Score CT volumes with ``checkpoint`` and write their maps, slice tables, review
     montages and ``scores.json`` into ``out`` (see the module docstring). Returns the
     ``scores.json`` content.
@@ -263,7 +265,7 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
         raise ValueError(f"--dicom-seg: none of the scans is a DICOM series ({scans[0]} is {geometries[0].format}); "
                          "a DICOM SEG references the series it was made from")
     sources = [open_liver_mask(mask, geometry) for mask, geometry in zip(liver_masks, geometries)]
-    method, _ = load_method(checkpoint, world.device)
+    method = load_scorer(checkpoint, world.device, compile)
     trained_window, trained_hist_eq, settings_from = _training_window(method.config)
     window = tuple(float(w) for w in (window if window is not None else trained_window))
     if not (np.isfinite(window).all() and window[0] < window[1]):
@@ -334,7 +336,8 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint file or run directory")
+    parser.add_argument("checkpoint", metavar="CKPT",
+                        help="checkpoint file, run directory, or a .pt2 / .onnx file of `medad-fast export`")
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image files or folders of images; or CT scans: NIfTI files (.nii, .nii.gz) or DICOM "
                              "series folders (then --liver-mask is required)")
@@ -355,6 +358,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "series, for scans given as DICOM series (needs a threshold and highdicom)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=16)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the method's networks (pays off on many slices; compiling takes minutes "
+                             "on a CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -362,7 +368,7 @@ def _main_volumes(args: argparse.Namespace) -> int:
     try:
         summary = predict_volumes(args.checkpoint, args.inputs, args.liver_mask or [], args.out, args.device,
                                   args.batch_size, not args.no_progress, args.window, args.hist_eq, args.top_k,
-                                  args.liver_label, args.threshold, args.dicom_seg)
+                                  args.liver_label, args.threshold, args.dicom_seg, args.compile)
     except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as exc:
         print(f"medad-fast predict: error: {exc}", file=sys.stderr)
         return 2
@@ -404,8 +410,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         world = distributed.init_distributed(resolve_device(args.device))  # so that only rank 0 prints
         rows = predict(args.checkpoint, args.inputs, args.out, world.device, args.batch_size,
-                       not args.no_progress)
-    except (ValueError, FileNotFoundError) as exc:
+                       not args.no_progress, args.compile)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"medad-fast predict: error: {exc}", file=sys.stderr)
         return 2
     if not world.is_main:

@@ -13,7 +13,7 @@ import torch
 from . import ops
 
 __all__ = ["resolve_device", "autocast_context", "amp_dtype", "needs_grad_scaler", "deterministic_mode",
-           "ops_mode"]
+           "ops_mode", "compile_networks"]
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -85,3 +85,22 @@ def ops_mode(reference: bool) -> contextlib.AbstractContextManager:
     """``--reference-ops``: run the ops with the pure-PyTorch reference inside the block;
     otherwise leave the choice to :mod:`medad_fast.ops` (the extension when it loaded)."""
     return ops.use_reference() if reference else contextlib.nullcontext()
+
+
+def compile_networks(method: torch.nn.Module, fullgraph: bool | None = None,
+                     backend: str = "inductor") -> torch.nn.Module:
+    """``--compile``: ``torch.compile`` every network of ``method`` (each direct sub-module
+    that holds parameters), in place (``nn.Module.compile``: the state dict keeps its keys,
+    so checkpoints are the same with and without it). The fused ops are traced through their
+    fake kernels and stay single nodes of the graph. The synthesis, losses and optimiser
+    step stay eager: the step's ``torch.Generator`` is not a graph input. ``fullgraph``:
+    a graph break is an error; None: the method's ``compile_fullgraph`` (True but for
+    squid, whose in-painting block draws its training mask from the step's generator,
+    which dynamo cannot trace). ``backend``: torch.compile's (tests use ``aot_eager``: the
+    graphs and autograd without inductor's code generation). Returns ``method``."""
+    if fullgraph is None:
+        fullgraph = getattr(method, "compile_fullgraph", True)
+    for network in method.children():
+        if next(network.parameters(), None) is not None:
+            network.compile(fullgraph=fullgraph, backend=backend)
+    return method

@@ -83,7 +83,7 @@ from .data.crop import CROP_MODES, crops_liver, resolve_crop
 from .distributed import DistributedContext, is_main_process
 from .io import atomic_write_json, atomic_write_text
 from .methods import DEFAULT_METHOD, Method, create_method, get_method, method_names
-from .runtime import deterministic_mode, needs_grad_scaler, ops_mode, resolve_device
+from .runtime import compile_networks, deterministic_mode, needs_grad_scaler, ops_mode, resolve_device
 from .validation import SyntheticValidationSet, ValidationState, split_validation
 
 __all__ = ["RunDirectory", "TrainState", "Trainer", "TrainingInterrupted", "train", "load_training_images",
@@ -283,6 +283,8 @@ class Trainer:
         self.method = method.configure_runtime(device, run.amp, run.channels_last)
         if run.channels_last:
             self.method.to(memory_format=torch.channels_last)
+        if run.compile:
+            compile_networks(self.method)
         self.method.setup_training(device)
         # the module that runs the step: DDP averages the gradients over the ranks
         self.network: nn.Module = self.method
@@ -767,6 +769,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="use the pure-PyTorch reference ops instead of the compiled extension")
     r.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     r.add_argument("--no-channels-last", action="store_true", help="no channels_last memory format")
+    r.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the method's networks (the synthesis, losses and optimiser stay eager; "
+                        "compiling takes minutes on a CPU)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
     r.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels: with the same --seed, identical loss logs and weights "
@@ -810,7 +815,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         checkpoint_minutes=args.checkpoint_minutes,
         anomaly_source=str(args.anomaly_source) if args.anomaly_source else None, data=str(args.data),
         reference_ops=args.reference_ops or None, amp=False if args.no_amp else None,
-        channels_last=False if args.no_channels_last else None, **small_data_values(args))
+        channels_last=False if args.no_channels_last else None, compile=args.compile,
+        **small_data_values(args))
     overrides.update(method_setting_values(args))
     return resolve_config(args.method, args.preset, **overrides)
 

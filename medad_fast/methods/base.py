@@ -17,6 +17,7 @@ DDP and ``channels_last`` work on it as on any model) that says, and only says:
 ``predict(images)``         ``(maps [B, H, W], scores [B])`` float32, in eval mode, no grad
 ``method_state()``          extra state to checkpoint beyond parameters and buffers
 ``log_values()``            plain numbers for the log (e.g. ``alpha``)
+``compile_fullgraph``       False when ``--compile`` cannot trace a network as one graph
 ``find_unused_parameters``  True when a step may leave some parameters without a gradient
                            (staged training: DDAD's autoencoders, then its refinement net);
                            passed to ``DistributedDataParallel``
@@ -52,6 +53,9 @@ class Method(nn.Module):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     find_unused_parameters: ClassVar[bool] = False
+    #: ``--compile`` compiles each network as one graph (``fullgraph``); False for a method
+    #: whose networks cannot be (then dynamo splits them where it must)
+    compile_fullgraph: ClassVar[bool] = True
 
     def __init__(self, config: Config) -> None:
         super().__init__()

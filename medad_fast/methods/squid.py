@@ -142,6 +142,9 @@ class SquidMethod(Method):
     summary = ("SQUID (CVPR 2023): patch features in-painted from a spatial-aware memory queue, "
                "teacher-student decoders + discriminator; map = smoothed |I - I_s| in the liver")
     Config = SquidConfig
+    # --compile: the in-painting block draws its training mask from the step's generator,
+    # which dynamo cannot trace: the network is compiled in pieces around that draw
+    compile_fullgraph = False
     presets = {
         # SQUID's ZhangLab configuration: 128 x 128, batch 16, lr 1e-4, 200 epochs, 2 x 2 patches,
         # 4 levels from 32 channels (512 at 4 x 4: memory items of 128 x 4 x 4 = 2048 values),

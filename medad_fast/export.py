@@ -1,0 +1,321 @@
+"""`medad-fast export`: a trained method as one file that scores slices, and the reader of such
+files that ``predict`` (and users' code) score with.
+
+Both formats hold the same inference module (:class:`InferenceModule`): images
+``float32 [B, 1, S, S]`` in [0, 1] (S = the run's ``image_size``; the batch axis is
+dynamic) -> ``(maps float32 [B, S, S], scores float32 [B])``, exactly
+:meth:`Method.predict <medad_fast.methods.base.Method.predict>` of the checkpoint. The run's
+config travels inside the file (a pt2 extra file / ONNX metadata), so the file alone says
+which method, preset and side it scores.
+
+* ``pt2``: :func:`torch.export.export` of the module, saved with :func:`torch.export.save`.
+  The fused ops stay in the graph as ``torch.ops.medad_fast.*`` (their fake kernels in
+  :mod:`medad_fast._registrations` let them be traced), so the file is run where
+  ``medad_fast`` (its compiled extension) is importable.
+  With ``--aoti`` the program is compiled ahead of time by AOTInductor
+  (:func:`torch._inductor.aoti_compile_and_package`: C++ kernels in the file, for the
+  machine's CPU / GPU kind; the fused ops are called through the dispatcher). It works on
+  the CPU here (about a minute to compile the tiny preset on one core); the file is still
+  ``.pt2`` and read the same way.
+* ``onnx``: ONNX has no mapping for the custom ops, so the exported graph uses standard
+  ops only. The Butterworth high-pass becomes a matrix DFT
+  (:class:`MatrixButterworthHighpass`: precomputed real cosine / sine DFT matrices as
+  constants, ``X = F_H x F_W^T``, the gain, the inverse; plain MatMuls). Chosen over ONNX's
+  ``DFT`` operator because every runtime runs MatMul fast and exactly (``DFT`` needs opset
+  17, complex layouts and is missing or slow in some runtimes); its cost,
+  ``O(H W (H + W))`` multiply-adds, is small next to the networks (at 256 x 256: 12
+  products of 256 x 256 matrices per slice). Every other op runs its pure-PyTorch
+  reference (:mod:`medad_fast.reference`: ``skip_merge`` is a concatenation and a blend).
+  Scored with ONNX Runtime (``pip install medad-fast[onnx]``).
+
+Every registered method exports: frequency_aware (all modes), ae, draem and ddad (its
+refinement net or initial map, whichever the checkpoint's stage scores with).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import ops
+from .config import Config
+
+__all__ = ["EXPORT_FORMATS", "InferenceModule", "MatrixButterworthHighpass", "ExportedModel", "export_method",
+           "export_checkpoint", "is_exported_file", "add_arguments", "main"]
+
+#: file format -> file suffix
+EXPORT_FORMATS = {"pt2": ".pt2", "onnx": ".onnx"}
+#: name of the run's config inside an exported file (pt2 extra file, ONNX metadata key)
+CONFIG_KEY = "medad_fast_config.json"
+#: batch of the example input the export traces with (any batch works afterwards)
+EXAMPLE_BATCH = 2
+
+
+class InferenceModule(nn.Module):
+    """What an exported file computes: ``images float32 [B, 1, H, W]`` in [0, 1] ->
+    ``(maps float32 [B, H, W], scores float32 [B])``, the method's :meth:`predict` on the
+    images in the run's activation layout (as :func:`medad_fast.inference.score_batch`)."""
+
+    def __init__(self, method: nn.Module) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.method.predict(self.method.to_memory_format(images))
+
+
+def _dft_matrices(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` ``float64 [n, n]``: ``cos(2 pi k m / n)``, ``sin(2 pi k m / n)``; the
+    index product is reduced mod n first so large sides keep full precision."""
+    k = torch.arange(n, dtype=torch.int64)
+    angle = (torch.outer(k, k) % n).to(torch.float64) * (2 * math.pi / n)
+    return torch.cos(angle), torch.sin(angle)
+
+
+class MatrixButterworthHighpass(nn.Module):
+    """The Butterworth high-pass of :func:`medad_fast.ops.butterworth_highpass` for one
+    image side, with standard ops only (MatMul and elementwise), for ONNX.
+
+    With ``C_N``, ``S_N`` the cosine and sine DFT matrices (``F_N = C_N - i S_N``), the
+    spectrum ``X = F_H x F_W^T`` of a real image ``x [..., H, W]`` is
+    ``Re X = C_H x C_W^T - S_H x S_W^T``, ``Im X = -(S_H x C_W^T + C_H x S_W^T)``; the gain
+    ``G`` (real and even in the wrapped frequencies) multiplies both, and the real part of
+    the inverse ``F_H^* (G X) F_W^{*T} / (H W)`` is
+    ``(C_H Yr - S_H Yi) C_W^T - (S_H Yr + C_H Yi) S_W^T`` over ``H W``. The matrices and
+    the gain are computed in float64 and stored in the dtype of the filtered images."""
+
+    def __init__(self, d0: float, order: int, height: int, width: int, reference_side: int = 256,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        cutoff = ops.scaled_cutoff(d0, height, width, reference_side)
+        cos_h, sin_h = _dft_matrices(height)
+        cos_w, sin_w = _dft_matrices(width)
+        # distance of the wrapped integer frequency (k or k - N) from zero; H(0, 0) = 0
+        fy = torch.arange(height, dtype=torch.float64)
+        fx = torch.arange(width, dtype=torch.float64)
+        fy, fx = torch.minimum(fy, height - fy), torch.minimum(fx, width - fx)
+        distance = torch.sqrt(fy.view(-1, 1) ** 2 + fx.view(1, -1) ** 2)
+        gain = torch.where(distance > 0, 1.0 / (1.0 + (cutoff / distance.clamp_min(1e-12)) ** (2 * order)),
+                           torch.zeros_like(distance))
+        self.size = (height, width)
+        for name, value in (("cos_h", cos_h), ("sin_h", sin_h), ("cos_w_t", cos_w.t()), ("sin_w_t", sin_w.t()),
+                            ("gain_scaled", gain / (height * width))):
+            self.register_buffer(name, value.to(dtype).contiguous())
+
+    @classmethod
+    def replacing(cls, module: ops.ButterworthHighpass, height: int, width: int) -> MatrixButterworthHighpass:
+        """The matrix form of ``module`` at ``height x width``."""
+        return cls(module.d0, module.order, height, width, module.reference_side)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[-2:]) != self.size:
+            raise ValueError(f"this high-pass was built for {list(self.size)} images; got {list(x.shape[-2:])}")
+        dtype = x.dtype
+        x = x.to(self.cos_h.dtype)
+        ch_x, sh_x = self.cos_h @ x, self.sin_h @ x  # [..., H, W]
+        real = ch_x @ self.cos_w_t - sh_x @ self.sin_w_t
+        imag = -(sh_x @ self.cos_w_t + ch_x @ self.sin_w_t)
+        real, imag = real * self.gain_scaled, imag * self.gain_scaled
+        out = (self.cos_h @ real - self.sin_h @ imag) @ self.cos_w_t - (self.sin_h @ real + self.cos_h @ imag) @ self.sin_w_t
+        return out.to(dtype)
+
+
+def _with_matrix_highpass(method: nn.Module, height: int, width: int) -> nn.Module:
+    """A copy of ``method`` whose Butterworth high-pass modules are :class:`MatrixButterworthHighpass`."""
+    method = copy.deepcopy(method)
+    for parent in list(method.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, ops.ButterworthHighpass):
+                replacement = MatrixButterworthHighpass.replacing(child, height, width)
+                setattr(parent, name, replacement.to(next(method.parameters()).device))
+    return method
+
+
+def _batch_dim() -> dict[str, dict[int, object]]:
+    return {"images": {0: torch.export.Dim("batch", min=1, max=65536)}}
+
+
+def export_method(method: nn.Module, out: str | os.PathLike, fmt: str, aoti: bool = False) -> Path:
+    """Write ``method`` (a :class:`~medad_fast.methods.base.Method` in eval mode, on the
+    CPU) as ``fmt`` (``pt2`` or ``onnx``) to ``out``; ``aoti``: the pt2 file as an
+    AOTInductor package. Returns the path written."""
+    if aoti and fmt != "pt2":
+        raise ValueError(f"--aoti compiles a pt2 file; got --format {fmt}")
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"--format must be one of {list(EXPORT_FORMATS)}; got {fmt!r}")
+    out = Path(out)
+    config: Config = method.config
+    side = config.run.image_size
+    example = torch.rand(EXAMPLE_BATCH, 1, side, side, generator=torch.Generator().manual_seed(0))
+    config_json = json.dumps(config.to_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    method.eval()
+    if fmt == "pt2":
+        # traced without autograd: the methods' own no_grad blocks are then no-ops, not
+        # grad-mode nodes in the graph (which torch.export.load cannot read back)
+        with torch.no_grad():
+            program = torch.export.export(InferenceModule(method), (example,), dynamic_shapes=_batch_dim())
+        if not aoti:
+            torch.export.save(program, out, extra_files={CONFIG_KEY: config_json})
+            return out
+        if out.exists():
+            out.unlink()  # the package is a zip; the config is added to the new one below
+        torch._inductor.aoti_compile_and_package(program, package_path=str(out))
+        with zipfile.ZipFile(out, "a") as package:
+            prefix = package.namelist()[0].split("/")[0]
+            package.writestr(f"{prefix}/extra/{CONFIG_KEY}", config_json)
+        return out
+    try:
+        import onnx
+        import onnxscript  # noqa: F401 (what torch.onnx.export(dynamo=True) writes the graph with)
+    except ImportError:
+        raise ImportError("--format onnx needs onnx and onnxscript: pip install 'medad-fast[onnx]'") from None
+
+    portable = InferenceModule(_with_matrix_highpass(method, side, side)).eval()
+    with ops.use_reference():  # standard ops only in the traced graph
+        torch.onnx.export(portable, (example,), str(out), input_names=["images"], output_names=["maps", "scores"],
+                          dynamic_shapes=_batch_dim(), dynamo=True, external_data=False, verbose=False)
+    model = onnx.load(str(out))
+    onnx.helper.set_model_props(model, {CONFIG_KEY: config_json})
+    onnx.save(model, str(out))
+    return out
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, aoti: bool = False) -> Path:
+    """Export the method of a checkpoint (or run directory) as ``fmt`` to ``out``
+    (``aoti``: see :func:`export_method`)."""
+    from .inference import load_method
+
+    out = Path(out)
+    if fmt in EXPORT_FORMATS and out.suffix != EXPORT_FORMATS[fmt]:
+        raise ValueError(f"--out {out}: a {fmt} file must end in {EXPORT_FORMATS[fmt]}")
+    method, _ = load_method(checkpoint, "cpu", amp=False)
+    return export_method(method, out, fmt, aoti)
+
+
+def _is_aoti_package(path: Path) -> bool:
+    """True for a zip holding AOTInductor's compiled model (``<name>/data/aotinductor/``)."""
+    try:
+        with zipfile.ZipFile(path) as package:
+            return any("/data/aotinductor/" in name for name in package.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def is_exported_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` names an exported file (by its suffix: ``.pt2`` or ``.onnx``)."""
+    return Path(path).suffix in EXPORT_FORMATS.values()
+
+
+class ExportedModel:
+    """An exported file, loaded for scoring. It has the part of the method interface the
+    scoring code uses (:mod:`medad_fast.inference`): ``config``, ``device``,
+    :meth:`predict` and :meth:`to_memory_format`, so ``predict`` scores with it as with
+    a checkpoint."""
+
+    def __init__(self, path: Path, config: Config, run: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                 device: torch.device) -> None:
+        self.path, self.config, self._run, self.device = path, config, run, device
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> ExportedModel:
+        """Read a ``.pt2`` or ``.onnx`` file written by :func:`export_method`. The ONNX model
+        runs on the CPU (ONNX Runtime's CPU provider). Errors name the file."""
+        path, device = Path(path), torch.device(device)
+        if not path.is_file():
+            raise FileNotFoundError(f"no exported model at {path}")
+        if path.suffix == ".pt2" and _is_aoti_package(path):
+            return cls._load_aoti(path, device)
+        if path.suffix == ".pt2":
+            extra = {CONFIG_KEY: ""}
+            try:
+                program = torch.export.load(path, extra_files=extra)
+            except Exception as exc:  # a zip that is not a saved ExportedProgram, or not a zip
+                raise ValueError(f"{path} is not a pt2 file written by `medad-fast export` ({exc})") from None
+            if not extra[CONFIG_KEY]:
+                raise ValueError(f"{path} holds no medad-fast config: not written by `medad-fast export`")
+            module = program.module().to(device)
+            return cls(path, Config.from_dict(json.loads(extra[CONFIG_KEY])), module, device)
+        if path.suffix == ".onnx":
+            return cls._load_onnx(path)
+        raise ValueError(f"{path}: not an exported model (expected a {' or '.join(EXPORT_FORMATS.values())} file)")
+
+    @classmethod
+    def _load_aoti(cls, path: Path, device: torch.device) -> ExportedModel:
+        with zipfile.ZipFile(path) as package:
+            configs = [name for name in package.namelist() if name.endswith(f"/extra/{CONFIG_KEY}")]
+            if not configs:
+                raise ValueError(f"{path} holds no medad-fast config: not written by `medad-fast export`")
+            config = Config.from_dict(json.loads(package.read(configs[0])))
+        try:
+            runner = torch._inductor.aoti_load_package(str(path))
+        except Exception as exc:
+            raise ValueError(f"{path}: its AOTInductor package does not load here ({exc}); it runs on the kind "
+                             "of machine it was compiled on") from None
+        return cls(path, config, lambda images: tuple(runner(images)), device)
+
+    @classmethod
+    def _load_onnx(cls, path: Path) -> ExportedModel:
+        try:
+            import onnxruntime
+        except ImportError:
+            raise ImportError(f"scoring with {path} needs onnxruntime: pip install 'medad-fast[onnx]'") from None
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        try:
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ValueError(f"{path} is not an ONNX model ONNX Runtime can load ({exc})") from None
+        metadata = session.get_modelmeta().custom_metadata_map
+        if CONFIG_KEY not in metadata:
+            raise ValueError(f"{path} holds no medad-fast config: not written by `medad-fast export`")
+
+        def run(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            maps, scores = session.run(None, {"images": images.detach().cpu().float().contiguous().numpy()})
+            return torch.from_numpy(maps), torch.from_numpy(scores)
+
+        return cls(path, Config.from_dict(json.loads(metadata[CONFIG_KEY])), run, torch.device("cpu"))
+
+    def to_memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        """The layout is the exported graph's business: ``x`` as it is."""
+        return x
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(maps float32 [B, H, W], scores float32 [B])`` of images ``float [B, 1, S, S]``
+        in [0, 1] at the exported side ``S``."""
+        side = self.config.run.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (1, side, side):
+            raise ValueError(f"{self.path.name} scores images of shape [B, 1, {side}, {side}]; "
+                             f"got {list(images.shape)}")
+        return self._run(images.float())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint file or run directory")
+    parser.add_argument("--format", required=True, choices=list(EXPORT_FORMATS),
+                        help="pt2: torch.export (with the fused ops); onnx: standard ops, for ONNX Runtime")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the file to write (.pt2 or .onnx)")
+    parser.add_argument("--aoti", action="store_true",
+                        help="pt2 only: compile the program ahead of time with AOTInductor (C++ kernels in the file, for "
+                             "this kind of machine; minutes on a CPU)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, args.format, args.aoti)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"medad-fast export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({args.format}{', AOTInductor' if args.aoti else ''}; score with: medad-fast predict {out} IMAGES... --out DIR)")
+    return 0

@@ -158,6 +158,12 @@ def cpu_targets() -> list[Target]:
     # up to timing noise; the target only guards against the engine adding a cost
     targets.append(Target("train step ae (small, no fused op): extension vs reference", "reference / extension",
                           _step_ratio("ae", "cpu"), True, 0.97))
+    # --compile is on by default only where it is faster: this target says whether it is
+    def compiled_ratio(results: Results) -> float | None:
+        group = _step_group(results, "frequency_aware", "cpu")
+        return None if group is None else _ratio(group, "extension", "extension, compiled")(results)
+    targets.append(Target("train step frequency_aware (small): --compile vs eager", "eager / compiled",
+                          compiled_ratio, True, 1.0))
     # DDAD's 2K autoencoders in grouped-convolution passes vs one at a time (small preset)
     targets.append(Target("ddad autoencoder step (small): batched vs sequential", "sequential / batched",
                           _ddad_ratio(), True, 1.0))

@@ -25,8 +25,8 @@ PRESET = "small"
 N_IMAGES = 32
 
 
-def make_trainer(device: torch.device, method: str = "frequency_aware") -> Trainer:
-    config = resolve_config(method, PRESET)
+def make_trainer(device: torch.device, method: str = "frequency_aware", compile: bool = False) -> Trainer:
+    config = resolve_config(method, PRESET, compile=compile)
     images = ellipse_slices(N_IMAGES, config.run.image_size)
     return Trainer(create_method(config), images, device)
 
@@ -53,6 +53,19 @@ def test_train_step(benchmark, device, impl, method):
     measure(benchmark, lambda: step(use_reference), device, group=f"train step {step_name(trainer, device)}",
             impl=impl, images=trainer.config.run.batch_size, min_rounds=20, warmup_calls=5,
             setup=lambda: step(not use_reference))
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_train_step_compiled(benchmark, device, method):
+    # --compile (torch.compile of the method's networks, inductor) against the eager step of
+    # the same group; interleaved with eager steps as above. The first calls compile (about
+    # a minute per method on 2 CPU cores), so they are warm-up.
+    eager, compiled = make_trainer(device, method), make_trainer(device, method, compile=True)
+    batch_index = torch.arange(compiled.config.run.batch_size)
+    measure(benchmark, lambda: compiled.train_step(batch_index), device,
+            group=f"train step {step_name(compiled, device)}", impl="extension, compiled",
+            images=compiled.config.run.batch_size, min_rounds=20, warmup_calls=3,
+            setup=lambda: eager.train_step(batch_index))
 
 
 @pytest.mark.parametrize("ops_impl", ["extension", "reference"])

@@ -204,9 +204,11 @@ class SquidMethod(Method):
         ``teacher_levels`` (the decoders' features per level) and ``queries`` (the memory
         queries ``[B, P, D]``, to be written after a training step)."""
         grid = self.config.method.grid
+        # training writes the queue before the backward: the reads use a copy (see snapshot)
+        memory = self.memory.snapshot() if self.training else None
         with self.autocast():
             features = self.encoder(self.to_memory_format(patchify(images, grid)))
-            inpainted, queries = self.inpainting(features, generator)
+            inpainted, queries = self.inpainting(features, generator, memory)
             student, student_levels = self.decoder(self.to_memory_format(unpatchify(inpainted, grid)))
             # SQUID's teacher path: the plain encoder features, detached
             teacher, teacher_levels = self.teacher(self.to_memory_format(unpatchify(features.detach(), grid)))

@@ -99,12 +99,20 @@ class MemoryQueue(nn.Module):
         similarity = torch.einsum("bpd,psd->bps", q, m) / self.temperature
         return shrinkage_attention(similarity, self.shrink_threshold)
 
-    def read(self, queries: torch.Tensor) -> torch.Tensor:
+    def snapshot(self) -> torch.Tensor:
+        """A copy of the memory ``[positions, slots, dim]`` for a training step's reads: the
+        backward pass keeps what the reads used, and the step's write, before the backward,
+        changes the queue in place. Taken outside any compiled network, so that a compiled
+        graph gets it as an input (inside one, the compiler may drop the copy and save the
+        buffer itself, which the write then invalidates)."""
+        return self.memory.detach().float().clone()
+
+    def read(self, queries: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
         """``queries [B, positions, dim]`` -> ``[B, positions, dim]``: the attention-weighted
-        sum of the memory (no gradient reaches the memory, which is a buffer). The read
-        uses a copy of the memory, which the backward pass keeps: the step's write, before
-        the backward, changes the queue in place."""
-        memory = self.memory.detach().float().clone()
+        sum of ``memory`` (default: the queue itself, for reads with no write before the
+        backward, e.g. inference; training reads a :meth:`snapshot`). No gradient reaches
+        the memory, which is a buffer."""
+        memory = (self.memory if memory is None else memory).detach().float()
         return torch.einsum("bps,psd->bpd", self.attention(queries, memory), memory).to(queries.dtype)
 
     @torch.no_grad()
@@ -179,14 +187,15 @@ class InpaintingBlock(nn.Module):
         P = self.grid * self.grid
         return self.reduce(features).reshape(features.shape[0] // P, P, -1)
 
-    def forward(self, features: torch.Tensor, generator: torch.Generator | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: torch.Tensor, generator: torch.Generator | None = None,
+                memory: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``features [B * P, C, h, h]`` -> ``(in-painted [B * P, C, h, h], queries [B, P, D])``
-        (the queries are what the caller writes to the memory after the step)."""
+        (the queries are what the caller writes to the memory after the step). ``memory``:
+        what the reads use (:meth:`MemoryQueue.snapshot` in training; default the queue)."""
         P, side = self.grid * self.grid, self.feature_side
         queries = self.queries(features)
         B, _, D = queries.shape
-        recalled = self.memory.read(queries)  # [B, P, D]
+        recalled = self.memory.read(queries, memory)  # [B, P, D]
         neighbours = neighbour_features(recalled, self.grid).reshape(B * P, 8, D)
         query = queries.reshape(B * P, 1, D)
         attended, _ = self.attention(query, neighbours, neighbours, need_weights=False)

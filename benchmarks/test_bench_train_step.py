@@ -60,6 +60,9 @@ def test_train_step_compiled(benchmark, device, method):
     # --compile (torch.compile of the method's networks, inductor) against the eager step of
     # the same group; interleaved with eager steps as above. The first calls compile (about
     # a minute per method on 2 CPU cores), so they are warm-up.
+    from medad_fast.methods import get_method
+    if not get_method(method).compile_training:
+        pytest.skip(f"{method} trains eager under --compile: {get_method(method).compile_training_note}")
     eager, compiled = make_trainer(device, method), make_trainer(device, method, compile=True)
     batch_index = torch.arange(compiled.config.run.batch_size)
     measure(benchmark, lambda: compiled.train_step(batch_index), device,

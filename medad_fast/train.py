@@ -67,6 +67,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,7 +284,9 @@ class Trainer:
         self.method = method.configure_runtime(device, run.amp, run.channels_last)
         if run.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        if run.compile:
+        if run.compile and not method.compile_training:
+            warnings.warn(f"--compile: {method.name} trains eager ({method.compile_training_note})", stacklevel=2)
+        elif run.compile:
             compile_networks(self.method)
         self.method.setup_training(device)
         # the module that runs the step: DDP averages the gradients over the ranks

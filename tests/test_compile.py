@@ -155,3 +155,18 @@ def test_squid_trains_under_inductor():
         loss, _ = compiled.train_step(batch)
         torch.testing.assert_close(loss, expected, rtol=5e-3, atol=1e-5)
     torch.testing.assert_close(compiled.method.memory.memory, eager.method.memory.memory, rtol=5e-3, atol=1e-4)
+
+
+def test_a_method_whose_compiled_training_fails_trains_eager_with_a_warning():
+    # squid: inductor's compiled backward aborted the process at the small preset
+    from medad_fast.methods import get_method
+
+    assert not get_method("squid").compile_training and get_method("squid").compile_training_note
+    config = resolve_config("squid", "tiny", seed=3, compile=True)
+    images = (torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    with pytest.warns(UserWarning, match="squid trains eager"):
+        trainer = Trainer(create_method(config), images, torch.device("cpu"))
+    assert not any(hasattr(network, "_compiled_call_impl") and network._compiled_call_impl is not None
+                   for network in trainer.method.children())
+    loss, _ = trainer.train_step(torch.arange(4))
+    assert torch.isfinite(loss)

@@ -18,6 +18,7 @@ DDP and ``channels_last`` work on it as on any model) that says, and only says:
 ``method_state()``          extra state to checkpoint beyond parameters and buffers
 ``log_values()``            plain numbers for the log (e.g. ``alpha``)
 ``compile_fullgraph``       False when ``--compile`` cannot trace a network as one graph
+``compile_training``        False when ``train --compile`` must train eager (with the reason)
 ``find_unused_parameters``  True when a step may leave some parameters without a gradient
                            (staged training: DDAD's autoencoders, then its refinement net);
                            passed to ``DistributedDataParallel``
@@ -56,6 +57,11 @@ class Method(nn.Module):
     #: ``--compile`` compiles each network as one graph (``fullgraph``); False for a method
     #: whose networks cannot be (then dynamo splits them where it must)
     compile_fullgraph: ClassVar[bool] = True
+    #: ``train --compile`` compiles the networks for training; a method whose compiled
+    #: training is known to fail sets this False and ``compile_training_note`` to why
+    #: (training then runs eager with a warning; inference still compiles)
+    compile_training: ClassVar[bool] = True
+    compile_training_note: ClassVar[str] = ""
 
     def __init__(self, config: Config) -> None:
         super().__init__()

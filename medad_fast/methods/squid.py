@@ -145,6 +145,11 @@ class SquidMethod(Method):
     # --compile: the in-painting block draws its training mask from the step's generator,
     # which dynamo cannot trace: the network is compiled in pieces around that draw
     compile_fullgraph = False
+    # seen with torch 2.13 on the CPU: inductor's backward of the small preset's networks
+    # aborts the process in a generated kernel (im2col/col2im with index_put); tiny trains
+    compile_training = False
+    compile_training_note = ("inductor's compiled backward of squid's networks aborted the process at the "
+                             "small preset (torch 2.13, CPU)")
     presets = {
         # SQUID's ZhangLab configuration: 128 x 128, batch 16, lr 1e-4, 200 epochs, 2 x 2 patches,
         # 4 levels from 32 channels (512 at 4 x 4: memory items of 128 x 4 x 4 = 2048 values),

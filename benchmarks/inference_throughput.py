@@ -38,7 +38,6 @@ import torch
 import sections  # this folder's RESULTS.md sections
 
 BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
 RESULTS_JSON = BENCH_DIR / "inference_throughput.json"
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
 SECTION = "## Inference throughput: eager vs compiled vs exported"
@@ -146,30 +145,18 @@ def saved_section() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", default="small,paper", help="comma-separated presets (default small,paper)")
-    parser.add_argument("--methods", default=None, help="comma-separated methods (default: every registered one)")
+    sections.add_run_arguments(parser, RESULTS_JSON, RESULTS_MD,
+                               "tiny preset, batches 1 and 4, 1 round; writes nothing unless --out-* given")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated (default {','.join(VARIANTS)})")
     parser.add_argument("--batches", default="1,32", help="comma-separated batch sizes (default 1,32)")
     parser.add_argument("--paper-batch", type=int, default=8,
                         help="the paper preset's largest batch on the CPU (default 8; 0 = as --batches)")
     parser.add_argument("--threads", type=int, default=2, help="torch (and ONNX Runtime) threads (default 2)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed calls per row; the best counts (default 3)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny preset, batches 1 and 4, 1 round; writes nothing unless --out-* given")
-    parser.add_argument("--out-json", type=Path, default=None, help=f"default {RESULTS_JSON}")
-    parser.add_argument("--out-md", type=Path, default=None, help=f"default {RESULTS_MD}")
-    parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(REPO))
+    presets, methods, rounds, write = sections.run_selection(args, parser)
     sys.path.insert(0, str(BENCH_DIR))
-    from medad_fast.methods import method_names
     from report import _cpu_model, _git  # noqa: E402 (this folder's report script)
 
-    presets = ["tiny"] if args.quick else [p.strip() for p in args.presets.split(",") if p.strip()]
-    methods = method_names() if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(method_names()))
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {method_names()}")
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     if set(variants) - set(VARIANTS):
         parser.error(f"unknown variants {sorted(set(variants) - set(VARIANTS))}; choose from {list(VARIANTS)}")
@@ -182,8 +169,6 @@ def main(argv: list[str] | None = None) -> int:
             print("onnxruntime is not installed: the onnx rows are skipped (pip install 'medad-fast[onnx]')")
             variants = tuple(v for v in variants if v != "onnx")
     batches = [1, 4] if args.quick else [int(b) for b in args.batches.split(",") if b.strip()]
-    rounds = 1 if args.quick else args.rounds
-    write = not args.no_write and (not args.quick or args.out_json or args.out_md)
     torch.set_num_threads(args.threads)
 
     rows = []

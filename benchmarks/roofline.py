@@ -49,7 +49,6 @@ import sections  # this folder's RESULTS.md sections
 from sections import merge_section  # noqa: F401 (re-exported for tests/test_roofline.py)
 
 BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
 RESULTS_JSON = BENCH_DIR / "roofline.json"
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
 SECTION = "## Roofline: counted work / time vs the matmul rate"
@@ -319,32 +318,19 @@ def saved_section() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", default="small,paper", help="comma-separated presets (default small,paper)")
-    parser.add_argument("--methods", default=None, help="comma-separated methods (default: every registered one)")
+    sections.add_run_arguments(parser, RESULTS_JSON, RESULTS_MD,
+                               "tiny preset, 1 round, 2 profiled steps, 512 x 512 matmul; writes nothing unless "
+                               "--out-* given")
     parser.add_argument("--threads", default="2,1", help="torch thread counts (default 2,1)")
-    parser.add_argument("--rounds", type=int, default=3, help="timed calls per job; the best counts (default 3)")
     parser.add_argument("--paper-batch", type=int, default=2,
                         help="batch of the paper preset on the CPU (default 2; 0 = the preset's)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny preset, 1 round, 2 profiled steps, 512 x 512 matmul; writes nothing unless --out-* given")
-    parser.add_argument("--out-json", type=Path, default=None, help=f"default {RESULTS_JSON}")
-    parser.add_argument("--out-md", type=Path, default=None, help=f"default {RESULTS_MD}")
-    parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(REPO))
+    presets, methods, rounds, write = sections.run_selection(args, parser)
     sys.path.insert(0, str(BENCH_DIR))
-    from medad_fast.methods import method_names
     from report import _cpu_model, _git  # noqa: E402 (this folder's report script)
 
-    presets = ["tiny"] if args.quick else [p.strip() for p in args.presets.split(",") if p.strip()]
-    methods = method_names() if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(method_names()))
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {method_names()}")
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
-    rounds = 1 if args.quick else args.rounds
     side = 512 if args.quick else MATMUL_SIDE
-    write = not args.no_write and (not args.quick or args.out_json or args.out_md)
 
     runs = []
     for count in threads:

@@ -1,6 +1,7 @@
 """The sections of ``RESULTS.md`` that benchmarks run on their own (``volume_throughput.py``,
-``roofline.py``, ``inference_throughput.py``) write, and the options they share: each is a ``## Title`` block rendered from its saved JSON, replaced in
-place when re-measured and kept by ``report.py`` when it rewrites the file."""
+``roofline.py``, ``inference_throughput.py``) write, and the options they share: each section
+is a ``## Title`` block rendered from its saved JSON, replaced in place when re-measured and
+kept by ``report.py`` when it rewrites the file."""
 
 from __future__ import annotations
 

@@ -207,6 +207,8 @@ def machine_facts() -> dict:
         "extension loaded": info["extension_loaded"],
         "extension OpenMP": info["openmp"],
         "CUDA kernels built": info["cuda_kernels_built"],
+        "kernel ISA (ATen / oneDNN cap)": f"{info['cpu_isa']['aten_cpu_capability']} / "
+                                          f"{info['cpu_isa']['onednn_max_cpu_isa']} (CPU: {info['cpu_isa']['cpu']})",
         "GPU": ", ".join(d for d in info["devices"] if d != "cpu") or "none",
         "git commit": _git("rev-parse", "--short", "HEAD") + (" (+ uncommitted changes)"
                                                             if _git("status", "--porcelain", "--", "csrc",

@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from .cpu_isa import isa_report
+
 try:
     from . import _C  # noqa: F401  (registers torch.ops.medad_fast.*)
 
@@ -52,6 +54,7 @@ def build_info() -> dict:
         "devices": ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
                               for i in range(torch.cuda.device_count())],
         "reference_fallback_allowed": os.environ.get("MEDAD_FAST_ALLOW_REFERENCE") == "1",
+        "cpu_isa": isa_report(),
     }
     if HAS_EXTENSION:
         from . import _C

@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from . import cpu_isa
+
 # command -> (module, one-line help)
 COMMANDS = {
     "info": ("medad_fast._extension", "print build and runtime facts as JSON"),
@@ -51,6 +53,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             module = importlib.import_module(module_name)
             module.add_arguments(p)
             p.set_defaults(_module=module)
+        p.add_argument("--reproducible", action="store_true",
+                       help="pin the CPU kernels to AVX2 (torch's ATen, oneDNN, MKL), so that the same command "
+                            "gives the same figures on AVX2 and AVX-512 machines (with the same thread count); "
+                            "slower on AVX-512 CPUs. Same as MEDAD_FAST_REPRODUCIBLE=1")
     return parser
 
 
@@ -58,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser(command).parse_args(argv)
+    if args.reproducible:
+        # the libraries read the pin when they first compute: start again with it in the environment
+        cpu_isa.reexec_pinned(argv)
     return int(args._module.main(args) or 0)
 
 

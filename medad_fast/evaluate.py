@@ -52,6 +52,7 @@ import torch
 
 from . import distributed
 from .cli import int_at_least
+from .cpu_isa import isa_report
 from .data.crop import crops_liver
 from .data.dataset import BmadSliceDataset
 from .inference import load_method, resolve_checkpoint, score_dataset
@@ -184,6 +185,7 @@ def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str,
                     # rank 0's read-and-score loop (with torchrun: its shard and the gather)
                     "scoring_seconds": scoring_seconds,
                     "slices_per_s": len(scores) / scoring_seconds if scoring_seconds > 0 else float("nan"),
+                    "cpu_isa": isa_report(),
                     **(extra or {})})
     atomic_write_json(out / "metrics.json", metrics)
     table = io.StringIO()

@@ -68,6 +68,7 @@ from scipy import ndimage
 
 from .data.scan import (Geometry, LiverMaskSource, Volume, VolumeError, display_slice, open_liver_mask, read_geometry,
                         read_volume)
+from .cpu_isa import isa_report
 from .data.crop import crops_liver
 from .inference import load_method, resolve_checkpoint
 from .io import atomic_write_json, atomic_write_text
@@ -433,6 +434,7 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
                                       lesion_metrics[rule]["curve"]["recall"]) for rule in HIT_RULES],
                   [float(b) for b in fp_budgets],
                   f"{method.config.variant}: {lesion_metrics['n_lesions']} lesion(s) in {len(scored.volumes)} scan(s)")
+    metrics["cpu_isa"] = isa_report()
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "volumes.csv", _volumes_csv(scored.volumes))
     atomic_write_text(out / "slices.csv", _slices_csv(scored.slice_rows))

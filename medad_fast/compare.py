@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import PRESET_NAMES, Config, RunConfig, resolve_config
+from .config import OPTIONAL_PRESET_NAMES, PRESET_NAMES, Config, RunConfig, resolve_config
 from .data.crop import resolve_crop
 from .io import atomic_write_json, atomic_write_text
 from .methods import get_method, method_names
@@ -220,7 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="BMAD-layout folder (trains on train/good, evaluates on test)")
     parser.add_argument("--methods", default=",".join(method_names()), metavar="A,B,...",
                         help=f"comma-separated methods (default all: {','.join(method_names())})")
-    parser.add_argument("--preset", choices=PRESET_NAMES, default="small", help="preset of every method (default small)")
+    parser.add_argument("--preset", choices=PRESET_NAMES + OPTIONAL_PRESET_NAMES, default="small", help="preset of every method (default small)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default compare-<preset>)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     g = parser.add_argument_group("run overrides for every method (default: each preset's)")

@@ -135,6 +135,7 @@ def run_entry(entry: Entry, data: Path, folder: Path, preset: str, common: dict[
     else:
         say(f"== {entry.name}: already trained and evaluated ({metrics_path})")
     return {**{key: metrics[key] for key, _ in COLUMNS}, "method": entry.method, "variant": metrics["variant"],
+            "protocol": getattr(config.method, "protocol_note", lambda: "")(),
             "switches": entry.switches,
             "training_minutes": sum(r.get("seconds", 0.0) for r in log) / 60,
             "slices_per_s": metrics.get("slices_per_s", float("nan")), "n_images": metrics["n_images"],
@@ -164,7 +165,9 @@ def table(rows: dict[str, dict[str, Any]], first_column: str = "method") -> str:
         cells = [f"{row[key]:.3f}" for key, _ in COLUMNS]
         minutes = f"{row['training_minutes']:.1f}" if "training_minutes" in row else "-"
         speed = f"{row['slices_per_s']:.0f}" if np.isfinite(row.get("slices_per_s", float("nan"))) else "-"
-        lines.append(f"| {name} | `{row.get('switches') or '-'}` | " + " | ".join(cells) + f" | {minutes} | {speed} |")
+        # a row says in itself how its method was run when that matters (e.g. ddad's data protocol)
+        label = f"{name} ({row['protocol']})" if row.get("protocol") else name
+        lines.append(f"| {label} | `{row.get('switches') or '-'}` | " + " | ".join(cells) + f" | {minutes} | {speed} |")
     return "\n".join(lines) + "\n"
 
 

@@ -168,6 +168,13 @@ class DDADConfig(MethodConfig):
             return "NDM only"
         return "transductive: unlabeled = test" if self.unlabeled_split == "test" else ""
 
+    def protocol_note(self) -> str:
+        """What a comparison table's row must say about this run's data: NDM only (no
+        unlabeled pool), or transductive (the unlabeled pool is the scored test split)."""
+        if self.unlabeled_split == "test":
+            return "transductive: its unlabeled pool is the test split"
+        return self.variant()
+
 
 def discrepancy_maps(normative: torch.Tensor, unknown: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """DDAD's initial maps from the members' reconstructions ``[K, B, 1, H, W]``:

@@ -426,3 +426,25 @@ def test_brief_run_detects_lesions(phantom, tmp_path):
           f"({time.perf_counter() - start:.0f} s)")
     assert metrics["image_auroc"] >= IMAGE_AUROC_MIN
     assert metrics["pixel_auroc"] >= PIXEL_AUROC_MIN
+
+
+def test_a_data_json_dataset_brings_its_unlabeled_pool_by_default(tmp_path):
+    import json
+
+    from PIL import Image
+    root = tmp_path / "Set"
+    (root / "images").mkdir(parents=True)
+    names = {group: [f"{group}{i}.png" for i in range(n)] for group, n in (("n", 4), ("u0", 2), ("u1", 3), ("t", 2))}
+    for i, name in enumerate(sum(names.values(), [])):
+        Image.fromarray(((torch.arange(64 * 64).view(64, 64) * (i + 1)) % 255).to(torch.uint8).numpy()).save(
+            root / "images" / name)
+    (root / "data.json").write_text(json.dumps({"train": {"0": names["n"], "unlabeled": {"0": names["u0"],
+                                                                                         "1": names["u1"]}},
+                                                "test": {"0": names["t"][:1], "1": names["t"][1:]}}))
+    config = resolve_config("ddad", "tiny", data=str(root))
+    pool = load_unlabeled_images(config)
+    assert pool.shape == (5, 1, 32, 32)  # 2 + 3: the whole pool, never the test images
+    method = create_method(config)
+    assert method.unknown is not None and config.method.data_json_pool is True and config.variant == "ddad"
+    off = resolve_config("ddad", "tiny", data=str(root), data_json_pool=False)
+    assert load_unlabeled_images(off) is None

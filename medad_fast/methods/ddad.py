@@ -133,6 +133,8 @@ class DDADConfig(MethodConfig):
     unlabeled: str | None = setting(None, "folder of unlabeled slices for DDAD's UDM ensemble (may hold lesions)")
     unlabeled_split: str | None = setting(None, "use this split (valid or test) of --data as DDAD's unlabeled "
                                                 "images, labels ignored (test: transductive, not DDAD's protocol)")
+    data_json_pool: bool | None = setting(None, "the unlabeled pool of a data.json --data (default: on when --data "
+                                                "is a MedIAnomaly / DDAD-ASR data.json dataset)")
     image_score: str = setting("max_filter", "image score: max_filter (max of the mean-filtered map) or mean "
                                              "(DDAD's mean of the map)")
     p_anomaly: float = setting(0.5, "probability a training sample of the ASR gets a synthetic patch (DDAD 0.5)")
@@ -161,7 +163,7 @@ class DDADConfig(MethodConfig):
     @property
     def has_unlabeled(self) -> bool:
         """Whether unlabeled data is configured (then the UDM ensemble exists)."""
-        return self.unlabeled is not None or self.unlabeled_split is not None
+        return self.unlabeled is not None or self.unlabeled_split is not None or bool(self.data_json_pool)
 
     def variant(self) -> str:
         if not self.has_unlabeled:
@@ -265,7 +267,9 @@ def _read_folder(folder: str, size: int, crop: bool = False) -> torch.Tensor:
 def load_unlabeled_images(config: Config) -> torch.Tensor | None:
     """DDAD's unlabeled pool, ``uint8 [N, 1, S, S]`` (S = ``run.image_size``): the images of
     ``method.unlabeled`` and/or of the ``method.unlabeled_split`` split of ``run.data``
-    (normal and abnormal, labels ignored); None when neither is set. Errors name the
+    (normal and abnormal, labels ignored); when neither is set and ``run.data`` is a
+    MedIAnomaly / DDAD-ASR ``data.json`` dataset, its whole ``train["unlabeled"]`` pool
+    (:func:`medad_fast.data.medianomaly.unlabeled_files`); otherwise None. Errors name the
     setting and the path."""
     m: DDADConfig = config.method
     parts = []
@@ -282,6 +286,12 @@ def load_unlabeled_images(config: Config) -> torch.Tensor | None:
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"config unlabeled_split={m.unlabeled_split!r} (--unlabeled-split): "
                                     f"{exc}") from None
+    if m.data_json_pool is not False and config.run.data is not None:
+        from ..data.medianomaly import dataset_root, unlabeled_files
+        if dataset_root(config.run.data) is not None:  # a data.json dataset: its unlabeled pool, labels unread
+            from ..data.dataset import read_slice
+            files = unlabeled_files(config.run.data)
+            parts.append(torch.stack([read_slice(file, None, config.run.image_size)[0] for file in files]))
     return torch.cat(parts) if parts else None
 
 
@@ -335,6 +345,9 @@ class DDADMethod(Method):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         m: DDADConfig = config.method
+        if m.data_json_pool is None:  # resolved once, so the saved config and the row say it
+            from ..data.medianomaly import dataset_root
+            m.data_json_pool = config.run.data is not None and dataset_root(config.run.data) is not None
         if config.run.image_size % 16:
             raise ValueError(f"config image_size={config.run.image_size}: ddad's autoencoders need a multiple of "
                              f"16 (four stride-2 convolutions before a dense layer)")

@@ -393,25 +393,24 @@ def test_checkpoint_inside_the_asr_stage_resumes_exactly(data, tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
-# A brief run at 64 x 64 (48 normal slices, unlabeled = the 40 test slices, 30 epochs of 6
-# steps, the last 10 ASR; 35-60 s on one thread of a busy 2-core machine). Measured (seeds
-# 0 / 1 / 2): image AUROC 0.655 / 0.625 / 0.580, pixel AUROC 0.766 / 0.808 / 0.866. The
-# image score is the max of the mean-filtered map: DDAD's mean of the map gave 0.422 /
-# 0.427 / 0.422 on the same runs (below chance: the ASR's small positive floor summed over
-# the liver scores the liver's area). The NDM-only variant (no unlabeled data) of the same
-# run, seeds 0 / 1: image 0.453 / 0.560, pixel 0.806 / 0.763. The bars sit below the lowest
-# figure with unlabeled data.
+# A brief run at 64 x 64 of the published method (48 normal slices, unlabeled = the 40
+# slices of the phantom's valid split, disjoint from the 40 test slices: inductive; 20
+# autoencoder epochs of 6 steps, then 10 ASR epochs; about 40 s on one thread of a busy
+# 2-core machine). Measured (seeds 0 / 1 / 2, max-filter image score): image AUROC
+# 0.482 / 0.432 / 0.497 (at chance: the ASR's patch anomalies, cut from other normal
+# slices, do not look like the phantom's lesions), pixel AUROC 0.825 / 0.803 / 0.813. The
+# pixel bar sits below the lowest figure; the image bar only catches a collapse.
 E2E = dict(image_size=64, epochs=30, ae_epochs=20, batch_size=8, ae_batch=8, members=3, ae_width=8, ae_hidden=128,
-           latent_size=16, refine_width=16, unlabeled_split="test")
-IMAGE_AUROC_MIN = 0.55
-PIXEL_AUROC_MIN = 0.72
+           latent_size=16, refine_width=16, unlabeled_split="valid")
+IMAGE_AUROC_MIN = 0.35
+PIXEL_AUROC_MIN = 0.75
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     from medad_fast.data.phantom import write_phantom_dataset
     root = tmp_path_factory.mktemp("phantom64")
-    write_phantom_dataset(root, n_train=48, n_test=40, size=64, seed=0, progress=False)
+    write_phantom_dataset(root, n_train=48, n_test=40, n_valid=40, size=64, seed=0, progress=False)
     return root
 
 

@@ -43,7 +43,7 @@ def _jobs(channels_last: bool, device: torch.device):
     m, run = config.method, config.run
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    ensembles = [AutoencoderEnsemble(m.members, m.ae_width, m.latent_channels, m.ae_depth)
+    ensembles = [AutoencoderEnsemble(m.members, run.image_size, m.ae_width, m.ae_hidden, m.latent_size)
                  .to(device=device, memory_format=fmt) for _ in range(2)]
     singles = [e.member(k).to(memory_format=fmt) for e in ensembles for k in range(m.members)]
     normal = _images(run.batch_size, run.image_size, 1).to(device).contiguous(memory_format=fmt)

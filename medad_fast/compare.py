@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import PRESET_NAMES, Config, RunConfig, resolve_config
+from .config import OPTIONAL_PRESET_NAMES, PRESET_NAMES, Config, RunConfig, resolve_config
 from .data.crop import resolve_crop
 from .data.layout import has_split
 from .io import atomic_write_json, atomic_write_text
@@ -138,6 +138,7 @@ def run_entry(entry: Entry, data: Path, folder: Path, preset: str, common: dict[
     else:
         say(f"== {entry.name}: already trained and evaluated ({metrics_path})")
     return {**{key: metrics[key] for key, _ in COLUMNS}, "method": entry.method, "variant": metrics["variant"],
+            "protocol": getattr(config.method, "protocol_note", lambda: "")(),
             "switches": entry.switches,
             "training_minutes": sum(r.get("seconds", 0.0) for r in log) / 60,
             "slices_per_s": metrics.get("slices_per_s", float("nan")), "n_images": metrics["n_images"],
@@ -167,7 +168,9 @@ def table(rows: dict[str, dict[str, Any]], first_column: str = "method") -> str:
         cells = ["n/a" if row[key] is None else f"{row[key]:.3f}" for key, _ in COLUMNS]
         minutes = f"{row['training_minutes']:.1f}" if "training_minutes" in row else "-"
         speed = f"{row['slices_per_s']:.0f}" if np.isfinite(row.get("slices_per_s", float("nan"))) else "-"
-        lines.append(f"| {name} | `{row.get('switches') or '-'}` | " + " | ".join(cells) + f" | {minutes} | {speed} |")
+        # a row says in itself how its method was run when that matters (e.g. ddad's data protocol)
+        label = f"{name} ({row['protocol']})" if row.get("protocol") else name
+        lines.append(f"| {label} | `{row.get('switches') or '-'}` | " + " | ".join(cells) + f" | {minutes} | {speed} |")
     return "\n".join(lines) + "\n"
 
 
@@ -226,7 +229,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "dataset (its data.json folder: train[\"0\"], test)")
     parser.add_argument("--methods", default=",".join(method_names()), metavar="A,B,...",
                         help=f"comma-separated methods (default all: {','.join(method_names())})")
-    parser.add_argument("--preset", choices=PRESET_NAMES, default="small", help="preset of every method (default small)")
+    parser.add_argument("--preset", choices=PRESET_NAMES + OPTIONAL_PRESET_NAMES, default="small", help="preset of every method (default small)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default compare-<preset>)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     g = parser.add_argument_group("run overrides for every method (default: each preset's)")

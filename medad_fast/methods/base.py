@@ -7,6 +7,7 @@ DDP and ``channels_last`` work on it as on any model) that says, and only says:
 ``name``, ``summary``      registry name and one line for ``medad-fast methods``
 ``Config``                 its own settings: a :class:`~medad_fast.config.MethodConfig` dataclass
 ``presets``                ``paper`` / ``small`` / ``tiny``: overrides of the run's and its own fields
+``attach_training_images``  the trainer's normal images (for methods that draw their own orders)
 ``setup_training(device)``  what training needs beyond the weights (anomaly sources, queues...)
 ``configure_optimizers()``  its optimisers and per-epoch lr schedulers
 ``on_train_step(step, n)``  per-iteration hook before each step (e.g. the alpha schedule)
@@ -100,6 +101,11 @@ class Method(nn.Module):
         return score_filter_size(self.config.run.image_size, getattr(self.config.method, "score_filter", None))
 
     # ------------------------------------------------------------------ training
+    def attach_training_images(self, images: torch.Tensor) -> None:
+        """Called by the trainer, before :meth:`setup_training`, with its normal training
+        images (``uint8 [N, 1, S, S]`` on the device). Default: ignored (a method that draws
+        its own orders of the data, as DDAD's members do, keeps them)."""
+
     def setup_training(self, device: torch.device) -> None:
         """Prepare what training needs beyond the weights (called once, after the weights
         are on ``device`` and before the first step). Default: nothing."""

@@ -1,61 +1,90 @@
 """DDAD (Cai, Chen, Yang, Zhou, Cheng: "Dual-distribution discrepancy with self-supervised
 refinement for anomaly detection in medical images", Medical Image Analysis 2023; first
-as "Dual-distribution discrepancy for anomaly detection in chest X-rays", MICCAI 2022).
+as "Dual-distribution discrepancy for anomaly detection in chest X-rays", MICCAI 2022),
+as its public code (github.com/caiyu6666/DDAD-ASR: ``trainer.py``, ``test.py``,
+``anomaly_data.py``, ``models/``, ``cfgs/BraTumor_AE.yaml``) does it.
 
-Two ensembles of K autoencoders (:class:`~medad_fast.models.ensemble.AutoencoderEnsemble`,
-each one batched pass of grouped convolutions):
+What is DDAD's:
 
-* NDM (normative distribution module): K autoencoders trained on the normal slices;
-* UDM (unknown distribution module): K autoencoders trained on the normal slices together
-  with unlabeled ones (which may hold lesions): each step's batch is the normal batch
-  concatenated with as many unlabeled slices, drawn with the step's generator from the
-  pool loaded by :meth:`DDADMethod.setup_training` (``unlabeled``: a folder of images;
-  ``unlabeled_split``: the ``valid`` or ``test`` split of the run's data folder, labels
-  ignored; both: the union).
+* Intensities: images in [0, 1] are mapped to DDAD-ASR's [-1, 1] (its loader's
+  ``Normalize((0.5,), (0.5,))``) before the autoencoders, in every preset; the discrepancy
+  maps are in those units.
+* Two ensembles of K autoencoders, DDAD-ASR's ``AE``
+  (:class:`~medad_fast.models.ensemble.DenseAutoencoder`: four 4x4 stride-2 convolutions,
+  a dense latent of 16 values), K = 3, evaluated in one batched pass
+  (:class:`~medad_fast.models.ensemble.AutoencoderEnsemble`):
 
-Stage 1 (the first ``1 - refine_fraction`` of the epochs), loss: the MSE of every
-member's reconstruction, summed over the members (each member's gradient is its own
-loss's, so the batched ensemble trains exactly as K separate autoencoders would).
+  - NDM (normative distribution module): trained on the normal training images;
+  - UDM (unknown distribution module): trained on the union of the normal training images
+    and the unlabeled pool (which holds lesions; its labels are never read), shuffled
+    together, as DDAD-ASR's mode ``a`` loader does.
 
-Initial anomaly maps of an image ``I`` (``R^n_k``, ``R^u_k``: the members' reconstructions):
+  Every member trains on its own shuffles of its data (DDAD-ASR trains each member in a
+  separate run with its own DataLoader shuffle): member ``k`` of a module draws, per
+  autoencoder epoch ``e``, its own permutation from a generator seeded by
+  ``(run seed, module, k, e)`` (:func:`member_permutation`: stateless, so a resumed run
+  and every DDP rank draw the same), cut into this rank's batches as the trainer cuts its
+  own (``DistributedSampler(drop_last=True)``). Loss: the MSE of every member, summed
+  over the members (each member's gradient is its own, so the batched ensembles train
+  exactly as 2K separate autoencoders would). Adam, ``ae_lr`` (5e-4), betas (0.5, 0.999),
+  batch ``ae_batch`` (64), ``ae_epochs`` (250) epochs of each member over its data.
+* Initial maps of an image (``R^n_k``, ``R^u_k``: the NDM and UDM members' reconstructions):
+  intra-discrepancy ``A_intra = std_k(R^n_k)`` (torch's default, unbiased std, as
+  DDAD-ASR's ``torch.std``) and inter-discrepancy ``A_inter = |mean_k R^u_k - mean_k R^n_k|``.
+* ASR (anomaly score refinement), after the autoencoders, which are then frozen (eval
+  mode, no gradient): DDAD-ASR's ``RefineNetwork``
+  (:class:`~medad_fast.models.refinement.RefinementNet`: three 3x3 convolutions, width 128,
+  two output classes) reads ``[A_inter, A_intra]`` ONLY (never the image) of a normal
+  training image that carries, with probability 1/2, a synthetic anomaly
+  (:func:`patch_anomalies`, DDAD-ASR's ``SelfAnomalyDataset.generate_anomaly``), and is
+  trained with the focal loss (gamma 2) of its softmax on the synthetic anomaly *mask*.
+  Adam, the run's ``lr`` (1e-4), betas (0.5, 0.999), weight decay ``refine_weight_decay``
+  (1e-4), the run's batch (8), no gradient clipping (the config's ``grad_clip: Null``).
+* Maps and image score: after the ASR the map is the softmax's anomalous channel; before
+  it (a checkpoint of the autoencoder stage, or a run whose epochs end there) the map is
+  ``A_inter``. ``image_score mean`` (the published presets) is DDAD's global average of the
+  map (``test.py``); ``max_filter`` is the package's max of the mean-filtered map.
+* Without unlabeled data there is no UDM: DDAD's NDM-only variant (its ``R_intra``,
+  ``main.py --refine intra``): the map before the ASR is ``A_intra`` and the ASR reads
+  ``[A_intra]`` alone (a warning says so).
 
-* intra-discrepancy ``A_intra = std_k(R^n_k)`` (population std over the NDM members);
-* inter-discrepancy ``A_inter = |mean_k(R^n_k) - mean_k(R^u_k)|``.
+Where this is not DDAD-ASR's code, and why:
 
-Stage 2, anomaly score refinement (ASR, the rest of the epochs): the autoencoders are
-frozen (eval mode, no gradient); anomalies are synthesised into the normal batch with the
-package's fused liver-aware op (:class:`~medad_fast.synthesis.AnomalySynthesizer`, as the
-paper's method uses it: the mask inside ``I > 0``), and a small U-Net
-(:class:`~medad_fast.models.refinement.RefinementUNet`) maps
-``(I_a, A_intra(I_a), A_inter(I_a))`` to DDAD's self-supervised target, the true error
-``|I_a - I|``, under an MSE loss.
+* Patch sources: the anomaly of an image is cut from another image of the same training
+  batch (a uniform draw among the others) where DDAD-ASR draws another image of the whole
+  normal training set: the method sees batches, not the set; a batch is a uniform draw
+  from the set, so the source's law is the same. A batch of one gets no anomaly (there is
+  no other image to cut from).
+* Focal loss: the package's :func:`~medad_fast.losses.focal_loss` on the anomalous
+  probability; DDAD-ASR's copy of Hsuxu's FocalLoss also smooths the one-hot target by
+  1e-5, which changes the loss by about 1e-5 (same gamma, same mean over the pixels).
+* The UDM's batch: one autoencoder epoch is one pass of every member over its own data,
+  NDM and UDM alike, as DDAD-ASR trains both for the same number of epochs; the UDM's
+  union is larger, so its batch is the larger one (``ae_batch`` x union / normal, 133 on
+  BrainTumor's 998 + 999 images) where DDAD-ASR keeps 64 and takes about twice the steps:
+  one trainer step steps every member once.
+* Stages: one run holds both stages. The run's ``batch_size`` and ``lr`` are the ASR's;
+  the autoencoders take the first ``ae_epochs`` x (their steps per epoch) trainer steps
+  (their own batches of ``ae_batch``), the ASR the rest of the run's ``epochs``. The
+  ``medianomaly`` preset's 131 epochs give the ASR 100.8 epochs on BrainTumor's 998
+  normal images (DDAD-ASR: 100).
+* Image side: the dense layers fix it (``image_size``, a multiple of 16); images of
+  another size are resized (bilinear) to it and the map back.
+* The unlabeled pool: DDAD-ASR takes the first 1,000 names of ``train["unlabeled"]`` at a
+  60 % anomaly rate (400 normal + 600 abnormal); the package takes the whole pool it is
+  given (on BrainTumor's ``data.json``: 399 + 600).
+* ``roi_threshold`` (the package's liver mask of the map, ``I > 0``) is on in the
+  ``small`` and ``tiny`` presets, as for every method on CT slices; the published presets
+  have none, as DDAD.
 
-Inference: the pixel map is the ASR output inside the liver (``I > 0``); before any ASR
-step (``refine_fraction`` 0, or a checkpoint from stage 1) it is the initial ``A_inter``.
-Image score (``image_score``): ``max_filter``, the package's max of the mean-filtered map
-(as every method; the default), or ``mean``, DDAD's mean of the map over the image. On the
-phantom slices the mean scored below chance (image AUROC ~0.42, tests/test_ddad.py): the
-ASR's small positive floor, summed over the liver, measures the liver's area.
-
-Measured on the demo data (``small`` preset, the 100 test slices as the unlabeled ones,
-seed 0): image / pixel AUROC 0.590 / 0.838 with the ASR's map after 20 ASR epochs (0.416 /
-0.795 after 10), 0.694 / 0.866 with the initial ``A_inter`` of the same autoencoders
-(``refine_fraction 0`` scores with it). A likely reason:
-the synthetic anomalies are in no unlabeled image, so the UDM rebuilds them no better than
-the NDM and the inter channel tells the ASR nothing about them during its training.
-
-Without unlabeled data the UDM does not exist and the method is DDAD's NDM-only variant:
-the initial map is ``A_intra`` and the ASR's inter channel is zero (a warning says so).
-
-What is not DDAD's: the autoencoders are the package's convolutional ones
-(:class:`~medad_fast.models.ConvAutoencoder`: a 1x1-conv bottleneck where DDAD's has dense
-layers), the ASR U-Net's widths, the anomaly synthesis (the package's Perlin op, not
-DDAD's), and the number of ASR epochs (a fraction of the run).
+Presets: ``medianomaly`` (= ``paper``): DDAD-ASR's ``cfgs/BraTumor_AE.yaml`` at 64 x 64,
+K = 3, mean image score. ``small`` and ``tiny``: narrower networks for CPUs and tests.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,96 +94,157 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..config import Config, MethodConfig, setting
 from ..data.crop import crops_liver
+from ..losses import focal_loss
 from ..models.ensemble import AutoencoderEnsemble
-from ..models.refinement import RefinementUNet
-from ..synthesis import AnomalySynthesizer
+from ..models.refinement import RefinementNet
 from . import register
 from .base import Method
-from .frequency_aware import training_sources
 
-__all__ = ["DDADConfig", "DDADMethod", "IMAGE_SCORES", "STAGES", "discrepancy_maps", "load_unlabeled_images"]
+__all__ = ["DDADConfig", "DDADMethod", "IMAGE_SCORES", "STAGES", "discrepancy_maps", "load_unlabeled_images",
+           "member_permutation", "patch_anomalies"]
 
 #: the two training stages, in order (``method_state()["stage"]`` is the index)
 STAGES = ("autoencoders", "refinement")
 IMAGE_SCORES = ("max_filter", "mean")
 UNLABELED_SPLITS = ("valid", "test")
+#: the modules whose members draw their own shuffles (the seed of :func:`member_permutation`)
+MODULES = ("ndm", "udm")
+ADAM_BETAS = (0.5, 0.999)  # DDAD-ASR's, both stages
 
 
 @dataclass
 class DDADConfig(MethodConfig):
-    """DDAD's settings."""
+    """DDAD's settings (defaults: DDAD-ASR's BrainTumor configuration)."""
 
-    architecture_fields = ("members", "ae_width", "latent_channels", "ae_depth", "refine_width", "refine_depth")
+    architecture_fields = ("members", "ae_width", "ae_hidden", "latent_size", "refine_width")
 
     members: int = setting(3, "autoencoders per ensemble (DDAD's K, default 3)")
-    ae_width: int = setting(16, "base width of the autoencoder")
-    latent_channels: int = setting(16, "channels of the autoencoder's bottleneck")
-    ae_depth: int = setting(4, "max-pools of the autoencoder")
-    refine_width: int = setting(16, "base width of DDAD's refinement U-Net (ASR)")
-    refine_depth: int = setting(3, "max-pools of the refinement U-Net")
+    ae_width: int = setting(16, "width of the autoencoder's first convolution (DDAD 16: widths 16/32/64/64)")
+    ae_hidden: int = setting(2048, "hidden units of the autoencoder's dense bottleneck (DDAD 2048)")
+    latent_size: int = setting(16, "values of the autoencoder's dense latent (DDAD 16)")
+    ae_epochs: int = setting(250, "epochs of every autoencoder over its own data (DDAD 250)")
+    ae_batch: int | None = setting(None, "autoencoder batch (DDAD 64; default: the run's batch size)")
+    ae_lr: float | None = setting(None, "autoencoder Adam lr (DDAD 5e-4; default: the run's lr)")
+    refine_width: int = setting(128, "width of DDAD's refinement net (ASR, DDAD 128)")
+    refine_weight_decay: float = setting(1e-4, "weight decay of the ASR's Adam (DDAD 1e-4)")
     unlabeled: str | None = setting(None, "folder of unlabeled slices for DDAD's UDM ensemble (may hold lesions)")
     unlabeled_split: str | None = setting(None, "use this split (valid or test) of --data as DDAD's unlabeled "
-                                                "images, labels ignored")
-    unlabeled_batch: int | None = setting(None, "unlabeled slices per step (default: the batch size)")
-    refine_fraction: float = setting(1 / 3, "fraction of the epochs that trains DDAD's refinement net (ASR), "
-                                            "after the autoencoders")
+                                                "images, labels ignored (test: transductive, not DDAD's protocol)")
+    data_json_pool: bool | None = setting(None, "the unlabeled pool of a data.json --data (default: on when --data "
+                                                "is a MedIAnomaly / DDAD-ASR data.json dataset)")
     image_score: str = setting("max_filter", "image score: max_filter (max of the mean-filtered map) or mean "
                                              "(DDAD's mean of the map)")
-    # anomaly synthesis of the ASR stage (the paper's method's liver-aware op)
-    p_anomaly: float = setting(0.5, "probability a training sample gets an anomaly")
-    max_retries: int = 10
-    perlin_threshold: float = 0.5
-    roi_threshold: float = 0.0  # liver: I > roi_threshold (synthesis mask and the pixel map)
-    source_pool_size: int = setting(256, "anomaly-source images kept on the device")
+    p_anomaly: float = setting(0.5, "probability a training sample of the ASR gets a synthetic patch (DDAD 0.5)")
+    roi_threshold: float | None = None  # the map is kept where I > roi_threshold (None: everywhere, as DDAD)
     score_filter: int | None = setting(None, "side of the image score's mean filter (default: 21 at 256, scaled)")
 
     def validate(self) -> None:
         need = self.need
         need(isinstance(self.members, int) and self.members >= 2, "members",
              "must be an int >= 2 (the intra-discrepancy is a std over the members)")
-        need(self.ae_width >= 1, "ae_width", "must be >= 1")
-        need(self.latent_channels >= 1, "latent_channels", "must be >= 1")
-        need(isinstance(self.ae_depth, int) and 1 <= self.ae_depth <= 8, "ae_depth", "must be an int in 1..8")
-        need(self.refine_width >= 1, "refine_width", "must be >= 1")
-        need(isinstance(self.refine_depth, int) and 1 <= self.refine_depth <= 8, "refine_depth",
-             "must be an int in 1..8")
+        for name in ("ae_width", "ae_hidden", "latent_size", "refine_width"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "must be an int >= 1")
+        need(isinstance(self.ae_epochs, int) and self.ae_epochs >= 1, "ae_epochs", "must be an int >= 1")
+        need(self.ae_batch is None or (isinstance(self.ae_batch, int) and self.ae_batch >= 1), "ae_batch",
+             "must be None or an int >= 1")
+        need(self.ae_lr is None or self.ae_lr > 0, "ae_lr", "must be None or > 0")
+        need(self.refine_weight_decay >= 0, "refine_weight_decay", "must be >= 0")
         need(self.unlabeled is None or (isinstance(self.unlabeled, str) and bool(self.unlabeled)), "unlabeled",
              "must be None or a folder path")
         need(self.unlabeled_split is None or self.unlabeled_split in UNLABELED_SPLITS, "unlabeled_split",
              f"must be None or one of {list(UNLABELED_SPLITS)}")
-        need(self.unlabeled_batch is None or self.unlabeled_batch >= 1, "unlabeled_batch", "must be None or >= 1")
-        need(0.0 <= self.refine_fraction < 1.0, "refine_fraction", "must be in [0, 1)")
         need(self.image_score in IMAGE_SCORES, "image_score", f"must be one of {list(IMAGE_SCORES)}")
-        self.need_synthesis_settings()
+        need(0.0 <= self.p_anomaly <= 1.0, "p_anomaly", "must be in [0, 1]")
         self.need_score_filter()
 
     @property
     def has_unlabeled(self) -> bool:
         """Whether unlabeled data is configured (then the UDM ensemble exists)."""
-        return self.unlabeled is not None or self.unlabeled_split is not None
+        return self.unlabeled is not None or self.unlabeled_split is not None or bool(self.data_json_pool)
 
     def variant(self) -> str:
-        return "" if self.has_unlabeled else "NDM only"
+        if not self.has_unlabeled:
+            return "NDM only"
+        return "transductive: unlabeled = test" if self.unlabeled_split == "test" else ""
 
-
-def refine_epochs(epochs: int, fraction: float) -> int:
-    """Epochs of the ASR stage: ``round(fraction * epochs)``, at least one when
-    ``fraction > 0`` and the run has two epochs or more, and never all of them."""
-    if fraction <= 0 or epochs < 2:
-        return 0
-    return min(epochs - 1, max(1, round(fraction * epochs)))
+    def protocol_note(self) -> str:
+        """What a comparison table's row must say about this run's data: NDM only (no
+        unlabeled pool), or transductive (the unlabeled pool is the scored test split)."""
+        if self.unlabeled_split == "test":
+            return "transductive: its unlabeled pool is the test split"
+        return self.variant()
 
 
 def discrepancy_maps(normative: torch.Tensor, unknown: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """DDAD's initial maps from the members' reconstructions ``[K, B, 1, H, W]``:
-    ``(A_intra, A_inter)``, each ``[B, 1, H, W]``: the population std over the NDM members,
-    and ``|mean NDM - mean UDM|`` (zeros without a UDM)."""
-    intra = normative.std(dim=0, correction=0)
+    ``(A_intra, A_inter)``, each ``[B, 1, H, W]``: the unbiased std over the NDM members
+    (DDAD-ASR's ``torch.std``), and ``|mean UDM - mean NDM|`` (zeros without a UDM)."""
+    intra = normative.std(dim=0)
     if unknown is None:
         return intra, torch.zeros_like(intra)
-    return intra, (normative.mean(dim=0) - unknown.mean(dim=0)).abs()
+    return intra, (unknown.mean(dim=0) - normative.mean(dim=0)).abs()
+
+
+def patch_anomalies(images: torch.Tensor, generator: torch.Generator, p_anomaly: float = 0.5
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """DDAD-ASR's synthetic anomalies (``SelfAnomalyDataset.generate_anomaly``) on a batch
+    ``[B, 1, H, W]``: ``(augmented, mask [B, 1, H, W] float 0/1, draws)``.
+
+    With probability ``p_anomaly`` an image gets one square patch: centre ``(cy, cx)``
+    uniform in the central 80 % (``randint(int(0.1 H), int(0.9 H))``, numpy's truncation
+    of DDAD's float bounds), half side ``h`` uniform in ``[round(0.05 W), round(0.2 W))``
+    (DDAD's ``patch_width``: the box is ``[c - h, c + h)``, clipped to the image, so its
+    side is 10-40 % of the image's), blend factor ``alpha ~ U[0, 1)``; inside the box
+    ``I_a = (1 - alpha) I + alpha J`` with ``J`` the same box of another image of the
+    batch; the mask is the box (where ``alpha > 0``). ``draws`` holds the drawn values
+    (``anomalous, cy, cx, half, alpha, source``) for tests. All from ``generator``."""
+    B, _, H, W = images.shape
+    device, gdev = images.device, generator.device
+    anomalous = torch.rand(B, generator=generator, device=gdev) < p_anomaly
+    cy = torch.randint(int(0.1 * H), int(0.1 * H + 0.8 * H), (B,), generator=generator, device=gdev)
+    cx = torch.randint(int(0.1 * W), int(0.1 * W + 0.8 * W), (B,), generator=generator, device=gdev)
+    low, high = round(0.05 * W), round(0.2 * W)
+    half = torch.randint(low, max(high, low + 1), (B,), generator=generator, device=gdev)
+    alpha = torch.rand(B, generator=generator, device=gdev)
+    shift = torch.randint(1, max(B, 2), (B,), generator=generator, device=gdev)
+    source = (torch.arange(B, device=gdev) + shift) % B
+    if B < 2:
+        anomalous = torch.zeros_like(anomalous)
+    draws = {"anomalous": anomalous, "cy": cy, "cx": cx, "half": half, "alpha": alpha, "source": source}
+    anomalous, cy, cx, half, alpha, source = (t.to(device) for t in draws.values())
+    ys = torch.arange(H, device=device).view(1, H, 1)
+    xs = torch.arange(W, device=device).view(1, 1, W)
+    v = lambda t: t.view(B, 1, 1)  # noqa: E731
+    box = ((ys >= v(cy - half)) & (ys < v(cy + half)) & (xs >= v(cx - half)) & (xs < v(cx + half))
+           & v(anomalous & (alpha > 0)))
+    mask = box.unsqueeze(1).to(images.dtype)
+    weight = mask * alpha.view(B, 1, 1, 1).to(images.dtype)
+    augmented = (1 - weight) * images + weight * images[source]
+    return augmented, mask, draws
+
+
+def member_permutation(n: int, seed: int, module: str, member: int, epoch: int) -> torch.Tensor:
+    """Member ``member``'s permutation of ``range(n)`` in autoencoder epoch ``epoch`` (CPU
+    int64): its own shuffle, from a generator seeded by ``(seed, module, member, epoch)``
+    (no state: a resumed run and every rank draw the same)."""
+    key = hashlib.sha256(f"ddad/{seed}/{module}/{member}/{epoch}".encode()).digest()
+    return torch.randperm(n, generator=torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1))
+
+
+def rank_batches(permutation: torch.Tensor, batch: int, steps: int | None = None) -> torch.Tensor:
+    """This rank's batches of a permutation, ``[steps, batch]``: its strided share
+    (``DistributedSampler(drop_last=True)``, as :meth:`medad_fast.train.Trainer.rank_batches`),
+    the last partial batch dropped (one batch of the share when it is smaller than ``batch``).
+    ``steps``: take exactly that many (the UDM follows the NDM's count)."""
+    world, rank = distributed.world_size(), distributed.rank()
+    per_rank = permutation.shape[0] // world
+    mine = permutation[: per_rank * world].view(per_rank, world)[:, rank]
+    batch = min(batch, per_rank)
+    steps = max(1, per_rank // batch) if steps is None else steps
+    return mine[: steps * batch].view(steps, batch)
 
 
 def _read_folder(folder: str, size: int, crop: bool = False) -> torch.Tensor:
@@ -177,7 +267,9 @@ def _read_folder(folder: str, size: int, crop: bool = False) -> torch.Tensor:
 def load_unlabeled_images(config: Config) -> torch.Tensor | None:
     """DDAD's unlabeled pool, ``uint8 [N, 1, S, S]`` (S = ``run.image_size``): the images of
     ``method.unlabeled`` and/or of the ``method.unlabeled_split`` split of ``run.data``
-    (normal and abnormal, labels ignored); None when neither is set. Errors name the
+    (normal and abnormal, labels ignored); when neither is set and ``run.data`` is a
+    MedIAnomaly / DDAD-ASR ``data.json`` dataset, its whole ``train["unlabeled"]`` pool
+    (:func:`medad_fast.data.medianomaly.unlabeled_files`); otherwise None. Errors name the
     setting and the path."""
     m: DDADConfig = config.method
     parts = []
@@ -194,6 +286,12 @@ def load_unlabeled_images(config: Config) -> torch.Tensor | None:
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"config unlabeled_split={m.unlabeled_split!r} (--unlabeled-split): "
                                     f"{exc}") from None
+    if m.data_json_pool is not False and config.run.data is not None:
+        from ..data.medianomaly import dataset_root, unlabeled_files
+        if dataset_root(config.run.data) is not None:  # a data.json dataset: its unlabeled pool, labels unread
+            from ..data.dataset import read_slice
+            files = unlabeled_files(config.run.data)
+            parts.append(torch.stack([read_slice(file, None, config.run.image_size)[0] for file in files]))
     return torch.cat(parts) if parts else None
 
 
@@ -213,32 +311,33 @@ def _frozen(*modules: nn.Module | None):
             m.train(mode)
 
 
+# DDAD-ASR's cfgs/BraTumor_AE.yaml: 64 x 64, K = 3, AE batch 64, Adam lr 5e-4, 250
+# epochs; ASR batch 8, lr 1e-4, weight decay 1e-4, 100 epochs (131 run epochs of batch 8 on
+# BrainTumor's 998 normal images: 3,750 autoencoder steps, then 100.8 ASR epochs)
+PUBLISHED = {"image_size": 64, "members": 3, "batch_size": 8, "lr": 1e-4, "epochs": 131, "ae_batch": 64,
+             "ae_lr": 5e-4, "ae_epochs": 250, "ae_width": 16, "ae_hidden": 2048, "latent_size": 16,
+             "refine_width": 128, "refine_weight_decay": 1e-4, "image_score": "mean", "roi_threshold": None}
+
+
 @register
 class DDADMethod(Method):
-    """NDM and UDM autoencoder ensembles (intra / inter discrepancy) + ASR refinement U-Net."""
+    """NDM and UDM autoencoder ensembles (intra / inter discrepancy) + the ASR refinement net."""
 
     name = "ddad"
-    summary = ("DDAD (MedIA 2023): NDM/UDM autoencoder ensembles (intra/inter discrepancy) + "
-               "self-supervised refinement U-Net (ASR)")
+    summary = ("DDAD (MedIA 2023): NDM/UDM dense-latent autoencoder ensembles on their own shuffles "
+               "(intra/inter discrepancy) + ASR net on [A_inter, A_intra] (focal loss, patch anomalies)")
     Config = DDADConfig
     presets = {
-        # DDAD's code (MICCAI 2022 release): 64 x 64, K = 3, batch 64, Adam lr 5e-4, 250
-        # epochs of autoencoder training; the encoder starts at 16 channels and the
-        # bottleneck is 4 x 4 (depth 4) with 16 latent channels. 375 epochs with a third
-        # for the ASR keep DDAD's 250 for the autoencoders (the ASR's count is ours).
-        "paper": {"image_size": 64, "members": 3, "batch_size": 64, "lr": 5e-4, "epochs": 375,
-                  "ae_width": 16, "latent_channels": 16, "ae_depth": 4, "refine_width": 16, "refine_depth": 3},
-        # the demo's data and side on a CPU (200 slices: 25 steps of 8 per epoch), 20 epochs
-        # of autoencoders + 20 of ASR (10 of ASR: image AUROC 0.416 on the demo, 20: 0.590).
-        # Measured on the demo data with its 100 test slices as the unlabeled ones, one
-        # thread of a busy 2-core machine: 10-23 s per autoencoder epoch, 3.5-8 s per ASR
-        # epoch; the whole run took 4.5 minutes
-        "small": {"image_size": 96, "members": 3, "batch_size": 8, "lr": 1e-3, "epochs": 40,
-                  "refine_fraction": 0.5, "ae_width": 8, "latent_channels": 8, "ae_depth": 3, "refine_width": 8,
-                  "refine_depth": 3, "source_pool_size": 64},
+        "paper": PUBLISHED,
+        "medianomaly": PUBLISHED,
+        # the demo's data and side on a CPU (200 slices at 96: 25 steps of 8 per epoch):
+        # 40 autoencoder epochs, then 20 epochs of a narrower ASR
+        "small": {"image_size": 96, "members": 3, "batch_size": 8, "lr": 1e-4, "epochs": 60, "ae_batch": 16,
+                  "ae_lr": 5e-4, "ae_epochs": 40, "ae_width": 8, "ae_hidden": 256, "latent_size": 16,
+                  "refine_width": 32, "roi_threshold": 0.0},
         # for tests: seconds on one CPU thread; 3 epochs = 2 of autoencoders + 1 of ASR
-        "tiny": {"image_size": 32, "members": 2, "batch_size": 4, "lr": 1e-3, "epochs": 3, "ae_width": 2,
-                 "latent_channels": 2, "ae_depth": 2, "refine_width": 2, "refine_depth": 2, "source_pool_size": 4},
+        "tiny": {"image_size": 32, "members": 2, "batch_size": 4, "lr": 1e-3, "epochs": 3, "ae_epochs": 2,
+                 "ae_width": 2, "ae_hidden": 8, "latent_size": 4, "refine_width": 4, "roi_threshold": 0.0},
     }
     # the stages train disjoint networks: DDP must not wait for the idle one's gradients
     find_unused_parameters = True
@@ -246,54 +345,110 @@ class DDADMethod(Method):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         m: DDADConfig = config.method
-        self.normative = AutoencoderEnsemble(m.members, m.ae_width, m.latent_channels, m.ae_depth)
-        self.unknown = (AutoencoderEnsemble(m.members, m.ae_width, m.latent_channels, m.ae_depth)
-                        if m.has_unlabeled else None)
-        self.refiner = RefinementUNet(3, m.refine_width, m.refine_depth)
-        self.stage = 0
-        self.synthesizer: AnomalySynthesizer | None = None
-        self.unlabeled_images: torch.Tensor | None = None
+        if m.data_json_pool is None:  # resolved once, so the saved config and the row say it
+            from ..data.medianomaly import dataset_root
+            m.data_json_pool = config.run.data is not None and dataset_root(config.run.data) is not None
+        if config.run.image_size % 16:
+            raise ValueError(f"config image_size={config.run.image_size}: ddad's autoencoders need a multiple of "
+                             f"16 (four stride-2 convolutions before a dense layer)")
 
-    # ------------------------------------------------------------------ training
-    @property
-    def autoencoder_epochs(self) -> int:
-        run = self.config.run
-        return run.epochs - refine_epochs(run.epochs, self.config.method.refine_fraction)
+        def ensemble() -> AutoencoderEnsemble:
+            return AutoencoderEnsemble(m.members, config.run.image_size, m.ae_width, m.ae_hidden, m.latent_size)
+
+        self.normative = ensemble()
+        self.unknown = ensemble() if m.has_unlabeled else None
+        # R_dual reads [A_inter, A_intra]; DDAD's NDM-only R_intra reads [A_intra]
+        self.refiner = RefinementNet(2 if m.has_unlabeled else 1, m.refine_width)
+        self.stage = 0
+        self.step = 0
+        self.normal_pool: torch.Tensor | None = None  # the trainer's normal images (uint8, device)
+        self.union_pool: torch.Tensor | None = None  # normal + unlabeled (the UDM's data)
+        self.unlabeled_images: torch.Tensor | None = None
+        self._orders: tuple[int, torch.Tensor, torch.Tensor | None] | None = None  # (epoch, NDM, UDM batches)
+
+    # ------------------------------------------------------------------ data
+    def attach_training_images(self, images: torch.Tensor) -> None:
+        self.normal_pool = images
 
     def setup_training(self, device: torch.device) -> None:
-        m: DDADConfig = self.config.method
         unlabeled = load_unlabeled_images(self.config)
         if unlabeled is None:
             warnings.warn("ddad: no unlabeled images, so no UDM ensemble: training DDAD's NDM-only variant "
                           "(anomaly map from the intra-discrepancy of the normal ensemble). Give unlabeled "
                           "slices with --unlabeled DIR or --unlabeled-split valid|test for DDAD's "
                           "inter-discrepancy.", UserWarning, stacklevel=2)
-        else:
-            self.unlabeled_images = unlabeled.to(device)
-        if refine_epochs(self.config.run.epochs, m.refine_fraction) > 0:
-            sources = training_sources(self.config, m.source_pool_size)
-            self.synthesizer = AnomalySynthesizer(
-                sources.to(device=device, dtype=torch.float32), p_anomaly=m.p_anomaly, max_retries=m.max_retries,
-                threshold=m.perlin_threshold, roi_threshold=m.roi_threshold)
+            return
+        self.unlabeled_images = unlabeled.to(device)
+        if self.normal_pool is not None:
+            self.union_pool = torch.cat([self.normal_pool.to(device), self.unlabeled_images])
 
-    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:
-        # DDAD's Adam at a constant lr for each stage; an optimiser whose parameters got no
-        # gradient this step is not stepped (Trainer.train_step)
-        lr = self.config.run.lr
-        autoencoders = list(self.normative.parameters())
-        if self.unknown is not None:
-            autoencoders += list(self.unknown.parameters())
-        return [torch.optim.Adam(autoencoders, lr=lr), torch.optim.Adam(self.refiner.parameters(), lr=lr)], []
+    @property
+    def ae_batch(self) -> int:
+        return self.config.method.ae_batch or self.config.run.batch_size
+
+    def ae_steps_per_epoch(self, steps_per_epoch: int) -> int:
+        """Steps of one autoencoder epoch: batches of ``ae_batch`` in this rank's share of
+        the normal images (the trainer's ``steps_per_epoch`` when no pool is attached)."""
+        if self.normal_pool is None:
+            return steps_per_epoch
+        per_rank = self.normal_pool.shape[0] // distributed.world_size()
+        return max(1, per_rank // min(self.ae_batch, per_rank))
 
     def on_train_step(self, step: int, steps_per_epoch: int) -> None:
-        self.stage = int(step >= self.autoencoder_epochs * steps_per_epoch)
+        self.step = step
+        self.stage = int(step >= self.config.method.ae_epochs * self.ae_steps_per_epoch(steps_per_epoch))
+
+    def member_batches(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Indices of every member's batch at autoencoder step ``step``: NDM ``[K, b]`` into
+        the normal pool, UDM ``[K, b_u]`` into the union (None without a UDM); each member
+        the batch of its own permutation (:func:`member_permutation`, :func:`rank_batches`)."""
+        if self.normal_pool is None:
+            raise RuntimeError("member_batches needs the training images (attach_training_images)")
+        seed, K = self.config.run.seed, self.config.method.members
+        steps = self.ae_steps_per_epoch(0)
+        epoch, position = divmod(step, steps)
+        if self._orders is None or self._orders[0] != epoch:
+            n = self.normal_pool.shape[0]
+            ndm = torch.stack([rank_batches(member_permutation(n, seed, "ndm", k, epoch), self.ae_batch)
+                               for k in range(K)])
+            udm = None
+            if self.union_pool is not None:
+                u = self.union_pool.shape[0]
+                batch = max(1, (u // distributed.world_size()) // steps)
+                udm = torch.stack([rank_batches(member_permutation(u, seed, "udm", k, epoch), batch, steps)
+                                   for k in range(K)])
+            self._orders = (epoch, ndm, udm)
+        _, ndm, udm = self._orders
+        return ndm[:, position], None if udm is None else udm[:, position]
 
     def unlabeled_batch(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """``n`` unlabeled slices drawn uniformly (with replacement) by ``generator``,
-        float in [0, 1] ``[n, 1, S, S]``."""
+        """``n`` unlabeled slices drawn uniformly (with replacement) by ``generator``, float
+        in [0, 1] ``[n, 1, S, S]`` (the UDM's extra images when no pool is attached)."""
         pool = self.unlabeled_images
         index = torch.randint(0, pool.shape[0], (n,), generator=generator, device=generator.device)
         return pool[index.to(pool.device)].float().div_(255.0)
+
+    def _pool_images(self, pool: torch.Tensor, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``pool[index]`` ``[K, b] -> float [K, b, 1, S, S]`` in [0, 1], augmented as the
+        trainer augments its batch when the run augments."""
+        K, b = index.shape
+        images = pool[index.reshape(-1).to(pool.device)].float().div_(255.0)
+        if self.config.run.augment:
+            from ..augment import augment_normal_slices
+            images = augment_normal_slices(images, generator, self.config.run.augment_strength)
+        return images.view(K, b, *images.shape[1:])
+
+    # ------------------------------------------------------------------ training
+    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+        # DDAD-ASR's Adams (betas 0.5, 0.999) at a constant lr; an optimiser whose
+        # parameters got no gradient this step is not stepped (Trainer.train_step)
+        m, run = self.config.method, self.config.run
+        autoencoders = list(self.normative.parameters())
+        if self.unknown is not None:
+            autoencoders += list(self.unknown.parameters())
+        return [torch.optim.Adam(autoencoders, lr=m.ae_lr or run.lr, betas=ADAM_BETAS),
+                torch.optim.Adam(self.refiner.parameters(), lr=run.lr, betas=ADAM_BETAS,
+                                 weight_decay=m.refine_weight_decay)], []
 
     def forward(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.stage == 0:
@@ -303,18 +458,26 @@ class DDADMethod(Method):
     def _autoencoder_step(self, images: torch.Tensor, generator: torch.Generator
                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         def member_mse(ensemble: AutoencoderEnsemble, batch: torch.Tensor) -> torch.Tensor:
+            x = batch * 2 - 1  # DDAD's [-1, 1]
             with self.autocast():
-                reconstructions = ensemble(self.to_memory_format(batch))
-            return (reconstructions.float() - batch.unsqueeze(0)).square().flatten(1).mean(dim=1)  # [K]
+                reconstructions = ensemble(x)
+            target = x if x.dim() == 5 else x.unsqueeze(0)
+            return (reconstructions.float() - target).square().flatten(1).mean(dim=1)  # [K]
 
-        normative = member_mse(self.normative, images)
+        if self.normal_pool is not None:  # every member on its own shuffle
+            ndm_index, udm_index = self.member_batches(self.step)
+            normal = self._pool_images(self.normal_pool, ndm_index, generator)
+            mixed = None if udm_index is None else self._pool_images(self.union_pool, udm_index, generator)
+        else:  # driven outside the trainer: every member on the step's batch
+            normal, mixed = images, None
+            if self.unknown is not None:
+                if self.unlabeled_images is None:
+                    raise RuntimeError("setup_training() must run before the first training step")
+                mixed = torch.cat([images, self.unlabeled_batch(images.shape[0], generator).to(images.dtype)])
+        normative = member_mse(self.normative, normal)
         loss = normative.sum()  # summed: each member's gradient is its own MSE's
         terms = {"loss_ndm": normative.detach().mean()}
         if self.unknown is not None:
-            if self.unlabeled_images is None:
-                raise RuntimeError("setup_training() must run before the first training step")
-            n = self.config.method.unlabeled_batch or images.shape[0]
-            mixed = torch.cat([images, self.unlabeled_batch(n, generator).to(images.dtype)])
             unknown = member_mse(self.unknown, mixed)
             loss = loss + unknown.sum()
             terms["loss_udm"] = unknown.detach().mean()
@@ -322,39 +485,47 @@ class DDADMethod(Method):
 
     def _refinement_step(self, images: torch.Tensor, generator: torch.Generator
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.synthesizer is None:
-            raise RuntimeError("setup_training() must run before the first training step (and the ASR stage "
-                               "needs refine_fraction > 0)")
         with torch.no_grad():
-            augmented, mask = self.synthesizer(images, generator)
-        intra, inter = self.initial_maps(augmented)
-        target = (augmented - images).abs()  # DDAD's self-supervised target: the true error
+            augmented, mask, _ = patch_anomalies(images.float(), generator, self.config.method.p_anomaly)
         with self.autocast():
-            refined = self.refiner(self.to_memory_format(torch.cat([augmented, intra, inter], dim=1)))
-        loss = F.mse_loss(refined.float(), target.float())
-        terms = {"loss_asr": loss.detach(),
-                 "anomalous_fraction": (mask.flatten(1).amax(dim=1) > 0).float().mean()}
+            logits = self.refiner(self.to_memory_format(self.refine_input(augmented)))
+        probability = torch.softmax(logits.float(), dim=1)[:, 1:2]
+        loss = focal_loss(probability, mask)  # DDAD: focal loss on the synthetic mask
+        terms = {"loss_asr": loss.detach(), "anomalous_fraction": (mask.flatten(1).amax(dim=1) > 0).float().mean()}
         return loss, terms
 
     # ------------------------------------------------------------------ inference
     def initial_maps(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A_intra, A_inter)`` ``[B, 1, H, W]`` of images ``[B, 1, H, W]`` (float32), the
-        autoencoders frozen (:func:`discrepancy_maps`)."""
+        """``(A_intra, A_inter)`` ``[B, 1, S, S]`` of images ``[B, 1, S, S]`` in [0, 1]
+        (float32, DDAD's [-1, 1] units), the autoencoders frozen (:func:`discrepancy_maps`)."""
         with _frozen(self.normative, self.unknown), self.autocast():
-            x = self.to_memory_format(images)
+            x = images * 2 - 1
             normative = self.normative(x).float()
             unknown = self.unknown(x).float() if self.unknown is not None else None
         return discrepancy_maps(normative, unknown)
 
-    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
+    def refine_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The ASR's input of images ``[B, 1, S, S]``: ``[A_inter, A_intra]`` (DDAD-ASR's
+        order), or ``[A_intra]`` without a UDM; never the image."""
         intra, inter = self.initial_maps(images)
+        return torch.cat([inter, intra], dim=1) if self.unknown is not None else intra
+
+    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
+        m: DDADConfig = self.config.method
+        side = self.config.run.image_size
+        x = images if images.shape[-2:] == (side, side) else F.interpolate(images, (side, side), mode="bilinear")
         if self.stage >= 1:
             with self.autocast():
-                maps = self.refiner(self.to_memory_format(torch.cat([images, intra, inter], dim=1))).float()
+                logits = self.refiner(self.to_memory_format(self.refine_input(x)))
+            maps = torch.softmax(logits.float(), dim=1)[:, 1:2]
         else:
+            intra, inter = self.initial_maps(x)
             maps = inter if self.unknown is not None else intra
-        roi = (images > self.config.method.roi_threshold).to(maps.dtype)
-        return (maps * roi).squeeze(1)
+        if maps.shape[-2:] != images.shape[-2:]:
+            maps = F.interpolate(maps, images.shape[-2:], mode="bilinear")
+        if m.roi_threshold is not None:
+            maps = maps * (images > m.roi_threshold).to(maps.dtype)
+        return maps.squeeze(1)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

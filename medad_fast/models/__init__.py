@@ -2,12 +2,12 @@
 of their outputs."""
 
 from .autoencoder import ConvAutoencoder
-from .ensemble import AutoencoderEnsemble
+from .ensemble import AutoencoderEnsemble, DenseAutoencoder
 from .model import MODES, FrequencyAwareModel, ModelOutput
 from .reconstruction import ReconstructionNetwork
-from .refinement import RefinementUNet
+from .refinement import RefinementNet
 from .scoring import image_scores, msgms_anomaly_map, score_filter_size, smoothed_residual_map
 from .segmentation import SegmentationNetwork
 
-__all__ = ["AutoencoderEnsemble", "ConvAutoencoder", "FrequencyAwareModel", "MODES", "ModelOutput",
-           "ReconstructionNetwork", "RefinementUNet", "SegmentationNetwork", "image_scores", "msgms_anomaly_map", "score_filter_size", "smoothed_residual_map"]
+__all__ = ["AutoencoderEnsemble", "ConvAutoencoder", "DenseAutoencoder", "FrequencyAwareModel", "MODES", "ModelOutput",
+           "ReconstructionNetwork", "RefinementNet", "SegmentationNetwork", "image_scores", "msgms_anomaly_map", "score_filter_size", "smoothed_residual_map"]

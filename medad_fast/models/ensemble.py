@@ -1,127 +1,178 @@
-"""K convolutional autoencoders evaluated in one batched pass (DDAD's reconstruction
-ensembles: Cai et al., "Dual-distribution discrepancy with self-supervised refinement for
-anomaly detection in medical images", Medical Image Analysis 2023).
+"""DDAD's autoencoder, and K of them evaluated in one batched pass (Cai et al.,
+"Dual-distribution discrepancy with self-supervised refinement for anomaly detection in
+medical images", Medical Image Analysis 2023; public code github.com/caiyu6666/DDAD-ASR,
+``models/autoencoder.py``).
 
-:class:`AutoencoderEnsemble` is K copies of :class:`~medad_fast.models.ConvAutoencoder`
-(same blocks, same widths) laid side by side along the channel axis: member ``k`` owns
-channels ``[k C, (k + 1) C)`` of every layer, and every convolution after the first is a
-grouped convolution with ``groups = K``, so no member sees another's channels. The first
-convolution reads the one input channel that all members share, so it is an ordinary
-convolution with ``K w`` output channels (no copy of the input per member). BatchNorm,
-ReLU, max-pooling and bilinear up-sampling act per channel, so they are per member as they
-stand; each member's BatchNorm statistics come from the batch alone, as in a single
-autoencoder.
+:class:`DenseAutoencoder` is DDAD-ASR's ``AE`` layer for layer (``multiplier`` = width / 16):
+four ``4x4`` stride-2 convolutions without bias, each followed by BatchNorm and ReLU
+(widths ``w, 2w, 4w, 4w``; ``S -> S/16``), a dense bottleneck ``4w (S/16)^2 -> hidden``
+(BatchNorm1d, ReLU) ``-> latent`` and back ``latent -> hidden`` (BatchNorm1d, ReLU)
+``-> 4w (S/16)^2``, then four mirrored ``4x4`` stride-2 transposed convolutions without
+bias (BatchNorm + ReLU after all but the last; no output activation). DDAD's BrainTumor
+configuration: ``w = 16``, ``hidden = 2048``, ``latent = 16``, ``S = 64``. The dense layers
+fix the input side ``S`` (a multiple of 16). PyTorch's default initialisation, as DDAD's.
 
-Member ``k``'s weights are the slice ``[k C_out, (k + 1) C_out)`` along dim 0 of every
-tensor, so :meth:`AutoencoderEnsemble.member` extracts a standalone
-:class:`~medad_fast.models.ConvAutoencoder` and :meth:`AutoencoderEnsemble.from_members`
-builds the ensemble from K of them. Adam's update is element-wise, so one Adam over the
-ensemble's stacked weights, with the loss summed over the members, takes exactly the steps
-that K Adams over the K members would take (tests/test_ddad.py checks this in float64).
+:class:`AutoencoderEnsemble` is K of them side by side: member ``k`` owns channels
+``[k C, (k + 1) C)`` of every convolution (grouped convolutions and transposed
+convolutions, ``groups = K``) and row ``k`` of every dense weight (``[K, out, in]``,
+applied with one ``einsum`` over the member axis); BatchNorm and ReLU act per channel or
+feature, so per member as they stand. The input is either one batch that every member
+reads (``[B, 1, S, S]``) or one batch per member (``[K, B, 1, S, S]``: DDAD trains its
+members on their own shuffles of the data); the first convolution is grouped over the K
+input channels. Member ``k``'s weights are the slice ``k`` of dim 0 of every tensor, so
+:meth:`AutoencoderEnsemble.member` extracts a standalone :class:`DenseAutoencoder` and
+:meth:`AutoencoderEnsemble.from_members` builds the ensemble from K of them. Adam's update
+is element-wise, so one Adam over the ensemble's weights with the loss summed over the
+members takes exactly the steps of K Adams over K separate autoencoders
+(tests/test_ddad.py checks this in float64, each member on its own batches).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .autoencoder import ConvAutoencoder
-from .layers import init_weights, level_widths, pad_to_multiple
-
-__all__ = ["AutoencoderEnsemble"]
+__all__ = ["AutoencoderEnsemble", "BatchedLinear", "DenseAutoencoder"]
 
 
-def _grouped_block(in_channels: int, out_channels: int, members: int, shared_input: bool = False) -> nn.Sequential:
-    """K ``3x3 conv + BN + ReLU`` side by side: ``[B, K in, H, W] -> [B, K out, H, W]``
-    (``shared_input``: ``[B, in, H, W]`` read by every member, an ordinary convolution)."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels if shared_input else members * in_channels, members * out_channels, 3, padding=1,
-                  groups=1 if shared_input else members),
-        nn.BatchNorm2d(members * out_channels),
-        nn.ReLU(inplace=True),
-    )
+class BatchedLinear(nn.Module):
+    """K independent ``nn.Linear(in, out)``: ``[B, K, in] -> [B, K, out]``; weight
+    ``[K, out, in]``, bias ``[K, out]``, each member initialised as ``nn.Linear``."""
+
+    def __init__(self, members: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.members, self.in_features, self.out_features = members, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(members, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(members, out_features))
+        bound = 1 / math.sqrt(in_features)  # nn.Linear's: kaiming_uniform(a=sqrt(5)) is U(-1/sqrt(in), ..)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bki,koi->bko", x, self.weight) + self.bias
+
+    def extra_repr(self) -> str:
+        return f"members={self.members}, in_features={self.in_features}, out_features={self.out_features}"
 
 
-def _grouped_double(in_channels: int, mid: int, out: int, members: int, shared_input: bool = False) -> nn.Sequential:
-    """K :func:`~medad_fast.models.layers.double_conv` blocks side by side."""
-    return nn.Sequential(_grouped_block(in_channels, mid, members, shared_input), _grouped_block(mid, out, members))
+def _layers(members: int, width: int, hidden: int, latent: int, side: int
+            ) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential, nn.Sequential]:
+    """DDAD's four stages for K members (K = 1 with plain layers: the single autoencoder)."""
+    K, single = members, members == 1
+    widths = (width, 2 * width, 4 * width, 4 * width)
+    flat = widths[-1] * (side // 16) ** 2
+
+    def conv(i: int, o: int) -> nn.Module:
+        return nn.Conv2d(K * i, K * o, 4, 2, 1, bias=False, groups=K)
+
+    def deconv(i: int, o: int) -> nn.Module:
+        return nn.ConvTranspose2d(K * i, K * o, 4, 2, 1, bias=False, groups=K)
+
+    def dense(i: int, o: int) -> nn.Module:
+        return nn.Linear(i, o) if single else BatchedLinear(K, i, o)
+
+    encoder, previous = [], 1
+    for w in widths:
+        encoder += [conv(previous, w), nn.BatchNorm2d(K * w), nn.ReLU(True)]
+        previous = w
+    linear_enc = nn.Sequential(dense(flat, hidden), nn.BatchNorm1d(K * hidden), nn.ReLU(True), dense(hidden, latent))
+    linear_dec = nn.Sequential(dense(latent, hidden), nn.BatchNorm1d(K * hidden), nn.ReLU(True), dense(hidden, flat))
+    decoder = []
+    for i, o in ((widths[3], widths[2]), (widths[2], widths[1]), (widths[1], widths[0])):
+        decoder += [deconv(i, o), nn.BatchNorm2d(K * o), nn.ReLU(True)]
+    decoder.append(deconv(widths[0], 1))
+    return nn.Sequential(*encoder), linear_enc, linear_dec, nn.Sequential(*decoder)
+
+
+def _check(members: int, width: int, hidden: int, latent: int, side: int) -> None:
+    if members < 1:
+        raise ValueError(f"members must be >= 1; got {members}")
+    if width < 1 or hidden < 1 or latent < 1:
+        raise ValueError(f"width, hidden and latent must be >= 1; got {width}, {hidden}, {latent}")
+    if side < 16 or side % 16:
+        raise ValueError(f"image side must be a multiple of 16 (four stride-2 convolutions); got {side}")
+
+
+class DenseAutoencoder(nn.Module):
+    """DDAD-ASR's ``AE``: ``[B, 1, S, S] -> [B, 1, S, S]`` with a dense latent of ``latent``
+    values (see the module docstring)."""
+
+    def __init__(self, image_size: int = 64, width: int = 16, hidden: int = 2048, latent: int = 16) -> None:
+        super().__init__()
+        _check(1, width, hidden, latent, image_size)
+        self.image_size, self.width, self.hidden, self.latent = image_size, width, hidden, latent
+        self.encoder, self.linear_enc, self.linear_dec, self.decoder = _layers(1, width, hidden, latent, image_size)
+
+    def feature(self, x: torch.Tensor) -> torch.Tensor:
+        """The latent code ``[B, latent]``."""
+        return self.linear_enc(self.encoder(x).flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1:] != (1, self.image_size, self.image_size):
+            raise ValueError(f"input must have shape [B, 1, {self.image_size}, {self.image_size}]; got {list(x.shape)}")
+        fm = self.image_size // 16
+        out = self.linear_dec(self.feature(x)).view(x.shape[0], 4 * self.width, fm, fm)
+        return self.decoder(out)
 
 
 class AutoencoderEnsemble(nn.Module):
-    """``[B, 1, H, W] -> [K, B, 1, H, W]``: the reconstructions of K autoencoders with the
-    architecture of :class:`~medad_fast.models.ConvAutoencoder` (``base_width``,
-    ``latent_channels``, ``depth``), in one pass of grouped convolutions.
+    """K :class:`DenseAutoencoder` in one pass: ``[B, 1, S, S]`` (every member reads it) or
+    ``[K, B, 1, S, S]`` (member ``k`` reads slice ``k``) ``-> [K, B, 1, S, S]``."""
 
-    Any ``H, W`` (zero-padded to a multiple of ``2^depth`` and cropped back, as the single one).
-    """
-
-    def __init__(self, members: int = 3, base_width: int = 32, latent_channels: int = 16, depth: int = 4) -> None:
+    def __init__(self, members: int = 3, image_size: int = 64, width: int = 16, hidden: int = 2048,
+                 latent: int = 16) -> None:
         super().__init__()
-        if members < 1:
-            raise ValueError(f"members must be >= 1; got {members}")
-        if base_width < 1 or latent_channels < 1:
-            raise ValueError(f"base_width and latent_channels must be >= 1; got {base_width}, {latent_channels}")
-        if not 1 <= depth <= 8:
-            raise ValueError(f"depth must be in 1..8; got {depth}")
-        K = members
-        self.members, self.base_width, self.latent_channels, self.depth = K, base_width, latent_channels, depth
-        widths = level_widths(base_width, depth)
-        self.size_multiple = 2 ** depth
-        self.encoder = nn.ModuleList()
-        previous = 1
-        for index, width in enumerate(widths):
-            self.encoder.append(_grouped_double(previous, width, width, K, shared_input=index == 0))
-            previous = width
-        self.pool = nn.MaxPool2d(2)
-        self.squeeze = nn.Sequential(nn.Conv2d(K * previous, K * latent_channels, 1, groups=K), nn.ReLU(inplace=True))
-        self.expand = nn.Sequential(nn.Conv2d(K * latent_channels, K * previous, 1, groups=K), nn.ReLU(inplace=True))
-        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
-        self.decoder = nn.ModuleList(_grouped_double(widths[i + 1], widths[i], widths[i], K)
-                                     for i in reversed(range(depth)))
-        self.final = nn.Conv2d(K * widths[0], K, kernel_size=3, padding=1, groups=K)
-        # per element, so the same law as K single autoencoders (not the same draws: use
-        # from_members for that)
-        self.apply(init_weights)
+        _check(members, width, hidden, latent, image_size)
+        self.members, self.image_size, self.width, self.hidden, self.latent = members, image_size, width, hidden, latent
+        self.encoder, self.linear_enc, self.linear_dec, self.decoder = _layers(members, width, hidden, latent,
+                                                                             image_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != 1:
-            raise ValueError(f"input must have shape [B, 1, H, W]; got {list(x.shape)}")
-        x, (H, W) = pad_to_multiple(x, self.size_multiple)
-        for index, block in enumerate(self.encoder):
-            if index > 0:
-                x = self.pool(x)
-            x = block(x)
-        x = self.expand(self.squeeze(x))
-        for block in self.decoder:
-            x = block(self.up(x))
-        out = self.final(x)[..., :H, :W]  # [B, K, H, W]
-        return out.transpose(0, 1).unsqueeze(2)  # [K, B, 1, H, W]
+        K, S = self.members, self.image_size
+        if x.dim() == 5 and x.shape[0] == K and x.shape[2:] == (1, S, S):
+            x = x.squeeze(2).transpose(0, 1)  # [B, K, S, S]: member k's image on channel k
+        elif x.dim() == 4 and x.shape[1:] == (1, S, S):
+            x = x.expand(-1, K, -1, -1)
+        else:
+            raise ValueError(f"input must have shape [B, 1, {S}, {S}] or [{K}, B, 1, {S}, {S}]; got {list(x.shape)}")
+        B, fm = x.shape[0], S // 16
+        code = self._dense(self.linear_enc, self.encoder(x).reshape(B, K, -1))  # member k: channels [k C, (k+1) C)
+        out = self._dense(self.linear_dec, code).reshape(B, K * 4 * self.width, fm, fm)
+        return self.decoder(out).transpose(0, 1).unsqueeze(2)  # [K, B, 1, S, S]
+
+    @staticmethod
+    def _dense(stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        """``[B, K, in] -> [B, K, out]`` through ``BatchedLinear, BatchNorm1d(K hidden), ReLU,
+        BatchedLinear`` (the BatchNorm sees the K members' features side by side)."""
+        first, norm, relu, last = stage
+        h = first(x)
+        B, K, H = h.shape
+        h = relu(norm(h.reshape(B, K * H))).reshape(B, K, H)
+        return last(h)
 
     # ------------------------------------------------------------------ members
-    def _pairs(self, single: ConvAutoencoder) -> list[tuple[str, torch.Tensor]]:
-        """(name, the ensemble's tensor) for every entry of a single autoencoder's state dict
-        (the two share the module names)."""
-        own = self.state_dict()
-        return [(name, own[name]) for name in single.state_dict()]
-
-    def _single(self) -> ConvAutoencoder:
-        return ConvAutoencoder(self.base_width, self.latent_channels, self.depth)
+    def _single(self) -> DenseAutoencoder:
+        return DenseAutoencoder(self.image_size, self.width, self.hidden, self.latent)
 
     @torch.no_grad()
-    def member(self, k: int) -> ConvAutoencoder:
-        """Member ``k`` as a standalone :class:`~medad_fast.models.ConvAutoencoder` (a copy:
-        its weights, BatchNorm statistics and mode; same dtype and device)."""
+    def member(self, k: int) -> DenseAutoencoder:
+        """Member ``k`` as a standalone :class:`DenseAutoencoder` (a copy: weights, BatchNorm
+        statistics and mode; same dtype and device)."""
         if not 0 <= k < self.members:
             raise IndexError(f"member {k} of an ensemble of {self.members}")
         single = self._single()
         reference = next(self.parameters())
         single.to(device=reference.device, dtype=reference.dtype)
-        state = {}
-        for name, tensor in self._pairs(single):
+        own, state = self.state_dict(), {}
+        for name, target in single.state_dict().items():
+            tensor = own[name]
             if tensor.dim() == 0:  # num_batches_tracked: one counter for all members
                 state[name] = tensor.clone()
+            elif tensor.dim() == target.dim() + 1:  # BatchedLinear: [K, ...]
+                state[name] = tensor[k].clone()
             else:
                 rows = tensor.shape[0] // self.members
                 state[name] = tensor[k * rows:(k + 1) * rows].clone()
@@ -130,19 +181,23 @@ class AutoencoderEnsemble(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_members(cls, singles: Sequence[ConvAutoencoder]) -> AutoencoderEnsemble:
+    def from_members(cls, singles: Sequence[DenseAutoencoder]) -> AutoencoderEnsemble:
         """The ensemble of ``singles`` (same architecture each): member ``k`` = ``singles[k]``."""
         if not singles:
             raise ValueError("from_members needs at least one autoencoder")
         first = singles[0]
-        widths = [block[0][0].out_channels for block in first.encoder]
-        ensemble = cls(len(singles), widths[0], first.squeeze[0].out_channels, len(widths) - 1)
+        ensemble = cls(len(singles), first.image_size, first.width, first.hidden, first.latent)
         reference = next(first.parameters())
         ensemble.to(device=reference.device, dtype=reference.dtype)
         states = [s.state_dict() for s in singles]
         merged = {}
-        for name, tensor in ensemble._pairs(first):
+        for name, tensor in ensemble.state_dict().items():
             parts = [state[name] for state in states]
-            merged[name] = parts[0].clone() if tensor.dim() == 0 else torch.cat(parts, dim=0)
+            if tensor.dim() == 0:
+                merged[name] = parts[0].clone()
+            elif tensor.dim() == parts[0].dim() + 1:
+                merged[name] = torch.stack(parts)
+            else:
+                merged[name] = torch.cat(parts, dim=0)
         ensemble.load_state_dict(merged)
         return ensemble.train(first.training)

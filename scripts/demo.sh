@@ -7,7 +7,12 @@
 #
 # Everything goes to demo_out/ (DEMO_OUT overrides); a re-run starts a fresh training run.
 # Extra arguments are passed to `medad-fast train` (e.g. --device cuda, --epochs 5).
+#
+# The demo runs with the CPU kernels pinned to AVX2 (`--reproducible`: medad_fast/cpu_isa.py),
+# so it prints the same figures on AVX2 and AVX-512 machines; MEDAD_FAST_REPRODUCIBLE=0 runs
+# it on the machine's best kernels (faster on AVX-512, other figures).
 set -euo pipefail
+export MEDAD_FAST_REPRODUCIBLE="${MEDAD_FAST_REPRODUCIBLE:-1}"
 
 OUT="${DEMO_OUT:-demo_out}"
 DEMO_TRAIN="${DEMO_TRAIN:-200}"   # normal training slices

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from medad_fast import ops
+from medad_fast.augment import augment_anomaly_sources, rotate_normal_images
 from medad_fast.config import resolve_config
 from medad_fast.losses import focal_loss, ssim
 from medad_fast.methods import create_method
@@ -57,6 +58,8 @@ def test_synthesizer_is_configured_as_draems():
     assert s.roi_threshold == -math.inf and s.threshold == 0.5 and s.p_anomaly == 0.5
     assert s.max_log2_res == 5 and s.max_rotation == pytest.approx(math.pi / 2) and s.max_retries == 0
     assert s.beta_range == pytest.approx((0.2, 1.0))  # source weight 1 - beta, beta ~ U(0, 0.8)
+    assert s.source_transform is augment_anomaly_sources  # DRAEM's randAugmenter, on by default
+    assert tiny_method(source_augmentation=False).synthesizer.source_transform is None
 
 
 def test_mask_is_not_restricted_to_the_liver_and_opacity_spans_02_to_1():
@@ -64,7 +67,9 @@ def test_mask_is_not_restricted_to_the_liver_and_opacity_spans_02_to_1():
     # anomalies in the background and the paper's method none there
     images = torch.zeros(64, 1, 32, 32)
     images[..., 16:] = 0.5
-    draem, paper = tiny_method(), tiny_method("frequency_aware")
+    # the sources as they come (DRAEM's source augmentation would invert or darken the
+    # constant source and hide the blend weight this test reads)
+    draem, paper = tiny_method(source_augmentation=False), tiny_method("frequency_aware")
     one = torch.ones(1, 1, 32, 32)
     draem.synthesizer.sources = one  # a source of 1 everywhere: I_a - I = b M (1 - I)
     paper.synthesizer.sources = one
@@ -124,10 +129,12 @@ def test_training_steps_keep_the_plain_skips():
 def test_loss_is_l2_plus_ssim_plus_focal_without_l1():
     method = tiny_method()
     images = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    # a draw with anomalies in it, so the focal term sees both classes
-    augmented, mask = method.synthesizer(images, torch.Generator().manual_seed(2))
+    # a draw with anomalies in it, so the focal term sees both classes; the targets are the
+    # (possibly rotated) normal images of the same draw
+    images, augmented, mask = method.training_batch(images, torch.Generator().manual_seed(2))
     assert mask.any()
-    loss, terms = method(images, torch.Generator().manual_seed(2))
+    loss, terms = method(torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(0)),
+                         torch.Generator().manual_seed(2))
     assert set(terms) == {"loss_rec", "loss_mse", "loss_ssim", "loss_focal", "anomalous_fraction"}
     # recomputed from the pieces (train-mode BatchNorm: the same batch gives the same outputs)
     reconstruction = method.reconstructive(augmented)

@@ -360,7 +360,8 @@ def autocontrast(x: torch.Tensor, cutoff: torch.Tensor) -> torch.Tensor:
     lo = (below <= cut).sum(1, keepdim=True)  # first level with more than `cut` pixels at or below it
     hi = (at_or_above > cut).sum(1, keepdim=True) - 1  # last level with more than `cut` at or above it
     dtype = torch.float32 if x.device.type == "mps" else torch.float64
-    scale = 255.0 / (hi - lo).clamp_min(1).to(dtype)
+    # a correctly rounded 255 / (hi - lo) as PIL's (``255.0 / tensor`` multiplies by a reciprocal)
+    scale = torch.full_like(lo, 255, dtype=dtype) / (hi - lo).clamp_min(1).to(dtype)
     levels = torch.arange(256, device=x.device, dtype=dtype).view(1, 256)
     stretched = (levels * scale - lo.to(dtype) * scale).trunc().clamp(0.0, 255.0)
     tables = torch.where(hi > lo, stretched, levels)

@@ -19,6 +19,7 @@ from medad_fast.losses import focal_loss, ssim
 from medad_fast.methods import create_method
 from medad_fast.methods.draem import ConcatSkip, discriminative_network
 from medad_fast.models.segmentation import SegmentationNetwork
+from medad_fast.synthesis import AnomalySynthesizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,6 +84,37 @@ def test_mask_is_not_restricted_to_the_liver_and_opacity_spans_02_to_1():
     assert has.sum() >= 16
     assert weight.min() >= 0.2 - 1e-6 and weight.max() <= 1.0
     assert weight.min() < 0.35 and weight.max() > 0.85, f"opacities {weight.min():.3f}..{weight.max():.3f}"
+
+
+def test_training_batch_rotates_the_normal_images_then_synthesises_into_them():
+    images = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    method = tiny_method()
+    normal, augmented, mask = method.training_batch(images, torch.Generator().manual_seed(4))
+    # by hand, in DRAEM's loader order and from the same generator: rotation (30 %), then synthesis
+    g = torch.Generator().manual_seed(4)
+    rotated = rotate_normal_images(images, g)
+    expected_augmented, expected_mask = method.synthesizer(rotated, g)
+    assert torch.equal(normal, rotated) and not torch.equal(rotated, images)
+    assert torch.equal(augmented, expected_augmented) and torch.equal(mask, expected_mask)
+    off = tiny_method(rotate_normal=False)
+    normal, augmented, _ = off.training_batch(images, torch.Generator().manual_seed(4))
+    assert torch.equal(normal, images)
+    assert torch.equal(augmented, off.synthesizer(images, torch.Generator().manual_seed(4))[0])
+    assert resolve_config("draem", "tiny", rotate_normal=False, source_augmentation=False).variant == \
+        "draem (no source augmentation, no rotation)"
+
+
+def test_the_synthesizer_blends_the_transformed_source():
+    # source 0.25 everywhere, transform 1 - s, source weight 1: inside the mask I_a = 0.75
+    images = torch.full((8, 1, 32, 32), 0.5)
+    synthesizer = AnomalySynthesizer(torch.full((3, 1, 32, 32), 0.25), p_anomaly=1.0, max_retries=0,
+                                     roi_threshold=-math.inf, beta_range=(1.0, 1.0),
+                                     source_transform=lambda sources, generator: 1.0 - sources)
+    augmented, mask = synthesizer(images, torch.Generator().manual_seed(0))
+    assert mask.any()
+    torch.testing.assert_close(augmented, torch.where(mask.bool(), 0.75, images), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="source_transform"):
+        AnomalySynthesizer(torch.zeros(1, 1, 8, 8), source_transform="invert")
 
 
 # ----------------------------------------------------------------------------- networks

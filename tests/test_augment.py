@@ -345,3 +345,11 @@ def test_about_three_in_ten_normal_images_are_rotated_the_rest_are_untouched():
     same = augment.rotate_normal_images(images, torch.Generator().manual_seed(3))
     assert torch.equal(out, same)
     assert torch.equal(augment.rotate_normal_images(images, torch.Generator().manual_seed(3), probability=0.0), images)
+
+
+@requires_cuda
+def test_on_cuda_draems_source_augmentation_is_determined_by_the_generator():
+    sources = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(0)).cuda()
+    a = augment.augment_anomaly_sources(sources, torch.Generator("cuda").manual_seed(1))
+    b = augment.augment_anomaly_sources(sources, torch.Generator("cuda").manual_seed(1))
+    assert torch.equal(a, b) and torch.equal(a * 255, (a * 255).round())

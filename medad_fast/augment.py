@@ -224,8 +224,9 @@ DRAEM_SOURCE_MAX_DEGREES = 45.0
 #: imgaug's Lab / Luv are 2 of MultiplyAndAddToBrightness's 6 colour spaces (YCrCb, HSV,
 #: HLS, Lab, Luv, YUV); their brightness channel is CIE L*, the others' is the grey level
 _LIGHTNESS_SPACES = (3, 4)
-#: PIL's ImageFilter.SMOOTH (divided by 13): ImageEnhance.Sharpness's degenerate image
-_SMOOTH_KERNEL = ((1.0, 1.0, 1.0), (1.0, 5.0, 1.0), (1.0, 1.0, 1.0))
+#: PIL's ImageFilter.SMOOTH, ``[[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13``: ImageEnhance.Sharpness's
+#: degenerate image
+_SMOOTH_CENTRE = 5.0
 
 
 def rotate_normal_images(images: torch.Tensor, generator: torch.Generator,
@@ -307,7 +308,9 @@ def enhance_sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     image ``d`` is ``x`` filtered with PIL's SMOOTH kernel (``[[1,1,1],[1,5,1],[1,1,1]] /
     13``, rounded; the one-pixel border keeps ``x``, as PIL's 3 x 3 filter), and
     ``Image.blend(d, x, factor)`` = ``clip(trunc(d + factor (x - d)))``."""
-    kernel = torch.tensor(_SMOOTH_KERNEL, device=x.device, dtype=x.dtype).view(1, 1, 3, 3) / 13.0
+    kernel = torch.ones(1, 1, 3, 3, device=x.device, dtype=x.dtype)  # built on the device: no host copy
+    kernel[..., 1, 1] = _SMOOTH_CENTRE
+    kernel = kernel / 13.0
     degenerate = x.clone()
     if x.shape[-2] > 2 and x.shape[-1] > 2:
         degenerate[..., 1:-1, 1:-1] = (F.conv2d(x, kernel) + 0.5).floor()

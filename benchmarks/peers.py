@@ -24,8 +24,10 @@ same per-sample structure (a Python loop over the batch) and the same libraries:
   ``fft2 -> fftshift -> H(D) on a centred distance grid -> ifftshift -> ifft2 -> real``.
 
 Neither synthesis peer augments the anomaly source (DRAEM and anomalib apply three random
-imgaug / torchvision colour transforms to it first): our op does not either, so that work
-is left out on both sides and the synthesis ratios are a LOWER bound of the real speed-up.
+imgaug / torchvision colour transforms to it first): the synthesizer measured against them
+has no ``source_transform`` either (the package's ``draem`` method adds DRAEM's, batched on
+the device: :func:`medad_fast.augment.augment_anomaly_sources`), so that work is left out
+on both sides and the synthesis ratios are the synthesis's alone.
 Both peers apply the liver mask ``M *= [I > roi_threshold]``, which the
 originals lack, so all implementations compute the same thing.
 

@@ -10,7 +10,10 @@ nothing crosses to the host but the retry count) and calls the fused
 * rotation of the noise field ``U(-90 deg, 90 deg)`` (radians);
 * opacity ``beta ~ U(0.1, 1.0)``;
 * the sample is anomalous with probability ``p_anomaly`` (0.5), else it stays normal;
-* the anomaly source of each sample is drawn uniformly from a pool tensor kept on the device.
+* the anomaly source of each sample is drawn uniformly from a pool tensor kept on the device;
+  an optional ``source_transform(sources, generator)`` (e.g. DRAEM's source augmentation,
+  :func:`medad_fast.augment.augment_anomaly_sources`) changes the drawn sources, after the
+  lattice draws.
 
 An anomalous sample whose mask comes out empty (the noise blob fell outside the liver) is
 redrawn, up to ``max_retries`` times: each retry draws a new lattice and rotation for the
@@ -21,6 +24,7 @@ last retry stays normal (its mask is empty, so the loss treats it as normal).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -43,11 +47,14 @@ class AnomalySynthesizer:
         max_log2_res: ``k`` of the lattice resolution ``2^k`` is drawn from ``0..max_log2_res``.
         beta_range: opacity range ``[lo, hi)``.
         max_rotation: rotation drawn from ``U(-max_rotation, max_rotation)`` radians.
+        source_transform: ``None`` or a callable ``(sources [B,1,H,W] float32, generator) ->
+            sources``, applied to each batch's drawn sources (its randomness from the generator).
     """
 
     def __init__(self, sources: torch.Tensor, p_anomaly: float = 0.5, max_retries: int = 10,
                  threshold: float = 0.5, roi_threshold: float = 0.0, max_log2_res: int = 5,
-                 beta_range: tuple[float, float] = (0.1, 1.0), max_rotation: float = math.pi / 2) -> None:
+                 beta_range: tuple[float, float] = (0.1, 1.0), max_rotation: float = math.pi / 2,
+                 source_transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None) -> None:
         if not isinstance(sources, torch.Tensor) or sources.dim() != 4 or sources.shape[1] != 1:
             shape = list(sources.shape) if isinstance(sources, torch.Tensor) else type(sources).__name__
             raise ValueError(f"sources must be a tensor [N, 1, H, W]; got {shape}")
@@ -72,6 +79,9 @@ class AnomalySynthesizer:
         self.max_log2_res = int(max_log2_res)
         self.beta_range = (float(lo), float(hi))
         self.max_rotation = float(max_rotation)
+        if source_transform is not None and not callable(source_transform):
+            raise ValueError(f"source_transform must be None or callable; got {type(source_transform).__name__}")
+        self.source_transform = source_transform
         #: number of retries the last call needed (for logging)
         self.last_retries = 0
 
@@ -126,8 +136,11 @@ class AnomalySynthesizer:
         source_index = torch.randint(0, self.sources.shape[0], (B,), generator=generator, device=device)
         lo, hi = self.beta_range
         beta = lo + (hi - lo) * torch.rand(B, generator=generator, device=device, dtype=dtype)
-        sources = self.sources[source_index].to(dtype)
+        sources = self.sources[source_index]
         angles, res, rotation = self._draw_lattice(B, generator, dtype)
+        if self.source_transform is not None:
+            sources = self.source_transform(sources, generator)
+        sources = sources.to(dtype)
         # res = 2^k, k in [0, max_log2_res] (_draw_lattice): the op need not read it back to check it
         res_bounds = (1, 2 ** self.max_log2_res)
         augmented, mask = ops.synthesize_anomalies(images, sources, angles, res, rotation, beta, anomalous,

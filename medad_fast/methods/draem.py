@@ -2,15 +2,26 @@
 embedding for surface anomaly detection", ICCV 2021): the paper's closest relative and the
 REW-D comparison row.
 
-One training step on a batch of normal slices ``I``:
+One training step on a batch of normal slices ``I`` (every draw from this step's generator,
+on the training device, so an exact resume stays exact):
 
+0. DRAEM's loader rotates 30 % of the normal images by ``U(-90, 90)`` degrees
+   (``transform_image``: ``torch.rand(1) > 0.7``, then ``iaa.Affine(rotate=(-90, 90))``)
+   before anything else: the rotated image is both the synthesis's base and the
+   reconstruction target (:func:`~medad_fast.augment.rotate_normal_images`;
+   ``rotate_normal``, on by default).
 1. DRAEM's anomaly synthesis, over the WHOLE image (no liver localisation), with the
-   fused op (:class:`~medad_fast.synthesis.AnomalySynthesizer`, this step's generator):
+   fused op (:class:`~medad_fast.synthesis.AnomalySynthesizer`):
    Perlin lattice ``2^k`` cells per axis with ``k ~ U{0..5}``, rotation ``U(-90, 90)``
    degrees, mask ``M = [P > 0.5]``, anomaly with probability 0.5 and DRAEM's opacity
    convention ``I_a = I (1 - M) + (1 - beta) A M + beta I M`` with ``beta ~ U(0, 0.8)``.
    Anomaly sources: ``run.anomaly_source``, else the Perlin-texture fallback
-   (:func:`~medad_fast.methods.frequency_aware.training_sources`).
+   (:func:`~medad_fast.methods.frequency_aware.training_sources`); each sample's source
+   first goes through DRAEM's ``randAugmenter``, 3 of its 10 imgaug ops drawn without
+   replacement (:func:`~medad_fast.augment.augment_anomaly_sources`, whose docstring gives
+   the ops, their ranges, and how the colour ops act on grey images;
+   ``source_augmentation``, on by default). As in DRAEM, the source is augmented for
+   every sample (also those that stay normal) and only the mask's pixels of it are used.
 2. ``I_r = R(I_a)``: the reconstructive network on the augmented image itself (no
    high-pass; :class:`~medad_fast.models.ReconstructionNetwork`).
 3. ``logits = S(concat(I_r, I_a))``: the discriminative U-Net with ordinary concatenated
@@ -35,10 +46,13 @@ normal sample rather than redrawing it), threshold 0.5, ``max_log2_res = 5``, ro
 What is not DRAEM's: the discriminative network is the package's U-Net
 (:class:`~medad_fast.models.SegmentationNetwork`, encoder widths ``w, 2w, 4w, 8w, 8w, 8w``
 as DRAEM's), whose decoder keeps the encoder's width at every level where DRAEM's halves it
-before the concatenation (slightly more weights, same depth, same receptive field). DRAEM's
-colour augmentations of the anomaly source and its random rotation of 30 % of the normal
-training images are not applied (the package's sources are used as they come, as for the
-paper's method).
+before the concatenation (slightly more weights, same depth, same receptive field). The
+images are single-channel where DRAEM's are BGR, so the source ops act on grey levels (see
+:mod:`medad_fast.augment` for the mapping of each op, and for the rounding differences of
+its float rotations and Lab tables from imgaug's OpenCV calls, at most one grey level). The
+normal image is rotated as a float image, not first stored as uint8 as DRAEM's ``cv2``
+images are: the package's images are floats, and rounding them would only add DRAEM's
+storage format's quantisation.
 """
 
 from __future__ import annotations
@@ -50,6 +64,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..augment import augment_anomaly_sources, rotate_normal_images
 from ..config import Config, MethodConfig, setting
 from ..losses import focal_loss, reconstruction_loss
 from ..models.layers import init_weights
@@ -85,6 +100,11 @@ class DraemConfig(MethodConfig):
     max_retries: int = 0  # DRAEM keeps an empty draw as a normal sample
     perlin_threshold: float = 0.5
     source_pool_size: int = setting(256, "anomaly-source images kept on the device")
+    # DRAEM's loader augmentations (both DRAEM's; the switches exist for ablations)
+    source_augmentation: bool = setting(True, "DRAEM's augmentation of each anomaly source, 3 of its 10 imgaug ops "
+                                              "(--no-source-augmentation: the sources as they come)")
+    rotate_normal: bool = setting(True, "DRAEM's rotation of 30 % of the normal images by U(-90, 90) degrees "
+                                        "before synthesis (--no-rotate-normal: none)")
     # image score: max of a mean filter of this size over the pixel map; None: DRAEM's 21 at
     # 256 x 256, scaled with the side
     score_filter: int | None = setting(None, "side of the image score's mean filter (default: 21 at 256, scaled)")
@@ -98,18 +118,26 @@ class DraemConfig(MethodConfig):
         need(all(0.0 < m <= 1.0 for m in self.lr_milestones), "lr_milestones", "fractions in (0, 1]")
         need(0.0 < self.lr_gamma <= 1.0, "lr_gamma", "must be in (0, 1]")
         need(self.focal_gamma >= 0, "focal_gamma", "must be >= 0")
+        need(isinstance(self.source_augmentation, bool), "source_augmentation", "must be true or false")
+        need(isinstance(self.rotate_normal, bool), "rotate_normal", "must be true or false")
         self.need_synthesis_settings()
         self.need_score_filter()
 
+    def variant(self) -> str:
+        return ", ".join(name for name, on in (("no source augmentation", self.source_augmentation),
+                                               ("no rotation", self.rotate_normal)) if not on)
+
 
 def draem_synthesizer(sources: torch.Tensor, p_anomaly: float = 0.5, max_retries: int = 0,
-                      threshold: float = 0.5) -> AnomalySynthesizer:
+                      threshold: float = 0.5, source_augmentation: bool = True) -> AnomalySynthesizer:
     """DRAEM's synthesis on the fused op: the mask anywhere in the image
-    (``roi_threshold = -inf``) and the source's weight ``1 - beta`` uniform on (0.2, 1]
-    (see the module docstring for the mapping of DRAEM's blend onto the op's)."""
+    (``roi_threshold = -inf``), the source's weight ``1 - beta`` uniform on (0.2, 1] (see
+    the module docstring for the mapping of DRAEM's blend onto the op's) and, with
+    ``source_augmentation``, DRAEM's augmentation of the drawn sources."""
     return AnomalySynthesizer(sources, p_anomaly=p_anomaly, max_retries=max_retries, threshold=threshold,
                               roi_threshold=-math.inf, max_log2_res=5, beta_range=(1.0 - DRAEM_MAX_BETA, 1.0),
-                              max_rotation=math.pi / 2)
+                              max_rotation=math.pi / 2,
+                              source_transform=augment_anomaly_sources if source_augmentation else None)
 
 
 class ConcatSkip(nn.Module):
@@ -174,7 +202,7 @@ class DraemMethod(Method):
         m: DraemConfig = self.config.method
         sources = training_sources(self.config, m.source_pool_size)
         self.synthesizer = draem_synthesizer(sources.to(device=device, dtype=torch.float32), m.p_anomaly,
-                                             m.max_retries, m.perlin_threshold)
+                                             m.max_retries, m.perlin_threshold, m.source_augmentation)
 
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[Any]]:
         m, run = self.config.method, self.config.run
@@ -189,11 +217,20 @@ class DraemMethod(Method):
             logits = self.discriminative(torch.cat([reconstruction.to(images.dtype), images], dim=1))
         return reconstruction, logits
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_batch(self, images: torch.Tensor, generator: torch.Generator
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DRAEM's loader on a batch of normal images: ``(I, I_a, M)``, the (30 % rotated)
+        normal images, the same with anomalies synthesised into them, and the masks."""
         if self.synthesizer is None:
             raise RuntimeError("setup_training() must run before the first training step")
-        m: DraemConfig = self.config.method
+        if self.config.method.rotate_normal:
+            images = rotate_normal_images(images, generator)
         augmented, mask = self.synthesizer(images, generator)
+        return images, augmented, mask
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        m: DraemConfig = self.config.method
+        images, augmented, mask = self.training_batch(images, generator)
         reconstruction, logits = self.networks(augmented)
         rec, mse, ssim_term = reconstruction_loss(reconstruction, images, 1.0)  # L2 + (1 - SSIM)
         focal = focal_loss(torch.softmax(logits.float(), dim=1)[:, 1:2], mask, m.focal_gamma)

@@ -42,7 +42,7 @@ import numpy as np
 from .config import OPTIONAL_PRESET_NAMES, PRESET_NAMES, Config, RunConfig, resolve_config
 from .data.crop import resolve_crop
 from .data.layout import has_split
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, check_writable_folder
 from .methods import get_method, method_names
 
 __all__ = ["Entry", "COLUMNS", "run_entry", "sweep", "add_arguments", "main"]
@@ -210,6 +210,7 @@ def sweep(entries: Sequence[Entry], data: Path, out: Path, preset: str, common: 
     if not has_split(data, "train"):
         raise SystemExit(f"medad-fast {stem}: --data {data}: no train/good folder and no data.json "
                          f"(run `make demo` or `medad-fast phantom` first)")
+    check_writable_folder(out)  # before any training
     rows = {}
     for entry in entries:
         rows[entry.name] = run_entry(entry, data, out / entry.name, preset, common, device, progress)

@@ -58,6 +58,8 @@ class RunConfig:
     lr: float = 1e-4
     seed: int = 0
     max_train_images: int | None = None
+    # training slices without liver (all black): refused unless skipped (train.load_training_images)
+    skip_empty_slices: bool = False
     # checkpoints: every `checkpoint_every` epochs and/or when `checkpoint_minutes` have passed
     # since the last one (the last epoch and a stop signal always write one)
     checkpoint_every: int | None = None
@@ -93,6 +95,7 @@ class RunConfig:
         need(self.epochs >= 1, "epochs", "must be >= 1")
         need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a finite number > 0")
         need(self.max_train_images is None or self.max_train_images >= 1, "max_train_images", "must be >= 1")
+        need(isinstance(self.skip_empty_slices, bool), "skip_empty_slices", "must be true or false")
         need(self.checkpoint_every is None or self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         need(self.checkpoint_minutes is None or self.checkpoint_minutes >= 0, "checkpoint_minutes", "must be >= 0")
         need(isinstance(self.augment, bool), "augment", "must be true or false")

@@ -64,12 +64,12 @@ from .data.crop import crops_liver
 from .data.dataset import BmadSliceDataset
 from .data.layout import has_split, is_image_level
 from .inference import load_method, resolve_checkpoint, score_dataset
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, check_writable_folder, output_folder
 from .metrics import PixelMetricsStream, image_metrics, roc_curve, roc_curve_from_counts
 from .operating_point import operating_point, write_operating_point
 from .runtime import ops_mode, resolve_device
 from .volume_evaluate import DEFAULT_LESION_THRESHOLDS
-from .volume_inference import DEFAULT_TOP_K, add_display_arguments
+from .volume_inference import DEFAULT_TOP_K, add_display_arguments, add_value_check_arguments
 from .visualize import plot_roc, write_cases
 
 __all__ = ["evaluate", "add_arguments", "main"]
@@ -87,6 +87,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
     checkpoint = resolve_checkpoint(checkpoint)
     out = Path(out) if out is not None else checkpoint.parent / f"eval-{split}"
     world = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
+    if world.is_main:
+        check_writable_folder(out)  # before any work
     metrics = None
     with ops_mode(reference_ops), contextlib.ExitStack() as cleanup:
         method, state = load_method(checkpoint, world.device, compile=compile)
@@ -95,7 +97,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
         stream = None
         if world.is_main:
             # the maps go to a spill file beside the outputs, not into memory (deleted at the end)
-            out.mkdir(parents=True, exist_ok=True)
+            # made here; removed again when an error leaves it empty
+            cleanup.enter_context(output_folder(out))
             spill = cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".pixel-maps-", dir=out))
             stream = cleanup.enter_context(PixelMetricsStream(spill))
         started = time.perf_counter()
@@ -255,6 +258,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     volumes.add_argument("--manifest", metavar="FILE", default=None,
                          help="a `medad-fast prepare` manifest.json: evaluate the source volumes of --split")
     add_display_arguments(volumes)
+    add_value_check_arguments(volumes)
     volumes.add_argument("--top-k", type=int_at_least(1), default=DEFAULT_TOP_K, metavar="K",
                          help=f"slices in a volume's top-k mean score (default {DEFAULT_TOP_K})")
     volumes.add_argument("--lesion-thresholds", type=int_at_least(2), default=DEFAULT_LESION_THRESHOLDS,
@@ -294,7 +298,8 @@ def _main_volumes(args: argparse.Namespace) -> int:
         metrics = evaluate_volumes(args.run_or_checkpoint, cases, args.out, valid_cases, args.device,
                                    args.batch_size, not args.no_progress, args.window, args.hist_eq, args.top_k,
                                    lesion_thresholds=args.lesion_thresholds, split=split, source=source,
-                                   skipped=skipped)
+                                   skipped=skipped, allow_nonfinite=args.allow_nonfinite,
+                                   allow_non_hu=args.allow_non_hu)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"medad-fast evaluate: error: {exc}", file=sys.stderr)
         return 2

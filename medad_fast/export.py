@@ -196,9 +196,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt
     (``aoti``: see :func:`export_method`)."""
     from .inference import load_method
 
+    from .io import check_writable_file
+
     out = Path(out)
     if fmt in EXPORT_FORMATS and out.suffix != EXPORT_FORMATS[fmt]:
         raise ValueError(f"--out {out}: a {fmt} file must end in {EXPORT_FORMATS[fmt]}")
+    check_writable_file(out)  # before any work
     method, _ = load_method(checkpoint, "cpu", amp=False)
     return export_method(method, out, fmt, aoti)
 

@@ -133,19 +133,70 @@ def score_dataset(method: Method | ExportedModel, dataset, batch_size: int = 16,
         yield batch, maps, scores
 
 
-def score_images(method: Method | ExportedModel, images: torch.Tensor, batch_size: int = 16, progress: bool = False,
-                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel maps and image scores of a tensor of images (uint8 or float in [0, 1],
-    ``[N, 1, H, W]``). Returns ``(maps float32 [N, H, W], scores float32 [N])`` on the CPU."""
+def _image_batch(images) -> torch.Tensor:
+    """``images`` (numpy or torch; ``[N, 1, H, W]`` or ``[N, H, W]``; uint8, or float in
+    [0, 1]) as a ``[N, 1, H, W]`` tensor; ``ValueError`` saying what is wrong otherwise."""
+    if not isinstance(images, torch.Tensor):
+        try:
+            import numpy as np
+
+            array = np.asarray(images)
+        except Exception as e:  # a ragged list, an object that is no array
+            raise ValueError(f"images must be a numpy array or a torch tensor; got {type(images).__name__} ({e})") from None
+        if array.dtype == object or array.dtype.kind not in "biuf":
+            raise ValueError(f"images must be a numpy array or a torch tensor of numbers; got {type(images).__name__} "
+                             f"of dtype {array.dtype}")
+        images = torch.from_numpy(np.ascontiguousarray(array))
+    if images.dim() == 3:
+        images = images[:, None]
     if images.dim() != 4 or images.shape[1] != 1:
-        raise ValueError(f"images must have shape [N, 1, H, W]; got {list(images.shape)}")
-    results = (score_batch(method, images[start:start + batch_size], device)
-               for start in range(0, images.shape[0], batch_size))
+        raise ValueError(f"images must have shape [N, 1, H, W] or [N, H, W]; got {list(images.shape)}")
+    if images.dtype == torch.uint8:
+        return images
+    if not images.is_floating_point():
+        raise ValueError(f"images must be uint8 (0..255) or float in [0, 1]; got {images.dtype}")
+    if images.numel() and not (bool(torch.isfinite(images).all()) and float(images.min()) >= 0.0
+                               and float(images.max()) <= 1.0):
+        finite = images[torch.isfinite(images)]
+        seen = f"{float(finite.min()):g} .. {float(finite.max()):g}" if finite.numel() else "no finite value"
+        raise ValueError(f"float images must hold values in [0, 1] (uint8 images 0..255); got {seen}"
+                         + ("" if finite.numel() == images.numel() else
+                            f" and {images.numel() - finite.numel()} NaN or infinite value(s)"))
+    return images
+
+
+def score_images(method: Method | ExportedModel, images, batch_size: int = 16, progress: bool = False,
+                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel maps and image scores of a batch of grayscale images: a numpy array or a torch
+    tensor, ``[N, 1, H, W]`` or ``[N, H, W]``, uint8 (0..255) or float in [0, 1] (anything
+    else raises ``ValueError``). Images of another size than the model's side ``S`` are
+    resized as ``predict`` resizes an image file (:func:`medad_fast.data.dataset.to_model_side`:
+    area averaging to shrink, bilinear to enlarge, then uint8 with every positive pixel kept
+    >= 1), and their maps resized back to ``H x W`` (:func:`medad_fast.io.resize_images`).
+    Returns ``(maps float32 [N, H, W], scores float32 [N])`` on the CPU."""
+    from .data.dataset import to_model_side
+    from .io import resize_images
+
+    images = _image_batch(images)
+    side = method.config.run.image_size
+    size = tuple(images.shape[-2:])
+    resize = size != (side, side)
+
+    def batches():
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start:start + batch_size]
+            if not resize:
+                yield score_batch(method, batch, device)
+                continue
+            batch_maps, batch_scores = score_batch(method, to_model_side(batch[:, 0].cpu().numpy(), side), device)
+            yield resize_images(batch_maps[:, None], size)[:, 0], batch_scores
+
+    results = batches()
     if progress:
         from tqdm import tqdm
         results = tqdm(results, total=-(-images.shape[0] // batch_size), desc="score", unit="batch",
                        dynamic_ncols=True)
-    maps = torch.empty(images.shape[0], *images.shape[-2:], dtype=torch.float32)
+    maps = torch.empty(images.shape[0], *size, dtype=torch.float32)
     scores = torch.empty(images.shape[0], dtype=torch.float32)
     start = 0
     for batch_maps, batch_scores in results:

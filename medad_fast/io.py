@@ -14,14 +14,23 @@ Images are handled as grayscale throughout the package:
 - :func:`read_mask` -> ``bool [H, W]``, any nonzero value (in any colour channel) is True.
 - :func:`resize_images` / :func:`resize_masks` resize ``[N, 1, H, W]`` tensors the one
   way used everywhere: area averaging to shrink, bilinear to enlarge, nearest for masks.
+
+Output folders: every command checks its output with :func:`check_writable_folder` (or
+:func:`check_writable_file`) BEFORE any work, so that a folder it cannot write is an
+:class:`OutputNotWritableError` (a ``ValueError``: exit code 2 from the CLI) naming the option
+and the folder, not a ``PermissionError`` after minutes of scoring; :func:`output_folder`
+also removes the folder again when the command created it and fails before writing into it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import secrets
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +42,10 @@ from PIL import Image, UnidentifiedImageError
 PathLike = str | os.PathLike
 
 __all__ = [
+    "OutputNotWritableError",
+    "check_writable_folder",
+    "check_writable_file",
+    "output_folder",
     "atomic_write_bytes",
     "fsync_directory",
     "atomic_write_text",
@@ -45,6 +58,77 @@ __all__ = [
     "resize_images",
     "resize_masks",
 ]
+
+
+# --------------------------------------------------------------------------- output folders
+
+
+class OutputNotWritableError(ValueError):
+    """An output folder or file that cannot be created or written; the message names the
+    option and the path."""
+
+
+def check_writable_folder(path: PathLike, what: str = "--out") -> Path:
+    """Raise :class:`OutputNotWritableError` unless files can be written in the folder
+    ``path``: it must be a folder or not exist yet, and a file must be creatable in it (or,
+    when it does not exist, in its nearest existing ancestor, where it will be made). The
+    check writes and removes a hidden temporary file (``os.access`` is wrong for root, ACLs
+    and read-only mounts). Creates nothing that stays. Returns ``Path(path)``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputNotWritableError(f"{what} {path} exists and is not a folder")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputNotWritableError(f"{what} {path}: cannot be created, {existing} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".medad-fast-write-check-"):
+            pass
+    except OSError as e:
+        where = "" if existing == path else f" (it would be created in {existing})"
+        raise OutputNotWritableError(f"{what} {path} cannot be written{where}: {e.strerror or e}; choose a folder "
+                                     "you can write to") from None
+    return path
+
+
+def check_writable_file(path: PathLike, what: str = "--out") -> Path:
+    """:func:`check_writable_folder` for the folder of the file ``path`` (written atomically,
+    so the folder must be writable); ``path`` itself must not be a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputNotWritableError(f"{what} {path} is a folder; name the file to write")
+    check_writable_folder(path.parent, f"{what} {path}: its folder")
+    return path
+
+
+def _remove_empty_folders(path: Path, stop: Path | None) -> None:
+    """Remove ``path`` and then its ancestors up to (not including) ``stop`` while empty."""
+    while path != stop and path != path.parent:
+        try:
+            path.rmdir()
+        except OSError:  # not empty (or gone): leave it
+            return
+        path = path.parent
+
+
+@contextlib.contextmanager
+def output_folder(path: PathLike, what: str = "--out", create: bool = True) -> Iterator[Path]:
+    """Check ``path`` (:func:`check_writable_folder`), create it (``create``) and yield it; on
+    an error inside the block, the folders this call created are removed again when they
+    are still empty, so a failed command leaves no empty output folder behind."""
+    path = check_writable_folder(path, what)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        yield path
+    except BaseException:
+        if existing != path:
+            _remove_empty_folders(path, existing)
+        raise
 
 
 # --------------------------------------------------------------------------- writers

@@ -80,15 +80,15 @@ from .inference import load_scorer, resolve_checkpoint, score_dataset
 from .data.crop import crops_liver
 from .data.dataset import ImageFileDataset
 from .data.layout import MANIFEST_NAME, collect_image_files
-from .data.scan import (DEFAULT_WINDOW, VolumeError, display_slice, is_dicom_folder, is_nifti_path, nifti_like,
-                        Volume, open_liver_mask, read_geometry, read_volume)
-from .io import atomic_write_json, atomic_write_text, fsync_directory
+from .data.scan import (DEFAULT_WINDOW, VolumeError, check_scan_values, display_slice, is_dicom_folder, is_nifti_path,
+                        nifti_like, Volume, open_liver_mask, read_geometry, read_volume, require_liver)
+from .io import atomic_write_json, atomic_write_text, check_writable_folder, fsync_directory
 from .operating_point import OPERATING_POINT_NAME, read_operating_point
 from .runtime import resolve_device
 from .visualize import overlay_heatmap, plot_review, save_rgb_png
 from .dicom_seg import require_highdicom, write_dicom_seg
-from .volume_inference import (DEFAULT_TOP_K, add_display_arguments, aggregate_slice_scores, display_images, read_ahead,
-                               score_volume)
+from .volume_inference import (DEFAULT_TOP_K, add_display_arguments, add_value_check_arguments, aggregate_slice_scores,
+                               display_images, read_ahead, score_volume)
 
 __all__ = ["predict", "predict_volumes", "is_volume_input", "add_arguments", "main"]
 
@@ -101,6 +101,7 @@ def predict(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
     compile the method's networks (:func:`~medad_fast.runtime.compile_networks`). Returns
     ``[{"path", "score", "heatmap"}]`` in input order."""
     checkpoint = resolve_checkpoint(checkpoint)
+    check_writable_folder(out)  # before any work
     files = collect_image_files(inputs)
     world = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
     method = load_scorer(checkpoint, world.device, compile)
@@ -197,14 +198,14 @@ def _write_review(path: Path, scan, liver, result, top_k: int, window, hist_eq: 
                 f"(radiological view: patient right on the left; colour scale 0 .. {vmax:.3g})")
 
 
-def _read_scan_and_liver(geometry, source, liver_labels: list[float] | None) -> tuple[Volume, np.ndarray]:
-    """The scan's voxels and its liver mask (``VolumeError`` naming both when the mask is empty)."""
+def _read_scan_and_liver(geometry, source, liver_labels: list[float] | None, allow_nonfinite: bool = False,
+                         allow_non_hu: bool = False) -> tuple[Volume, np.ndarray]:
+    """The scan's voxels and its liver mask, checked (``VolumeError`` naming the files when the
+    mask is empty or the scan's values cannot be scored: :func:`~medad_fast.data.scan.check_scan_values`)."""
     scan = read_volume(geometry)
     liver = source.read(liver_labels)
-    if not liver.any():
-        raise VolumeError(f"liver mask {source.path} of scan {scan.path} is empty"
-                          + (f" (no voxel labelled {liver_labels})" if liver_labels else "")
-                          + ": the method scores the liver only")
+    require_liver(liver, [source.path], scan.path, liver_labels)
+    check_scan_values(scan, liver, allow_nonfinite=allow_nonfinite, allow_non_hu=allow_non_hu)
     return scan, liver
 
 
@@ -212,7 +213,8 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
                     out: str | Path, device: str | torch.device | None = None, batch_size: int = 16,
                     progress: bool = True, window: tuple[float, float] | None = None, hist_eq: bool | None = None,
                     top_k: int = DEFAULT_TOP_K, liver_labels: list[float] | None = None,
-                    threshold: float | None = None, dicom_seg: bool = False, compile: bool = False) -> dict:
+                    threshold: float | None = None, dicom_seg: bool = False, compile: bool = False,
+                    allow_nonfinite: bool = False, allow_non_hu: bool = False) -> dict:
     """Score CT volumes with ``checkpoint`` and write their maps, slice tables, review
     montages and ``scores.json`` into ``out`` (see the module docstring). Returns the
     ``scores.json`` content.
@@ -222,11 +224,16 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
     data's ``prepare`` settings when recorded, else ``prepare``'s defaults. ``threshold``: the
     pixel threshold of the ``_lesions`` masks; None: the run's stored operating point when it
     has one (``operating_point.json`` beside the checkpoint), else no masks. ``dicom_seg``: also
-    write each DICOM scan's mask as a DICOM SEG (needs a threshold). Every scan and
+    write each DICOM scan's mask as a DICOM SEG (needs a threshold). ``allow_nonfinite`` /
+    ``allow_non_hu``: score NaN/infinite voxels as air, and scans that do not look like
+    Hounsfield units as they are, with a warning, instead of refusing them
+    (:func:`~medad_fast.data.scan.check_scan_values`). ``out`` is checked to be writable
+    before any work. Every scan and
     mask header is checked before anything is scored; errors raise ``ValueError`` (a
     :class:`~medad_fast.data.scan.VolumeError`) or ``FileNotFoundError`` naming the files,
     and leave ``out`` as it was."""
     checkpoint = resolve_checkpoint(checkpoint)
+    check_writable_folder(out)  # before any work
     scans, liver_masks = [Path(p) for p in scans], [Path(p) for p in liver_masks]
     if not scans:
         raise ValueError("no scan to score")
@@ -281,7 +288,7 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
     stage = Path(tempfile.mkdtemp(prefix=".predict-", suffix=".partial", dir=out))
     try:
         entries = []
-        loaders = [functools.partial(_read_scan_and_liver, geometry, source, liver_labels)
+        loaders = [functools.partial(_read_scan_and_liver, geometry, source, liver_labels, allow_nonfinite, allow_non_hu)
                    for geometry, source in zip(geometries, sources)]
         for (scan, liver), source, name in zip(read_ahead(loaders), sources, names):
             result = score_volume(method, scan, liver, window, hist_eq, batch_size, world.device, progress)
@@ -348,6 +355,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     volumes.add_argument("--liver-label", nargs="+", type=float, metavar="V", default=None,
                          help="mask values that are liver (default: any nonzero value; e.g. 6 for BTCV labels)")
     add_display_arguments(volumes)
+    add_value_check_arguments(volumes)
     volumes.add_argument("--top-k", type=int_at_least(1), default=DEFAULT_TOP_K, metavar="K",
                          help=f"slices in the top-k mean score and the review montage (default {DEFAULT_TOP_K})")
     volumes.add_argument("--threshold", type=float, default=None, metavar="T",
@@ -368,7 +376,8 @@ def _main_volumes(args: argparse.Namespace) -> int:
     try:
         summary = predict_volumes(args.checkpoint, args.inputs, args.liver_mask or [], args.out, args.device,
                                   args.batch_size, not args.no_progress, args.window, args.hist_eq, args.top_k,
-                                  args.liver_label, args.threshold, args.dicom_seg, args.compile)
+                                  args.liver_label, args.threshold, args.dicom_seg, args.compile,
+                                  args.allow_nonfinite, args.allow_non_hu)
     except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as exc:
         print(f"medad-fast predict: error: {exc}", file=sys.stderr)
         return 2

@@ -82,7 +82,7 @@ from .checkpoint import (BEST_NAME, DEFAULT_KEEP, LATEST_NAME, global_rng_states
 from .config import OPTIONAL_PRESET_NAMES, PRESET_NAMES, Config, RunConfig, resolve_config
 from .data.crop import CROP_MODES, crops_liver, resolve_crop
 from .distributed import DistributedContext, is_main_process
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, check_writable_folder
 from .methods import DEFAULT_METHOD, Method, create_method, get_method, method_names
 from .runtime import compile_networks, deterministic_mode, needs_grad_scaler, ops_mode, resolve_device
 from .validation import SyntheticValidationSet, ValidationState, split_validation
@@ -512,15 +512,37 @@ class Trainer:
 
 # ----------------------------------------------------------------------------- entry
 
+class EmptySlicesSkippedWarning(UserWarning):
+    """Training slices without liver were left out (``--skip-empty-slices``)."""
+
+
 def load_training_images(config: Config) -> torch.Tensor:
     """``uint8 [N, 1, S, S]``: the normal training slices of ``run.data`` (``train/good``, or
     ``train["0"]`` of a MedIAnomaly ``data.json``),
     each cut to its liver box when the run crops (:mod:`medad_fast.data.crop`), a seeded
     subset of ``run.max_train_images`` when set (before ``run.val_fraction`` holds some of
-    them back: :func:`medad_fast.validation.split_validation`)."""
+    them back: :func:`medad_fast.validation.split_validation`).
+
+    A slice without liver (every pixel 0: ``image > 0`` is the liver) teaches the method
+    nothing and, many of them, a loss of zero: such slices raise ``ValueError`` naming how
+    many and some of their files, or with ``run.skip_empty_slices`` are left out with one
+    :class:`EmptySlicesSkippedWarning` saying how many."""
     from .data.bmad import load_split
     run = config.run
-    images = load_split(run.data, "train", size=run.image_size, crop=crops_liver(run)).images
+    slices = load_split(run.data, "train", size=run.image_size, crop=crops_liver(run))
+    images = slices.images
+    empty = images.flatten(1).amax(dim=1) == 0
+    n_empty = int(empty.sum())
+    if n_empty:
+        named = [slices.paths[i] for i in torch.nonzero(empty).flatten()[:3].tolist()]
+        seen = (f"{n_empty} of {images.shape[0]} training slices of {run.data} have no liver (every pixel is 0), "
+                f"e.g. {', '.join(named)}")
+        if not run.skip_empty_slices:
+            raise ValueError(f"{seen}; remove them, or pass --skip-empty-slices to leave them out")
+        if n_empty == images.shape[0]:
+            raise ValueError(f"{seen}: none is left to train on")
+        warnings.warn(EmptySlicesSkippedWarning(f"{seen}: left out (--skip-empty-slices)"), stacklevel=2)
+        images = images[~empty]
     if run.max_train_images is not None and images.shape[0] > run.max_train_images:
         keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(run.seed))
         images = images[keep[: run.max_train_images].sort().values]
@@ -567,6 +589,7 @@ def train(config: Config, out: str | Path, *, resume: bool = False, device: str 
         raise ValueError("config.run.data (--data) must name a BMAD-layout data folder")
     if keep_checkpoints < 1:
         raise ValueError(f"keep_checkpoints (--keep-checkpoints) must be >= 1; got {keep_checkpoints}")
+    check_writable_folder(out)  # before any work
     # "auto" cropping is decided once, here, from the data; config.json and the checkpoints
     # keep the decision, which evaluate and predict follow
     config = config.replace(crop=resolve_crop(config.run.crop, config.run.data))
@@ -787,8 +810,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_small_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """``--augment/--no-augment``, ``--augment-strength``, ``--val-fraction``, ``--patience``
-    (default None: the preset's, all off) and ``--crop`` (default auto); shared by ``train``
-    and ``compare``."""
+    (default None: the preset's, all off), ``--crop`` (default auto) and
+    ``--skip-empty-slices``; shared by ``train`` and ``compare``."""
     g = parser.add_argument_group("small training sets and real CT (default: off; --crop auto)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="randomly flip, rotate, scale and jitter the intensities of the normal slices "
@@ -804,13 +827,16 @@ def add_small_data_arguments(parser: argparse.ArgumentParser) -> argparse._Argum
                    help="liver: cut every slice to its (volume's) liver box plus a margin before resizing it to "
                         "the model's side, and paste the maps back into the whole slice; none: resize the whole "
                         "slice; auto (default): liver for data written by `medad-fast prepare`, else none")
+    g.add_argument("--skip-empty-slices", action="store_true", default=None,
+                   help="leave out training slices without liver (all black), with one warning saying how many "
+                        "(default: refuse them)")
     return g
 
 
 def small_data_values(args: argparse.Namespace) -> dict[str, Any]:
     """The run settings of :func:`add_small_data_arguments` (None: not given)."""
     return {"augment": args.augment, "augment_strength": args.augment_strength, "val_fraction": args.val_fraction,
-            "patience": args.patience, "crop": args.crop}
+            "patience": args.patience, "crop": args.crop, "skip_empty_slices": args.skip_empty_slices}
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

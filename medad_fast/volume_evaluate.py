@@ -66,12 +66,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .data.scan import (Geometry, LiverMaskSource, Volume, VolumeError, display_slice, open_liver_mask, read_geometry,
-                        read_volume)
+from .data.scan import (Geometry, LiverMaskSource, Volume, VolumeError, check_scan_values, display_slice,
+                        open_liver_mask, read_geometry, read_volume, require_liver)
 from .cpu_isa import isa_report
 from .data.crop import crops_liver
 from .inference import load_method, resolve_checkpoint
-from .io import atomic_write_json, atomic_write_text
+from .io import atomic_write_json, atomic_write_text, check_writable_folder, output_folder
 from .metrics import (DEFAULT_FP_BUDGETS, HIT_RULES, LESION_STRUCTURE, PixelMetricsStream, detection_thresholds,
                       image_metrics, lesion_froc, lesion_hits, roc_auc)
 from .operating_point import operating_point, write_operating_point
@@ -238,27 +238,29 @@ def _padded(images: list[np.ndarray], shape: tuple[int, int], fill) -> np.ndarra
     return out
 
 
-def _read_case(item: _Opened) -> tuple[Volume, np.ndarray, np.ndarray, np.ndarray]:
-    """``(scan, liver, tumour, region)`` of a case; ``VolumeError`` when its liver is empty."""
+def _read_case(item: _Opened, allow_nonfinite: bool = False, allow_non_hu: bool = False
+               ) -> tuple[Volume, np.ndarray, np.ndarray, np.ndarray]:
+    """``(scan, liver, tumour, region)`` of a case; ``VolumeError`` when its liver mask is
+    empty (as ``predict`` refuses it, whatever the tumour label holds) or its values cannot be
+    scored (:func:`~medad_fast.data.scan.check_scan_values`)."""
     scan = read_volume(item.geometry)
     liver = _united(item.liver, scan.shape)
+    require_liver(liver, [s.path for s in item.case.liver], scan.path, item.case.liver[0].values)
     tumour = _united(item.tumour, scan.shape)
     region = liver | tumour  # tumour counts as liver, as prepare writes slices
-    if not region.any():
-        raise VolumeError(f"liver mask {item.case.liver[0].path} of scan {scan.path} is empty"
-                          + (f" (no voxel labelled {list(item.case.liver[0].values)})"
-                             if item.case.liver[0].values else "") + ": the method scores the liver only")
+    check_scan_values(scan, region, allow_nonfinite=allow_nonfinite, allow_non_hu=allow_non_hu)
     return scan, liver, tumour, region
 
 
 def _score_cases(method, opened: list[_Opened], stream: PixelMetricsStream, pad_shape: tuple[int, int],
                  window, hist_eq: bool, batch_size: int, device, progress: bool, top_k: int,
-                 lesion_dir: Path | None, sample_size: int = _SAMPLES_PER_VOLUME) -> _Scored:
+                 lesion_dir: Path | None, sample_size: int = _SAMPLES_PER_VOLUME, allow_nonfinite: bool = False,
+                 allow_non_hu: bool = False) -> _Scored:
     """Score every case, feed its liver slices to ``stream`` and (with ``lesion_dir``) spill
     its map, tumour and region, cropped to the region, for the lesion-wise metrics, keeping
     up to ``sample_size`` of its liver map values to choose the thresholds from."""
     scored = _Scored()
-    loaders = [functools.partial(_read_case, item) for item in opened]
+    loaders = [functools.partial(_read_case, item, allow_nonfinite, allow_non_hu) for item in opened]
     for k, (item, (scan, liver, tumour, region)) in enumerate(zip(opened, read_ahead(loaders))):
         result = score_volume(method, scan, region, window, hist_eq, batch_size, device, progress)
         ornt, axis = scan.orientation, scan.axial_axis
@@ -315,16 +317,23 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
                      batch_size: int = 16, progress: bool = True, window: tuple[float, float] | None = None,
                      hist_eq: bool | None = None, top_k: int = DEFAULT_TOP_K, fp_budgets=DEFAULT_FP_BUDGETS,
                      lesion_thresholds: int = DEFAULT_LESION_THRESHOLDS, split: str | None = None,
-                     source: str | None = None, skipped: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                     source: str | None = None, skipped: list[dict[str, Any]] | None = None,
+                     allow_nonfinite: bool = False, allow_non_hu: bool = False) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on CT volumes (see the module docstring); ``valid_cases``: the
     volumes to take the operating point from (None or unusable: ``cases``). ``split`` /
     ``source``: what the cases are (for the output). Returns the metrics written to
-    ``metrics.json``. Every header is checked before anything is scored; errors raise
+    ``metrics.json``. ``allow_nonfinite`` / ``allow_non_hu``: as in
+    :func:`medad_fast.predict.predict_volumes`. ``out`` is checked to be writable before any
+    work, and removed again when this call made it and an error leaves it empty. Every header
+    is checked before anything is scored; errors raise
     ``ValueError`` (:class:`~medad_fast.data.scan.VolumeError`) or ``FileNotFoundError``
     naming the files."""
     from .predict import _training_window
 
     checkpoint = resolve_checkpoint(checkpoint)
+    out = Path(out) if out is not None else checkpoint.parent / ("eval-volumes" if split is None
+                                                                  else f"eval-volumes-{split}")
+    check_writable_folder(out)  # before any work
     if not cases:
         raise ValueError("no volumes to evaluate" + (f" in the {split} split of {source}" if source else ""))
     if top_k < 1:
@@ -340,17 +349,15 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
     if not (np.isfinite(window).all() and window[0] < window[1]):
         raise ValueError(f"--window: LO must be smaller than HI (finite), got {window[0]} {window[1]}")
     hist_eq = trained_hist_eq if hist_eq is None else bool(hist_eq)
-    out = Path(out) if out is not None else checkpoint.parent / ("eval-volumes" if split is None
-                                                                  else f"eval-volumes-{split}")
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".volume-eval-", dir=out) as spill:
+    with output_folder(out), tempfile.TemporaryDirectory(prefix=".volume-eval-", dir=out) as spill:
         spill = Path(spill)
         (spill / "lesions").mkdir()
         pad_shape = tuple(np.max([o.display_shape for o in opened], axis=0).tolist())
         started = time.perf_counter()
         with PixelMetricsStream(str(spill / "pixels")) as stream:
             scored = _score_cases(method, opened, stream, pad_shape, window, hist_eq, batch_size, device, progress,
-                                  top_k, spill / "lesions", max(_SAMPLES_PER_VOLUME, lesion_thresholds))
+                                  top_k, spill / "lesions", max(_SAMPLES_PER_VOLUME, lesion_thresholds),
+                                  allow_nonfinite, allow_non_hu)
             seconds = time.perf_counter() - started
             labels, scores = scored.slice_labels, scored.slice_scores
             slice_metrics, slice_reason = _or_reason(lambda: image_metrics(labels, scores))
@@ -361,7 +368,8 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
                 valid_pad = tuple(np.max([o.display_shape for o in valid_opened], axis=0).tolist())
                 with PixelMetricsStream(str(spill / "valid-pixels")) as valid_stream:
                     valid = _score_cases(method, valid_opened, valid_stream, valid_pad, window, hist_eq, batch_size,
-                                         device, progress, top_k, None)
+                                         device, progress, top_k, None, allow_nonfinite=allow_nonfinite,
+                                         allow_non_hu=allow_non_hu)
                     point, point_reason = _or_reason(lambda: operating_point(
                         valid.slice_labels, valid.slice_scores, valid_stream.counts("the operating point"), "valid",
                         f"the {len(valid_opened)} valid volume(s) of {source}", False))

@@ -48,7 +48,8 @@ from .inference import score_batch
 from .io import resize_images
 from .methods import Method
 
-__all__ = ["VolumeScores", "score_volume", "aggregate_slice_scores", "display_images", "read_ahead", "add_display_arguments", "DEFAULT_TOP_K"]
+__all__ = ["VolumeScores", "score_volume", "aggregate_slice_scores", "display_images", "read_ahead", "add_display_arguments",
+           "add_value_check_arguments", "DEFAULT_TOP_K"]
 
 T = TypeVar("T")
 
@@ -166,3 +167,17 @@ def add_display_arguments(group) -> None:
                        help="HU window (default: the training data's prepare settings, else -200 250)")
     group.add_argument("--hist-eq", action=argparse.BooleanOptionalAction, default=None,
                        help="histogram-equalise the liver pixels (default: as the training data was prepared)")
+
+
+def add_value_check_arguments(group) -> None:
+    """``--allow-nonfinite`` and ``--allow-non-hu``: go on with scans that
+    :func:`medad_fast.data.scan.check_scan_values` refuses (``evaluate`` and ``predict`` on
+    volumes)."""
+    from .data.scan import HU_AIR_CEILING, NONFINITE_FILL_HU
+
+    group.add_argument("--allow-nonfinite", action="store_true",
+                       help=f"score NaN or infinite voxels as air ({NONFINITE_FILL_HU:g} HU), with a warning, instead "
+                            "of refusing the scan")
+    group.add_argument("--allow-non-hu", action="store_true",
+                       help=f"score a scan that does not look like Hounsfield units (no voxel below "
+                            f"{HU_AIR_CEILING:g}: e.g. an 8-bit image) as it is, with a warning, instead of refusing it")

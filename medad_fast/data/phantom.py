@@ -60,7 +60,7 @@ from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
 from medad_fast.data.layout import ABNORMAL_FOLDER, EVAL_SPLITS, MANIFEST_NAME, NORMAL_FOLDER, slice_relpaths
-from medad_fast.io import atomic_write_json, save_png
+from medad_fast.io import atomic_write_json, check_writable_folder, save_png
 
 __all__ = ["generate_slice", "ellipse_slices", "write_phantom_dataset", "add_arguments", "main", "FEW_SLICES"]
 
@@ -532,6 +532,7 @@ def write_phantom_dataset(out: str | Path, n_train: int = 200, n_test: int = 100
     n_train, n_test, n_valid, size, seed = int(n_train), int(n_test), int(n_valid), int(size), int(seed)
 
     previous = _read_own_manifest(out)
+    check_writable_folder(out, "OUT")  # before any work
     counts = _slice_counts(n_train, n_valid, n_test, abnormal_fraction)
     plan = _plan(counts)
     manifest: dict[str, Any] = {

@@ -33,11 +33,23 @@ method's liver localisation is ``image > 0``); optional histogram equalisation o
 pixels (BMAD's preprocessing: Bao et al., "BMAD: Benchmarks for Medical Anomaly Detection",
 arXiv:2306.11876).
 
+Values that cannot be scored (:func:`check_scan_values`, :func:`require_liver`, run by
+``predict`` and ``evaluate`` on every scan before it is scored): NaN or infinite voxels (an
+all-NaN scan included) and scans not in Hounsfield units (no voxel below ``HU_AIR_CEILING``
+= -100, where every CT holds air at about -1000 HU: an 8-bit image, raw stored values) are
+refused, naming the file and what was seen; ``allow_nonfinite`` (``--allow-nonfinite``)
+scores the non-finite voxels as air (-1000 HU) and ``allow_non_hu`` (``--allow-non-hu``)
+scores the values as they are, each with a named warning (:class:`NonFiniteVoxelsWarning`,
+:class:`NotHounsfieldWarning`). A scan without a finite voxel inside its liver is refused
+either way. Liver masks holding NaN or infinite values (:meth:`LiverMaskSource.read`) and
+empty liver masks are refused.
+
 Every problem with a file raises :class:`VolumeError` (a ``ValueError``) naming it.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -46,7 +58,13 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_WINDOW",
+    "HU_AIR_CEILING",
+    "NONFINITE_FILL_HU",
     "VolumeError",
+    "NonFiniteVoxelsWarning",
+    "NotHounsfieldWarning",
+    "check_scan_values",
+    "require_liver",
     "Geometry",
     "Volume",
     "DicomSeries",
@@ -89,10 +107,23 @@ DICOM_IGNORED_SUFFIXES = {".txt", ".md", ".json", ".xml", ".csv", ".zip", ".png"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # A mask lies on a scan's grid when every corner voxel centre maps to within this many voxels.
 GRID_TOLERANCE_VOXELS = 0.1
+# A CT scan in Hounsfield units holds voxels below this value (air is about -1000 HU, and
+# every scan holds some air around or inside the body); a scan without any is in other units.
+HU_AIR_CEILING = -100.0
+# What ``allow_nonfinite`` scores a NaN or infinite voxel as: air.
+NONFINITE_FILL_HU = -1000.0
 
 
 class VolumeError(ValueError):
     """A volume, DICOM series or mask that cannot be read or used; the message names the file."""
+
+
+class NonFiniteVoxelsWarning(UserWarning):
+    """A scan's NaN or infinite voxels were scored as air (``--allow-nonfinite``)."""
+
+
+class NotHounsfieldWarning(UserWarning):
+    """A scan that does not look like Hounsfield units was scored as it is (``--allow-non-hu``)."""
 
 
 # --------------------------------------------------------------------------- data classes
@@ -599,10 +630,16 @@ def _fields(geometry: Geometry) -> dict:
     return {name: getattr(geometry, name) for name in Geometry.__dataclass_fields__}
 
 
-def _inside(values: Sequence[float] | None) -> Callable[[np.ndarray], np.ndarray]:
+def _inside(values: Sequence[float] | None, path: Path | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """Label values -> bool "inside": any nonzero value, or one of ``values`` (float labels
-    rounded)."""
+    rounded). NaN or infinite labels raise ``VolumeError`` naming ``path`` (``NaN != 0``
+    would make every such voxel inside)."""
     def convert(labels: np.ndarray) -> np.ndarray:
+        if np.issubdtype(labels.dtype, np.floating):
+            n_bad = labels.size - int(np.count_nonzero(np.isfinite(labels)))
+            if n_bad:
+                raise VolumeError(f"mask {path} holds NaN or infinite values (at least {n_bad} voxels): a "
+                                  "mask's voxels must be label numbers")
         if values is None:
             return labels != 0
         if not np.issubdtype(labels.dtype, np.integer):
@@ -655,15 +692,18 @@ def match_grid(mask: Geometry, scan: Geometry, what: str = "liver mask") -> Grid
             error = np.abs(corners @ transform.T - corners @ exact.T)[:, :3].max()
             if error <= GRID_TOLERANCE_VOXELS:
                 return GridMatch(axes, flips)
-    corners = _corners(scan.shape)
     if sorted(mask.shape) != sorted(scan.shape):
         problem = f"its shape {tuple(mask.shape)} differs from the scan's {tuple(scan.shape)}"
     else:
-        nearest = np.rint(corners @ transform.T)  # the mask voxels nearest to the scan's corner voxels
-        distance = np.linalg.norm((nearest @ mask.affine.T - corners @ scan.affine.T)[:, :3], axis=1).max()
+        # how far the grids lie apart: each corner voxel centre of the scan to the nearest
+        # corner voxel centre of the mask (a shift of the mask by d mm reads d mm; a permuted
+        # or reversed voxel order of the same grid reads 0)
+        scan_corners = (_corners(scan.shape) @ scan.affine.T)[:, :3]
+        mask_corners = (_corners(mask.shape) @ mask.affine.T)[:, :3]
+        distance = np.linalg.norm(scan_corners[:, None] - mask_corners[None], axis=2).min(axis=1).max()
         problem = (f"its affine differs from the scan's (a corner voxel of the scan is {distance:.2f} mm from the "
-                f"nearest mask voxel; mask affine {np.round(mask.affine[:3], 3).tolist()}, scan affine "
-                f"{np.round(scan.affine[:3], 3).tolist()})")
+                   f"nearest corner voxel of the mask; mask affine {np.round(mask.affine[:3], 3).tolist()}, scan "
+                   f"affine {np.round(scan.affine[:3], 3).tolist()})")
     raise VolumeError(f"{what} {mask.path} does not lie on the voxel grid of scan {scan.path}: {problem}; "
                       "resample the mask onto the scan's grid (nearest neighbour)")
 
@@ -680,7 +720,7 @@ class LiverMaskSource:
 
     def read(self, values: Sequence[float] | None = None) -> np.ndarray:
         """bool mask in the scan's voxel order: any nonzero label, or one of ``values``."""
-        inside = _inside(values)
+        inside = _inside(values, self.path)
         if self.geometry is None:  # DICOM by file name: stored values, the scan's slice order
             stack = np.stack([inside(read_dicom_pixels(p, self.scan.series.shape, rescale=False)) for p in self.files])
             return stack.transpose(2, 1, 0)
@@ -710,6 +750,72 @@ def open_liver_mask(path: str | Path, scan: Geometry, what: str = "liver mask") 
             return LiverMaskSource(path, scan, None, None, tuple(files))
     geometry = read_geometry(path)
     return LiverMaskSource(path, scan, geometry, match_grid(geometry, scan, what))
+
+
+# --------------------------------------------------------------------------- values
+
+
+def require_liver(liver: np.ndarray, masks: Sequence[str | Path], scan_path: str | Path,
+                  labels: Sequence[float] | None = None) -> None:
+    """``VolumeError`` naming the mask(s) and the scan when ``liver`` (bool) holds no voxel:
+    the method scores the liver only (``predict`` and ``evaluate`` refuse alike)."""
+    if not liver.any():
+        named = ", ".join(str(m) for m in masks)
+        raise VolumeError(f"liver mask {named} of scan {scan_path} is empty"
+                          + (f" (no voxel labelled {list(labels)})" if labels else "")
+                          + ": the method scores the liver only")
+
+
+def _stored_as(scan: Geometry) -> str:
+    """`` (stored as uint8)`` for a NIfTI scan, else an empty string."""
+    if scan.format != "nifti":
+        return ""
+    try:
+        return f" (stored as {load_nifti(scan.path)[0].get_data_dtype()})"
+    except VolumeError:
+        return ""
+
+
+def check_scan_values(scan: Volume, liver: np.ndarray | None = None, *, allow_nonfinite: bool = False,
+                      allow_non_hu: bool = False) -> None:
+    """Refuse a scan whose values cannot be scored as CT (``VolumeError`` naming the file and
+    what was seen; see the module docstring):
+
+    - NaN or infinite voxels: refused, or with ``allow_nonfinite`` set to
+      ``NONFINITE_FILL_HU`` (air) IN PLACE with a :class:`NonFiniteVoxelsWarning`; a scan
+      without a finite voxel (inside ``liver``, bool, when given) is refused either way;
+    - no finite voxel below ``HU_AIR_CEILING``: not Hounsfield units; refused, or with
+      ``allow_non_hu`` scored as it is with a :class:`NotHounsfieldWarning`.
+    """
+    voxels = scan.voxels
+    finite = np.isfinite(voxels)
+    n_bad = voxels.size - int(np.count_nonzero(finite))
+    if n_bad:
+        if not finite.any() or (liver is not None and not finite[liver].any()):
+            where = "" if not finite.any() else " inside its liver mask"
+            raise VolumeError(f"scan {scan.path}: no voxel{where} is a finite number ({n_bad} of {voxels.size} "
+                              "voxels are NaN or infinite): nothing to score")
+        n_nan = int(np.count_nonzero(np.isnan(voxels)))
+        in_liver = (f", {int(np.count_nonzero(~finite[liver]))} of them inside the liver mask"
+                    if liver is not None else "")
+        seen = (f"scan {scan.path}: {n_bad} of {voxels.size} voxels are not finite numbers ({n_nan} NaN, "
+                f"{n_bad - n_nan} infinite){in_liver}")
+        if not allow_nonfinite:
+            raise VolumeError(f"{seen}; repair the file, or pass --allow-nonfinite to score them as air "
+                              f"({NONFINITE_FILL_HU:g} HU)")
+        warnings.warn(NonFiniteVoxelsWarning(f"{seen}: scored as air ({NONFINITE_FILL_HU:g} HU), --allow-nonfinite"),
+                      stacklevel=2)
+    lowest = float(voxels.min(initial=np.inf, where=finite))
+    highest = float(voxels.max(initial=-np.inf, where=finite))
+    if n_bad:
+        voxels[~finite] = np.float32(NONFINITE_FILL_HU)
+    if lowest >= HU_AIR_CEILING:
+        seen = (f"scan {scan.path}: its values run from {lowest:g} to {highest:g}{_stored_as(scan)}, none below "
+                f"{HU_AIR_CEILING:g}, where a CT in Hounsfield units holds air at about -1000 HU: it does not look "
+                "like HU (an 8-bit image? stored values without their rescale slope and intercept?)")
+        if not allow_non_hu:
+            raise VolumeError(f"{seen}; convert it to Hounsfield units, or pass --allow-non-hu to score it as it is")
+        warnings.warn(NotHounsfieldWarning(f"{seen}; scored as it is (--allow-non-hu)"), stacklevel=2)
 
 
 # --------------------------------------------------------------------------- intensities

@@ -80,7 +80,7 @@ from medad_fast.data.layout import (ABNORMAL_FOLDER, EVAL_SPLITS, MANIFEST_NAME,
 from medad_fast.data.scan import (DEFAULT_WINDOW, DicomSeries, VolumeError, apply_window, equalize_liver_histogram,
                                   liver_image, load_nifti, match_mask_files, orientation, read_dicom_pixels,
                                   read_dicom_series, read_nifti_block, to_display)
-from medad_fast.io import atomic_write_json, resize_images, resize_masks, save_png
+from medad_fast.io import atomic_write_json, check_writable_folder, resize_images, resize_masks, save_png
 
 __all__ = [
     "KINDS",
@@ -692,7 +692,9 @@ def prepare_dataset(kind: str, src: str | Path, out: str | Path, *, window: tupl
     if out_path in src_path.parents:
         raise ValueError(f"SRC {src_path} must not be inside OUT {out_path}")
     tasks = discover_cases(kind, src_path)
-    manifest = _read_own_manifest(out_path) or {"generator": GENERATOR_NAME, "format_version": FORMAT_VERSION,
+    previous = _read_own_manifest(out_path)
+    check_writable_folder(out_path, "OUT")  # before any work
+    manifest = previous or {"generator": GENERATOR_NAME, "format_version": FORMAT_VERSION,
                                                 "layout": "bmad", "sources": [], "slices": [], "counts": {}}
     entry = _source_entry(manifest, kind, src_path, settings, tasks)
     manifest["counts"] = _counts(manifest)

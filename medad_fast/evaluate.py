@@ -40,6 +40,9 @@ lesion pixels' scores in memory and spill every map to a temporary file in the o
 a split of any size fits in memory. Under torchrun (``torchrun --nproc_per_node N -m medad_fast.cli evaluate ...``)
 every rank scores its contiguous share of the slices, the maps and scores are gathered in
 order, and rank 0 alone computes the metrics and writes the files.
+
+An output folder that cannot be written is reported before any work (exit code 2); one
+that the call created is removed again when an error leaves it empty.
 """
 
 from __future__ import annotations

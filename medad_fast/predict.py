@@ -53,8 +53,11 @@ scans share a name)::
 
 Nothing is half-written: every output goes to a hidden staging folder inside ``--out`` and is
 moved into place only once every scan has been scored; any error (a mask off the scan's grid,
-an empty liver mask, a truncated file...) leaves ``--out`` as it was. Volumes are scored in
-one process (not under torchrun).
+an empty liver mask, a truncated file...) leaves ``--out`` as it was, and an ``--out`` that
+cannot be written is reported before any work. Scans with NaN or infinite voxels, or not in
+Hounsfield units, and liver masks holding NaN are refused naming the file
+(:func:`medad_fast.data.scan.check_scan_values`; ``--allow-nonfinite`` / ``--allow-non-hu``
+go on with a named warning). Volumes are scored in one process (not under torchrun).
 """
 
 from __future__ import annotations
@@ -280,9 +283,7 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
     hist_eq = trained_hist_eq if hist_eq is None else bool(hist_eq)
     names = _output_names(geometries)
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} exists and is not a folder")
+    out = Path(out)  # checked by check_writable_folder above
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".predict-", suffix=".partial", dir=out))

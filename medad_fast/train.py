@@ -14,6 +14,10 @@ the interface of :mod:`medad_fast.methods.base`. One training step, all on the d
 3. a non-finite loss stops the run; backward; every optimiser steps. The loss terms are
    summed on the device and read back once per epoch.
 
+The normal slices are loaded once (:func:`load_training_images`), after the run folder is
+checked to be writable; slices without liver (all black) are refused, or left out with
+``--skip-empty-slices`` (one warning saying how many).
+
 With ``--val-fraction F`` a fraction F of the normal slices is held back (not trained on)
 and made, once, into a synthetic validation set (:mod:`medad_fast.validation`); after every
 epoch the method scores it (``val_pixel_ap``, ``val_image_auroc``, their mean ``val_score``,

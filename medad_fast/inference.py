@@ -142,7 +142,8 @@ def _image_batch(images) -> torch.Tensor:
 
             array = np.asarray(images)
         except Exception as e:  # a ragged list, an object that is no array
-            raise ValueError(f"images must be a numpy array or a torch tensor; got {type(images).__name__} ({e})") from None
+            raise ValueError(f"images must be a numpy array or a torch tensor; got {type(images).__name__} "
+                             f"({e})") from None
         if array.dtype == object or array.dtype.kind not in "biuf":
             raise ValueError(f"images must be a numpy array or a torch tensor of numbers; got {type(images).__name__} "
                              f"of dtype {array.dtype}")

@@ -289,7 +289,8 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
     stage = Path(tempfile.mkdtemp(prefix=".predict-", suffix=".partial", dir=out))
     try:
         entries = []
-        loaders = [functools.partial(_read_scan_and_liver, geometry, source, liver_labels, allow_nonfinite, allow_non_hu)
+        loaders = [functools.partial(_read_scan_and_liver, geometry, source, liver_labels, allow_nonfinite,
+                                     allow_non_hu)
                    for geometry, source in zip(geometries, sources)]
         for (scan, liver), source, name in zip(read_ahead(loaders), sources, names):
             result = score_volume(method, scan, liver, window, hist_eq, batch_size, world.device, progress)

@@ -180,4 +180,5 @@ def add_value_check_arguments(group) -> None:
                             "of refusing the scan")
     group.add_argument("--allow-non-hu", action="store_true",
                        help=f"score a scan that does not look like Hounsfield units (no voxel below "
-                            f"{HU_AIR_CEILING:g}: e.g. an 8-bit image) as it is, with a warning, instead of refusing it")
+                            f"{HU_AIR_CEILING:g}: e.g. an 8-bit image) as it is, with a warning, instead of refusing "
+                            "it")

@@ -199,6 +199,9 @@ def test_unwritable_output_is_a_named_error_before_any_work(checkpoint, ct, data
 
     monkeypatch.setattr(medad_fast.predict, "read_geometry", no_work)
     monkeypatch.setattr(medad_fast.train, "load_training_images", no_work)
+    lits = ct["dir"] / "lits"
+    write_nifti(lits / "volume-1.nii.gz", ct["hu"], AFFINE)
+    write_nifti(lits / "segmentation-1.nii.gz", ct["liver"], AFFINE, dtype=np.uint8)
     png = ct["dir"] / "slice.png"
     Image.fromarray(np.full((32, 32), 100, np.uint8)).save(png)
     for out in (locked, locked / "new"):
@@ -211,11 +214,12 @@ def test_unwritable_output_is_a_named_error_before_any_work(checkpoint, ct, data
             "train": lambda: cli(["train", "--data", str(data), "--preset", "tiny", "--method", "ae", "--out",
                                   str(out), "--no-progress"]),
         }
-        if out != locked:  # a folder holding other files is refused by phantom before (not its output)
+        if out != locked:  # a folder holding other files is refused by phantom and prepare before (not theirs)
             runs["phantom"] = lambda: cli(["phantom", str(out), "--train", "1", "--test", "0", "--size", "32",
                                            "--no-progress"])
+            runs["prepare"] = lambda: cli(["prepare", "lits", str(lits), str(out), "--no-progress"])
         for verb, run in runs.items():
-            option = "OUT" if verb == "phantom" else "--out"
+            option = "OUT" if verb in ("phantom", "prepare") else "--out"
             err = refused(capsys, run, locked, f"{option} {out}", "cannot be written")
             assert f"medad-fast {verb.split()[0]}: error:" in err, (verb, err)
     refused(capsys, lambda: cli(["export", str(checkpoint), "--format", "pt2", "--out", str(locked / "m.pt2")]),

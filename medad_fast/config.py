@@ -12,6 +12,11 @@ A method's presets (``paper``, ``small``, ``tiny``) fill both parts;
 command-line options override single fields (:func:`resolve_config`).
 Configs written before methods existed (one flat dict, checkpoint format 1) are read as
 the ``frequency_aware`` method (:meth:`Config.from_dict`).
+
+A third, optional part is the run's preprocessing record
+(:class:`medad_fast.preprocessing.Preprocessing`: HU window, hist-eq, crop, side), decided
+when the run trains and written beside the other two (``"preprocessing"``); configs written
+before it existed have none (None).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from .preprocessing import Preprocessing
 
 __all__ = ["RunConfig", "MethodConfig", "Config", "resolve_config", "setting", "CONFIG_FORMAT", "PRESET_NAMES", "OPTIONAL_PRESET_NAMES"]
 
@@ -175,6 +182,15 @@ class Config:
 
     run: RunConfig = field(default_factory=RunConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    #: how the model's inputs are made (None: a run saved before the record existed)
+    preprocessing: Preprocessing | None = None
+
+    def __post_init__(self) -> None:
+        record = self.preprocessing
+        if record is not None and (record.image_size != self.run.image_size
+                                   or self.run.crop in ("liver", "none") and record.crop != self.run.crop):
+            raise ValueError(f"config preprocessing (side {record.image_size}, crop {record.crop}) does not match "
+                             f"the run (image_size {self.run.image_size}, crop {self.run.crop})")
 
     @property
     def method_name(self) -> str:
@@ -194,7 +210,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return {"format": CONFIG_FORMAT, "method": self.run.method,
                 "run": {k: _to_json(v) for k, v in dataclasses.asdict(self.run).items()},
-                "method_config": {k: _to_json(v) for k, v in dataclasses.asdict(self.method).items()}}
+                "method_config": {k: _to_json(v) for k, v in dataclasses.asdict(self.method).items()},
+                **({"preprocessing": self.preprocessing.to_dict()} if self.preprocessing is not None else {})}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
@@ -206,7 +223,9 @@ class Config:
         # a run saved before cropping existed was trained on whole slices
         run = _from_dict(RunConfig, {"crop": "none", **values["run"]}, "run")
         method_cls = get_method(run.method)
-        return cls(run, _from_dict(method_cls.Config, values.get("method_config", {}), run.method))
+        record = values.get("preprocessing")
+        return cls(run, _from_dict(method_cls.Config, values.get("method_config", {}), run.method),
+                   None if record is None else Preprocessing.from_dict(record, "config preprocessing"))
 
     @classmethod
     def _from_flat(cls, values: dict[str, Any]) -> Config:
@@ -231,7 +250,11 @@ class Config:
             raise ValueError(f"unknown config fields {unknown} for method {self.run.method!r}")
         run = dataclasses.replace(self.run, **{k: v for k, v in changes.items() if k in run_keys})
         method = dataclasses.replace(self.method, **{k: v for k, v in changes.items() if k in method_keys})
-        return Config(run, method)
+        return Config(run, method, self.preprocessing)
+
+    def with_preprocessing(self, record: Preprocessing | None) -> Config:
+        """A copy with the preprocessing record ``record``."""
+        return dataclasses.replace(self, preprocessing=record)
 
 
 def resolve_config(method: str = "frequency_aware", preset: str = "paper", **overrides: Any) -> Config:

@@ -10,7 +10,8 @@ every MedIAnomaly test split) has image metrics only: the pixel metrics are null
 image-level curve alone, the heatmaps have no lesion outline, and the operating point has no
 pixel threshold.
 
-Output folder (default ``<run>/eval-<split>``)::
+Output folder (``--out``; default ``<run>-eval-<split>`` beside the run folder, which
+``evaluate`` leaves unchanged)::
 
     metrics.json                  image/pixel AUROC, AP, AUPRO@0.3, best Dice, counts, scoring
                                   speed (slices/s of the read-and-score loop) and run facts
@@ -20,10 +21,15 @@ Output folder (default ``<run>/eval-<split>``)::
                                   with the highest (the method's worst cases)
     heatmaps/best-*.png           the opposite (its best cases)
 
-and in the run folder (the checkpoint's), ``operating_point.json``: the slice-score threshold
-at 95 % slice specificity and the best-Dice pixel threshold, from the ``valid`` split when the
-data has one with normal and abnormal slices, else from the evaluated split
-(:mod:`medad_fast.operating_point`; ``metrics.json`` repeats it under ``operating_point``).
+With ``--calibrate`` (on ``--split valid``, its default; refused on test and train), also
+the operating point chosen on the evaluated split, in the run folder (the checkpoint's) as
+``operating_point.json``: the slice-score threshold at 95 % slice specificity and the
+best-Dice pixel threshold (:mod:`medad_fast.operating_point`; ``metrics.json`` repeats it
+under ``operating_point``), which ``predict`` then uses. Without it nothing is written into
+the run folder.
+
+Slices are made as the model's training slices were: its preprocessing record's crop and
+side (:mod:`medad_fast.preprocessing`).
 
 Each heatmap PNG shows the slice and, beside it, the slice with the anomaly map blended in
 (jet colour map from 0 to the split's largest pixel value, ``heatmap_scale`` in
@@ -63,13 +69,13 @@ import torch
 from . import distributed
 from .cli import int_at_least
 from .cpu_isa import isa_report
-from .data.crop import crops_liver
 from .data.dataset import BmadSliceDataset
-from .data.layout import has_split, is_image_level
+from .data.layout import is_image_level
 from .inference import load_method, resolve_checkpoint, score_dataset
 from .io import atomic_write_json, atomic_write_text, check_writable_folder, output_folder
 from .metrics import PixelMetricsStream, image_metrics, roc_curve, roc_curve_from_counts
-from .operating_point import operating_point, write_operating_point
+from .operating_point import (OPERATING_POINT_NAME, check_calibration_split, default_evaluation_dir, operating_point,
+                              write_operating_point)
 from .runtime import ops_mode, resolve_device
 from .volume_evaluate import DEFAULT_LESION_THRESHOLDS
 from .volume_inference import DEFAULT_TOP_K, add_display_arguments, add_value_check_arguments
@@ -78,25 +84,30 @@ from .visualize import plot_roc, write_cases
 __all__ = ["evaluate", "add_arguments", "main"]
 
 
-def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
+def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None, out: str | Path | None = None,
              device: str | torch.device | None = None, batch_size: int = 16, n_cases: int = 4,
-             progress: bool = True, reference_ops: bool = False, compile: bool = False) -> dict[str, Any]:
+             progress: bool = True, reference_ops: bool = False, compile: bool = False,
+             calibrate: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint (or run directory) of any method on a split of a BMAD-layout
-    folder; write ``metrics.json``, ``roc.png`` and the heatmaps into ``out`` and the
-    operating point into the run folder (:mod:`medad_fast.operating_point`: from the
-    ``valid`` split when the data has one with both classes, else from ``split``). Returns
-    the metrics. ``compile``: compile the method's networks
-    (:func:`~medad_fast.runtime.compile_networks`)."""
+    folder (None: ``valid`` with ``calibrate``, else ``test``); write ``metrics.json``,
+    ``roc.png`` and the heatmaps into ``out`` (None: :func:`default_evaluation_dir`).
+    ``calibrate``: also choose the operating point on this split and store it in the run
+    folder (:mod:`medad_fast.operating_point`; ``ValueError`` on the test or train split);
+    without it nothing is written into the run folder. Returns the metrics. ``compile``:
+    compile the method's networks (:func:`~medad_fast.runtime.compile_networks`)."""
+    split = split or ("valid" if calibrate else "test")
+    if calibrate:
+        check_calibration_split(split)
     checkpoint = resolve_checkpoint(checkpoint)
-    out = Path(out) if out is not None else checkpoint.parent / f"eval-{split}"
+    out = Path(out) if out is not None else default_evaluation_dir(checkpoint, f"eval-{split}")
     world = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
     if world.is_main:
         check_writable_folder(out)  # before any work
     metrics = None
     with ops_mode(reference_ops), contextlib.ExitStack() as cleanup:
         method, state = load_method(checkpoint, world.device, compile=compile)
-        crop = crops_liver(method.config.run)  # as the run was trained; maps come back whole
-        dataset = BmadSliceDataset(data, split, size=method.config.run.image_size, crop=crop)
+        record = method.config.preprocessing  # as the run was trained; maps come back whole
+        dataset = BmadSliceDataset(data, split, size=record.image_size, crop=record.crop == "liver")
         stream = None
         if world.is_main:
             # the maps go to a spill file beside the outputs, not into memory (deleted at the end)
@@ -107,35 +118,31 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
         started = time.perf_counter()
         scores = _score_split(method, dataset, stream, batch_size, progress, world)
         scoring_seconds = time.perf_counter() - started
-        point = None
-        valid = _validation_split(data, split, method.config.run.image_size, crop)
-        if valid is not None:
-            valid_stream = None
-            if world.is_main:
-                valid_spill = cleanup.enter_context(tempfile.TemporaryDirectory(prefix=".valid-maps-", dir=out))
-                valid_stream = cleanup.enter_context(PixelMetricsStream(valid_spill))
-            valid_scores = _score_split(method, valid, valid_stream, batch_size, progress, world)
-            if world.is_main:
-                point = operating_point(_labels(valid), valid_scores,
-                                        _pixel_counts(valid, valid_stream, "the operating point"), "valid",
-                                        f"the valid split of {Path(data).resolve()}", False)
         if world.is_main:
-            extra: dict[str, Any] = {"operating_point": point, "operating_point_file": None}
-            if point is None:
+            extra: dict[str, Any] = {"calibrated": calibrate, "operating_point": None, "operating_point_file": None,
+                                     "preprocessing": record.to_dict()}
+            point = None
+            if calibrate:
                 try:
                     point = operating_point(_labels(dataset), scores,
                                             _pixel_counts(dataset, stream, "the operating point"), split,
-                                            f"the evaluated {split} split of {Path(data).resolve()} (no valid "
-                                            "split with normal and abnormal slices)", True)
-                except ValueError as e:  # one class only: the metrics below say so
-                    extra["operating_point_undefined"] = str(e)
+                                            f"the {split} split of {Path(data).resolve()}", True)
+                except ValueError as e:  # one class only: no operating point to store
+                    metrics = {"calibration_error": f"--calibrate: no operating point from the {split} split of "
+                                                    f"{data}: {e}"}
             if point is not None:
                 point.update(checkpoint=str(checkpoint.resolve()), data=str(Path(data).resolve()))
                 extra.update(operating_point=point,
-                             operating_point_file=str(write_operating_point(checkpoint.parent, point)))
-            metrics = _write_evaluation(out, checkpoint, data, split, method.config, state, dataset, stream,
-                                        scores, n_cases, scoring_seconds, extra)
-    return distributed.broadcast_object(metrics)
+                             operating_point_file=str(checkpoint.parent / OPERATING_POINT_NAME))
+            if metrics is None:
+                metrics = _write_evaluation(out, checkpoint, data, split, method.config, state, dataset, stream,
+                                            scores, n_cases, scoring_seconds, extra)
+            if point is not None:  # the run changes last, once the report is written
+                write_operating_point(checkpoint.parent, point)
+    metrics = distributed.broadcast_object(metrics)
+    if "calibration_error" in metrics:  # raised on every rank
+        raise ValueError(metrics["calibration_error"])
+    return metrics
 
 
 def _labels(dataset: BmadSliceDataset) -> np.ndarray:
@@ -150,19 +157,6 @@ NO_MASKS = "n/a (no masks)"
 def _pixel_counts(dataset: BmadSliceDataset, stream: PixelMetricsStream, metric: str):
     """The split's exact pixel counts, or None when it is image-level (no lesion masks)."""
     return None if is_image_level(dataset.files) else stream.counts(metric)
-
-
-def _validation_split(data: str | Path, split: str, size: int, crop: bool = False) -> BmadSliceDataset | None:
-    """The ``valid`` split of ``data`` when it is not the evaluated one and holds both normal
-    and abnormal slices; else None."""
-    if split == "valid" or not has_split(data, "valid"):
-        return None
-    try:
-        valid = BmadSliceDataset(data, "valid", size=size, crop=crop)
-    except FileNotFoundError:
-        return None
-    labels = _labels(valid)
-    return valid if labels.any() and not labels.all() else None
 
 
 def _score_split(method, dataset: BmadSliceDataset, stream: PixelMetricsStream | None, batch_size: int,
@@ -235,10 +229,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_or_checkpoint", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
     parser.add_argument("--data", metavar="DIR", help="BMAD-layout folder or MedIAnomaly dataset (its data.json "
                                                       "folder) (or --scans / --manifest for CT volumes)")
-    parser.add_argument("--split", default="test", choices=("test", "valid", "train"),
-                        help="default test (with --manifest: the patients of that split)")
+    parser.add_argument("--split", default=None, choices=("test", "valid", "train"),
+                        help="default test; valid with --calibrate (with --manifest: the patients of that split)")
     parser.add_argument("--out", metavar="DIR",
-                        help="output folder (default <run>/eval-<split>; volumes: <run>/eval-volumes[-<split>])")
+                        help="output folder (default <run>-eval-<split> beside the run folder; volumes: "
+                             "<run>-eval-volumes[-<split>]); nothing is written into the run folder without --calibrate")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="choose the operating point (95%% specificity slice threshold, best-Dice pixel threshold) "
+                             "on the evaluated validation data and store it in the run folder as operating_point.json, "
+                             "which predict then uses; refused with --split test or train")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=16)
     parser.add_argument("--cases", type=int_at_least(0), default=4, metavar="K",
@@ -293,16 +292,15 @@ def _main_volumes(args: argparse.Namespace) -> int:
     try:
         if args.manifest:
             cases, skipped = cases_from_manifest(args.manifest, args.split)
-            valid_cases = cases_from_manifest(args.manifest, "valid")[0] if args.split != "valid" else None
             split, source = args.split, str(Path(args.manifest).resolve())
         else:
             cases = cases_from_arguments(args.scans, args.masks, args.labels, args.liver_label, args.tumour_label)
-            skipped, valid_cases, split, source = [], None, None, None
-        metrics = evaluate_volumes(args.run_or_checkpoint, cases, args.out, valid_cases, args.device,
-                                   args.batch_size, not args.no_progress, args.window, args.hist_eq, args.top_k,
-                                   lesion_thresholds=args.lesion_thresholds, split=split, source=source,
-                                   skipped=skipped, allow_nonfinite=args.allow_nonfinite,
-                                   allow_non_hu=args.allow_non_hu)
+            skipped, split, source = [], None, None
+        metrics = evaluate_volumes(args.run_or_checkpoint, cases, args.out, device=args.device,
+                                   batch_size=args.batch_size, progress=not args.no_progress, window=args.window,
+                                   hist_eq=args.hist_eq, top_k=args.top_k, lesion_thresholds=args.lesion_thresholds,
+                                   split=split, source=source, skipped=skipped, calibrate=args.calibrate,
+                                   allow_nonfinite=args.allow_nonfinite, allow_non_hu=args.allow_non_hu)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"medad-fast evaluate: error: {exc}", file=sys.stderr)
         return 2
@@ -326,10 +324,10 @@ def _main_volumes(args: argparse.Namespace) -> int:
         print(f"skipped {entry['patient']} ({entry['status']} in the manifest)")
     point = metrics.get("operating_point")
     if point:
-        print(f"operating point from {point['source']}: slice threshold {point['slice_threshold']:.6g} "
+        print(f"calibrated on {point['source']}: slice threshold {point['slice_threshold']:.6g} "
               f"(score > it; specificity {point['slice_specificity']:.3f}), pixel threshold "
               f"{point['pixel_threshold']:.6g} (map >= it; Dice {point['pixel_dice']:.3f}) -> "
-              f"{metrics['operating_point_file']}")
+              f"{metrics['operating_point_file']} (predict uses it)")
     out = Path(metrics["out"])
     print(f"wrote {out / 'metrics.json'}, {out / 'volumes.csv'}, {out / 'slices.csv'}"
           + (f", {out / 'froc.png'}" if lesions else ""))
@@ -341,18 +339,27 @@ def main(args: argparse.Namespace) -> int:
     if problem:
         print(f"medad-fast evaluate: error: {problem}", file=sys.stderr)
         return 2
+    if not args.scans:  # --scans: the volumes named are the data, there is no split
+        args.split = args.split or ("valid" if args.calibrate else "test")
+    try:
+        check_calibration_split(args.split if args.calibrate else None)
+    except ValueError as exc:
+        print(f"medad-fast evaluate: error: {exc}", file=sys.stderr)
+        return 2
     if args.scans or args.manifest:
         return _main_volumes(args)
     try:
         world = distributed.init_distributed(resolve_device(args.device))  # so that only rank 0 prints
         metrics = evaluate(args.run_or_checkpoint, args.data, args.split, args.out, world.device,
-                           args.batch_size, args.cases, not args.no_progress, args.reference_ops, args.compile)
+                           args.batch_size, args.cases, not args.no_progress, args.reference_ops, args.compile,
+                           args.calibrate)
     except (ValueError, FileNotFoundError) as exc:
         print(f"medad-fast evaluate: error: {exc}", file=sys.stderr)
         return 2
     if not world.is_main:
         return 0
-    out = Path(args.out) if args.out else resolve_checkpoint(args.run_or_checkpoint).parent / f"eval-{args.split}"
+    out = Path(args.out) if args.out else default_evaluation_dir(resolve_checkpoint(args.run_or_checkpoint, None),
+                                                                f"eval-{args.split}")
     if metrics["image_level"]:
         print(f"image AUROC {metrics['image_auroc']:.4f}  image AP {metrics['image_ap']:.4f}  "
               f"({metrics['n_images']} images, {metrics['n_abnormal_images']} abnormal; image-level split)")
@@ -366,7 +373,7 @@ def main(args: argparse.Namespace) -> int:
     if point:
         pixel_threshold = (NO_MASKS if point["pixel_threshold"] is None
                            else f"{point['pixel_threshold']:.6g} (map >= it)")
-        print(f"operating point from {point['source']}: slice threshold {point['slice_threshold']:.6g} (score > "
-              f"it), pixel threshold {pixel_threshold} -> {metrics['operating_point_file']}")
+        print(f"calibrated on {point['source']}: slice threshold {point['slice_threshold']:.6g} (score > "
+              f"it), pixel threshold {pixel_threshold} -> {metrics['operating_point_file']} (predict uses it)")
     print(f"wrote {out / 'metrics.json'}, {out / 'roc.png'}, {out / 'heatmaps'}/")
     return 0

@@ -6,7 +6,11 @@ Both formats hold the same inference module (:class:`InferenceModule`): images
 dynamic) -> ``(maps float32 [B, S, S], scores float32 [B])``, exactly
 :meth:`Method.predict <medad_fast.methods.base.Method.predict>` of the checkpoint. The run's
 config travels inside the file (a pt2 extra file / ONNX metadata), so the file alone says
-which method, preset and side it scores.
+which method, preset and side it scores; the run's preprocessing record
+(:mod:`medad_fast.preprocessing`: HU window, hist-eq, crop, side, input range) travels
+beside it under its own name (:data:`~medad_fast.preprocessing.PREPROCESSING_KEY`: a pt2
+extra file / ONNX ``metadata_props`` entry, readable without medad_fast), and is what
+``predict`` applies when it scores with the file: no training data or manifest is read.
 
 * ``pt2``: :func:`torch.export.export` of the module, saved with :func:`torch.export.save`.
   The fused ops stay in the graph as ``torch.ops.medad_fast.*`` (their fake kernels in
@@ -49,6 +53,7 @@ from torch import nn
 
 from . import ops
 from .config import Config
+from .preprocessing import PREPROCESSING_KEY, Preprocessing, decide_preprocessing, legacy_preprocessing
 
 __all__ = ["EXPORT_FORMATS", "InferenceModule", "MatrixButterworthHighpass", "ExportedModel", "export_method",
            "export_checkpoint", "is_exported_file", "add_arguments", "main"]
@@ -157,7 +162,12 @@ def export_method(method: nn.Module, out: str | os.PathLike, fmt: str, aoti: boo
     config: Config = method.config
     side = config.run.image_size
     example = torch.rand(EXAMPLE_BATCH, 1, side, side, generator=torch.Generator().manual_seed(0))
+    if config.preprocessing is None:
+        # a method built from a config, not loaded (load_method always supplies a record):
+        # the record training would decide for it
+        config = config.with_preprocessing(decide_preprocessing(config.run))
     config_json = json.dumps(config.to_dict())
+    extra_files = {CONFIG_KEY: config_json, PREPROCESSING_KEY: json.dumps(config.preprocessing.to_dict())}
     out.parent.mkdir(parents=True, exist_ok=True)
     method.eval()
     if fmt == "pt2":
@@ -166,14 +176,15 @@ def export_method(method: nn.Module, out: str | os.PathLike, fmt: str, aoti: boo
         with torch.no_grad():
             program = torch.export.export(InferenceModule(method), (example,), dynamic_shapes=_batch_dim())
         if not aoti:
-            torch.export.save(program, out, extra_files={CONFIG_KEY: config_json})
+            torch.export.save(program, out, extra_files=extra_files)
             return out
         if out.exists():
             out.unlink()  # the package is a zip; the config is added to the new one below
         torch._inductor.aoti_compile_and_package(program, package_path=str(out))
         with zipfile.ZipFile(out, "a") as package:
             prefix = package.namelist()[0].split("/")[0]
-            package.writestr(f"{prefix}/extra/{CONFIG_KEY}", config_json)
+            for name, text in extra_files.items():
+                package.writestr(f"{prefix}/extra/{name}", text)
         return out
     try:
         import onnx
@@ -186,7 +197,7 @@ def export_method(method: nn.Module, out: str | os.PathLike, fmt: str, aoti: boo
         torch.onnx.export(portable, (example,), str(out), input_names=["images"], output_names=["maps", "scores"],
                           dynamic_shapes=_batch_dim(), dynamo=True, external_data=False, verbose=False)
     model = onnx.load(str(out))
-    onnx.helper.set_model_props(model, {CONFIG_KEY: config_json})
+    onnx.helper.set_model_props(model, extra_files)
     onnx.save(model, str(out))
     return out
 
@@ -220,6 +231,25 @@ def is_exported_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix in EXPORT_FORMATS.values()
 
 
+def _exported_config(path: Path, entries: dict[str, str]) -> Config:
+    """The config of an exported file with the preprocessing record it carries
+    (:data:`~medad_fast.preprocessing.PREPROCESSING_KEY`; a file exported before records
+    existed: the one its config holds, else the assumed one, with a warning naming it).
+    ``entries``: the file's extra files / metadata. Errors name the file."""
+    if not entries.get(CONFIG_KEY):
+        raise ValueError(f"{path} holds no medad-fast config: not written by `medad-fast export`")
+    try:
+        config = Config.from_dict(json.loads(entries[CONFIG_KEY]))
+        if entries.get(PREPROCESSING_KEY):
+            config = config.with_preprocessing(
+                Preprocessing.from_dict(json.loads(entries[PREPROCESSING_KEY]), f"{path} {PREPROCESSING_KEY}"))
+    except ValueError as exc:  # JSON errors are ValueErrors too
+        raise ValueError(f"{path}: unreadable medad-fast config ({exc})") from None
+    if config.preprocessing is None:
+        config = config.with_preprocessing(legacy_preprocessing(config.run, path))
+    return config
+
+
 class ExportedModel:
     """An exported file, loaded for scoring. It has the part of the method interface the
     scoring code uses (:mod:`medad_fast.inference`): ``config``, ``device``,
@@ -240,15 +270,13 @@ class ExportedModel:
         if path.suffix == ".pt2" and _is_aoti_package(path):
             return cls._load_aoti(path, device)
         if path.suffix == ".pt2":
-            extra = {CONFIG_KEY: ""}
+            extra = {CONFIG_KEY: "", PREPROCESSING_KEY: ""}
             try:
                 program = torch.export.load(path, extra_files=extra)
             except Exception as exc:  # a zip that is not a saved ExportedProgram, or not a zip
                 raise ValueError(f"{path} is not a pt2 file written by `medad-fast export` ({exc})") from None
-            if not extra[CONFIG_KEY]:
-                raise ValueError(f"{path} holds no medad-fast config: not written by `medad-fast export`")
             module = program.module().to(device)
-            return cls(path, Config.from_dict(json.loads(extra[CONFIG_KEY])), module, device)
+            return cls(path, _exported_config(path, extra), module, device)
         if path.suffix == ".onnx":
             return cls._load_onnx(path)
         raise ValueError(f"{path}: not an exported model (expected a {' or '.join(EXPORT_FORMATS.values())} file)")
@@ -256,10 +284,11 @@ class ExportedModel:
     @classmethod
     def _load_aoti(cls, path: Path, device: torch.device) -> ExportedModel:
         with zipfile.ZipFile(path) as package:
-            configs = [name for name in package.namelist() if name.endswith(f"/extra/{CONFIG_KEY}")]
-            if not configs:
-                raise ValueError(f"{path} holds no medad-fast config: not written by `medad-fast export`")
-            config = Config.from_dict(json.loads(package.read(configs[0])))
+            extra = {}
+            for key in (CONFIG_KEY, PREPROCESSING_KEY):
+                names = [name for name in package.namelist() if name.endswith(f"/extra/{key}")]
+                extra[key] = package.read(names[0]).decode() if names else ""
+            config = _exported_config(path, extra)
         try:
             runner = torch._inductor.aoti_load_package(str(path))
         except Exception as exc:
@@ -279,15 +308,13 @@ class ExportedModel:
             session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             raise ValueError(f"{path} is not an ONNX model ONNX Runtime can load ({exc})") from None
-        metadata = session.get_modelmeta().custom_metadata_map
-        if CONFIG_KEY not in metadata:
-            raise ValueError(f"{path} holds no medad-fast config: not written by `medad-fast export`")
+        config = _exported_config(path, session.get_modelmeta().custom_metadata_map)
 
         def run(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             maps, scores = session.run(None, {"images": images.detach().cpu().float().contiguous().numpy()})
             return torch.from_numpy(maps), torch.from_numpy(scores)
 
-        return cls(path, Config.from_dict(json.loads(metadata[CONFIG_KEY])), run, torch.device("cpu"))
+        return cls(path, config, run, torch.device("cpu"))
 
     def to_memory_format(self, x: torch.Tensor) -> torch.Tensor:
         """The layout is the exported graph's business: ``x`` as it is."""

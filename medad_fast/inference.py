@@ -23,6 +23,7 @@ from .data.crop import paste_back
 from .data.dataset import SliceBatch, iter_batches
 from .export import ExportedModel, is_exported_file
 from .methods import Method, get_method
+from .preprocessing import legacy_preprocessing
 from .runtime import compile_networks, resolve_device
 
 __all__ = ["resolve_checkpoint", "load_method", "load_scorer", "score_batch", "score_dataset", "score_images"]
@@ -69,10 +70,15 @@ def load_method(run_or_checkpoint: str | os.PathLike, device: str | torch.device
     ``device`` in eval mode, with the run's memory format and (``amp`` and the run's
     setting) mixed precision; ``compile``: its networks compiled
     (:func:`~medad_fast.runtime.compile_networks`). Returns ``(method, checkpoint dict)``;
-    ``method.config`` is the run's :class:`~medad_fast.config.Config`."""
+    ``method.config`` is the run's :class:`~medad_fast.config.Config`, always with its
+    preprocessing record (:mod:`medad_fast.preprocessing`; a checkpoint saved before records
+    existed gets the assumed one, with a warning naming its window)."""
     device = resolve_device(device)
-    state = load_checkpoint(resolve_checkpoint(run_or_checkpoint), map_location="cpu")
+    path = resolve_checkpoint(run_or_checkpoint)
+    state = load_checkpoint(path, map_location="cpu")
     config = Config.from_dict(state["config"])
+    if config.preprocessing is None:  # saved before the record existed: assumed, with a warning naming it
+        config = config.with_preprocessing(legacy_preprocessing(config.run, path))
     method = get_method(config.run.method)(config)
     method.load_state_dict(state["model"])
     method.load_method_state(state.get("method_state", {}))

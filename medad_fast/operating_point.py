@@ -1,21 +1,27 @@
-"""Operating points: the thresholds that turn scores into decisions, stored with the run.
+"""Operating points: the thresholds that turn scores into decisions, chosen on data the user
+names for it (calibration) and stored with the run.
 
-``medad-fast evaluate`` computes two thresholds and writes them into the run folder (the
-checkpoint's folder) as ``operating_point.json``:
+Calibration is explicit: ``medad-fast evaluate RUN --calibrate`` (on BMAD slices with
+``--split valid``, the default with ``--calibrate``; on the ``valid`` patients of a
+``prepare`` manifest; or on volumes given with ``--scans``) computes two thresholds on the
+data it evaluates and writes them into the run folder (the checkpoint's folder) as
+``operating_point.json``:
 
 - ``slice_threshold``: a slice is flagged abnormal when its score is ABOVE it (``score >
   slice_threshold``); it is the lowest threshold at which at least ``specificity`` (95 %) of
   the normal slices are not flagged: the ``ceil(specificity * n)``-th smallest normal slice
   score (:func:`slice_threshold_at_specificity`).
 - ``pixel_threshold``: a pixel (voxel) is lesion when its map value is AT OR ABOVE it
-  (``map >= pixel_threshold``); the threshold of the best Dice over the split's pixels
+  (``map >= pixel_threshold``); the threshold of the best Dice over the data's pixels
   (:func:`medad_fast.metrics.best_dice_threshold_from_counts`). None (JSON null) when the
-  split is image-level (no lesion masks): ``medad-fast predict`` then needs ``--threshold``.
+  data is image-level (no lesion masks): ``medad-fast predict`` then needs ``--threshold``.
 
-Both come from the validation split when the data has one with normal slices and lesions
-(BMAD ``valid/``, or the ``valid`` patients of a ``prepare`` manifest), else from the split
-that was evaluated; ``split`` and ``source`` in the file say which. Choosing thresholds on
-the split that is then reported is optimistic: the file says so (``on_evaluated_split``).
+``split`` and ``source`` in the file say which data it was chosen on. ``--calibrate`` is
+refused on the test split (the threshold would be tuned on the data the metrics report) and
+on the train split (slices the model was trained on): :func:`check_calibration_split`.
+Without ``--calibrate``, ``evaluate`` writes its report into its ``--out`` (by default a
+folder beside the run, :func:`default_evaluation_dir`) and nothing into the run folder: the
+run's behaviour never depends on the last evaluation.
 
 ``medad-fast predict`` reads the pixel threshold (:func:`read_operating_point`) to write
 thresholded lesion masks when no ``--threshold`` is given.
@@ -32,11 +38,33 @@ import numpy as np
 
 from .io import atomic_write_json
 
-__all__ = ["OPERATING_POINT_NAME", "DEFAULT_SPECIFICITY", "slice_threshold_at_specificity", "operating_point",
-           "write_operating_point", "read_operating_point"]
+__all__ = ["OPERATING_POINT_NAME", "DEFAULT_SPECIFICITY", "CALIBRATE_HINT", "slice_threshold_at_specificity",
+           "operating_point", "write_operating_point", "read_operating_point", "check_calibration_split",
+           "default_evaluation_dir"]
 
 OPERATING_POINT_NAME = "operating_point.json"
 DEFAULT_SPECIFICITY = 0.95
+#: how a run gets an operating point (error messages)
+CALIBRATE_HINT = ("calibrate the run on validation data (`medad-fast evaluate RUN --calibrate --data DIR`, "
+                  "`--manifest FILE` or `--scans ...`)")
+
+
+def check_calibration_split(split: str | None) -> None:
+    """``ValueError`` when ``--calibrate`` is asked on the test or train split (None: volumes
+    the user named with ``--scans``, allowed)."""
+    if split == "test":
+        raise ValueError("--calibrate on --split test: the operating point would be tuned on the data the metrics "
+                         "report; calibrate on validation data (--split valid, the default with --calibrate)")
+    if split == "train":
+        raise ValueError("--calibrate on --split train: the model was trained on those slices; calibrate on "
+                         "validation data (--split valid, the default with --calibrate)")
+
+
+def default_evaluation_dir(checkpoint: str | Path, name: str) -> Path:
+    """``<run folder>-<name>`` beside the checkpoint's folder (e.g. ``runs/exp1-eval-test``):
+    the default ``--out`` of ``evaluate``, outside the run, which it leaves unchanged."""
+    run = Path(checkpoint).resolve().parent
+    return run.parent / f"{run.name}-{name}"
 
 
 def slice_threshold_at_specificity(normal_scores, specificity: float = DEFAULT_SPECIFICITY) -> float:
@@ -101,8 +129,8 @@ def read_operating_point(run_dir: str | Path) -> dict[str, Any] | None:
         image_level = isinstance(point, dict) and "pixel_threshold" in point and point["pixel_threshold"] is None
         threshold = math.nan if image_level else float(point["pixel_threshold"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a readable operating point ({type(e).__name__}: {e}); run `medad-fast "
-                         "evaluate` again or pass --threshold") from None
+        raise ValueError(f"{path}: not a readable operating point ({type(e).__name__}: {e}); {CALIBRATE_HINT} "
+                         "again, or pass --threshold") from None
     if image_level:
         raise ValueError(f"{path}: no pixel threshold (it was chosen on an image-level split, without lesion "
                          "masks); pass --threshold")

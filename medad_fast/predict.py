@@ -24,10 +24,14 @@ Writes into ``--out``::
 Under torchrun every rank reads and scores its contiguous share of the images; rank 0
 gathers them and writes every file.
 
+Every input is made as the model's training slices were: its preprocessing record
+(:mod:`medad_fast.preprocessing`: HU window, hist-eq, crop, side), stored in the checkpoint
+or the exported file, never read from the training data (which may be gone). A checkpoint
+saved before records existed is scored with an assumed one, and a warning names it.
+
 CT volumes (:mod:`medad_fast.volume_inference` scores them): the axial slices holding liver
-are windowed as ``prepare`` writes them (``--window``, ``--hist-eq``; by default the settings
-``prepare`` recorded in the manifest of the checkpoint's training data when it is readable,
-else ``prepare``'s defaults), scored at the model's side in batches, and the maps put back on
+are windowed as ``prepare`` wrote the training slices (the record's window and hist-eq, or
+``--window`` / ``--hist-eq``), scored at the model's side in batches, and the maps put back on
 the scan's grid. Writes into ``--out``, per scan (``NAME`` = the file name without
 ``.nii[.gz]``, or the DICOM folder's name; prefixed with the scan's index in the call when two
 scans share a name)::
@@ -39,9 +43,12 @@ scans share a name)::
                           of the slice's centre
     NAME_review.png       the --top-k highest-scoring slices with their maps (one colour
                           scale per scan: 0 .. the map's maximum), slice number and z on each
-    NAME_lesions.nii.gz   with a pixel threshold (``--threshold T``, else the run's stored
-                          operating point, :mod:`medad_fast.operating_point`): uint8, 1 where
-                          the map >= T, on the scan's grid (same header geometry as the map)
+    NAME_lesions.nii.gz   with a pixel threshold (``--threshold T``, else the run's calibrated
+                          operating point: ``operating_point.json`` beside the checkpoint or
+                          exported file, written by ``evaluate --calibrate``,
+                          :mod:`medad_fast.operating_point`): uint8, 1 where the map >= T, on
+                          the scan's grid (same header geometry as the map). Neither: no
+                          lesion masks (maps, tables and montages only), and a line says so
     NAME_seg.dcm          with ``--dicom-seg``, for scans that came as DICOM series: the same
                           mask as a DICOM Segmentation object referencing the series
                           (:mod:`medad_fast.dicom_seg`, needs the optional highdicom)
@@ -66,7 +73,6 @@ import argparse
 import csv
 import functools
 import io
-import json
 import os
 import shutil
 import sys
@@ -80,13 +86,13 @@ from . import __version__, distributed
 from .cli import int_at_least
 from .config import Config
 from .inference import load_scorer, resolve_checkpoint, score_dataset
-from .data.crop import crops_liver
 from .data.dataset import ImageFileDataset
-from .data.layout import MANIFEST_NAME, collect_image_files
-from .data.scan import (DEFAULT_WINDOW, VolumeError, check_scan_values, display_slice, is_dicom_folder, is_nifti_path,
-                        nifti_like, Volume, open_liver_mask, read_geometry, read_volume, require_liver)
+from .data.layout import collect_image_files
+from .data.scan import (VolumeError, check_scan_values, display_slice, is_dicom_folder, is_nifti_path, nifti_like,
+                        Volume, open_liver_mask, read_geometry, read_volume, require_liver)
 from .io import atomic_write_json, atomic_write_text, check_writable_folder, fsync_directory
-from .operating_point import OPERATING_POINT_NAME, read_operating_point
+from .operating_point import CALIBRATE_HINT, OPERATING_POINT_NAME, read_operating_point
+from .preprocessing import preprocessing_of, scoring_window
 from .runtime import resolve_device
 from .visualize import overlay_heatmap, plot_review, save_rgb_png
 from .dicom_seg import require_highdicom, write_dicom_seg
@@ -108,7 +114,8 @@ def predict(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
     files = collect_image_files(inputs)
     world = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
     method = load_scorer(checkpoint, world.device, compile)
-    dataset = ImageFileDataset(files, size=method.config.run.image_size, crop=crops_liver(method.config.run))
+    record = preprocessing_of(method.config)
+    dataset = ImageFileDataset(files, size=record.image_size, crop=record.crop == "liver")
     start, stop = distributed.shard_bounds(len(files))  # this rank's share, gathered back in order
     results = [(maps, scores) for _, maps, scores in
                score_dataset(method, dataset, batch_size, start, stop, progress and world.is_main, world.device)]
@@ -143,6 +150,7 @@ def _write_predictions(out: Path, checkpoint: Path, config: Config, dataset: Ima
                                             "variant": config.variant, "preset": config.run.preset,
                                             "image_size": config.run.image_size,
                                             "crop": "liver" if dataset.crop else "none",
+                                            "preprocessing": preprocessing_of(config).to_dict(),
                                             "heatmap_scale": heatmap_scale, "images": rows})
     return rows
 
@@ -150,22 +158,6 @@ def _write_predictions(out: Path, checkpoint: Path, config: Config, dataset: Ima
 def is_volume_input(path: str | Path) -> bool:
     """True for a CT volume input: a NIfTI file name or a DICOM series folder."""
     return is_nifti_path(path) or is_dicom_folder(path)
-
-
-def _training_window(config: Config) -> tuple[tuple[float, float], bool, str]:
-    """``(window, hist_eq, where from)``: the settings ``prepare`` recorded in the manifest of
-    the run's training data when it is readable and they agree, else ``prepare``'s defaults."""
-    if config.run.data:
-        manifest = Path(config.run.data) / MANIFEST_NAME
-        try:
-            sources = json.loads(manifest.read_text())["sources"]
-            settings = {(tuple(s["settings"]["window"]), bool(s["settings"]["hist_eq"])) for s in sources}
-        except (OSError, ValueError, KeyError, TypeError):
-            settings = set()
-        if len(settings) == 1:
-            (window, hist_eq), = settings
-            return (float(window[0]), float(window[1])), hist_eq, str(manifest)
-    return DEFAULT_WINDOW, False, "default"
 
 
 def _output_names(geometries) -> list[str]:
@@ -223,8 +215,8 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
     ``scores.json`` content.
 
     ``liver_masks[i]`` is the liver mask of ``scans[i]``: on the scan's voxel grid, liver =
-    any nonzero value, or one of ``liver_labels``. ``window`` / ``hist_eq`` None: the training
-    data's ``prepare`` settings when recorded, else ``prepare``'s defaults. ``threshold``: the
+    any nonzero value, or one of ``liver_labels``. ``window`` / ``hist_eq`` None: the
+    model's preprocessing record's (:mod:`medad_fast.preprocessing`). ``threshold``: the
     pixel threshold of the ``_lesions`` masks; None: the run's stored operating point when it
     has one (``operating_point.json`` beside the checkpoint), else no masks. ``dicom_seg``: also
     write each DICOM scan's mask as a DICOM SEG (needs a threshold). ``allow_nonfinite`` /
@@ -262,13 +254,13 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
             raise ValueError(f"--threshold must be a finite number, got {threshold}")
     elif point is not None:
         threshold = float(point["pixel_threshold"])
-        threshold_from = f"{checkpoint.parent / OPERATING_POINT_NAME} (split {point.get('split')})"
+        threshold_from = (f"{checkpoint.parent / OPERATING_POINT_NAME} (calibrated on "
+                          f"{point.get('source') or 'split ' + str(point.get('split'))})")
     else:
         threshold_from = None
     slice_threshold = float(point["slice_threshold"]) if point is not None and "slice_threshold" in point else None
     if dicom_seg and threshold is None:
-        raise ValueError("--dicom-seg needs a pixel threshold: pass --threshold T, or run `medad-fast evaluate` on "
-                         f"the run first (it stores {OPERATING_POINT_NAME})")
+        raise ValueError(f"--dicom-seg needs a pixel threshold: pass --threshold T, or {CALIBRATE_HINT}")
     # headers first: a wrong mask or a broken series is reported before any scoring
     geometries = [read_geometry(scan, modality="CT") for scan in scans]
     if dicom_seg and not any(g.format == "dicom" for g in geometries):
@@ -276,11 +268,8 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
                          "a DICOM SEG references the series it was made from")
     sources = [open_liver_mask(mask, geometry) for mask, geometry in zip(liver_masks, geometries)]
     method = load_scorer(checkpoint, world.device, compile)
-    trained_window, trained_hist_eq, settings_from = _training_window(method.config)
-    window = tuple(float(w) for w in (window if window is not None else trained_window))
-    if not (np.isfinite(window).all() and window[0] < window[1]):
-        raise ValueError(f"--window: LO must be smaller than HI (finite), got {window[0]} {window[1]}")
-    hist_eq = trained_hist_eq if hist_eq is None else bool(hist_eq)
+    record = preprocessing_of(method.config)
+    window, hist_eq, settings_from = scoring_window(record, window, hist_eq)
     names = _output_names(geometries)
 
     out = Path(out)  # checked by check_writable_folder above
@@ -324,8 +313,7 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
         summary = {"checkpoint": str(checkpoint.resolve()), "method": method.config.run.method,
                    "variant": method.config.variant, "preset": method.config.run.preset,
                    "image_size": method.config.run.image_size, "window": list(window), "hist_eq": hist_eq,
-                   "crop": "liver" if crops_liver(method.config.run) else "none",
-                   "window_from": settings_from, "top_k": top_k,
+                   "crop": record.crop, "window_from": settings_from, "preprocessing": record.to_dict(), "top_k": top_k,
                    "liver_labels": None if liver_labels is None else list(liver_labels),
                    "threshold": threshold, "threshold_from": threshold_from,
                    "threshold_rule": "lesion voxel: anomaly map >= threshold (inside the liver)",
@@ -362,7 +350,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help=f"slices in the top-k mean score and the review montage (default {DEFAULT_TOP_K})")
     volumes.add_argument("--threshold", type=float, default=None, metavar="T",
                          help="pixel threshold: write NAME_lesions.nii.gz (map >= T) per scan (default: the run's "
-                              "operating_point.json from `medad-fast evaluate`, if any)")
+                              "calibrated operating_point.json from `medad-fast evaluate --calibrate`, if any; else "
+                              "no lesion masks)")
     volumes.add_argument("--dicom-seg", action="store_true",
                          help="also write NAME_seg.dcm, the thresholded map as a DICOM Segmentation referencing the "
                               "series, for scans given as DICOM series (needs a threshold and highdicom)")
@@ -389,6 +378,8 @@ def _main_volumes(args: argparse.Namespace) -> int:
     if summary["threshold"] is not None:
         print(f"lesion masks at pixel threshold {summary['threshold']:.6g} (map >= it) from "
               f"{summary['threshold_from']}")
+    else:
+        print(f"no lesion masks: no --threshold and the run is not calibrated ({CALIBRATE_HINT})")
     print(f"wrote {len(summary['scans'])} anomaly map(s), slice table(s) and review montage(s) and "
           f"{Path(args.out) / 'scores.json'} (window {summary['window'][0]:g} {summary['window'][1]:g} HU, "
           f"hist-eq {'on' if summary['hist_eq'] else 'off'}: {summary['window_from']})")

@@ -26,7 +26,8 @@ in the log), the epoch with the best ``val_score`` is kept as ``checkpoint-best.
 
 Run directory (``--out``)::
 
-    config.json               the resolved configuration (method, run part, method part)
+    config.json               the resolved configuration (method, run part, method part, preprocessing
+                              record: :mod:`medad_fast.preprocessing`)
     log.jsonl                 one JSON record per epoch: losses, the method's values
                               (e.g. alpha), lr, images/s, seconds
     checkpoint-eE-sS.pt       the last ``--keep-checkpoints`` checkpoints (atomic, fsynced;
@@ -85,6 +86,7 @@ from .checkpoint import (BEST_NAME, DEFAULT_KEEP, LATEST_NAME, global_rng_states
                          list_checkpoints, point_best_checkpoint, restore_global_rng_states, save_checkpoint)
 from .config import OPTIONAL_PRESET_NAMES, PRESET_NAMES, Config, RunConfig, resolve_config
 from .data.crop import CROP_MODES, crops_liver, resolve_crop
+from .preprocessing import decide_preprocessing
 from .distributed import DistributedContext, is_main_process
 from .io import atomic_write_json, atomic_write_text, check_writable_folder
 from .methods import DEFAULT_METHOD, Method, create_method, get_method, method_names
@@ -597,6 +599,9 @@ def train(config: Config, out: str | Path, *, resume: bool = False, device: str 
     # "auto" cropping is decided once, here, from the data; config.json and the checkpoints
     # keep the decision, which evaluate and predict follow
     config = config.replace(crop=resolve_crop(config.run.crop, config.run.data))
+    # so is the preprocessing record (window, hist-eq, crop, side): scoring takes it from the
+    # run, never from the data again
+    config = config.with_preprocessing(decide_preprocessing(config.run))
     context = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
     with deterministic_mode(deterministic, context.device):
         return _train(config, Path(out), resume, context, progress, log, keep_checkpoints)

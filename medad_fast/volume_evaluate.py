@@ -35,7 +35,11 @@ The region scored is the liver mask united with the tumour label (tumour counts 
   ``scipy.ndimage.label`` of the liver's bounding box: about 0.5 s for 6 million voxels on one
   busy CPU core, so a minute per volume at the default 100.
 
-Writes into ``--out`` (default ``<run>/eval-volumes`` or ``<run>/eval-volumes-<split>``)::
+Each volume is windowed as the model's training slices were (its preprocessing record,
+:mod:`medad_fast.preprocessing`, unless ``--window`` / ``--hist-eq`` say otherwise).
+
+Writes into ``--out`` (default ``<run>-eval-volumes`` or ``<run>-eval-volumes-<split>``
+beside the run folder)::
 
     metrics.json   all of the above, the operating point, the FROC curves, skipped patients
     volumes.csv    one row per scan: name, scan, has_tumour, n_lesions, tumour_voxels,
@@ -43,10 +47,10 @@ Writes into ``--out`` (default ``<run>/eval-volumes`` or ``<run>/eval-volumes-<s
     slices.csv     one row per liver slice: name, slice, z_mm, label, score
     froc.png       lesion recall against false-positive components per scan
 
-and ``operating_point.json`` into the run folder (:mod:`medad_fast.operating_point`): from
-the manifest's ``valid`` patients when the evaluated split is another one and they hold
-normal slices and tumour, else from the evaluated volumes (``split`` says which). Every file
-is written atomically; maps are spilled to temporary files inside ``--out`` (deleted at the
+and, with ``--calibrate`` only (the manifest's ``valid`` patients, or volumes given with
+``--scans``; refused on the test and train splits), ``operating_point.json`` chosen on the
+evaluated volumes into the run folder (:mod:`medad_fast.operating_point`); without it
+nothing is written into the run folder. Every file is written atomically; maps are spilled to temporary files inside ``--out`` (deleted at the
 end), so memory holds one volume at a time.
 """
 
@@ -69,12 +73,13 @@ from scipy import ndimage
 from .data.scan import (Geometry, LiverMaskSource, Volume, VolumeError, check_scan_values, display_slice,
                         open_liver_mask, read_geometry, read_volume, require_liver)
 from .cpu_isa import isa_report
-from .data.crop import crops_liver
 from .inference import load_method, resolve_checkpoint
 from .io import atomic_write_json, atomic_write_text, check_writable_folder, output_folder
 from .metrics import (DEFAULT_FP_BUDGETS, HIT_RULES, LESION_STRUCTURE, PixelMetricsStream, detection_thresholds,
                       image_metrics, lesion_froc, lesion_hits, roc_auc)
-from .operating_point import operating_point, write_operating_point
+from .operating_point import (OPERATING_POINT_NAME, check_calibration_split, default_evaluation_dir, operating_point,
+                              write_operating_point)
+from .preprocessing import scoring_window
 from .runtime import resolve_device
 from .volume_inference import DEFAULT_TOP_K, aggregate_slice_scores, read_ahead, score_volume
 
@@ -313,26 +318,28 @@ def _or_reason(compute):
 
 
 def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str | Path | None = None,
-                     valid_cases: list[VolumeCase] | None = None, device: str | torch.device | None = None,
+                     device: str | torch.device | None = None,
                      batch_size: int = 16, progress: bool = True, window: tuple[float, float] | None = None,
                      hist_eq: bool | None = None, top_k: int = DEFAULT_TOP_K, fp_budgets=DEFAULT_FP_BUDGETS,
                      lesion_thresholds: int = DEFAULT_LESION_THRESHOLDS, split: str | None = None,
                      source: str | None = None, skipped: list[dict[str, Any]] | None = None,
-                     allow_nonfinite: bool = False, allow_non_hu: bool = False) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on CT volumes (see the module docstring); ``valid_cases``: the
-    volumes to take the operating point from (None or unusable: ``cases``). ``split`` /
-    ``source``: what the cases are (for the output). Returns the metrics written to
-    ``metrics.json``. ``allow_nonfinite`` / ``allow_non_hu``: as in
-    :func:`medad_fast.predict.predict_volumes`. ``out`` is checked to be writable before any
-    work, and removed again when this call made it and an error leaves it empty. Every header
-    is checked before anything is scored; errors raise
+                     calibrate: bool = False, allow_nonfinite: bool = False,
+                     allow_non_hu: bool = False) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on CT volumes (see the module docstring). ``split`` /
+    ``source``: what the cases are (for the output). ``calibrate``: choose the operating
+    point on these volumes and store it in the run folder (``ValueError`` on the test or train
+    split, or when the volumes cannot give one). ``allow_nonfinite`` / ``allow_non_hu``: as in
+    :func:`medad_fast.predict.predict_volumes`. Returns the metrics written to
+    ``metrics.json``. ``out`` is checked to be writable before any work, and removed again
+    when this call made it and an error leaves it empty. Every header is checked before
+    anything is scored; errors raise
     ``ValueError`` (:class:`~medad_fast.data.scan.VolumeError`) or ``FileNotFoundError``
     naming the files."""
-    from .predict import _training_window
-
+    if calibrate:
+        check_calibration_split(split)
     checkpoint = resolve_checkpoint(checkpoint)
-    out = Path(out) if out is not None else checkpoint.parent / ("eval-volumes" if split is None
-                                                                  else f"eval-volumes-{split}")
+    out = Path(out) if out is not None else default_evaluation_dir(
+        checkpoint, "eval-volumes" if split is None else f"eval-volumes-{split}")
     check_writable_folder(out)  # before any work
     if not cases:
         raise ValueError("no volumes to evaluate" + (f" in the {split} split of {source}" if source else ""))
@@ -341,14 +348,10 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
     if lesion_thresholds < 2:
         raise ValueError(f"--lesion-thresholds must be >= 2, got {lesion_thresholds}")
     opened = [_open(case) for case in cases]  # headers first: a wrong label is reported before any scoring
-    valid_opened = [_open(case) for case in valid_cases or []]
     device = resolve_device(device)
     method, state = load_method(checkpoint, device)
-    trained_window, trained_hist_eq, settings_from = _training_window(method.config)
-    window = tuple(float(w) for w in (window if window is not None else trained_window))
-    if not (np.isfinite(window).all() and window[0] < window[1]):
-        raise ValueError(f"--window: LO must be smaller than HI (finite), got {window[0]} {window[1]}")
-    hist_eq = trained_hist_eq if hist_eq is None else bool(hist_eq)
+    record = method.config.preprocessing
+    window, hist_eq, settings_from = scoring_window(record, window, hist_eq)
     with output_folder(out), tempfile.TemporaryDirectory(prefix=".volume-eval-", dir=out) as spill:
         spill = Path(spill)
         (spill / "lesions").mkdir()
@@ -363,23 +366,14 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
             slice_metrics, slice_reason = _or_reason(lambda: image_metrics(labels, scores))
             counts, pixel_reason = _or_reason(lambda: stream.counts("the pixel metrics"))
             pixel_metrics = stream.metrics(counts) if counts is not None else None
-            point, point_reason = None, None
-            if valid_opened:
-                valid_pad = tuple(np.max([o.display_shape for o in valid_opened], axis=0).tolist())
-                with PixelMetricsStream(str(spill / "valid-pixels")) as valid_stream:
-                    valid = _score_cases(method, valid_opened, valid_stream, valid_pad, window, hist_eq, batch_size,
-                                         device, progress, top_k, None, allow_nonfinite=allow_nonfinite,
-                                         allow_non_hu=allow_non_hu)
-                    point, point_reason = _or_reason(lambda: operating_point(
-                        valid.slice_labels, valid.slice_scores, valid_stream.counts("the operating point"), "valid",
-                        f"the {len(valid_opened)} valid volume(s) of {source}", False))
-            if point is None:
-                why = (f" (the valid volumes cannot give one: {point_reason})" if point_reason else
-                       " (no validation volumes)")
-                point, reason = _or_reason(lambda: operating_point(
+            point = None
+            if calibrate:
+                point, point_reason = _or_reason(lambda: operating_point(
                     labels, scores, counts if counts is not None else stream.counts("the operating point"),
-                    split or "volumes", f"the evaluated volumes{why}", True))
-                point_reason = reason if point is None else None
+                    split or "volumes", f"the {len(opened)} evaluated volume(s)" + (f" of {source}" if source else
+                                                                                      " (--scans)"), True))
+                if point is None:
+                    raise ValueError(f"--calibrate: no operating point from these volumes: {point_reason}")
         lesion_metrics, lesion_reason = None, None
         if any(v["n_lesions"] for v in scored.volumes):
             thresholds = detection_thresholds(np.concatenate(scored.samples), lesion_thresholds,
@@ -404,7 +398,7 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
         "checkpoint": str(checkpoint.resolve()), "method": method.config.run.method,
         "variant": method.config.variant, "preset": method.config.run.preset,
         "image_size": method.config.run.image_size, "epoch": int(state.get("epoch", 0)),
-        "crop": "liver" if crops_liver(method.config.run) else "none",
+        "crop": record.crop, "preprocessing": record.to_dict(),
         "split": split, "source": source, "window": list(window), "hist_eq": hist_eq, "window_from": settings_from,
         "top_k": top_k, "n_volumes": len(scored.volumes),
         "n_volumes_with_tumour": int(volume_labels.sum()), "n_slices": int(labels.size),
@@ -423,16 +417,16 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
                          "peak": "a component finds the lesion holding its highest voxel; it is a false positive "
                                  "when that voxel lies in no lesion"},
         "undefined": {name: reason for name, reason in (("slice", slice_reason), ("pixel", pixel_reason),
-                                                         ("volume", volume_reason), ("lesion", lesion_reason),
-                                                         ("operating_point", point_reason)) if reason},
+                                                         ("volume", volume_reason), ("lesion", lesion_reason))
+                      if reason},
         "skipped": skipped or [],
         "scoring_seconds": seconds,
         "volumes": scored.volumes,
     }
+    metrics.update(calibrated=calibrate, operating_point=None, operating_point_file=None)
     if point is not None:
         point.update(checkpoint=str(checkpoint.resolve()))
-        metrics["operating_point"] = point
-        metrics["operating_point_file"] = str(write_operating_point(checkpoint.parent, point))
+        metrics.update(operating_point=point, operating_point_file=str(checkpoint.parent / OPERATING_POINT_NAME))
     if lesion_metrics:
         from .visualize import plot_froc
 
@@ -446,6 +440,8 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "volumes.csv", _volumes_csv(scored.volumes))
     atomic_write_text(out / "slices.csv", _slices_csv(scored.slice_rows))
+    if point is not None:  # the run changes last, once the report is written
+        write_operating_point(checkpoint.parent, point)
     metrics["out"] = str(out)
     return metrics
 

@@ -7,7 +7,8 @@ that contains liver:
 1. takes the slice in display orientation (:func:`medad_fast.data.scan.display_slice`:
    anterior up, the patient's right on the left: the orientation ``prepare`` writes, so the
    orientation the model was trained on);
-2. windows it exactly as ``prepare`` does (:func:`medad_fast.data.scan.apply_window`,
+2. windows it exactly as ``prepare`` wrote the model's training slices (the model's
+   preprocessing record, :mod:`medad_fast.preprocessing`, unless told otherwise) (:func:`medad_fast.data.scan.apply_window`,
    :func:`medad_fast.data.scan.liver_image`: 0 outside the liver, >= 1 inside, optional
    histogram equalisation);
 3. resizes it to the model's side as the BMAD loader resizes a PNG
@@ -41,12 +42,13 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from .data.crop import crops_liver, liver_box, paste_back
+from .data.crop import liver_box, paste_back
 from .data.dataset import to_model_side
 from .data.scan import DEFAULT_WINDOW, Volume, VolumeError, apply_window, display_slice, liver_image, put_display_slice
 from .inference import score_batch
 from .io import resize_images
 from .methods import Method
+from .preprocessing import preprocessing_of, scoring_window
 
 __all__ = ["VolumeScores", "score_volume", "aggregate_slice_scores", "display_images", "read_ahead", "add_display_arguments",
            "add_value_check_arguments", "DEFAULT_TOP_K"]
@@ -90,20 +92,23 @@ def display_images(scan: Volume, liver: np.ndarray, indices, window=DEFAULT_WIND
     return liver_image(apply_window(hu, window), masks, hist_eq), masks
 
 
-def score_volume(method: Method, scan: Volume, liver: np.ndarray, window: tuple[float, float] = DEFAULT_WINDOW,
-                 hist_eq: bool = False, batch_size: int = 16, device: torch.device | None = None,
+def score_volume(method: Method, scan: Volume, liver: np.ndarray, window: tuple[float, float] | None = None,
+                 hist_eq: bool | None = None, batch_size: int = 16, device: torch.device | None = None,
                  progress: bool = False) -> VolumeScores:
     """Score every liver slice of ``scan`` (see the module docstring). ``liver``: bool, the
-    scan's shape. ``VolumeError`` naming the scan when its liver mask is empty."""
+    scan's shape. ``window`` / ``hist_eq`` None: the method's preprocessing record's (its
+    crop and side always are). ``VolumeError`` naming the scan when its liver mask is empty."""
     if tuple(liver.shape) != tuple(scan.shape):
         raise ValueError(f"liver mask of shape {tuple(liver.shape)} does not fit scan {scan.path} {scan.shape}")
     axis, ornt = scan.axial_axis, scan.orientation
     indices = liver_slice_indices(liver, axis)
     if indices.size == 0:
         raise VolumeError(f"the liver mask of scan {scan.path} is empty: no slice to score")
-    side = method.config.run.image_size
+    record = preprocessing_of(method.config)
+    window, hist_eq, _ = scoring_window(record, window, hist_eq)
+    side = record.image_size
     box = None
-    if crops_liver(method.config.run):
+    if record.crop == "liver":
         # one box for the volume: that of the liver's projection along the axial axis (the
         # union of the slices' livers), in display orientation
         box = liver_box(display_slice(liver.any(axis=axis, keepdims=True), ornt, 0))
@@ -164,9 +169,10 @@ def add_display_arguments(group) -> None:
     import argparse
 
     group.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                       help="HU window (default: the training data's prepare settings, else -200 250)")
+                       help="HU window (default: the model's preprocessing record, decided at training from its "
+                            "data's prepare settings)")
     group.add_argument("--hist-eq", action=argparse.BooleanOptionalAction, default=None,
-                       help="histogram-equalise the liver pixels (default: as the training data was prepared)")
+                       help="histogram-equalise the liver pixels (default: the model's preprocessing record)")
 
 
 def add_value_check_arguments(group) -> None:

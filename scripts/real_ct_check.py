@@ -8,9 +8,8 @@ volume is never committed and no test depends on it.
 It downloads the wheel into ``--work``, converts the two MRC volumes to NIfTI (the MRC
 header carries no spacing: 1 mm voxels; the first MRC axis is the axial one), then runs
 ``medad-fast predict`` (map, lesions at the run's operating point, review montage) and
-``medad-fast evaluate --scans`` on a copy of the run (evaluate stores an operating point in
-the run it evaluates; the copy keeps RUN's own), and prints where the map peaks relative to
-the tumour label.
+``medad-fast evaluate --scans`` (without ``--calibrate``: it writes nothing into the run) on
+a copy of the run, and prints where the map peaks relative to the tumour label.
 """
 
 from __future__ import annotations

@@ -135,13 +135,18 @@ def write_dicom_series(folder: Path, voxels: np.ndarray, grid: DicomGrid, modali
     return written
 
 
-def tiny_checkpoint(path: Path, image_size: int = 32) -> Path:
-    """An untrained ``ae`` checkpoint at the ``tiny`` preset (what ``load_method`` reads)."""
+def tiny_checkpoint(path: Path, image_size: int = 32, record: bool = True, **overrides) -> Path:
+    """An untrained ``ae`` checkpoint at the ``tiny`` preset (what ``load_method`` reads),
+    with the preprocessing record training would give it (``record=False``: none, as one
+    saved before records existed); ``overrides``: config fields (e.g. ``data``)."""
     from medad_fast.checkpoint import checkpoint_bytes
     from medad_fast.config import resolve_config
     from medad_fast.methods import create_method
+    from medad_fast.preprocessing import decide_preprocessing
 
-    config = resolve_config("ae", "tiny", image_size=image_size)
+    config = resolve_config("ae", "tiny", image_size=image_size, **overrides)
+    if record:
+        config = config.with_preprocessing(decide_preprocessing(config.run))
     method = create_method(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(checkpoint_bytes({"method": "ae", "config": config.to_dict(), "model": method.state_dict(),

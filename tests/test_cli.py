@@ -46,7 +46,7 @@ def test_evaluate_writes_metrics_roc_and_heatmaps(run, data, capsys):
     assert cli(["evaluate", str(run), "--data", str(data), "--no-progress", "--cases", "2"]) == 0
     printed = capsys.readouterr().out
     assert "image AUROC" in printed and "pixel AUROC" in printed
-    out = run / "eval-test"
+    out = run.parent / f"{run.name}-eval-test"  # beside the run: evaluate writes nothing into it
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "image_ap", "pixel_ap", "aupro_0.3", "best_dice", "n_images",
                 "n_pixels"):
@@ -133,7 +133,7 @@ def test_every_ablation_switch_trains_and_evaluates(switch, data, tmp_path):
     part = "run" if expected[0] == "reference_ops" else "method_config"
     assert config[part][expected[0]] == expected[1]
     assert cli(["evaluate", str(out), "--data", str(data), "--no-progress", "--cases", "1"]) == 0
-    metrics = json.loads((out / "eval-test" / "metrics.json").read_text())
+    metrics = json.loads((out.parent / f"{out.name}-eval-test" / "metrics.json").read_text())
     assert metrics["variant"].startswith(f"frequency_aware ({config['method_config']['mode']}")
 
 

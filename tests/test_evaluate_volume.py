@@ -66,7 +66,9 @@ def test_volume_metrics_match_the_predicted_maps(checkpoint, tmp_path, monkeypat
     identity_maps(monkeypatch)
     cases = write_cases(tmp_path / "in")
     out = tmp_path / "eval"
+    run_files = sorted(p.name for p in checkpoint.parent.iterdir())
     assert evaluate(checkpoint, cases, out, "--lesion-thresholds", "100000") == 0
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == run_files  # no operating point without --calibrate
     printed = capsys.readouterr().out
     assert "3 volume(s) (2 with tumour)" in printed and "lesion recall (peak, 2 lesions)" in printed
     assert sorted(p.name for p in out.iterdir()) == ["froc.png", "metrics.json", "slices.csv", "volumes.csv"]
@@ -109,8 +111,12 @@ def test_volume_metrics_match_the_predicted_maps(checkpoint, tmp_path, monkeypat
     assert result["lesion_recall_at_fp_peak"]["1"] == 1.0  # both lesions are the brightest spots
     assert result["lesions"]["n_lesions"] == 2 and result["undefined"] == {}
 
+    assert result["operating_point"] is None and result["calibrated"] is False
+    # calibrated on the volumes named with --scans: the thresholds of these very maps
+    assert evaluate(checkpoint, cases, tmp_path / "calibration", "--calibrate") == 0
     point = json.loads((checkpoint.parent / "operating_point.json").read_text())
-    assert point == result["operating_point"]
+    (checkpoint.parent / "operating_point.json").unlink()  # the module's checkpoint is shared
+    assert point == json.loads((tmp_path / "calibration" / "metrics.json").read_text())["operating_point"]
     assert point["split"] == "volumes" and point["on_evaluated_split"] is True
     normal = np.sort([float(r["score"]) for r in slices if r["label"] == "0"])
     assert point["slice_threshold"] == pytest.approx(normal[int(np.ceil(0.95 * normal.size)) - 1], abs=1e-6)
@@ -142,7 +148,8 @@ def test_bad_volume_input_is_named(checkpoint, tmp_path, capsys):
 
 def test_manifest_of_prepare_with_a_valid_split(checkpoint, tmp_path, monkeypatch, capsys):
     """LiTS-style volumes through `prepare`, then `evaluate --manifest`: the test patients are
-    evaluated, the operating point comes from the valid patients."""
+    evaluated and the run is left alone; `--calibrate` takes the operating point from the
+    valid patients (and is refused on the test ones)."""
     identity_maps(monkeypatch)
     src = tmp_path / "lits"
     shape = (26, 24, 9)
@@ -161,15 +168,24 @@ def test_manifest_of_prepare_with_a_valid_split(checkpoint, tmp_path, monkeypatc
     capsys.readouterr()
     assert cli(["evaluate", str(checkpoint), "--manifest", str(data / "manifest.json"), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    out = checkpoint.parent / "eval-volumes-test"
+    out = checkpoint.parent.parent / f"{checkpoint.parent.name}-eval-volumes-test"  # beside the run
     result = json.loads((out / "metrics.json").read_text())
     assert [v["name"] for v in result["volumes"]] == sorted(p for p, s in splits.items() if s == "test")
     assert result["split"] == "test" and result["n_volumes_with_tumour"] == result["n_volumes"]
     assert result["volumes"][0]["n_lesions"] == 1
-    point = result["operating_point"]
-    assert point["split"] == "valid" and point["on_evaluated_split"] is False
-    assert "operating point from the 1 valid volume(s)" in printed
-    assert json.loads((checkpoint.parent / "operating_point.json").read_text())["split"] == "valid"
+    assert result["operating_point"] is None and "calibrated on" not in printed
+    assert not (checkpoint.parent / "operating_point.json").exists()
+
+    manifest_args = ["evaluate", str(checkpoint), "--manifest", str(data / "manifest.json"), "--no-progress"]
+    assert cli([*manifest_args, "--calibrate", "--split", "test"]) == 2
+    assert "--calibrate on --split test" in capsys.readouterr().err
+    assert not (checkpoint.parent / "operating_point.json").exists()
+    assert cli([*manifest_args, "--calibrate", "--out", str(tmp_path / "calibration")]) == 0  # --split valid
+    printed = capsys.readouterr().out
+    point = json.loads((checkpoint.parent / "operating_point.json").read_text())
+    (checkpoint.parent / "operating_point.json").unlink()  # the module's checkpoint is shared
+    assert point["split"] == "valid" and point["on_evaluated_split"] is True
+    assert "calibrated on the 1 evaluated volume(s) of" in printed
 
 
 def test_dicom_scan_with_dicom_liver_and_a_nifti_tumour_in_another_voxel_order(checkpoint, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,6 @@ def test_evaluate_reports_image_metrics_and_no_pixel_metrics(image_level_run, tm
     printed = capsys.readouterr().out
     assert "(6 images, 3 abnormal; image-level split)" in printed
     assert "pixel AUROC, pixel AP, AUPRO@0.3, best Dice: n/a (no masks)" in printed
-    assert "pixel threshold n/a (no masks)" in printed
     text = (out / "metrics.json").read_text()
     assert "NaN" not in text
     metrics = json.loads(text)
@@ -129,12 +129,20 @@ def test_evaluate_reports_image_metrics_and_no_pixel_metrics(image_level_run, tm
     assert (out / "roc.png").stat().st_size > 1000
     heatmaps = sorted(p.name for p in (out / "heatmaps").glob("*.png"))
     assert len(heatmaps) == 4 and any(n.startswith("worst-abnormal-01-u") for n in heatmaps)
-    # the operating point has a slice threshold and no pixel threshold; predict is told why
+    # calibrated on an image-level valid split (here a copy of test): a slice threshold and no
+    # pixel threshold; predict is told why
+    calibration = tmp_path / "calibration"
+    shutil.copytree(root / "test", calibration / "valid")
+    shutil.copytree(root / "train", calibration / "train")
+    assert cli(["evaluate", str(run), "--data", str(calibration), "--calibrate", "--out", str(tmp_path / "calib"),
+                "--no-progress", "--cases", "0"]) == 0
+    assert "pixel threshold n/a (no masks)" in capsys.readouterr().out
     point = json.loads((run / "operating_point.json").read_text())
     assert point["pixel_threshold"] is None and point["pixel_dice"] is None
     assert point["slice_threshold"] == pytest.approx(np.sort(scores[:3])[2])  # ceil(0.95 * 3) = 3rd normal
     with pytest.raises(ValueError, match="image-level split.*--threshold"):
         read_operating_point(run)
+    (run / "operating_point.json").unlink()  # the module's run is shared
 
 
 def test_heatmaps_of_an_image_level_split_have_no_outline(image_level_run, tmp_path):

@@ -204,7 +204,7 @@ def test_train_and_evaluate_read_the_data_json_layout(tmp_path, capsys):
     assert cli(["evaluate", str(run), "--data", str(root), "--no-progress", "--cases", "1"]) == 0
     printed = capsys.readouterr().out
     assert "(6 images, 3 abnormal; image-level split)" in printed and "n/a (no masks)" in printed
-    metrics = json.loads((run / "eval-test" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "run-eval-test" / "metrics.json").read_text())
     assert metrics["n_images"] == 6 and metrics["pixel_auroc"] is None
     assert cli(["evaluate", str(run), "--data", str(root), "--split", "valid", "--no-progress"]) == 2
     assert "has no 'valid' split" in capsys.readouterr().err

@@ -132,10 +132,11 @@ def test_trained_method_evaluates_and_predicts(name, data, tmp_path, capsys):
     assert cli(["train", "--method", name, "--data", str(data), "--out", str(run), "--epochs", "1", *TINY_ARGS]) == 0
     assert json.loads((run / "config.json").read_text())["method"] == name
     assert cli(["evaluate", str(run), "--data", str(data), "--no-progress", "--cases", "1"]) == 0
-    metrics = json.loads((run / "eval-test" / "metrics.json").read_text())
+    report = tmp_path / "run-eval-test"  # the default --out, beside the run
+    metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["method"] == name and metrics["n_images"] == 8
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and 0.0 <= metrics["pixel_auroc"] <= 1.0
-    assert (run / "eval-test" / "roc.png").is_file() and any((run / "eval-test" / "heatmaps").iterdir())
+    assert (report / "roc.png").is_file() and any((report / "heatmaps").iterdir())
     images = sorted((data / "test").rglob("img/*.png"))
     out = tmp_path / "pred"
     assert cli(["predict", str(run), *map(str, images[:3]), "--out", str(out), "--no-progress"]) == 0

@@ -200,7 +200,10 @@ def _save(path, state):
 
 
 def test_checkpoint_round_trip_restores_weights_and_alpha(tmp_path):
+    from medad_fast.preprocessing import decide_preprocessing
+
     config = tiny_config()
+    config = config.with_preprocessing(decide_preprocessing(config.run))  # as training saves it
     method = create_method(config)
     method.alpha = 0.3
     path = _save(tmp_path / "ckpt.pt", {"config": config.to_dict(), "model": method.state_dict(),

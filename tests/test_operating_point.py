@@ -1,12 +1,13 @@
 """Operating points: the 95 %-specificity slice threshold and the best-Dice pixel threshold that
-`medad-fast evaluate` stores in the run folder (from valid/ when there is one), and
-`medad-fast predict --threshold` / the stored point writing NAME_lesions.nii.gz."""
+`medad-fast evaluate --calibrate` chooses on a validation split and stores in the run folder
+(plain `evaluate` leaves the run folder byte-identical), and `medad-fast predict --threshold` /
+the stored point writing NAME_lesions.nii.gz."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -41,38 +42,61 @@ def run_folder(tmp_path: Path) -> Path:
     return tiny_checkpoint(tmp_path / "run" / "checkpoint.pt", image_size=32).parent
 
 
-def test_evaluate_stores_the_operating_point_from_valid(phantom, tmp_path, capsys):
-    run = run_folder(tmp_path)
-    assert cli(["evaluate", str(run), "--data", str(phantom), "--no-progress", "--cases", "0"]) == 0
-    assert "operating point from the valid split" in capsys.readouterr().out
-    test_metrics = json.loads((run / "eval-test" / "metrics.json").read_text())
-    point = test_metrics["operating_point"]
-    assert point == json.loads((run / "operating_point.json").read_text())
-    assert point["split"] == "valid" and point["on_evaluated_split"] is False
-    assert point["target_specificity"] == 0.95 and point["slice_specificity"] >= 0.95
+def run_files(run: Path) -> dict[str, str]:
+    """Every file under the run folder, hidden ones included, with its SHA-256."""
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file()}
 
-    # evaluating valid itself: its scores give the same slice threshold, its pixels the same pixel threshold
-    assert cli(["evaluate", str(run), "--data", str(phantom), "--split", "valid", "--no-progress", "--cases", "0"]) == 0
-    rows = list(csv.DictReader((run / "eval-valid" / "scores.csv").open()))
+
+def test_evaluate_on_test_leaves_the_run_byte_identical(phantom, tmp_path, capsys):
+    run = run_folder(tmp_path)
+    (run / "config.json").write_text("{}")  # a run folder holds more than the checkpoint
+    before = run_files(run)
+    assert cli(["evaluate", str(run), "--data", str(phantom), "--no-progress", "--cases", "1"]) == 0
+    assert "calibrated" not in capsys.readouterr().out
+    assert run_files(run) == before
+    metrics = json.loads((tmp_path / "run-eval-test" / "metrics.json").read_text())  # the default --out: beside it
+    assert metrics["split"] == "test" and metrics["operating_point"] is None and metrics["calibrated"] is False
+    # calibrating on the test (or train) split is refused before anything is scored
+    for split in ("test", "train"):
+        out = tmp_path / f"calibrate-{split}"
+        assert cli(["evaluate", str(run), "--data", str(phantom), "--split", split, "--calibrate", "--out", str(out),
+                    "--no-progress"]) == 2
+        assert f"--calibrate on --split {split}" in capsys.readouterr().err
+        assert run_files(run) == before and not out.exists()
+
+
+def test_calibrate_stores_the_operating_point_of_valid_and_predict_uses_it(phantom, tmp_path, monkeypatch, capsys):
+    run = run_folder(tmp_path)
+    out = tmp_path / "calibration"
+    assert cli(["evaluate", str(run), "--data", str(phantom), "--calibrate", "--out", str(out), "--no-progress",
+                "--cases", "0"]) == 0  # --split valid: the default with --calibrate
+    assert f"calibrated on the valid split of {phantom.resolve()}" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    point = metrics["operating_point"]
+    assert point == json.loads((run / "operating_point.json").read_text())
+    assert metrics["split"] == point["split"] == "valid" and point["on_evaluated_split"] is True
+    assert point["target_specificity"] == 0.95 and point["slice_specificity"] >= 0.95
+    rows = list(csv.DictReader((out / "scores.csv").open()))
     normal = np.sort([float(r["score"]) for r in rows if r["label"] == "0"])
     assert point["slice_threshold"] == pytest.approx(normal[int(np.ceil(0.95 * normal.size)) - 1], rel=1e-6)
-    again = read_operating_point(run)
-    assert again["split"] == "valid" and again["on_evaluated_split"] is True
-    assert again["pixel_threshold"] == point["pixel_threshold"] and again["pixel_dice"] == point["pixel_dice"]
-    assert again["pixel_dice"] == pytest.approx(
-        json.loads((run / "eval-valid" / "metrics.json").read_text())["best_dice"])
+    assert point["pixel_dice"] == pytest.approx(metrics["best_dice"])
+    assert read_operating_point(run)["pixel_threshold"] == point["pixel_threshold"]
 
-
-def test_without_valid_the_evaluated_split_is_used(phantom, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(phantom, data)
-    shutil.rmtree(data / "valid")
-    run = run_folder(tmp_path)
-    assert cli(["evaluate", str(run), "--data", str(data), "--no-progress", "--cases", "0"]) == 0
-    point = read_operating_point(run)
-    assert point["split"] == "test" and point["on_evaluated_split"] is True
-    best_dice = json.loads((run / "eval-test" / "metrics.json").read_text())["best_dice"]
-    assert point["pixel_dice"] == pytest.approx(best_dice)
+    # predict on a CT scan takes the calibrated pixel threshold and says where it came from
+    identity_maps(monkeypatch)
+    hu, liver = liver_phantom((30, 28, 8), 2, (14, 12, 4))
+    affine = np.diag([-0.8, 0.9, 2.0, 1.0])
+    scan = write_nifti(tmp_path / "in" / "ct.nii.gz", hu, affine)
+    mask = write_nifti(tmp_path / "in" / "liver.nii.gz", liver, affine, dtype=np.uint8)
+    assert cli(["predict", str(run), str(scan), "--liver-mask", str(mask), "--out", str(tmp_path / "pred"),
+                "--no-progress"]) == 0
+    assert f"from {run / 'operating_point.json'} (calibrated on the valid split" in capsys.readouterr().out
+    scores = json.loads((tmp_path / "pred" / "scores.json").read_text())
+    assert scores["threshold"] == point["pixel_threshold"] and scores["slice_threshold"] == point["slice_threshold"]
+    anomaly = np.asarray(nib.load(str(tmp_path / "pred" / "ct_anomaly.nii.gz")).dataobj)
+    lesions = np.asarray(nib.load(str(tmp_path / "pred" / "ct_lesions.nii.gz")).dataobj) == 1
+    assert np.array_equal(lesions, (anomaly >= np.float32(point["pixel_threshold"])) & liver)
 
 
 def test_predict_writes_lesion_masks_at_the_threshold(tmp_path, monkeypatch, capsys):
@@ -87,7 +111,8 @@ def test_predict_writes_lesion_masks_at_the_threshold(tmp_path, monkeypatch, cap
         return cli(["predict", str(run), str(scan), "--liver-mask", str(mask), "--out", str(tmp_path / out),
                     "--no-progress", *extra])
 
-    assert predict("plain") == 0  # no threshold, no stored point: no lesion masks
+    assert predict("plain") == 0  # no threshold, no stored point: no lesion masks, and a line says why
+    assert "no lesion masks: no --threshold and the run is not calibrated" in capsys.readouterr().out
     assert not (tmp_path / "plain" / "ct_lesions.nii.gz").exists()
     assert json.loads((tmp_path / "plain" / "scores.json").read_text())["threshold"] is None
     anomaly = np.asarray(nib.load(str(tmp_path / "plain" / "ct_anomaly.nii.gz")).dataobj)

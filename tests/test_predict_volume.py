@@ -151,30 +151,39 @@ def test_two_scans_and_a_name_clash(checkpoint, tmp_path):
     assert all(np.isfinite(e["score"]) for e in scores["scans"])
 
 
-def test_training_data_window_is_used_by_default(tmp_path, monkeypatch):
-    """A run trained on prepare'd data with --window/--hist-eq scores volumes the same way."""
-    from medad_fast.checkpoint import checkpoint_bytes
-    from medad_fast.config import resolve_config
-    from medad_fast.methods import create_method
+def test_the_records_window_is_used_by_default(tmp_path, monkeypatch):
+    """A run's preprocessing record decides the window, whatever its data folder says now; a
+    checkpoint saved before records existed falls back to its data's prepare settings, with a
+    warning naming them."""
+    from medad_fast.preprocessing import LegacyPreprocessingWarning
 
     data = tmp_path / "data"
     data.mkdir()
     (data / "manifest.json").write_text(json.dumps({"generator": "medad_fast.prepare", "sources": [
         {"settings": {"window": [-100.0, 200.0], "hist_eq": True}}]}))
-    config = resolve_config("ae", "tiny", image_size=32, data=str(data))
-    ckpt = tmp_path / "ckpt.pt"
-    ckpt.write_bytes(checkpoint_bytes({"method": "ae", "config": config.to_dict(),
-                                       "model": create_method(config).state_dict(), "method_state": {}}))
     hu, liver = liver_phantom((30, 30, 6), 2, (15, 15, 3))
     scan = write_nifti(tmp_path / "s.nii.gz", hu, np.eye(4))
     mask = write_nifti(tmp_path / "m.nii.gz", liver, np.eye(4), dtype=np.uint8)
-    assert predict(ckpt, [scan], [mask], tmp_path / "a") == 0
+
+    old = tiny_checkpoint(tmp_path / "old" / "ckpt.pt", record=False, data=str(data))
+    with pytest.warns(LegacyPreprocessingWarning, match="assuming HU window -100 200, hist-eq on"):
+        assert predict(old, [scan], [mask], tmp_path / "a") == 0
     scores = json.loads((tmp_path / "a" / "scores.json").read_text())
     assert scores["window"] == [-100.0, 200.0] and scores["hist_eq"] is True
-    assert scores["window_from"].endswith("manifest.json")
-    assert predict(ckpt, [scan], [mask], tmp_path / "b", "--window", "-200", "250", "--no-hist-eq") == 0
+    assert scores["window_from"].endswith(f"(assumed: {(data / 'manifest.json').resolve()})")
+    assert predict(old, [scan], [mask], tmp_path / "b", "--window", "-200", "250", "--no-hist-eq") == 0
     scores = json.loads((tmp_path / "b" / "scores.json").read_text())
     assert scores["window"] == [-200.0, 250.0] and scores["hist_eq"] is False
+    assert scores["window_from"] == "--window and --hist-eq"
+
+    # a record made when the data said -100 200: the data re-prepared since does not change it
+    recorded = tiny_checkpoint(tmp_path / "new" / "ckpt.pt", data=str(data))
+    (data / "manifest.json").write_text(json.dumps({"generator": "medad_fast.prepare", "sources": [
+        {"settings": {"window": [0.0, 100.0], "hist_eq": False}}]}))
+    assert predict(recorded, [scan], [mask], tmp_path / "c") == 0
+    scores = json.loads((tmp_path / "c" / "scores.json").read_text())
+    assert scores["window"] == [-100.0, 200.0] and scores["hist_eq"] is True
+    assert scores["preprocessing"]["window"] == [-100.0, 200.0]
 
 
 def test_predict_scores_the_slices_prepare_writes(tmp_path):

@@ -103,7 +103,7 @@ class DraemConfig(MethodConfig):
     # DRAEM's loader augmentations (both DRAEM's; the switches exist for ablations)
     source_augmentation: bool = setting(True, "DRAEM's augmentation of each anomaly source, 3 of its 10 imgaug ops "
                                               "(--no-source-augmentation: the sources as they come)")
-    rotate_normal: bool = setting(True, "DRAEM's rotation of 30 % of the normal images by U(-90, 90) degrees "
+    rotate_normal: bool = setting(True, "DRAEM's rotation of 30 %% of the normal images by U(-90, 90) degrees "
                                         "before synthesis (--no-rotate-normal: none)")
     # image score: max of a mean filter of this size over the pixel map; None: DRAEM's 21 at
     # 256 x 256, scaled with the side

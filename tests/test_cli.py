@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medad_fast.cli import main as cli
+from medad_fast.cli import COMMANDS, main as cli
 from medad_fast.data.phantom import write_phantom_dataset
 
 TINY = ["--preset", "small", "--image-size", "32", "--recon-width", "2", "--seg-width", "2",
@@ -153,3 +153,12 @@ def test_default_policy_writes_the_last_epoch_and_not_every_epoch(data, tmp_path
     assert cli(["train", "--data", str(data), "--out", str(out), "--epochs", "3", *args]) == 0
     written = sorted(p.name for p in out.glob("checkpoint-*.pt"))
     assert len(written) == 1 and written[0].startswith("checkpoint-e00003-")  # 3 epochs, one write
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_verb_prints_its_help(command, capsys):
+    # argparse formats every option's help with %-formatting: a stray "%" crashes --help
+    with pytest.raises(SystemExit) as exit_info:
+        cli([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: medad-fast {command}" in capsys.readouterr().out

@@ -21,12 +21,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["RunConfig", "MethodConfig", "Config", "resolve_config", "setting", "CONFIG_FORMAT", "PRESET_NAMES"]
+__all__ = ["RunConfig", "MethodConfig", "Config", "resolve_config", "setting", "CONFIG_FORMAT", "PRESET_NAMES",
+           "EXTRA_PRESET_NAMES"]
 
 #: version of the dict written by :meth:`Config.to_dict` (format 1: the flat dict of ef63857)
 CONFIG_FORMAT = 2
 #: presets every method provides
 PRESET_NAMES = ("paper", "small", "tiny")
+#: presets some methods provide: the published MedIAnomaly benchmark protocol (64 x 64)
+EXTRA_PRESET_NAMES = ("medianomaly",)
 
 
 def setting(default: Any, help: str) -> Any:
@@ -84,8 +87,8 @@ class RunConfig:
         """Raise ``ValueError`` naming the field for a value no run can use."""
         need = lambda condition, name, what: _need(self, condition, name, what)  # noqa: E731
         need(isinstance(self.method, str) and bool(self.method), "method", "must name a method")
-        need(self.preset in PRESET_NAMES or self.preset == "custom", "preset",
-             f"must be one of {list(PRESET_NAMES)} (or 'custom')")
+        need(self.preset in PRESET_NAMES + EXTRA_PRESET_NAMES or self.preset == "custom", "preset",
+             f"must be one of {list(PRESET_NAMES + EXTRA_PRESET_NAMES)} (or 'custom')")
         need(isinstance(self.image_size, int) and self.image_size >= 8, "image_size", "must be an int >= 8")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.epochs >= 1, "epochs", "must be >= 1")

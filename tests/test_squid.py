@@ -21,7 +21,7 @@ import torch
 from medad_fast.config import resolve_config
 from medad_fast.methods import create_method
 from medad_fast.methods.squid import affine_warp, random_affine
-from medad_fast.models.squid import (MemoryMatrixBlock, MemoryQueue, hard_shrink, memory_read, neighbour_features,
+from medad_fast.models.squid import (MemoryMatrixBlock, MemoryQueue, memory_read, neighbour_features,
                                      patchify, position_code, top_k_attention, unpatchify)
 from medad_fast.train import Trainer
 
@@ -60,13 +60,6 @@ def test_queue_writes_in_fifo_order_and_wraps_around():
     oldest_first = torch.roll(queue.memory[0, :, 0], -queue.pointer).tolist()
     assert oldest_first == [9, 10, 11, 12, 13]
     assert queue.memory[1, :, 0].tolist() == [-x for x in queue.memory[0, :, 0].tolist()]
-
-
-def test_hard_shrinkage_keeps_weights_strictly_above_the_threshold():
-    w = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    torch.testing.assert_close(hard_shrink(w, 0.2), torch.tensor([0.5, 0.3, 0.0, 0.0]), atol=1e-9, rtol=0)
-    # SQUID's ReLU form zeroes a weight equal to the threshold
-    assert hard_shrink(w, 0.3)[1] == 0
 
 
 # one position, 4 slots of 2 values: e1, e2, -e1, -e2; the query (ln 2, ln 3) has dot products

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-__all__ = ["patchify", "unpatchify", "hard_shrink", "top_k_attention", "memory_read", "masked_shortcut",
+__all__ = ["patchify", "unpatchify", "top_k_attention", "memory_read", "masked_shortcut",
            "neighbour_features", "position_code", "MemoryQueue", "MemoryMatrixBlock", "InpaintingBlock",
            "squid_widths", "ResidualDoubleConv", "PatchEncoder", "Decoder", "Discriminator"]
 
@@ -46,24 +46,21 @@ def unpatchify(patches: torch.Tensor, grid: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- memory
 
-def hard_shrink(weights: torch.Tensor, threshold: float | torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """MemAE's (Gong et al., ICCV 2019) ReLU form of hard shrinkage (SQUID's
-    ``hard_shrink_relu``): ``relu(w - lambda) w / (|w - lambda| + eps)``, i.e. ``w`` where
-    ``w > lambda`` and 0 elsewhere (0 also where ``w == lambda``)."""
-    return F.relu(weights - threshold) * weights / ((weights - threshold).abs() + eps)
-
-
 def top_k_attention(similarity: torch.Tensor, k: int) -> torch.Tensor:
     """SQUID's sparse read weights over the memory slots (last dim; its ``gumbel_softmax``,
-    which draws no Gumbel noise): ``y = softmax(similarity)``; forward value: :func:`hard_shrink`
-    of ``y`` at its ``k``-th largest value, L1-normalised; backward: the straight-through
-    estimator ``(hard - y).detach() + y``, i.e. the gradient of the dense softmax ``y``.
+    which draws no Gumbel noise): ``y = softmax(similarity)``; forward value: the weights of
+    ``y`` strictly above its ``k``-th largest value, L1-normalised; backward: the
+    straight-through estimator ``(hard - y).detach() + y``, i.e. the gradient of the dense
+    softmax ``y``.
 
-    The threshold is the ``k``-th largest weight itself and the shrinkage zeroes ``w ==
-    lambda``, so (without ties) the ``k - 1`` largest weights are kept, as in SQUID's code."""
+    SQUID shrinks with MemAE's ``relu(w - lambda) w / (|w - lambda| + 1e-12)`` at ``lambda`` =
+    the ``k``-th largest weight, which zeroes ``w == lambda``: (without ties) the ``k - 1``
+    largest weights are kept, as here. The ``where`` form drops the ``1e-12`` (a relative
+    change of ``1e-12 / (w - lambda)``) and exports to ONNX, where the ratio came out NaN."""
     weights = torch.softmax(similarity, dim=-1)
     threshold = torch.topk(weights, k, dim=-1).values[..., -1:]
-    hard = F.normalize(hard_shrink(weights.detach(), threshold.detach()), p=1, dim=-1)
+    kept = torch.where(weights > threshold, weights, torch.zeros_like(weights)).detach()
+    hard = F.normalize(kept, p=1, dim=-1)
     return (hard - weights).detach() + weights
 
 

@@ -3,7 +3,7 @@ order, wrap-around, reading back what it holds), the top-k straight-through read
 hand-computed values, the decoder's skips and memory blocks, the loader's RandomAffine, the
 patch grid, n_critic, the two adversaries' gradients reaching only their own parameters,
 SQUID's image score, identical queues on 2 DDP ranks, and a brief end-to-end run above
-chance with a twin that must not be (a memory of zeros).
+chance.
 The engine's contract (resume, evaluate, predict, DDP weights) is tests/test_methods.py's."""
 
 from __future__ import annotations
@@ -415,19 +415,18 @@ def test_ddp_ranks_hold_the_same_queue_after_every_step(data, tmp_path):
 
 # ----------------------------------------------------------------------------- end to end
 
-# A brief run of the small preset at 64 x 64 (2 x 2 patches of 32 px): 48 normal phantom
-# slices, 20 epochs of 6 steps, one thread (about 15 s per run). Measured (seeds 0 / 1 / 2):
-# pixel AUROC 0.912 / 0.902 / 0.939, pixel AP 0.277 / 0.263 / 0.352 (image AUROC of the
-# max-filtered map 0.758 / 0.735 / 0.667; SQUID's discriminator score 0.482 / 0.515 / 0.700,
-# near chance, see the README). The twin: the same run whose memory only ever holds zeros,
-# so the in-painted features carry no normal pattern and the reconstruction is one fixed
-# image per patch position: pixel AUROC 0.848 / 0.861 / 0.911, pixel AP 0.175 / 0.164 /
-# 0.182 (the residual against a fixed liver-like image still follows the lesions'
-# intensity, so the twin is far from 0.5 on the pixel AUROC; what separates the two is how
-# well the map outlines the lesions, its AP). The bars sit in between; the test runs seed 0.
+# A brief run of the small preset at 64 x 64 (2 x 2 patches of 32 px, 4 levels): 48 normal
+# phantom slices, 20 epochs of 6 steps, one thread (about 30-36 s per run). Measured with
+# SQUID's read, decoder skips and memory blocks, n_critic 2 and its RandomAffine (seeds
+# 0 / 1 / 2): pixel AUROC 0.932 / 0.929 / 0.922, pixel AP 0.375 / 0.357 / 0.443; SQUID's
+# image score (-D(I_s)) 0.347 / 0.552 / 0.613, not above chance, so it has no bar. The bars
+# sit below the lowest seed with a margin; the test runs seed 0. (The earlier twin whose
+# queue only ever held zeros no longer separates: with SQUID's encoder skips and decoder
+# memory matrices the image reaches the reconstruction without the queue; measured pixel
+# AUROC 0.931 / 0.930 / 0.921, AP 0.377 / 0.364 / 0.444.)
 E2E = dict(image_size=64, grid=2, epochs=20)
-PIXEL_AUROC_MIN = 0.88
-PIXEL_AP_MIN = 0.22
+PIXEL_AUROC_MIN = 0.90
+PIXEL_AP_MIN = 0.30
 
 
 @pytest.fixture(scope="module")
@@ -446,7 +445,7 @@ def train_and_evaluate(data, out):
     start = time.perf_counter()
     train(config, out / "run", progress=False, log=lambda message: None)
     metrics = evaluate(out / "run", data, out=out / "eval", progress=False, n_cases=0)
-    print(f"squid: image AUROC (discriminator) {metrics['image_auroc']:.3f}, pixel AUROC {metrics['pixel_auroc']:.3f}, "
+    print(f"squid: image AUROC (-D(I_s)) {metrics['image_auroc']:.3f}, pixel AUROC {metrics['pixel_auroc']:.3f}, "
           f"pixel AP {metrics['pixel_ap']:.3f} ({time.perf_counter() - start:.0f} s)")
     return metrics
 
@@ -455,12 +454,3 @@ def test_brief_small_run_detects_lesions(phantom, tmp_path):
     metrics = train_and_evaluate(phantom, tmp_path)
     assert metrics["pixel_auroc"] >= PIXEL_AUROC_MIN
     assert metrics["pixel_ap"] >= PIXEL_AP_MIN
-
-
-def test_with_a_memory_of_zeros_the_same_run_does_not(phantom, tmp_path, monkeypatch):
-    write = MemoryQueue.write
-    monkeypatch.setattr(MemoryQueue, "write", lambda self, features: write(self, torch.zeros_like(features)))
-    metrics = train_and_evaluate(phantom, tmp_path)
-    assert metrics["pixel_ap"] < PIXEL_AP_MIN
-    # nothing of the image reaches the in-painted reconstruction: every slice gets the same score
-    assert metrics["image_auroc"] == pytest.approx(0.5)

@@ -780,7 +780,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--anomaly-source", metavar="DIR",
                         help="folder of anomaly-source images (default: Perlin-texture fallback)")
     parser.add_argument("--preset", choices=PRESET_NAMES + OPTIONAL_PRESET_NAMES, default="paper",
-                        help="paper: the published setting; small: sized for a CPU; tiny: for tests (default paper)")
+                        help="paper: the published setting; small: sized for a CPU; tiny: for tests; medianomaly: the "
+                             "MedIAnomaly benchmark protocol, 64 x 64 (methods that have it) (default paper)")
     parser.add_argument("--out", metavar="RUN", help="run directory (default runs/<method>-<preset>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")

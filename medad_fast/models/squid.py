@@ -3,8 +3,9 @@ Detection", CVPR 2023): the patch encoder, the spatial-aware memory queue, the i
 block, the student / teacher decoders and the discriminator.
 
 Shapes: ``B`` images, a ``G x G`` grid of ``P = G^2`` patches per image, patch side
-``s = S / G``, encoder features ``C = w 2^L`` channels at ``h = s / 2^L`` (``L`` levels);
-a memory item is one patch's bottleneck feature flattened, ``D = (C / 4) h^2`` values.
+``s = S / G``, encoder features ``C = w min(2^L, 16)`` channels at ``h = s / 2^L`` (``L``
+levels); a memory item is one patch's bottleneck feature flattened, ``D = (C / 4) h^2``
+values. Public code: github.com/tiangexiang/SQUID (``models/``).
 Patches are ordered row-major (patch ``p`` is at row ``p // G``, column ``p % G``).
 """
 
@@ -16,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import conv_bn_relu
 
-__all__ = ["patchify", "unpatchify", "hard_shrink", "shrinkage_attention", "neighbour_features",
-           "position_code", "MemoryQueue", "InpaintingBlock", "PatchEncoder", "Decoder", "Discriminator"]
+__all__ = ["patchify", "unpatchify", "top_k_attention", "memory_read", "masked_shortcut",
+           "neighbour_features", "position_code", "MemoryQueue", "MemoryMatrixBlock", "InpaintingBlock",
+           "squid_widths", "ResidualDoubleConv", "PatchEncoder", "Decoder", "Discriminator"]
 
 
 # ----------------------------------------------------------------------------- patches
@@ -45,59 +46,64 @@ def unpatchify(patches: torch.Tensor, grid: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- memory
 
-def hard_shrink(weights: torch.Tensor, threshold: float, eps: float = 1e-12) -> torch.Tensor:
-    """MemAE's (Gong et al., ICCV 2019) ReLU form of hard shrinkage, which SQUID applies to
-    its memory's attention weights: ``relu(w - lambda) w / (|w - lambda| + eps)``, i.e.
-    ``w`` where ``w > lambda`` and 0 elsewhere, with a gradient."""
-    return F.relu(weights - threshold) * weights / ((weights - threshold).abs() + eps)
+def top_k_attention(similarity: torch.Tensor, k: int) -> torch.Tensor:
+    """SQUID's sparse read weights over the memory slots (last dim; its ``gumbel_softmax``,
+    which draws no Gumbel noise): ``y = softmax(similarity)``; forward value: the weights of
+    ``y`` strictly above its ``k``-th largest value, L1-normalised; backward: the
+    straight-through estimator ``(hard - y).detach() + y``, i.e. the gradient of the dense
+    softmax ``y``.
 
-
-def shrinkage_attention(similarity: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Attention weights over the memory slots (last dim) from similarities:
-    ``softmax``, :func:`hard_shrink` with ``threshold``, then renormalised to sum 1. Where
-    every weight falls under the threshold (a flat softmax: nothing in memory is closer than
-    the rest) the softmax weights are kept, rather than reading nothing."""
+    SQUID shrinks with MemAE's ``relu(w - lambda) w / (|w - lambda| + 1e-12)`` at ``lambda`` =
+    the ``k``-th largest weight, which zeroes ``w == lambda``: (without ties) the ``k - 1``
+    largest weights are kept, as here. The ``where`` form drops the ``1e-12`` (a relative
+    change of ``1e-12 / (w - lambda)``) and exports to ONNX, where the ratio came out NaN."""
     weights = torch.softmax(similarity, dim=-1)
-    if threshold <= 0:
-        return weights
-    shrunk = hard_shrink(weights, threshold)
-    total = shrunk.sum(dim=-1, keepdim=True)
-    return torch.where(total > 0, shrunk / total.clamp_min(torch.finfo(total.dtype).tiny), weights)
+    threshold = torch.topk(weights, k, dim=-1).values[..., -1:]
+    kept = torch.where(weights > threshold, weights, torch.zeros_like(weights)).detach()
+    hard = F.normalize(kept, p=1, dim=-1)
+    return (hard - weights).detach() + weights
+
+
+def memory_read(queries: torch.Tensor, memory: torch.Tensor, k: int) -> torch.Tensor:
+    """``queries [B, W, D]`` read from ``memory [W, slots, D]`` (one memory per ``W``):
+    raw dot products, :func:`top_k_attention`, weighted sum of the slots (SQUID's read)."""
+    similarity = torch.einsum("bwd,wsd->bws", queries, memory)
+    return torch.einsum("bws,wsd->bwd", top_k_attention(similarity, k), memory)
+
+
+def masked_shortcut(new: torch.Tensor, old: torch.Tensor, mask_ratio: float,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """SQUID's masked shortcut (training only): each pixel of ``new [N, C, H, W]`` is kept
+    with probability ``mask_ratio`` and replaced by ``old``'s elsewhere (one draw per pixel,
+    shared by the channels, from ``generator``)."""
+    if mask_ratio >= 1.0:
+        return new
+    shape = (new.shape[0], 1, new.shape[2], new.shape[3])
+    draw = torch.rand(shape, generator=generator, device=generator.device if generator is not None else None)
+    keep = (draw.to(new.device) < mask_ratio).to(new.dtype)
+    return keep * new + (1.0 - keep) * old
 
 
 class MemoryQueue(nn.Module):
     """SQUID's spatial-aware memory queue: for each of ``positions`` patch positions, a FIFO
     of ``slots`` normal features of ``dim`` values, written from the training batches
-    (detached) and read by similarity attention.
+    (detached) and read by :func:`memory_read` (dot product, softmax, top-``k`` with the
+    straight-through estimator).
 
     ``memory [positions, slots, dim]`` is a buffer (it is checkpointed with the weights and
     moves with ``.to()``); ``pointer`` is the next slot to write (the same at every position:
     each write adds one feature per position). Starts as SQUID's: uniform in
     ``+-1/sqrt(dim)`` (from torch's global generator, i.e. the run's seed).
-
-    Read (:meth:`attention`, :meth:`read`): cosine similarity between the query and every
-    slot of its own position, divided by ``temperature``, then :func:`shrinkage_attention`.
-    SQUID takes the raw dot product; the cosine makes the read independent of the features'
-    scale (the raw dot product of thousands of ReLU features saturates the softmax).
     """
 
-    def __init__(self, positions: int, slots: int, dim: int, temperature: float = 0.1,
-                 shrink_threshold: float = 0.0) -> None:
+    def __init__(self, positions: int, slots: int, dim: int, top_k: int = 5) -> None:
         super().__init__()
-        self.positions, self.slots, self.dim = positions, slots, dim
-        self.temperature, self.shrink_threshold = temperature, shrink_threshold
+        if not 1 <= top_k <= slots:
+            raise ValueError(f"top_k {top_k} must be in [1, slots = {slots}]")
+        self.positions, self.slots, self.dim, self.top_k = positions, slots, dim, top_k
         bound = 1.0 / math.sqrt(dim)
         self.register_buffer("memory", torch.empty(positions, slots, dim).uniform_(-bound, bound))
         self.pointer = 0
-
-    def attention(self, queries: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
-        """``queries [B, positions, dim]`` -> weights ``[B, positions, slots]`` (each row
-        sums to 1) over ``memory`` (default: the queue's)."""
-        memory = self.memory if memory is None else memory
-        q = F.normalize(queries.float(), dim=-1)
-        m = F.normalize(memory.float(), dim=-1)
-        similarity = torch.einsum("bpd,psd->bps", q, m) / self.temperature
-        return shrinkage_attention(similarity, self.shrink_threshold)
 
     def snapshot(self) -> torch.Tensor:
         """A copy of the memory ``[positions, slots, dim]`` for a training step's reads: the
@@ -108,12 +114,12 @@ class MemoryQueue(nn.Module):
         return self.memory.detach().float().clone()
 
     def read(self, queries: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
-        """``queries [B, positions, dim]`` -> ``[B, positions, dim]``: the attention-weighted
-        sum of ``memory`` (default: the queue itself, for reads with no write before the
-        backward, e.g. inference; training reads a :meth:`snapshot`). No gradient reaches
-        the memory, which is a buffer."""
+        """``queries [B, positions, dim]`` -> ``[B, positions, dim]``: :func:`memory_read` of
+        ``memory`` (default: the queue itself, for reads with no write before the backward,
+        e.g. inference; training reads a :meth:`snapshot`). No gradient reaches the memory,
+        which is a buffer; the queries get the straight-through gradient."""
         memory = (self.memory if memory is None else memory).detach().float()
-        return torch.einsum("bps,psd->bpd", self.attention(queries, memory), memory).to(queries.dtype)
+        return memory_read(queries.float(), memory, self.top_k).to(queries.dtype)
 
     @torch.no_grad()
     def write(self, features: torch.Tensor) -> None:
@@ -127,6 +133,35 @@ class MemoryQueue(nn.Module):
         index = (self.pointer + torch.arange(n, device=self.memory.device)) % self.slots
         self.memory[:, index] = features.detach().to(self.memory.dtype).transpose(0, 1)
         self.pointer = (self.pointer + n) % self.slots
+
+
+class MemoryMatrixBlock(nn.Module):
+    """SQUID's decoder memory block (``MemoryMatrixBlock`` of its ``models/memory.py``): the
+    map ``[N, C, H, W]`` is cut into a ``grid x grid`` grid of windows; window ``i``
+    (flattened, ``C (H / grid)^2`` values) is replaced by its read (:func:`memory_read`) of
+    its own LEARNED memory matrix ``[slots, dim]`` (a parameter, trained by the generator's
+    loss; uniform in ``+-1/sqrt(dim)`` at the start), then the masked shortcut
+    (:func:`masked_shortcut`) in training. Values of a window are flattened channel-major
+    (SQUID: channel-minor; a fixed permutation of a learned matrix's columns)."""
+
+    def __init__(self, channels: int, side: int, grid: int, slots: int, top_k: int, mask_ratio: float) -> None:
+        super().__init__()
+        if side % grid:
+            raise ValueError(f"a decoder memory block's {side} x {side} map cannot be cut into a {grid} x {grid} grid")
+        if not 1 <= top_k <= slots:
+            raise ValueError(f"top_k {top_k} must be in [1, decoder memory slots = {slots}]")
+        self.grid, self.top_k, self.mask_ratio = grid, top_k, mask_ratio
+        dim = channels * (side // grid) ** 2
+        bound = 1.0 / math.sqrt(dim)
+        self.memory = nn.Parameter(torch.empty(grid * grid, slots, dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        N, C, H, W = x.shape
+        G = self.grid
+        windows = patchify(x, G)  # [N * G^2, C, H / G, W / G]
+        read = memory_read(windows.reshape(N, G * G, -1).float(), self.memory.float(), self.top_k)
+        out = unpatchify(read.to(x.dtype).reshape(windows.shape), G)
+        return masked_shortcut(out, x, self.mask_ratio, generator) if self.training else out
 
 
 def neighbour_features(features: torch.Tensor, grid: int) -> torch.Tensor:
@@ -148,8 +183,8 @@ def position_code(positions: int) -> torch.Tensor:
 
 
 class InpaintingBlock(nn.Module):
-    """SQUID's in-painting block: each patch's bottleneck feature is replaced by one
-    predicted from the memory and its neighbours.
+    """SQUID's in-painting block (``InpaintBlock``): each patch's bottleneck feature is
+    replaced by one predicted from the memory and its neighbours.
 
     1. ``1x1 conv + BN + ReLU`` reduces ``C`` to ``C / 4`` channels; a patch's feature,
        flattened, is its query ``f [B, P, D]``;
@@ -159,12 +194,11 @@ class InpaintingBlock(nn.Module):
        ``n'' = relu(LN(FF(n')) + n')`` (FF: ``D -> D / 4 -> D``); the patch itself is not
        among the keys, so it is in-painted from what surrounds it;
     4. the binary position code appended as channels, ``1x1 conv + BN + ReLU`` back to ``C``;
-    5. in training, SQUID's masked shortcut: each feature-map pixel keeps the encoder's
-       feature with probability ``1 - mask_ratio`` (drawn from the step's generator).
+    5. in training, the masked shortcut (:func:`masked_shortcut`) with the encoder's feature.
     """
 
     def __init__(self, channels: int, feature_side: int, grid: int, slots: int, heads: int,
-                 temperature: float, shrink_threshold: float, mask_ratio: float) -> None:
+                 top_k: int, mask_ratio: float) -> None:
         super().__init__()
         self.grid, self.mask_ratio = grid, mask_ratio
         reduced = max(1, channels // 4)
@@ -172,7 +206,7 @@ class InpaintingBlock(nn.Module):
         dim = reduced * feature_side * feature_side
         self.reduce = nn.Sequential(nn.Conv2d(channels, reduced, 1, bias=False), nn.BatchNorm2d(reduced),
                                     nn.ReLU(inplace=True))
-        self.memory = MemoryQueue(grid * grid, slots, dim, temperature, shrink_threshold)
+        self.memory = MemoryQueue(grid * grid, slots, dim, top_k)
         self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm1 = nn.LayerNorm(dim)
         self.feed_forward = nn.Sequential(nn.Linear(dim, max(1, dim // 4)), nn.ReLU(inplace=True),
@@ -204,66 +238,129 @@ class InpaintingBlock(nn.Module):
         x = x.reshape(B * P, self.reduced, side, side)
         code = self.code.to(x.dtype).view(1, P, -1, 1, 1).expand(B, P, -1, side, side).reshape(B * P, -1, side, side)
         inpainted = self.expand(torch.cat([x, code], dim=1))
-        if self.training and self.mask_ratio < 1.0:
-            shape = (inpainted.shape[0], 1, side, side)
-            keep = torch.rand(shape, generator=generator, device=generator.device if generator is not None else None)
-            keep = (keep.to(inpainted.device) < self.mask_ratio).to(inpainted.dtype)
-            inpainted = keep * inpainted + (1.0 - keep) * features
+        if self.training:
+            inpainted = masked_shortcut(inpainted, features, self.mask_ratio, generator)
         return inpainted, queries
 
 
 # ----------------------------------------------------------------------------- encoder / decoders
 
+#: decoder levels with an encoder skip concatenated and a memory block, from the bottleneck
+#: up; and the levels, from the output down, that work on the whole recombined image (SQUID's
+#: ``ops = ['concat', 'concat', 'none', 'none']``, ``decoder_memory`` at its two deepest
+#: levels, ``initial_combine = 2``)
+DEEP_DECODER_LEVELS = 2
+WHOLE_IMAGE_LEVELS = 2
+
+
+def squid_widths(width: int, levels: int) -> list[int]:
+    """Channels of the encoder levels ``0 .. levels``: SQUID's ``filter_list``
+    ``w, 2w, 4w, 8w, 16w, 16w``."""
+    return [width * min(2 ** i, 16) for i in range(levels + 1)]
+
+
+class ResidualDoubleConv(nn.Module):
+    """SQUID's ``double_conv``: ``conv3x3 (stride) + BN + ReLU`` -> ``a``, then
+    ``relu(a + BN(conv3x3(relu(BN(conv3x3(a))))))``."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
+                                   nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+        self.conv2 = nn.Sequential(nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels),
+                                   nn.ReLU(inplace=True), nn.Conv2d(out_channels, out_channels, 3, padding=1),
+                                   nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)
+        return F.relu(self.conv2(x) + x)
+
+
 class PatchEncoder(nn.Module):
-    """The encoder applied to every patch (shared weights, as SQUID): ``conv-BN-ReLU`` x2 to
-    ``w`` channels, then ``levels`` x (2x2 max-pool, ``conv-BN-ReLU`` x2) doubling the
-    width: ``[N, 1, s, s]`` -> ``[N, w 2^L, s / 2^L, s / 2^L]``."""
+    """The encoder applied to every patch (shared weights, as SQUID): a
+    :class:`ResidualDoubleConv` to ``w`` channels, then ``levels`` stride-2
+    :class:`ResidualDoubleConv` (widths :func:`squid_widths`). ``[N, 1, s, s]`` ->
+    ``(bottleneck [N, C_L, s / 2^L, s / 2^L], skips)``, ``skips[k]`` the level-``k`` feature
+    ``[N, C_k, s / 2^k, s / 2^k]`` before its down-sampling (per patch)."""
 
     def __init__(self, width: int, levels: int) -> None:
         super().__init__()
-        self.stem = nn.Sequential(conv_bn_relu(1, width), conv_bn_relu(width, width))
-        self.downs = nn.ModuleList(
-            nn.Sequential(nn.MaxPool2d(2), conv_bn_relu(width * 2 ** i, width * 2 ** (i + 1)),
-                          conv_bn_relu(width * 2 ** (i + 1), width * 2 ** (i + 1)))
-            for i in range(levels))
+        widths = squid_widths(width, levels)
+        self.stem = ResidualDoubleConv(1, width)
+        self.downs = nn.ModuleList(ResidualDoubleConv(widths[i], widths[i + 1], stride=2) for i in range(levels))
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        x = self.stem(patches)
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x, skips = self.stem(patches), []
         for down in self.downs:
+            skips.append(x)
             x = down(x)
-        return x
+        return x, skips
 
 
 class Decoder(nn.Module):
-    """``levels`` x (bilinear x2 up-sampling, ``conv-BN-ReLU`` x2 halving the width), then a
-    ``1x1`` conv and a sigmoid: ``[B, w 2^L, H / 2^L, W / 2^L]`` -> ``[B, 1, H, W]``.
-    :meth:`forward` also returns every level's feature (for the distillation)."""
+    """SQUID's decoder (its ``up_blocks``, with ``memory_slots`` its ``memory_blocks``; the
+    teacher is the same without them). Step ``j = 0 .. L-1`` rebuilds level ``k = L-1-j``:
+    bilinear up-sampling to the skip's side, then a :class:`ResidualDoubleConv` to ``C_k``;
+    at the :data:`DEEP_DECODER_LEVELS` deepest steps the encoder's level-``k`` skip is
+    concatenated first (``[skip, x]``) and, in the student, a :class:`MemoryMatrixBlock`
+    follows. The patches are recombined into whole images before the last
+    :data:`WHOLE_IMAGE_LEVELS` steps (with the skips of those levels; at 2 levels, before the
+    first). Then a ``1x1`` conv and a sigmoid.
 
-    def __init__(self, width: int, levels: int) -> None:
+    :meth:`forward` takes the patch bottleneck ``[B P, C_L, h, h]`` and the encoder's patch
+    skips; returns ``(image [B, 1, S, S], levels)`` (every step's output, for the
+    distillation)."""
+
+    def __init__(self, width: int, levels: int, grid: int, patch_side: int, memory_slots: int | None = None,
+                 top_k: int = 5, mask_ratio: float = 0.95) -> None:
         super().__init__()
-        self.ups = nn.ModuleList(
-            nn.Sequential(conv_bn_relu(width * 2 ** (i + 1), width * 2 ** i),
-                          conv_bn_relu(width * 2 ** i, width * 2 ** i))
-            for i in reversed(range(levels)))
+        if levels < 2:
+            raise ValueError(f"levels {levels} must be >= 2 (SQUID's decoder recombines the patches two levels "
+                             "before the output)")
+        widths = squid_widths(width, levels)
+        self.grid, self.levels = grid, levels
+        self.combine_step = levels - WHOLE_IMAGE_LEVELS
+        self.ups, self.memory_blocks = nn.ModuleList(), nn.ModuleList()
+        for step in range(levels):
+            k = levels - 1 - step
+            deep = step < DEEP_DECODER_LEVELS
+            self.ups.append(ResidualDoubleConv(widths[k + 1] + (widths[k] if deep else 0), widths[k]))
+            if deep and memory_slots is not None:
+                side = patch_side // 2 ** k * (1 if step < self.combine_step else grid)
+                self.memory_blocks.append(MemoryMatrixBlock(widths[k], side, grid, memory_slots, top_k, mask_ratio))
         self.out = nn.Conv2d(width, 1, 1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor], generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         levels = []
-        for up in self.ups:
-            x = up(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+        for step, up in enumerate(self.ups):
+            k = self.levels - 1 - step
+            if step == self.combine_step:
+                x = unpatchify(x, self.grid)
+            skip = skips[k] if step < self.combine_step else unpatchify(skips[k], self.grid)
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = up(torch.cat([skip, x], dim=1) if step < DEEP_DECODER_LEVELS else x)
+            if step < len(self.memory_blocks):
+                x = self.memory_blocks[step](x, generator)
             levels.append(x)
         return torch.sigmoid(self.out(x)), levels
 
 
 class Discriminator(nn.Module):
-    """SQUID's discriminator: ``depth`` x (5x5 conv, stride 2, [BN], LeakyReLU 0.2) with
-    widths ``w, 2w, 4w, 8w, 8w, ...`` (SQUID: 16 ... 128, no BN after the first), then a
-    linear layer on the ``4 x 4`` map (adaptive average pooling makes any side give 4 x 4;
-    at 128 x 128 with 5 convs it is the identity). ``[B, 1, H, W]`` -> logits ``[B]``
-    (high: real)."""
+    """SQUID's discriminator (``SimpleDiscriminator``): ``depth`` x (5x5 conv, stride 2,
+    [BN], LeakyReLU 0.2) with widths ``w, 2w, 4w, 8w, 8w, ...`` (SQUID: 16 ... 128, no BN
+    after the first), then a linear layer on the flattened ``S / 2^depth`` map (SQUID's
+    ``size``; inputs of another side are average-pooled to it). ``[B, 1, S, S]`` -> logits
+    ``[B]`` (high: real).
 
-    def __init__(self, width: int = 16, depth: int = 5, pooled: int = 4) -> None:
+    ``per_image_statistics``: the BNs normalise each image by its own statistics (as BN in
+    training mode on a batch of one: what SQUID's scoring does, which never puts ``D`` in
+    eval mode and scores one image at a time); no running statistics are read or written."""
+
+    def __init__(self, width: int = 16, depth: int = 5, image_size: int = 128) -> None:
         super().__init__()
+        if image_size % 2 ** depth:
+            raise ValueError(f"image_size {image_size} must be a multiple of 2^disc_depth = {2 ** depth}")
         layers, previous = [], 1
         for i in range(depth):
             out = width * min(2 ** i, 8)
@@ -273,9 +370,16 @@ class Discriminator(nn.Module):
             layers.append(nn.LeakyReLU(0.2, inplace=True))
             previous = out
         self.features = nn.Sequential(*layers)
-        self.pooled = pooled
-        self.classifier = nn.Linear(previous * pooled * pooled, 1)
+        self.pooled = image_size // 2 ** depth
+        self.classifier = nn.Linear(previous * self.pooled * self.pooled, 1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(self.features(images), self.pooled)
+    def forward(self, images: torch.Tensor, per_image_statistics: bool = False) -> torch.Tensor:
+        x = images
+        for layer in self.features:
+            if per_image_statistics and isinstance(layer, nn.BatchNorm2d):
+                x = F.instance_norm(x, weight=layer.weight, bias=layer.bias, eps=layer.eps)
+            else:
+                x = layer(x)
+        if x.shape[-1] != self.pooled or x.shape[-2] != self.pooled:
+            x = F.adaptive_avg_pool2d(x, self.pooled)
         return self.classifier(x.flatten(1)).squeeze(1)

@@ -11,7 +11,8 @@ oneDNN (MKL-DNN)            convolutions (forward and   ``ONEDNN_MAX_CPU_ISA`` (
                             backward), on float32
 ATen                        element-wise, reductions,   ``ATEN_CPU_CAPABILITY`` (``avx2``)
                             pooling, batch norm...
-MKL                         matrix products, FFT        ``MKL_ENABLE_INSTRUCTIONS`` (``AVX2``)
+MKL                         matrix products             ``MKL_ENABLE_INSTRUCTIONS`` (``AVX2``)
+all three                   the work split over threads ``OMP_NUM_THREADS`` (``1``)
 ==========================  ==========================  ===========================================
 
 AVX-512 and AVX2 kernels round differently (other vector widths, other blockings of the
@@ -26,12 +27,17 @@ reproducibility" (``MKL_CBWR``) is NOT set: it makes MKL take another code path 
 machine takes by default (0.547 with ``MKL_CBWR=AVX2``, 0.448 with ``COMPATIBLE``, in the same
 run), so a pinned AVX-512 machine would then agree with no machine's default.
 
-So ``--reproducible`` caps all three at AVX2, which every x86-64 machine this project runs on
-has: an AVX-512 machine then computes what an AVX2 machine computes by default, and on an
-AVX2 machine the pin changes nothing. The thread count must match too (the reductions are
-split over the threads): the figures the README quotes are for 2 threads (2 cores); set
-``OMP_NUM_THREADS`` to compare across other core counts. The cost is the AVX-512 speed-up
-of those kernels (the README gives the demo's minutes with and without).
+The ISA caps alone are not enough with two threads: ``make demo`` (2 threads) pinned to AVX2
+on the AVX-512 EPYC printed image / pixel AUROC 0.9348 / 0.9712, where an AVX2 EPYC prints
+0.9524 / 0.9726 by default, while the one-thread DDAD run above agreed to the last printed
+digit. With several threads the libraries split their sums over the threads, and how they
+split and block them depends on more than the instruction set (the cores' cache sizes, which
+differ between these CPUs); with one thread there is no split. So ``--reproducible`` caps
+all three libraries at AVX2, which every x86-64 machine this project runs on has, and runs
+one thread (``OMP_NUM_THREADS=1``): an AVX-512 machine then computes what a one-thread run on
+an AVX2 machine computes, and on an AVX2 machine the ISA caps change nothing. The cost is the
+AVX-512 speed-up of those kernels and the second core (the README gives the demo's minutes
+with and without).
 
 Each library reads its variable once, the first time it computes, so the pin must be in the
 environment before that: the CLI re-executes itself with it (:func:`reexec_pinned`);
@@ -50,11 +56,12 @@ from collections.abc import Mapping, MutableMapping, Sequence
 __all__ = ["PINNED_ENV", "REPRODUCIBLE_VARIABLE", "check_pinned", "isa_report", "is_pinned", "machine_isa", "pin",
            "pinned_environment", "reexec_pinned", "reproducible_requested", "unpinned_environment"]
 
-#: the variables ``--reproducible`` sets, each the AVX2 cap of one library
+#: the variables ``--reproducible`` sets: the AVX2 cap of each library, and one thread
 PINNED_ENV: dict[str, str] = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "OMP_NUM_THREADS": "1",
 }
 #: set to 1 to pin when medad_fast is imported (library use; what the CLI's flag sets)
 REPRODUCIBLE_VARIABLE = "MEDAD_FAST_REPRODUCIBLE"

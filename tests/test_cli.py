@@ -162,3 +162,15 @@ def test_every_verb_prints_its_help(command, capsys):
         cli([command, "--help"])
     assert exit_info.value.code == 0
     assert f"usage: medad-fast {command}" in capsys.readouterr().out
+
+
+def test_prepare_help_shows_the_input_layouts(capsys):
+    # the layouts prepare reads must be in its --help, line by line (not re-wrapped by argparse)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["prepare", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "\n  lits   volume-N.nii[.gz] + segmentation-N.nii[.gz] anywhere under SRC" in out
+    assert "\n  btcv   img/imgXXXX.nii.gz + label/labelXXXX.nii.gz" in out
+    assert "MASKS_DICOM/liver/" in out and "PATIENT_DICOM/" in out
+    assert "\n  OUT/{valid,test}/Ungood/img/*.png" in out

@@ -185,7 +185,7 @@ def small_liver(tmp_path_factory):
 
 
 def test_cropping_shows_the_model_the_lesions_at_a_larger_scale(small_liver):
-    # Why --crop helps on small-liver data (the small-data table in the README): at the
+    # Why --crop helps on small-liver data (the small-data table in docs/results.md): at the
     # model's side a test lesion covers about (slice / liver box)^2 times more input pixels.
     # The twin, the whole slice resized (crop off), is what the model sees without it.
     from medad_fast.data.dataset import BmadSliceDataset

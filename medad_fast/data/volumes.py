@@ -766,7 +766,36 @@ def _summary(kind: str, report: PrepareReport) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
+# `prepare --help`: the layouts it reads and writes (the module docstring has the details).
+LAYOUTS_HELP = """\
+input layouts (SRC; only read):
+  lits   volume-N.nii[.gz] + segmentation-N.nii[.gz] anywhere under SRC (LiTS ships
+         them in several "Training Batch" folders); labels 1 = liver, 2 = tumour
+  btcv   img/imgXXXX.nii.gz + label/labelXXXX.nii.gz (or both flat in SRC, or anywhere
+         below it); label 6 = liver; BTCV has no tumour labels: every slice is normal
+  dicom  3D-IRCADb-style patient folders (SRC is one of them or holds them), each with
+         PATIENT_DICOM/ (the CT series) and MASKS_DICOM/liver/ (the liver mask series,
+         required) plus optional MASKS_DICOM/livertumor*/ (tumour mask series, united);
+         a mask voxel is inside when its stored value is nonzero. Unzip
+         PATIENT_DICOM.zip and MASKS_DICOM.zip first.
+
+output (OUT, the BMAD layout; file stem <patient>_<slice index, 4 digits>):
+  OUT/train/good/*.png                normal liver slices of the train patients
+  OUT/{valid,test}/good/img/*.png     liver slices without tumour
+  OUT/{valid,test}/Ungood/img/*.png   slices with tumour; masks (0/255) in Ungood/label/
+  OUT/manifest.json                   every slice, its source and patient; settings; split
+
+Only axial slices holding liver are written, windowed to 0..255, 0 outside the liver.
+The split is by patient. Running the same command again resumes; a second source may
+be added to the same OUT, e.g. BTCV normals for training and LiTS for valid/test:
+  medad-fast prepare btcv BTCV/ data --val-fraction 0 --test-fraction 0
+  medad-fast prepare lits LiTS/ data --val-fraction 0.2 --test-fraction 0.8
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # keep the layout table's lines
+    parser.epilog = LAYOUTS_HELP
     parser.add_argument("kind", choices=KINDS, metavar="{lits,btcv,dicom}",
                         help="source format: LiTS NIfTI, BTCV NIfTI, or 3D-IRCADb-style DICOM series")
     parser.add_argument("src", metavar="SRC", help="folder holding the source data (only read)")

@@ -75,3 +75,16 @@ def data(tmp_path_factory):
     os.environ.setdefault("MEDAD_FAST_CACHE", str(tmp_path_factory.mktemp("cache")))
     write_phantom_dataset(root, n_train=16, n_test=8, size=32, seed=4, progress=False)
     return root
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """A disk cache folder of the test's own (``MEDAD_FAST_CACHE``, yielded) and an empty
+    in-process cache of decoded images, before and after the test."""
+    from medad_fast.data import bmad
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MEDAD_FAST_CACHE", str(cache))
+    bmad.clear_memory_cache()
+    yield cache
+    bmad.clear_memory_cache()

@@ -13,14 +13,8 @@ from PIL import Image
 from medad_fast.data import bmad, dataset
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    """Every test gets its own disk cache folder and an empty in-process cache."""
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("MEDAD_FAST_CACHE", str(cache))
-    bmad.clear_memory_cache()
-    yield cache
-    bmad.clear_memory_cache()
+# every test its own disk cache folder and an empty in-process cache (conftest)
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def _png(path, array):

@@ -16,12 +16,8 @@ from medad_fast.data.dataset import (BmadSliceDataset, ImageFileDataset, SliceBa
 from medad_fast.data.phantom import write_phantom_dataset
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDAD_FAST_CACHE", str(tmp_path / "cache"))
-    bmad.clear_memory_cache()
-    yield
-    bmad.clear_memory_cache()
+# every test its own disk cache folder and an empty in-process cache (conftest)
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")

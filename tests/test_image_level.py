@@ -48,12 +48,8 @@ def write_image_level_bmad(root: Path, n_train: int = 8, n_good: int = 3, n_ungo
     return root
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDAD_FAST_CACHE", str(tmp_path / "cache"))
-    bmad.clear_memory_cache()
-    yield
-    bmad.clear_memory_cache()
+# every test its own disk cache folder and an empty in-process cache (conftest)
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 @pytest.fixture(scope="module")

@@ -50,12 +50,8 @@ def write_dataset(folder: Path, n_train: int = 8, n_unlabeled: tuple[int, int] =
     return content
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDAD_FAST_CACHE", str(tmp_path / "cache"))
-    bmad.clear_memory_cache()
-    yield tmp_path / "cache"
-    bmad.clear_memory_cache()
+# every test its own disk cache folder and an empty in-process cache (conftest)
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def test_splits_in_the_order_of_the_file(tmp_path):

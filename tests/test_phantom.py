@@ -16,10 +16,8 @@ from medad_fast.io import read_mask, read_png_gray
 SIZE = 96
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDAD_FAST_CACHE", str(tmp_path / "cache"))
-    bmad.clear_memory_cache()
+# every test its own disk cache folder and an empty in-process cache (conftest)
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def _slices(n, abnormal, seed=0, size=SIZE, difficulty=1.0):

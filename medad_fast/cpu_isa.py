@@ -61,6 +61,8 @@ PINNED_ENV: dict[str, str] = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    # numpy's own run-time dispatch (numpy >= 2.4 names; phantom data are drawn with numpy)
+    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
     "OMP_NUM_THREADS": "1",
 }
 #: set to 1 to pin when medad_fast is imported (library use; what the CLI's flag sets)

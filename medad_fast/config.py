@@ -8,7 +8,8 @@ A run is configured in two parts that travel together (:class:`Config`) into
 * the method's own dataclass, a subclass of :class:`MethodConfig` declared next to the
   method in :mod:`medad_fast.methods` (widths, losses, schedules, ablation switches...).
 
-A method's presets (``paper``, ``small``, ``tiny``) fill both parts;
+A method's presets (``paper``, ``small``, ``tiny``, and any of its own such as
+``medianomaly``) fill both parts;
 command-line options override single fields (:func:`resolve_config`).
 Configs written before methods existed (one flat dict, checkpoint format 1) are read as
 the ``frequency_aware`` method (:meth:`Config.from_dict`).
@@ -21,12 +22,21 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["RunConfig", "MethodConfig", "Config", "resolve_config", "setting", "CONFIG_FORMAT", "PRESET_NAMES"]
+__all__ = ["RunConfig", "MethodConfig", "Config", "resolve_config", "setting", "CONFIG_FORMAT", "PRESET_NAMES",
+           "preset_names"]
 
 #: version of the dict written by :meth:`Config.to_dict` (format 1: the flat dict of ef63857)
 CONFIG_FORMAT = 2
-#: presets every method provides
+#: presets every method provides (a method may declare more, e.g. ``medianomaly``)
 PRESET_NAMES = ("paper", "small", "tiny")
+
+
+def preset_names(method: str | None = None) -> tuple[str, ...]:
+    """The presets of ``method`` (None: of any registered method), :data:`PRESET_NAMES` first."""
+    from .methods import get_method, method_names
+
+    declared = get_method(method).presets if method else {p: 0 for n in method_names() for p in get_method(n).presets}
+    return (*PRESET_NAMES, *sorted(set(declared) - set(PRESET_NAMES)))
 
 
 def setting(default: Any, help: str) -> Any:
@@ -37,6 +47,13 @@ def setting(default: Any, help: str) -> Any:
 def _is_number(value: Any) -> bool:
     """A finite int or float (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _method_presets(method: str) -> tuple[str, ...]:
+    """The presets ``method`` declares; none for a name that is not registered."""
+    from .methods import get_method, method_names
+
+    return tuple(get_method(method).presets) if method in method_names() else ()
 
 
 def _need(owner: Any, condition: bool, name: str, what: str) -> None:
@@ -84,8 +101,8 @@ class RunConfig:
         """Raise ``ValueError`` naming the field for a value no run can use."""
         need = lambda condition, name, what: _need(self, condition, name, what)  # noqa: E731
         need(isinstance(self.method, str) and bool(self.method), "method", "must name a method")
-        need(self.preset in PRESET_NAMES or self.preset == "custom", "preset",
-             f"must be one of {list(PRESET_NAMES)} (or 'custom')")
+        need(self.preset in PRESET_NAMES or self.preset == "custom" or self.preset in _method_presets(self.method),
+             "preset", f"must be one of {list(PRESET_NAMES)}, a preset of method {self.method!r}, or 'custom'")
         need(isinstance(self.image_size, int) and self.image_size >= 8, "image_size", "must be an int >= 8")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.epochs >= 1, "epochs", "must be >= 1")

@@ -79,7 +79,7 @@ from . import distributed, ops
 from .augment import NormalSliceAugmentation
 from .checkpoint import (BEST_NAME, DEFAULT_KEEP, LATEST_NAME, global_rng_states, latest_valid_checkpoint,
                          list_checkpoints, point_best_checkpoint, restore_global_rng_states, save_checkpoint)
-from .config import PRESET_NAMES, Config, RunConfig, resolve_config
+from .config import Config, RunConfig, preset_names, resolve_config
 from .data.crop import CROP_MODES, crops_liver, resolve_crop
 from .distributed import DistributedContext, is_main_process
 from .io import atomic_write_json, atomic_write_text
@@ -743,8 +743,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"what to train (default {DEFAULT_METHOD}; `medad-fast methods` lists them)")
     parser.add_argument("--anomaly-source", metavar="DIR",
                         help="folder of anomaly-source images (default: Perlin-texture fallback)")
-    parser.add_argument("--preset", choices=PRESET_NAMES, default="paper",
-                        help="paper: the published setting; small: sized for a CPU; tiny: for tests (default paper)")
+    parser.add_argument("--preset", choices=preset_names(), default="paper",
+                        help="paper: the published setting; small: sized for a CPU; tiny: for tests; medianomaly: "
+                             "the MedIAnomaly benchmark's protocol (the methods that declare it) (default paper)")
     parser.add_argument("--out", metavar="RUN", help="run directory (default runs/<method>-<preset>-<time>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")

@@ -1,7 +1,7 @@
 """Networks shared by the methods (reconstruction, U-Nets, autoencoders) and the scoring
 of their outputs."""
 
-from .autoencoder import ConvAutoencoder
+from .autoencoder import ConvAutoencoder, DenseAutoencoder
 from .ensemble import AutoencoderEnsemble
 from .model import MODES, FrequencyAwareModel, ModelOutput
 from .reconstruction import ReconstructionNetwork
@@ -9,5 +9,5 @@ from .refinement import RefinementUNet
 from .scoring import image_scores, msgms_anomaly_map, score_filter_size, smoothed_residual_map
 from .segmentation import SegmentationNetwork
 
-__all__ = ["AutoencoderEnsemble", "ConvAutoencoder", "FrequencyAwareModel", "MODES", "ModelOutput",
+__all__ = ["AutoencoderEnsemble", "ConvAutoencoder", "DenseAutoencoder", "FrequencyAwareModel", "MODES", "ModelOutput",
            "ReconstructionNetwork", "RefinementUNet", "SegmentationNetwork", "image_scores", "msgms_anomaly_map", "score_filter_size", "smoothed_residual_map"]

@@ -4,7 +4,9 @@ data, with the same engine, synthesis op, metrics and slices, and tabulate them.
 The table has the layout of the paper's Table 2 (image AUROC, pixel AUROC, image AP, pixel
 AP, AUPRO@0.3, best Dice) plus the training minutes (the sum of the run's epoch times, so
 an interrupted and resumed run counts only the work done) and the inference speed (slices/s
-of evaluate's read-and-score loop). Output folder::
+of evaluate's read-and-score loop). On an image-level test split (no lesion masks, e.g. a
+MedIAnomaly ``data.json`` dataset) the pixel columns read "n/a" (null in compare.json). Output
+folder::
 
     <out>/<name>/run/            the run of each method (`medad-fast train`)
     <out>/<name>/eval/           its evaluation (`medad-fast evaluate`: metrics.json, scores.csv, ...)
@@ -39,6 +41,7 @@ import numpy as np
 
 from .config import PRESET_NAMES, Config, RunConfig, resolve_config
 from .data.crop import resolve_crop
+from .data.layout import has_split
 from .io import atomic_write_json, atomic_write_text
 from .methods import get_method, method_names
 
@@ -161,7 +164,7 @@ def table(rows: dict[str, dict[str, Any]], first_column: str = "method") -> str:
               + " | training min | slices/s |")
     lines = [header, "|" + "---|" * (len(COLUMNS) + 4)]
     for name, row in rows.items():
-        cells = [f"{row[key]:.3f}" for key, _ in COLUMNS]
+        cells = ["n/a" if row[key] is None else f"{row[key]:.3f}" for key, _ in COLUMNS]
         minutes = f"{row['training_minutes']:.1f}" if "training_minutes" in row else "-"
         speed = f"{row['slices_per_s']:.0f}" if np.isfinite(row.get("slices_per_s", float("nan"))) else "-"
         lines.append(f"| {name} | `{row.get('switches') or '-'}` | " + " | ".join(cells) + f" | {minutes} | {speed} |")
@@ -180,7 +183,9 @@ def write_outputs(out: Path, stem: str, rows: dict[str, dict[str, Any]], command
     markdown = (table(rows, first_column) + "\n"
                 + (f"Highest image AUROC: {' and '.join(f'**{n}**' for n in best)}"
                    f"{' (tied)' if len(best) > 1 else ''}. " if best else "")
-                + f"Test split, {next(iter(rows.values()))['n_images'] if rows else 0} slices. "
+                + f"Test split, {next(iter(rows.values()))['n_images'] if rows else 0} slices"
+                + ("; image-level (no lesion masks): pixel metrics n/a. " if any(
+                    row.get("pixel_auroc", 0.0) is None for row in rows.values()) else ". ")
                 + f"Command: `{command}`. Machine: {_machine()}.\n")
     atomic_write_text(out / f"{stem}.md", markdown)
     atomic_write_json(out / f"{stem}.json", {"command": command, "machine": _machine(), "rows": rows})
@@ -199,8 +204,8 @@ def write_outputs(out: Path, stem: str, rows: dict[str, dict[str, Any]], command
 def sweep(entries: Sequence[Entry], data: Path, out: Path, preset: str, common: dict[str, Any], stem: str,
           command: str, device: str | None = None, progress: bool = True, first_column: str = "method") -> int:
     """Run every entry (:func:`run_entry`) into ``out/<name>`` and write the outputs."""
-    if not (data / "train" / "good").is_dir():
-        raise SystemExit(f"medad-fast {stem}: --data {data}: no train/good folder "
+    if not has_split(data, "train"):
+        raise SystemExit(f"medad-fast {stem}: --data {data}: no train/good folder and no data.json "
                          f"(run `make demo` or `medad-fast phantom` first)")
     rows = {}
     for entry in entries:
@@ -217,7 +222,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .train import add_method_setting_arguments, add_small_data_arguments
 
     parser.add_argument("--data", required=True, type=Path, metavar="DIR",
-                        help="BMAD-layout folder (trains on train/good, evaluates on test)")
+                        help="BMAD-layout folder (trains on train/good, evaluates on test) or MedIAnomaly "
+                             "dataset (its data.json folder: train[\"0\"], test)")
     parser.add_argument("--methods", default=",".join(method_names()), metavar="A,B,...",
                         help=f"comma-separated methods (default all: {','.join(method_names())})")
     parser.add_argument("--preset", choices=PRESET_NAMES, default="small", help="preset of every method (default small)")

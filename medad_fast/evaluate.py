@@ -1,7 +1,14 @@
 """`medad-fast evaluate`: score a split with a trained method and write the evaluation.
 
-``--data DIR`` evaluates BMAD-layout slices (below); ``--scans ... --masks ... --labels ...``
-or ``--manifest FILE`` evaluates CT volumes (:mod:`medad_fast.volume_evaluate`).
+``--data DIR`` evaluates BMAD-layout slices or a MedIAnomaly ``data.json`` dataset (below);
+``--scans ... --masks ... --labels ...`` or ``--manifest FILE`` evaluates CT volumes
+(:mod:`medad_fast.volume_evaluate`).
+
+An image-level split (abnormal images without lesion masks, :func:`medad_fast.data.layout.is_image_level`;
+every MedIAnomaly test split) has image metrics only: the pixel metrics are null in
+``metrics.json`` (``image_level`` true) and printed as "n/a (no masks)", ``roc.png`` has the
+image-level curve alone, the heatmaps have no lesion outline, and the operating point has no
+pixel threshold.
 
 Output folder (default ``<run>/eval-<split>``)::
 
@@ -54,6 +61,7 @@ from . import distributed
 from .cli import int_at_least
 from .data.crop import crops_liver
 from .data.dataset import BmadSliceDataset
+from .data.layout import has_split, is_image_level
 from .inference import load_method, resolve_checkpoint, score_dataset
 from .io import atomic_write_json, atomic_write_text
 from .metrics import PixelMetricsStream, image_metrics, roc_curve, roc_curve_from_counts
@@ -101,13 +109,15 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
                 valid_stream = cleanup.enter_context(PixelMetricsStream(valid_spill))
             valid_scores = _score_split(method, valid, valid_stream, batch_size, progress, world)
             if world.is_main:
-                point = operating_point(_labels(valid), valid_scores, valid_stream.counts("the operating point"),
-                                        "valid", f"the valid split of {Path(data).resolve()}", False)
+                point = operating_point(_labels(valid), valid_scores,
+                                        _pixel_counts(valid, valid_stream, "the operating point"), "valid",
+                                        f"the valid split of {Path(data).resolve()}", False)
         if world.is_main:
             extra: dict[str, Any] = {"operating_point": point, "operating_point_file": None}
             if point is None:
                 try:
-                    point = operating_point(_labels(dataset), scores, stream.counts("the operating point"), split,
+                    point = operating_point(_labels(dataset), scores,
+                                            _pixel_counts(dataset, stream, "the operating point"), split,
                                             f"the evaluated {split} split of {Path(data).resolve()} (no valid "
                                             "split with normal and abnormal slices)", True)
                 except ValueError as e:  # one class only: the metrics below say so
@@ -125,10 +135,20 @@ def _labels(dataset: BmadSliceDataset) -> np.ndarray:
     return np.array([entry.abnormal for entry in dataset.files], dtype=bool)
 
 
+#: the metrics.json keys that need lesion masks: null for an image-level split
+PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "aupro_0.3", "best_dice", "n_pixels", "n_abnormal_pixels")
+NO_MASKS = "n/a (no masks)"
+
+
+def _pixel_counts(dataset: BmadSliceDataset, stream: PixelMetricsStream, metric: str):
+    """The split's exact pixel counts, or None when it is image-level (no lesion masks)."""
+    return None if is_image_level(dataset.files) else stream.counts(metric)
+
+
 def _validation_split(data: str | Path, split: str, size: int, crop: bool = False) -> BmadSliceDataset | None:
     """The ``valid`` split of ``data`` when it is not the evaluated one and holds both normal
     and abnormal slices; else None."""
-    if split == "valid" or not (Path(data).expanduser() / "valid").is_dir():
+    if split == "valid" or not has_split(data, "valid"):
         return None
     try:
         valid = BmadSliceDataset(data, "valid", size=size, crop=crop)
@@ -170,8 +190,9 @@ def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str,
                       extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Metrics of the scored split (and ``extra``); metrics.json, scores.csv, roc.png, heatmaps."""
     labels = _labels(dataset)
-    pixel_counts = stream.counts("AUROC")
-    metrics = image_metrics(labels, scores) | stream.metrics(pixel_counts)
+    pixel_counts = _pixel_counts(dataset, stream, "AUROC")
+    pixel = dict.fromkeys(PIXEL_KEYS) if pixel_counts is None else stream.metrics(pixel_counts)
+    metrics = image_metrics(labels, scores) | pixel | {"image_level": pixel_counts is None}
     # the heatmaps share one colour scale: the largest pixel value of the split (the
     # L1 + focal loss keeps p well below 1, so a fixed [0, 1] scale would look washed out)
     heatmap_scale = stream.max if stream.n_slices else 1.0
@@ -191,17 +212,21 @@ def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str,
     writer.writerow(["path", "label", "score"])
     writer.writerows((path, int(label), f"{score:.9g}") for path, label, score in zip(dataset.paths, labels, scores))
     atomic_write_text(out / "scores.csv", table.getvalue())
-    curves = [(f"image (AUROC {metrics['image_auroc']:.3f})", *roc_curve(labels, scores)),
-              (f"pixel (AUROC {metrics['pixel_auroc']:.3f})", *roc_curve_from_counts(pixel_counts))]
-    plot_roc(out / "roc.png", curves, title=f"{config.variant}, {config.run.preset}, {split} split")
-    write_cases(out / "heatmaps", lambda i: dataset[i].image[0].numpy(), lambda i: dataset[i].mask[0].numpy(),
+    curves = [(f"image (AUROC {metrics['image_auroc']:.3f})", *roc_curve(labels, scores))]
+    if pixel_counts is not None:
+        curves.append((f"pixel (AUROC {metrics['pixel_auroc']:.3f})", *roc_curve_from_counts(pixel_counts)))
+    plot_roc(out / "roc.png", curves, title=f"{config.variant}, {config.run.preset}, {split} split"
+             + (" (image-level: no masks)" if pixel_counts is None else ""))
+    mask_of = (lambda i: None) if pixel_counts is None else (lambda i: dataset[i].mask[0].numpy())
+    write_cases(out / "heatmaps", lambda i: dataset[i].image[0].numpy(), mask_of,
                 stream.map, labels, scores, dataset.paths, n_cases, heatmap_scale)
     return metrics
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_or_checkpoint", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
-    parser.add_argument("--data", metavar="DIR", help="BMAD-layout folder (or --scans / --manifest for CT volumes)")
+    parser.add_argument("--data", metavar="DIR", help="BMAD-layout folder or MedIAnomaly dataset (its data.json "
+                                                      "folder) (or --scans / --manifest for CT volumes)")
     parser.add_argument("--split", default="test", choices=("test", "valid", "train"),
                         help="default test (with --manifest: the patients of that split)")
     parser.add_argument("--out", metavar="DIR",
@@ -318,13 +343,20 @@ def main(args: argparse.Namespace) -> int:
     if not world.is_main:
         return 0
     out = Path(args.out) if args.out else resolve_checkpoint(args.run_or_checkpoint).parent / f"eval-{args.split}"
-    print(f"image AUROC {metrics['image_auroc']:.4f}  pixel AUROC {metrics['pixel_auroc']:.4f}  "
-          f"(image AP {metrics['image_ap']:.4f}, pixel AP {metrics['pixel_ap']:.4f}, "
-          f"AUPRO@0.3 {metrics['aupro_0.3']:.4f}, best Dice {metrics['best_dice']:.4f}; "
-          f"{metrics['n_images']} slices)")
+    if metrics["image_level"]:
+        print(f"image AUROC {metrics['image_auroc']:.4f}  image AP {metrics['image_ap']:.4f}  "
+              f"({metrics['n_images']} images, {metrics['n_abnormal_images']} abnormal; image-level split)")
+        print(f"pixel AUROC, pixel AP, AUPRO@0.3, best Dice: {NO_MASKS}")
+    else:
+        print(f"image AUROC {metrics['image_auroc']:.4f}  pixel AUROC {metrics['pixel_auroc']:.4f}  "
+              f"(image AP {metrics['image_ap']:.4f}, pixel AP {metrics['pixel_ap']:.4f}, "
+              f"AUPRO@0.3 {metrics['aupro_0.3']:.4f}, best Dice {metrics['best_dice']:.4f}; "
+              f"{metrics['n_images']} slices)")
     point = metrics["operating_point"]
     if point:
+        pixel_threshold = (NO_MASKS if point["pixel_threshold"] is None
+                           else f"{point['pixel_threshold']:.6g} (map >= it)")
         print(f"operating point from {point['source']}: slice threshold {point['slice_threshold']:.6g} (score > "
-              f"it), pixel threshold {point['pixel_threshold']:.6g} (map >= it) -> {metrics['operating_point_file']}")
+              f"it), pixel threshold {pixel_threshold} -> {metrics['operating_point_file']}")
     print(f"wrote {out / 'metrics.json'}, {out / 'roc.png'}, {out / 'heatmaps'}/")
     return 0

@@ -9,7 +9,8 @@ checkpoint's folder) as ``operating_point.json``:
   score (:func:`slice_threshold_at_specificity`).
 - ``pixel_threshold``: a pixel (voxel) is lesion when its map value is AT OR ABOVE it
   (``map >= pixel_threshold``); the threshold of the best Dice over the split's pixels
-  (:func:`medad_fast.metrics.best_dice_threshold_from_counts`).
+  (:func:`medad_fast.metrics.best_dice_threshold_from_counts`). None (JSON null) when the
+  split is image-level (no lesion masks): ``medad-fast predict`` then needs ``--threshold``.
 
 Both come from the validation split when the data has one with normal slices and lesions
 (BMAD ``valid/``, or the ``valid`` patients of a ``prepare`` manifest), else from the split
@@ -56,14 +57,15 @@ def operating_point(slice_labels, slice_scores, pixel_counts, split: str, source
                     specificity: float = DEFAULT_SPECIFICITY) -> dict[str, Any]:
     """The operating point of one split: ``slice_labels`` [n] bool (True = lesion),
     ``slice_scores`` [n], ``pixel_counts`` the split's exact pixel counts
-    (:meth:`medad_fast.metrics.PixelMetricsStream.counts`). Returns the JSON-ready dict with the
-    thresholds, what they achieve on that split and where they come from."""
+    (:meth:`medad_fast.metrics.PixelMetricsStream.counts`), or None for an image-level split
+    (no lesion masks: the pixel threshold and Dice are None). Returns the JSON-ready dict with
+    the thresholds, what they achieve on that split and where they come from."""
     from .metrics import best_dice_threshold_from_counts
 
     labels = np.asarray(slice_labels, dtype=bool).reshape(-1)
     scores = np.asarray(slice_scores, dtype=np.float64).reshape(-1)
     threshold = slice_threshold_at_specificity(scores[~labels], specificity)
-    dice, pixel_threshold = best_dice_threshold_from_counts(pixel_counts)
+    dice, pixel_threshold = (None, None) if pixel_counts is None else best_dice_threshold_from_counts(pixel_counts)
     flagged = scores > threshold
     return {
         "slice_threshold": threshold,
@@ -89,16 +91,21 @@ def write_operating_point(run_dir: str | Path, point: dict[str, Any]) -> Path:
 
 def read_operating_point(run_dir: str | Path) -> dict[str, Any] | None:
     """The stored operating point of a run folder, or None when it has none. ``ValueError``
-    naming the file when it is unreadable or lacks a finite ``pixel_threshold``."""
+    naming the file when it is unreadable or lacks a finite ``pixel_threshold`` (null: an
+    image-level split's)."""
     path = Path(run_dir) / OPERATING_POINT_NAME
     if not path.is_file():
         return None
     try:
         point = json.loads(path.read_text())
-        threshold = float(point["pixel_threshold"])
+        image_level = isinstance(point, dict) and "pixel_threshold" in point and point["pixel_threshold"] is None
+        threshold = math.nan if image_level else float(point["pixel_threshold"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a readable operating point ({type(e).__name__}: {e}); run `medad-fast "
                          "evaluate` again or pass --threshold") from None
+    if image_level:
+        raise ValueError(f"{path}: no pixel threshold (it was chosen on an image-level split, without lesion "
+                         "masks); pass --threshold")
     if not math.isfinite(threshold):
         raise ValueError(f"{path}: pixel_threshold is {threshold}, not a finite number")
     return point

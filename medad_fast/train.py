@@ -512,7 +512,8 @@ class Trainer:
 # ----------------------------------------------------------------------------- entry
 
 def load_training_images(config: Config) -> torch.Tensor:
-    """``uint8 [N, 1, S, S]``: the normal training slices of ``run.data`` (``train/good``),
+    """``uint8 [N, 1, S, S]``: the normal training slices of ``run.data`` (``train/good``, or
+    ``train["0"]`` of a MedIAnomaly ``data.json``),
     each cut to its liver box when the run crops (:mod:`medad_fast.data.crop`), a seeded
     subset of ``run.max_train_images`` when set (before ``run.val_fraction`` holds some of
     them back: :func:`medad_fast.validation.split_validation`)."""
@@ -738,7 +739,9 @@ def method_setting_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, metavar="DIR", help="BMAD-layout folder (uses train/good)")
+    parser.add_argument("--data", required=True, metavar="DIR",
+                        help="BMAD-layout folder (uses train/good) or MedIAnomaly dataset (the folder of its "
+                             "data.json; uses train[\"0\"])")
     parser.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(),
                         help=f"what to train (default {DEFAULT_METHOD}; `medad-fast methods` lists them)")
     parser.add_argument("--anomaly-source", metavar="DIR",

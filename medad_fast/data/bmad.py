@@ -1,7 +1,8 @@
 """The whole split at once: the cached, device-ready loader that training uses.
 
 :func:`load_split` reads every slice of one split of a BMAD-layout folder (the layout, its
-variants and its listing: :mod:`medad_fast.data.layout`) into uint8 tensors, each slice
+variants and its listing: :mod:`medad_fast.data.layout`; a MedIAnomaly ``data.json`` dataset
+too: :mod:`medad_fast.data.medianomaly`) into uint8 tensors, each slice
 exactly as :class:`medad_fast.data.dataset.BmadSliceDataset` reads it (resized to
 ``size x size``: images by area averaging to shrink and bilinear to enlarge, masks by
 nearest neighbour; a pixel > 0 stays >= 1, so ``image > 0`` keeps marking the liver). For
@@ -23,6 +24,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -31,7 +33,7 @@ from medad_fast.data.dataset import BmadSliceDataset, check_size, read_slice
 from medad_fast.data.layout import MANIFEST_NAME, SPLITS, SliceFile, list_split
 from medad_fast.io import atomic_write_bytes
 
-__all__ = ["SliceSet", "load_split", "list_split", "clear_memory_cache", "cache_dir", "SPLITS"]
+__all__ = ["SliceSet", "load_split", "load_images", "list_split", "clear_memory_cache", "cache_dir", "SPLITS"]
 
 CACHE_FORMAT = 1  # bump when the cached content changes meaning
 _MEMORY_CACHE_SIZE = 4
@@ -154,16 +156,38 @@ def _read_cropped_slices(root: str | os.PathLike, split: str, size: int) -> Slic
     return SliceSet(images, masks, labels, list(dataset.paths))
 
 
+def _cached(entries: list[SliceFile], size: int, read, data_root: Path, crop: bool = False,
+            manifest: Path | None = None) -> SliceSet:
+    """``read()`` of ``entries``, through the in-process LRU and the disk cache (never written
+    inside ``data_root``); a copy of the cached set."""
+    key = _cache_key(entries, size, crop, manifest)
+    if key in _memory_cache:
+        _memory_cache.move_to_end(key)
+        return _memory_cache[key].clone()
+    disk_file = cache_dir() / f"bmad-{key}.pt"
+    slices = _load_from_disk(disk_file)
+    if slices is None or len(slices) != len(entries):
+        slices = read()
+        _save_to_disk(disk_file, slices, data_root)
+    _memory_cache[key] = slices
+    while len(_memory_cache) > _MEMORY_CACHE_SIZE:
+        _memory_cache.popitem(last=False)
+    return slices.clone()
+
+
 def load_split(root: str | os.PathLike, split: str, size: int = 256, cache: bool = True, crop: bool = False
                ) -> SliceSet:
-    """Load one split (``"train"``, ``"valid"`` or ``"test"``) of a BMAD-layout folder.
+    """Load one split (``"train"``, ``"valid"`` or ``"test"``) of a BMAD-layout folder (or of
+    a MedIAnomaly ``data.json`` dataset: :mod:`medad_fast.data.medianomaly`).
 
     Returns a :class:`SliceSet` (uint8 images and 0/1 masks ``[N, 1, size, size]``, bool
-    labels ``[N]``, paths). ``crop=True``: every slice cut to its (volume's) liver box first
-    (:mod:`medad_fast.data.crop`; images and masks are then the model's inputs, the
-    ``crop``/``crop_mask`` of :class:`medad_fast.data.dataset.BmadSliceDataset` with ``crop=True``).
-``cache=True`` uses the in-process LRU and the disk cache (see
-    module docstring); the returned tensors are the caller's own (a copy of the cached ones).
+    labels ``[N]``, paths); the masks of an image-level split
+    (:func:`medad_fast.data.layout.is_image_level`) are all zeros. ``crop=True``: every slice
+    cut to its (volume's) liver box first (:mod:`medad_fast.data.crop`; images and masks are
+    then the model's inputs, the ``crop``/``crop_mask`` of
+    :class:`medad_fast.data.dataset.BmadSliceDataset` with ``crop=True``). ``cache=True``
+    uses the in-process LRU and the disk cache (see module docstring); the returned tensors
+    are the caller's own (a copy of the cached ones).
 
     Errors name the culprit: ``FileNotFoundError`` for a missing folder, an empty split or a
     missing mask; ``ValueError`` for an unreadable image or a mask whose shape differs from
@@ -174,17 +198,24 @@ def load_split(root: str | os.PathLike, split: str, size: int = 256, cache: bool
     read = (lambda: _read_cropped_slices(root, split, size)) if crop else (lambda: _read_slices(entries, size))
     if not cache:
         return read()
+    return _cached(entries, size, read, Path(root).expanduser(), crop, Path(root).expanduser() / MANIFEST_NAME)
 
-    key = _cache_key(entries, size, crop, Path(root).expanduser() / MANIFEST_NAME)
-    if key in _memory_cache:
-        _memory_cache.move_to_end(key)
-        return _memory_cache[key].clone()
-    disk_file = cache_dir() / f"bmad-{key}.pt"
-    slices = _load_from_disk(disk_file)
-    if slices is None or len(slices) != len(entries):
-        slices = read()
-        _save_to_disk(disk_file, slices, Path(root).expanduser())
-    _memory_cache[key] = slices
-    while len(_memory_cache) > _MEMORY_CACHE_SIZE:
-        _memory_cache.popitem(last=False)
-    return slices.clone()
+
+def load_images(files: Iterable[str | os.PathLike], size: int = 256, cache: bool = True) -> torch.Tensor:
+    """Image files (e.g. :func:`medad_fast.data.medianomaly.unlabeled_files`), unlabelled,
+    each read as :func:`load_split` reads a slice: ``uint8 [N, 1, size, size]``, in the given
+    order. Cached as :func:`load_split` is (the same keys: paths, sizes, times, side).
+    ``ValueError`` for an empty list; missing or unreadable files raise naming them."""
+    size = check_size(size)
+    entries = [SliceFile(Path(f).expanduser(), None, False) for f in files]
+    if not entries:
+        raise ValueError("no image files to load")
+    for entry in entries:
+        if not entry.image.is_file():
+            raise FileNotFoundError(f"image file not found: {entry.image}")
+    read = lambda: _read_slices(entries, size)  # noqa: E731
+    if not cache:
+        return read().images
+    # the cache must not land inside the folder the images come from
+    data_root = Path(os.path.commonpath([str(entry.image.resolve().parent) for entry in entries]))
+    return _cached(entries, size, read, data_root).images

@@ -18,7 +18,8 @@ marks the liver); the mask nearest-neighbour resized (:func:`medad_fast.io.resiz
 
 Every record knows the volume it was cut from: from the ``medad-fast prepare`` manifest when
 the folder has one, else from a ``<volume>_<slice index>`` file name, else the file's stem
-is its volume and the slice index is -1 (:func:`medad_fast.data.layout.slice_origin`).
+is its volume and the slice index is -1 (:func:`medad_fast.data.layout.slice_origin`; always
+so for a MedIAnomaly ``data.json`` dataset, whose images are 2-D, one per subject).
 
 With ``crop=True`` (liver-box cropping, :mod:`medad_fast.data.crop`) a record also holds the
 model's input, the slice cut to its liver box and resized to the side (``crop``,
@@ -41,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from medad_fast.data.crop import Box, box_window, crop_to_box, group_boxes, liver_extent
 from medad_fast.data.layout import SliceFile, list_split, slice_origin, slice_origins
+from medad_fast.data.medianomaly import dataset_root
 from medad_fast.io import quantize_uint8, read_image_gray, read_mask, resize_images, resize_masks
 
 __all__ = [
@@ -238,10 +240,15 @@ class BmadSliceDataset(_SliceFilesDataset):
         self.root = Path(root).expanduser()
         self.split = split
         self.files = list_split(self.root, split)
-        origins = slice_origins(self.root)
         self.paths = [str(entry.image.resolve()) for entry in self.files]
-        located = [origins.get(entry.image.relative_to(self.root).as_posix()) or slice_origin(entry.image)
-                   for entry in self.files]
+        if dataset_root(self.root) is not None:
+            # MedIAnomaly sets are 2-D images, each its own subject: a name like "Te-noTr_0000"
+            # is no volume and slice position (it would group unrelated images into one crop box)
+            located = [(entry.image.stem, -1) for entry in self.files]
+        else:
+            origins = slice_origins(self.root)
+            located = [origins.get(entry.image.relative_to(self.root).as_posix()) or slice_origin(entry.image)
+                       for entry in self.files]
         self.volume_ids = [volume for volume, _ in located]
         self.slice_indices = [index for _, index in located]
 

@@ -12,6 +12,16 @@ The label of a slice is its folder (``Ungood`` = abnormal). A mask has the stem 
 (``<stem>.png``; ``<stem>_mask.png`` is accepted too). The reader (:func:`list_split`, used
 by :mod:`medad_fast.data.bmad` and :mod:`medad_fast.data.dataset`) accepts the three variants
 seen in the wild: ``img`` + ``label``, ``img`` + ``anomaly_mask``, and flat ``good/*.png``.
+
+A ``valid``/``test`` split whose abnormal images have no mask at all (no mask folder, or
+none of its files matches) is an *image-level* split (:func:`is_image_level`): most public
+medical AD sets have image labels only, and evaluation then reports image metrics alone. A
+split where some abnormal images have masks and others do not is refused, naming the first
+image without one: it is a broken export, and scoring it would count lesions as background.
+
+A folder with a ``data.json`` (the MedIAnomaly / DDAD-ASR layout, or a folder holding exactly
+one such dataset) is read by :mod:`medad_fast.data.medianomaly`; :func:`list_split` and
+:func:`has_split` dispatch there, so every reader of the BMAD layout reads it too.
 The writers (``medad-fast phantom``: :mod:`medad_fast.data.phantom`; ``medad-fast prepare``:
 :mod:`medad_fast.data.volumes`) write ``img`` + ``label`` PNGs through :func:`slice_relpaths`
 and a ``manifest.json`` at the root.
@@ -54,6 +64,8 @@ __all__ = [
     "slice_origin",
     "slice_origins",
     "list_split",
+    "has_split",
+    "is_image_level",
     "collect_image_files",
 ]
 
@@ -226,16 +238,50 @@ def collect_image_files(inputs: str | os.PathLike | Iterable[str | os.PathLike],
     return files
 
 
-def _find_mask(image: Path, mask_dirs: list[Path]) -> Path:
+def _find_mask(image: Path, mask_dirs: list[Path]) -> Path | None:
+    """The mask file of ``image`` in the first of ``mask_dirs`` that has one; None if none does."""
     for folder in mask_dirs:
         for name in dict.fromkeys((image.name, image.stem + WRITTEN_SUFFIX, image.stem + "_mask" + WRITTEN_SUFFIX)):
             candidate = folder / name
             if candidate.is_file():
                 return candidate
-    kind_dir = image.parent.parent
-    looked = ", ".join(str(d) for d in mask_dirs) if mask_dirs else (
-        " or ".join(str(kind_dir / name) for name in MASK_FOLDERS) + " (none exists)")
-    raise FileNotFoundError(f"no mask for abnormal image {image}: expected {image.stem}{WRITTEN_SUFFIX} in {looked}")
+    return None
+
+
+def _abnormal_entries(images: list[Path], mask_dirs: list[Path]) -> list[SliceFile]:
+    """The abnormal slices with their masks: every one with a mask (pixel-level), or none
+    (image-level, masks None). ``FileNotFoundError`` naming the first image without a mask
+    when only some have one."""
+    masks = [_find_mask(image, mask_dirs) for image in images]
+    without = [image for image, mask in zip(images, masks) if mask is None]
+    if without and len(without) < len(images):
+        image = without[0]
+        looked = ", ".join(str(d) for d in mask_dirs)
+        raise FileNotFoundError(
+            f"no mask for abnormal image {image}: expected {image.stem}{WRITTEN_SUFFIX} in {looked} "
+            f"({len(images) - len(without)} of the {len(images)} abnormal images have masks, {len(without)} do not; "
+            f"a split is pixel-level, every abnormal image with a mask, or image-level, none with one)")
+    return [SliceFile(image, mask, True) for image, mask in zip(images, masks)]
+
+
+def is_image_level(entries: Iterable[SliceFile]) -> bool:
+    """Whether a split (:func:`list_split`'s entries) is image-level: it has abnormal slices
+    and none of them has a mask (then pixel metrics are undefined, not zero)."""
+    abnormal = [entry for entry in entries if entry.abnormal]
+    return bool(abnormal) and all(entry.mask is None for entry in abnormal)
+
+
+def has_split(root: str | os.PathLike, split: str) -> bool:
+    """Whether the data folder ``root`` has ``split``: its folder (``train/good`` for train)
+    in the BMAD layout, its key in ``data.json`` in the MedIAnomaly layout. Nothing is listed."""
+    from medad_fast.data import medianomaly
+
+    check_split(split)
+    dataset = medianomaly.dataset_root(root)
+    if dataset is not None:
+        return split in medianomaly.splits(dataset)
+    root = Path(root).expanduser()
+    return (root / split / NORMAL_FOLDER).is_dir() if split == "train" else (root / split).is_dir()
 
 
 def _normal_images(folder: Path) -> list[Path]:
@@ -248,16 +294,25 @@ def list_split(root: str | os.PathLike, split: str) -> list[SliceFile]:
     slice, normal ones first, each group sorted by file name. Paths are ``root``-based
     (``~`` expanded, not resolved).
 
+    Abnormal slices have a mask each, or (an image-level split, :func:`is_image_level`) none
+    has one (mask None). A folder with a ``data.json`` is read by
+    :func:`medad_fast.data.medianomaly.list_split` (its order: the file's).
+
     Raises ``FileNotFoundError`` naming the missing root or split folder, an empty split, or
-    the missing mask of an abnormal image; ``ValueError`` for an unknown split name.
+    the first abnormal image without a mask when others have one; ``ValueError`` for an
+    unknown split name.
     """
+    from medad_fast.data import medianomaly
+
     check_split(split)
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
+    if medianomaly.dataset_root(root) is not None:
+        return medianomaly.list_split(root, split)
     split_dir = root / split
     if not split_dir.is_dir():
-        raise FileNotFoundError(f"split folder not found: {split_dir} (expected the BMAD layout under {root})")
+        raise FileNotFoundError(f"split folder not found: {split_dir} (expected the BMAD layout under {root}, or a MedIAnomaly data.json)")
 
     good_dir, ungood_dir = split_dir / NORMAL_FOLDER, split_dir / ABNORMAL_FOLDER
     entries: list[SliceFile] = []
@@ -272,7 +327,7 @@ def list_split(root: str | os.PathLike, split: str) -> list[SliceFile]:
         if not (ungood_dir / IMAGE_FOLDER).is_dir():
             raise FileNotFoundError(f"abnormal images folder not found: {ungood_dir / IMAGE_FOLDER}")
         mask_dirs = [ungood_dir / name for name in MASK_FOLDERS if (ungood_dir / name).is_dir()]
-        entries += [SliceFile(p, _find_mask(p, mask_dirs), True) for p in _images_in(ungood_dir / IMAGE_FOLDER)]
+        entries += _abnormal_entries(_images_in(ungood_dir / IMAGE_FOLDER), mask_dirs)
     if not entries:
         raise FileNotFoundError(f"no images ({_suffix_list()}) found in split folder {split_dir}")
     return entries

@@ -39,7 +39,9 @@ Deviations kept, and why:
   instead of 16 with a last one of 38): the trainer's batching is shared by every method
   and DDP; each epoch still draws a new permutation, so every image is trained on;
 * the resize is the package's reader's (area averaging, then uint8), not PIL's antialiased
-  bilinear: both average the 224 x 224 source down to 64 x 64 and quantise to 8 bits.
+  bilinear (``Image.resize(BILINEAR)``): the reader is shared by every method and dataset;
+  both average the 224 x 224 BrainTumor images down to 64 x 64 and quantise to 8 bits, and
+  on 30 of its test images they differ by 2.0 grey levels of 255 on average (4.9 at most).
 """
 
 from __future__ import annotations

@@ -136,11 +136,11 @@ def test_missing_mask_names_the_image(tmp_path):
         bmad.load_split(root, "test", size=32)
 
 
-def test_missing_mask_folder_and_missing_img_folder(tmp_path):
+def test_missing_mask_folder_is_image_level_and_missing_img_folder(tmp_path):
     root = tmp_path / "data"
     _png(root / "test" / "Ungood" / "img" / "x.png", _slice(100))
-    with pytest.raises(FileNotFoundError, match="x.png"):
-        bmad.load_split(root, "test", size=32)
+    s = bmad.load_split(root, "test", size=32)  # no mask folder at all: an image-level split
+    assert s.labels.tolist() == [True] and int(s.masks.sum()) == 0
     root2 = tmp_path / "data2"
     _png(root2 / "test" / "Ungood" / "x.png", _slice(100))  # no img/ sub-folder
     with pytest.raises(FileNotFoundError, match=r"Ungood[/\\]img"):

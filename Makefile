@@ -18,7 +18,7 @@ TEST_DEPS := SimpleITK highdicom onnx onnxscript onnxruntime
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 STAMP := $(VENV)/.medad_fast-built
 
-.PHONY: setup test demo ablations compare bench cuda-check clean
+.PHONY: setup test demo ablations compare reproduce bench cuda-check clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,13 @@ DEMO_DATA = $${DEMO_OUT:-demo_out}/data
 compare: setup
 	@test -d $(DEMO_DATA)/train/good || $(VENV)/bin/medad-fast phantom $(DEMO_DATA) --train 200 --test 100 --seed 0 --no-progress
 	$(VENV)/bin/medad-fast compare --data $(DEMO_DATA) --preset small --out $${DEMO_OUT:-demo_out}/compare $(COMPARE_ARGS)
+
+# The published AE (and DDAD, SQUID where they have a medianomaly preset) on BrainTumor at the
+# MedIAnomaly protocol, 3 seeds, next to the published figures (resumable; hours on a 2-core CPU)
+REPRODUCE_DATA ?= ../shared/data/braintumor-medianomaly
+REPRODUCE_ARGS ?=
+reproduce: setup
+	$(VPY) benchmarks/reproduce_medianomaly.py --root $(REPRODUCE_DATA) --out $${DEMO_OUT:-demo_out}/reproduce $(REPRODUCE_ARGS)
 
 bench: setup
 	$(VPY) benchmarks/report.py

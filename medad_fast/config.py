@@ -8,7 +8,8 @@ A run is configured in two parts that travel together (:class:`Config`) into
 * the method's own dataclass, a subclass of :class:`MethodConfig` declared next to the
   method in :mod:`medad_fast.methods` (widths, losses, schedules, ablation switches...).
 
-A method's presets (``paper``, ``small``, ``tiny``) fill both parts;
+A method's presets (``paper``, ``small``, ``tiny``, and any of its own such as
+``medianomaly``) fill both parts;
 command-line options override single fields (:func:`resolve_config`).
 Configs written before methods existed (one flat dict, checkpoint format 1) are read as
 the ``frequency_aware`` method (:meth:`Config.from_dict`).
@@ -32,7 +33,7 @@ __all__ = ["RunConfig", "MethodConfig", "Config", "resolve_config", "setting", "
 
 #: version of the dict written by :meth:`Config.to_dict` (format 1: the flat dict of ef63857)
 CONFIG_FORMAT = 2
-#: presets every method provides
+#: presets every method provides (a method may declare more, e.g. ``medianomaly``)
 PRESET_NAMES = ("paper", "small", "tiny")
 #: presets some methods provide (the published MedIAnomaly / DDAD-ASR protocol)
 OPTIONAL_PRESET_NAMES = ("medianomaly",)

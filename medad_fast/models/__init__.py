@@ -1,8 +1,8 @@
 """Networks shared by the methods (reconstruction, U-Nets, autoencoders) and the scoring
 of their outputs."""
 
-from .autoencoder import ConvAutoencoder
-from .ensemble import AutoencoderEnsemble, DenseAutoencoder
+from .autoencoder import ConvAutoencoder, DenseAutoencoder
+from .ensemble import AutoencoderEnsemble
 from .model import MODES, FrequencyAwareModel, ModelOutput
 from .reconstruction import ReconstructionNetwork
 from .refinement import RefinementNet

@@ -3,7 +3,7 @@
 * :func:`image_scores`: max of the mean-filtered pixel map (DRAEM's image score);
 * :func:`score_filter_size`: that filter's side at a given training size;
 * :func:`msgms_anomaly_map`: ``1 - MSGMS`` of an image and its reconstruction (RIAD);
-* :func:`smoothed_residual_map`: Gaussian-smoothed absolute residual (autoencoders).
+* :func:`smoothed_residual_map`: Gaussian-smoothed absolute or squared residual (autoencoders).
 """
 
 from __future__ import annotations
@@ -64,14 +64,15 @@ def msgms_anomaly_map(image: torch.Tensor, reconstruction: torch.Tensor, scales:
 
 
 def smoothed_residual_map(image: torch.Tensor, reconstruction: torch.Tensor, sigma: float,
-                          roi_threshold: float | None = 0.0) -> torch.Tensor:
-    """``G_sigma * |I - I_r|`` restricted to the region of interest ``I > roi_threshold``
-    (the liver; None: everywhere). ``[B, 1, H, W]`` x2 -> ``float32 [B, H, W]``.
+                          roi_threshold: float | None = 0.0, squared: bool = False) -> torch.Tensor:
+    """``G_sigma * |I - I_r|`` (``squared``: ``G_sigma * (I - I_r)^2``) restricted to the
+    region of interest ``I > roi_threshold`` (the liver; None: everywhere).
+    ``[B, 1, H, W]`` x2 -> ``float32 [B, H, W]``.
 
     The Gaussian is separable, truncated at 3 sigma, zero padded; ``sigma <= 0`` gives the
     raw residual."""
     x, y = image.float(), reconstruction.float()
-    residual = (x - y).abs()
+    residual = (x - y).square() if squared else (x - y).abs()
     roi = (x > roi_threshold).float() if roi_threshold is not None else torch.ones_like(x)
     residual = residual * roi
     if sigma > 0:

@@ -1,0 +1,195 @@
+"""Reproduce published BrainTumor figures: train and evaluate methods at the MedIAnomaly
+benchmark's protocol (each method's ``medianomaly`` preset) and put the measured image AUROC
+and AP next to the published ones.
+
+    python benchmarks/reproduce_medianomaly.py --root DIR [--methods ae,ddad,squid]
+        [--seeds 0,1,2] [--out DIR] [--device D] [--epochs E]
+
+``DIR`` holds ``BrainTumor/images`` and ``BrainTumor/data.json`` (the MedIAnomaly / DDAD-ASR
+layout; ``--data DIR/BrainTumor`` reads it). For every method and seed: ``train`` into
+``OUT/runs/<method>-seed<S>`` (a run interrupted there is resumed from its checkpoint), then
+``evaluate`` on the test split. Written into ``OUT`` (default ``reproduce-medianomaly``),
+atomically, after every run:
+
+* ``reproduce.json``: a list of rows ``{"method", "seed", "image_auroc", "image_ap",
+  "minutes", "epochs"}`` (AUROC and AP as fractions; ``minutes``: wall clock of training +
+  evaluation in the invocation that finished the run; ``epochs``: what it trained for).
+  Rows already there are not run again; rows of another epoch count for the same method
+  are refused (use another ``--out``), so a short estimate never mixes with a full run;
+* ``reproduce.md``: per method the mean and spread (sample standard deviation) over the
+  seeds, the seeds' own figures, and the published figures with their sources.
+
+A method without a ``medianomaly`` preset is skipped with a message saying so (and a line in
+``reproduce.md``). ``make reproduce`` runs this on ``../shared/data/braintumor-medianomaly``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PRESET = "medianomaly"
+DATASET = "BrainTumor"
+#: published BrainTumor figures (percent, mean +- std over runs), each with where it is printed
+PUBLISHED: dict[str, dict[str, Any]] = {
+    "ae": {"auroc": (85.9, 0.3), "ap": (76.9, 0.1),
+           "source": "AE4AD (Cai et al., MICCAI 2024), Table 1, AE with latent size 16 on BrainTumor "
+                     "(made with github caiyu6666/MedIAnomaly, reconstruction/train_eval_latent_size.sh)"},
+    "ddad": {"source": "no published figure (the DDAD-ASR repository's README states none for BrainTumor)"},
+    "squid": {"source": "no published figure (SQUID's paper and repository report none for BrainTumor)"},
+}
+
+
+def parse_list(text: str, what: str, cast=str) -> list:
+    """``"a,b"`` -> ``[a, b]``; ``SystemExit(2)`` naming ``what`` on an empty or bad item."""
+    items = [item.strip() for item in text.split(",")]
+    try:
+        values = [cast(item) for item in items if item]
+    except ValueError:
+        raise SystemExit(f"reproduce_medianomaly: error: {what} must be a comma-separated list of "
+                         f"{cast.__name__}s; got {text!r}") from None
+    if not values:
+        raise SystemExit(f"reproduce_medianomaly: error: {what} is empty")
+    return values
+
+
+def check_root(root: Path) -> Path:
+    """The dataset folder ``root/BrainTumor``; ``SystemExit`` naming what is missing."""
+    data = root / DATASET
+    for needed in (data / "data.json", data / "images"):
+        if not needed.exists():
+            raise SystemExit(f"reproduce_medianomaly: error: --root {root}: {needed} does not exist (expected "
+                             f"{DATASET}/images and {DATASET}/data.json in the MedIAnomaly layout)")
+    return data
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = json.loads(path.read_text())
+    if not isinstance(rows, list):
+        raise SystemExit(f"reproduce_medianomaly: error: {path} is not a list of rows")
+    return rows
+
+
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def render(rows: list[dict[str, Any]], skipped: dict[str, str], command: str) -> str:
+    """``reproduce.md``: measured figures (percent) next to the published ones."""
+    lines = ["# BrainTumor at the MedIAnomaly protocol: measured vs published", "",
+             f"Command: `{command}`", "",
+             "Image-level AUROC / AP in percent over the 1,199 test images; measured: mean +- sample "
+             "standard deviation over the seeds; minutes: training + evaluation per seed.", "",
+             "| method | seeds | epochs | AUROC measured | AP measured | AUROC published | AP published | "
+             "minutes per seed | published figures' source |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    for method in methods:
+        mine = [row for row in rows if row["method"] == method]
+        auroc = mean_and_spread([100 * row["image_auroc"] for row in mine])
+        ap = mean_and_spread([100 * row["image_ap"] for row in mine])
+        published = PUBLISHED.get(method, {})
+        pub = lambda key: ("%.1f +- %.1f" % published[key]) if key in published else "-"  # noqa: E731
+        minutes = mean_and_spread([row["minutes"] for row in mine])
+        lines.append(f"| {method} | {','.join(str(row['seed']) for row in mine)} | "
+                     f"{','.join(sorted({str(row.get('epochs', '?')) for row in mine}))} | "
+                     f"{auroc[0]:.1f} +- {auroc[1]:.1f} | {ap[0]:.1f} +- {ap[1]:.1f} | {pub('auroc')} | {pub('ap')} | "
+                     f"{minutes[0]:.1f} | {published.get('source', 'no published figure')} |")
+    lines += ["", "Per seed:", "", "| method | seed | AUROC | AP | minutes |", "|---|---|---|---|---|"]
+    lines += [f"| {row['method']} | {row['seed']} | {100 * row['image_auroc']:.2f} | {100 * row['image_ap']:.2f} | "
+              f"{row['minutes']:.1f} |" for row in rows]
+    if skipped:
+        lines += ["", "Not run:", ""] + [f"- {method}: {why}" for method, why in skipped.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run_one(method: str, seed: int, data: Path, out: Path, device: str, epochs: int | None) -> dict[str, Any]:
+    """Train (or resume) and evaluate one method at one seed; the row of ``reproduce.json``."""
+    from medad_fast.config import resolve_config
+    from medad_fast.evaluate import evaluate
+    from medad_fast.train import train
+
+    config = resolve_config(method, PRESET, data=str(data), seed=seed, epochs=epochs)
+    run = out / "runs" / f"{method}-seed{seed}"
+    resume = (run / "checkpoint.pt").exists() or any(run.glob("checkpoint-*.pt"))
+    print(f"== {method} seed {seed}: {config.run.epochs} epochs at the {PRESET} preset into {run}"
+          f"{' (resuming)' if resume else ''}", flush=True)
+    start = time.perf_counter()
+    train(config, run, resume=resume, device=device, progress=True)
+    metrics = evaluate(run, data, out=run / "eval-test", device=device, n_cases=0, progress=True)
+    minutes = (time.perf_counter() - start) / 60
+    row = {"method": method, "seed": seed, "image_auroc": float(metrics["image_auroc"]),
+           "image_ap": float(metrics["image_ap"]), "minutes": round(minutes, 2), "epochs": config.run.epochs}
+    print(f"== {method} seed {seed}: image AUROC {row['image_auroc']:.4f}, AP {row['image_ap']:.4f} "
+          f"({minutes:.1f} min)", flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reproduce_medianomaly.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, required=True, help=f"folder holding {DATASET}/images and "
+                                                                   f"{DATASET}/data.json")
+    parser.add_argument("--methods", default="ae,ddad,squid", help="comma-separated methods (default ae,ddad,squid)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--out", type=Path, default=Path("reproduce-medianomaly"),
+                        help="output folder (default reproduce-medianomaly)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: CUDA when there is one)")
+    parser.add_argument("--epochs", type=int, help="override the presets' epochs (e.g. 1 to estimate the minutes)")
+    args = parser.parse_args(argv)
+    from medad_fast.io import atomic_write_json, atomic_write_text
+    from medad_fast.methods import get_method
+
+    methods = parse_list(args.methods, "--methods")
+    seeds = parse_list(args.seeds, "--seeds", int)
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs must be >= 1; got {args.epochs}")
+    data = check_root(args.root)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows_path, md_path = args.out / "reproduce.json", args.out / "reproduce.md"
+    rows = read_rows(rows_path)
+    command = " ".join(["python benchmarks/reproduce_medianomaly.py", *(argv if argv is not None else sys.argv[1:])])
+    skipped: dict[str, str] = {}
+    runnable = []
+    for method in methods:
+        try:
+            presets = get_method(method).presets
+        except ValueError as exc:
+            parser.error(f"--methods: {exc}")
+        if PRESET not in presets:
+            skipped[method] = f"no '{PRESET}' preset yet (its presets: {', '.join(presets)}); skipped"
+            print(f"reproduce_medianomaly: skipping {method}: {skipped[method]}", file=sys.stderr)
+        else:
+            runnable.append(method)
+    from medad_fast.config import resolve_config
+
+    for method in runnable:
+        epochs = resolve_config(method, PRESET, epochs=args.epochs).run.epochs
+        other = sorted({row.get("epochs") for row in rows if row["method"] == method} - {epochs}, key=str)
+        if other:
+            raise SystemExit(f"reproduce_medianomaly: error: {rows_path} holds {method} rows trained for {other} "
+                             f"epochs, not {epochs}; use another --out")
+        for seed in seeds:
+            if any(row["method"] == method and row["seed"] == seed for row in rows):
+                print(f"== {method} seed {seed}: already in {rows_path}, not run again", flush=True)
+                continue
+            rows.append(run_one(method, seed, data, args.out, args.device, args.epochs))
+            atomic_write_json(rows_path, rows)
+            atomic_write_text(md_path, render(rows, skipped, command))
+    atomic_write_json(rows_path, rows)
+    report = render(rows, skipped, command)
+    atomic_write_text(md_path, report)
+    print(report)
+    print(f"wrote {rows_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""benchmarks/reproduce_medianomaly.py on a tiny generated BrainTumor folder in the
+MedIAnomaly layout (images/ + data.json): the rows and the report it writes, a method
+without a medianomaly preset skipped with a message, rows never run twice, and clear
+errors for a missing data.json and for mixing epoch counts in one output folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import reproduce_medianomaly as reproduce  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def write_brain_tumor(root: Path, n_train: int = 8, n_test: int = 4) -> Path:
+    """``root/BrainTumor/{images, data.json}``: dark disc 'brains', a bright square in the abnormal ones."""
+    images = root / "BrainTumor" / "images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:48, :48]
+    names: dict[str, list[str]] = {"train": [], "test0": [], "test1": [], "unl0": [], "unl1": []}
+    for group, count in (("train", n_train), ("test0", n_test), ("test1", n_test), ("unl0", 2), ("unl1", 2)):
+        for index in range(count):
+            image = np.where((yy - 24) ** 2 + (xx - 24) ** 2 < 400, 90, 0) + rng.integers(0, 20, (48, 48))
+            if group.endswith("1"):
+                image[16:28, 18:30] = 250
+            name = f"{group}_{index}.png"
+            Image.fromarray(image.astype(np.uint8)).save(images / name)
+            names[group].append(name)
+    layout = {"train": {"0": names["train"], "unlabeled": {"0": names["unl0"], "1": names["unl1"]}},
+              "test": {"0": names["test0"], "1": names["test1"]}}
+    (root / "BrainTumor" / "data.json").write_text(json.dumps(layout))
+    return root
+
+
+def test_rows_report_skips_and_resume(tmp_path, capsys, monkeypatch):
+    root, out = write_brain_tumor(tmp_path / "data"), tmp_path / "out"
+    args = ["--root", str(root), "--methods", "ae,frequency_aware", "--seeds", "0,1", "--out", str(out),
+            "--device", "cpu", "--epochs", "1"]
+    assert reproduce.main(args) == 0
+    captured = capsys.readouterr()
+    assert "skipping frequency_aware: no 'medianomaly' preset yet" in captured.err
+    rows = json.loads((out / "reproduce.json").read_text())
+    assert [(row["method"], row["seed"], row["epochs"]) for row in rows] == [("ae", 0, 1), ("ae", 1, 1)]
+    for row in rows:
+        assert set(row) == {"method", "seed", "image_auroc", "image_ap", "minutes", "epochs"}
+        assert 0.0 <= row["image_auroc"] <= 1.0 and 0.0 <= row["image_ap"] <= 1.0 and row["minutes"] > 0
+    report = (out / "reproduce.md").read_text()
+    assert "| ae | 0,1 | 1 |" in report and "85.9 +- 0.3" in report and "76.9 +- 0.1" in report
+    assert "AE4AD (Cai et al., MICCAI 2024), Table 1" in report
+    assert "- frequency_aware: no 'medianomaly' preset yet" in report
+    measured = [100 * row["image_auroc"] for row in rows]
+    assert f"{np.mean(measured):.1f} +- {np.std(measured, ddof=1):.1f}" in report
+
+    # resumable: the two rows are not run again; a new seed is the only run
+    ran = []
+    monkeypatch.setattr(reproduce, "run_one", lambda method, seed, *rest: ran.append((method, seed)) or
+                        {"method": method, "seed": seed, "image_auroc": 0.5, "image_ap": 0.5, "minutes": 0.1,
+                         "epochs": 1})
+    assert reproduce.main([*args[:3], "ae", "--seeds", "0,1,2", *args[6:]]) == 0
+    assert ran == [("ae", 2)]
+    assert [row["seed"] for row in json.loads((out / "reproduce.json").read_text())] == [0, 1, 2]
+    assert "ae seed 0: already in" in capsys.readouterr().out
+
+
+def test_rows_of_another_epoch_count_are_refused(tmp_path):
+    root, out = write_brain_tumor(tmp_path / "data", n_train=2, n_test=1), tmp_path / "out"
+    out.mkdir()
+    (out / "reproduce.json").write_text(json.dumps([{"method": "ae", "seed": 0, "image_auroc": 0.6, "image_ap": 0.6,
+                                                     "minutes": 1.0, "epochs": 1}]))
+    with pytest.raises(SystemExit, match="holds ae rows trained for \\[1\\] epochs, not 600; use another --out"):
+        reproduce.main(["--root", str(root), "--methods", "ae", "--out", str(out)])
+
+
+def test_a_root_without_data_json_is_refused_naming_it(tmp_path):
+    (tmp_path / "BrainTumor" / "images").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=f"{tmp_path / 'BrainTumor' / 'data.json'} does not exist"):
+        reproduce.main(["--root", str(tmp_path), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="--seeds must be a comma-separated list of ints; got 'a,b'"):
+        reproduce.main(["--root", str(tmp_path), "--seeds", "a,b"])

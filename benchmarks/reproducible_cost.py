@@ -1,7 +1,7 @@
 """What ``--reproducible`` costs: training steps of the demo's run (the paper's method, small
-preset, 96 x 96, batch 8) on the machine's best kernels, with the ISA caps alone (2 threads),
-and fully pinned (AVX2 caps + one thread), in separate processes, side by side in rounds
-(these machines are shared and noisy: the ratio within a round is what counts).
+preset, 96 x 96, batch 8, 2 threads) on the machine's best kernels and pinned to AVX2, in
+separate processes, side by side in rounds (these machines are shared and noisy: the ratio
+within a round is what counts).
 
     python benchmarks/reproducible_cost.py [--data DIR] [--epochs 3] [--rounds 3] [--out DIR]
 
@@ -29,9 +29,8 @@ from medad_fast import cpu_isa  # noqa: E402
 
 #: (row title, environment change, extra train flags)
 MODES = (
-    ("machine's best kernels, 2 threads", {}, []),
-    ("ISA caps only (AVX2), 2 threads", {k: v for k, v in cpu_isa.PINNED_ENV.items() if k != "OMP_NUM_THREADS"}, []),
-    ("--reproducible (AVX2, 1 thread)", {}, ["--reproducible"]),
+    ("machine's best kernels", {}, []),
+    ("--reproducible (AVX2)", {}, ["--reproducible"]),
 )
 
 
@@ -73,7 +72,7 @@ def main() -> int:
             times[title].append(seconds_per_step(data, run, args.epochs, env_change, flags))
             print(f"round {round_index + 1}: {title}: {times[title][-1] * 1000:.0f} ms/step", file=sys.stderr)
     best = [t for t in times[MODES[0][0]]]
-    print(f"Training step of the demo's run (frequency_aware, small preset, 96 x 96, batch 8), {args.rounds} rounds "
+    print(f"Training step of the demo's run (frequency_aware, small preset, 96 x 96, batch 8, 2 threads), {args.rounds} rounds "
           f"of {args.epochs} epochs; CPU: {cpu_isa.machine_isa()}\n")
     print("| kernels | median ms/step | x of the machine's best (per round) |")
     print("|---|---|---|")

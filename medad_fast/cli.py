@@ -54,9 +54,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             module.add_arguments(p)
             p.set_defaults(_module=module)
         p.add_argument("--reproducible", action="store_true",
-                       help="pin the CPU kernels to AVX2 (torch's ATen, oneDNN, MKL) and one thread, so that the "
-                            "same command gives the same figures on AVX2 and AVX-512 machines; slower. Same as "
-                            "MEDAD_FAST_REPRODUCIBLE=1")
+                       help="pin the CPU kernels to AVX2 (torch's ATen, oneDNN, MKL, and numpy's), so that the "
+                            "same command gives the same figures on AVX2 and AVX-512 machines (with the same thread "
+                            "count); slower on AVX-512 CPUs. Same as MEDAD_FAST_REPRODUCIBLE=1")
     return parser
 
 

@@ -12,7 +12,9 @@ oneDNN (MKL-DNN)            convolutions (forward and   ``ONEDNN_MAX_CPU_ISA`` (
 ATen                        element-wise, reductions,   ``ATEN_CPU_CAPABILITY`` (``avx2``)
                             pooling, batch norm...
 MKL                         matrix products             ``MKL_ENABLE_INSTRUCTIONS`` (``AVX2``)
-all three                   the work split over threads ``OMP_NUM_THREADS`` (``1``)
+numpy                       its own ufunc loops (the    ``NPY_DISABLE_CPU_FEATURES``
+                            phantom generator draws     (``X86_V4 AVX512_ICL AVX512_SPR``)
+                            with numpy)
 ==========================  ==========================  ===========================================
 
 AVX-512 and AVX2 kernels round differently (other vector widths, other blockings of the
@@ -27,17 +29,20 @@ reproducibility" (``MKL_CBWR``) is NOT set: it makes MKL take another code path 
 machine takes by default (0.547 with ``MKL_CBWR=AVX2``, 0.448 with ``COMPATIBLE``, in the same
 run), so a pinned AVX-512 machine would then agree with no machine's default.
 
-The ISA caps alone are not enough with two threads: ``make demo`` (2 threads) pinned to AVX2
-on the AVX-512 EPYC printed image / pixel AUROC 0.9348 / 0.9712, where an AVX2 EPYC prints
-0.9524 / 0.9726 by default, while the one-thread DDAD run above agreed to the last printed
-digit. With several threads the libraries split their sums over the threads, and how they
-split and block them depends on more than the instruction set (the cores' cache sizes, which
-differ between these CPUs); with one thread there is no split. So ``--reproducible`` caps
-all three libraries at AVX2, which every x86-64 machine this project runs on has, and runs
-one thread (``OMP_NUM_THREADS=1``): an AVX-512 machine then computes what a one-thread run on
-an AVX2 machine computes, and on an AVX2 machine the ISA caps change nothing. The cost is the
-AVX-512 speed-up of those kernels and the second core (the README gives the demo's minutes
-with and without).
+The three torch caps alone were not enough for ``make demo``: pinned so, the AVX-512 EPYC
+printed image / pixel AUROC 0.9348 / 0.9712, where an AVX2 EPYC prints 0.9524 / 0.9726. The
+rest was numpy: its ufuncs dispatch to AVX-512 loops as well, and the demo's phantom came out
+different in 3 of its 400 PNGs (one grey level in a few pixels, one training slice among
+them), enough to send training elsewhere. With numpy's AVX-512 loops disabled too, the same
+``make demo`` (2 threads) on the AVX-512 EPYC printed 0.9524 / 0.9726, image AP 0.9612, pixel
+AP 0.5377, AUPRO@0.3 0.9335, best Dice 0.5441: every figure equal to the AVX2 machine's.
+
+So ``--reproducible`` caps torch's three libraries at AVX2 and switches numpy's AVX-512 loops
+off; every x86-64 machine this project runs on has AVX2, so an AVX-512 machine then computes
+what an AVX2 machine computes by default, and on an AVX2 machine the pin changes nothing.
+The thread count must match as well (the sums are split over the threads): the figures the
+README quotes are for 2 threads, the cores of the machines here. The cost is the AVX-512
+speed-up of those kernels (``benchmarks/reproducible_cost.py``; the README gives it).
 
 Each library reads its variable once, the first time it computes, so the pin must be in the
 environment before that: the CLI re-executes itself with it (:func:`reexec_pinned`);
@@ -56,14 +61,13 @@ from collections.abc import Mapping, MutableMapping, Sequence
 __all__ = ["PINNED_ENV", "REPRODUCIBLE_VARIABLE", "check_pinned", "isa_report", "is_pinned", "machine_isa", "pin",
            "pinned_environment", "reexec_pinned", "reproducible_requested", "unpinned_environment"]
 
-#: the variables ``--reproducible`` sets: the AVX2 cap of each library, and one thread
+#: the variables ``--reproducible`` sets: the AVX2 cap of each library
 PINNED_ENV: dict[str, str] = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
     # numpy's own run-time dispatch (numpy >= 2.4 names; phantom data are drawn with numpy)
     "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",
-    "OMP_NUM_THREADS": "1",
 }
 #: set to 1 to pin when medad_fast is imported (library use; what the CLI's flag sets)
 REPRODUCIBLE_VARIABLE = "MEDAD_FAST_REPRODUCIBLE"
@@ -140,7 +144,8 @@ def machine_isa() -> str:
 def isa_report() -> dict[str, object]:
     """What the kernels of this process use: the CPU's best ISA, ATen's capability (the
     one in use: ATen fixes it at its first computation), the caps in force for oneDNN and
-    MKL (``"machine's best"`` when not capped), whether the run is pinned, the thread count.
+    MKL (``"machine's best"`` when not capped), numpy's disabled dispatch targets, whether
+    the run is pinned, the thread count.
     This is what ``medad-fast info`` prints and ``metrics.json`` records (``cpu_isa``)."""
     import torch
 
@@ -149,6 +154,7 @@ def isa_report() -> dict[str, object]:
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "machine's best"),
         "mkl_enable_instructions": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "machine's best"),
+        "numpy_disabled_features": os.environ.get("NPY_DISABLE_CPU_FEATURES", "none"),
         "pinned": is_pinned(),
         "threads": torch.get_num_threads(),
     }

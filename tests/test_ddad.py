@@ -401,8 +401,8 @@ def test_checkpoint_inside_the_asr_stage_resumes_exactly(data, tmp_path):
 # slices, do not look like the phantom's lesions), pixel AUROC 0.825 / 0.803 / 0.813. The
 # pixel bar sits below the lowest figure; the image bar only catches a collapse. Those
 # three were measured on the machine's best kernels; the suite runs pinned (tests/conftest.py:
-# AVX2, one thread), where seed 0 gives image / pixel AUROC 0.657 / 0.820 on every x86 CPU
-# (margins 0.31 / 0.07 above the bars).
+# AVX2 kernels, numpy's too; one_thread), where seed 0 gives image / pixel AUROC 0.568 / 0.821
+# on every x86 CPU (margins 0.22 / 0.07 above the bars).
 E2E = dict(image_size=64, epochs=30, ae_epochs=20, batch_size=8, ae_batch=8, members=3, ae_width=8, ae_hidden=128,
            latent_size=16, refine_width=16, unlabeled_split="valid")
 IMAGE_AUROC_MIN = 0.35

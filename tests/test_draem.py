@@ -219,7 +219,7 @@ def test_presets():
 # them (source augmentation + rotated normals, seeds 0 / 1 / 2): image AUROC 0.823 / 0.835 /
 # 0.795, pixel AUROC 0.914 / 0.892 / 0.923, pixel AP 0.205 / 0.115 / 0.361; p_anomaly 0 (seed
 # 0): 0.537 / 0.733, pixel AP 0.021. The bars sit in between. Under the suite's pin
-# (tests/conftest.py: AVX2, one thread) seed 0 gives 0.880 / 0.937, pixel AP 0.401 on every x86
+# (tests/conftest.py: AVX2 kernels, numpy's too; one thread) seed 0 gives 0.880 / 0.937, pixel AP 0.401 on every x86
 # CPU (margins 0.23 / 0.22 / 0.30 above the bars), its twin pixel AP 0.010 (0.09 below).
 EPOCHS = 20
 BRIEF = dict(image_size=64, epochs=EPOCHS, source_pool_size=32)

@@ -401,10 +401,11 @@ def render(runs: list[Run], facts: dict, command: str) -> str:
                 "when cupy imports, GB/s against the device's copy bandwidth) were skipped.", ""]
     # the sections of this folder's benchmarks that run on their own, from their saved JSON
     from inference_throughput import saved_section as inference_section
+    from reproducible_cost import saved_section as reproducible_section
     from roofline import saved_section as roofline_section
     from volume_throughput import saved_section as volume_section
 
-    for section in (volume_section(), roofline_section(), inference_section()):
+    for section in (volume_section(), roofline_section(), inference_section(), reproducible_section()):
         if section:
             out += [section]
     return "\n".join(out)

@@ -7,8 +7,8 @@ within a round is what counts).
 
 Without ``--data`` it writes the demo's phantom (200 normal training slices) to OUT. The time
 per step is each run's median epoch time (``log.jsonl``'s ``seconds``) over its steps per
-epoch, the first epoch left out (start-up). Prints a markdown table (the section in
-benchmarks/RESULTS.md).
+epoch, the first epoch left out (start-up). Writes ``benchmarks/reproducible_cost.json`` and
+the "What --reproducible costs" section of ``benchmarks/RESULTS.md`` (kept by report.py).
 """
 
 from __future__ import annotations
@@ -22,10 +22,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO))
 
+import sections  # noqa: E402  (this folder's RESULTS.md sections)
 from medad_fast import cpu_isa  # noqa: E402
+
+RESULTS_JSON = BENCH_DIR / "reproducible_cost.json"
+RESULTS_MD = BENCH_DIR / "RESULTS.md"
+SECTION = "## What --reproducible costs"
 
 #: (row title, environment change, extra train flags)
 MODES = (
@@ -45,6 +51,27 @@ def seconds_per_step(data: Path, out: Path, epochs: int, env_change: dict[str, s
     epochs_done = [r for r in records if "seconds" in r and "step" in r]
     steps_per_epoch = epochs_done[0]["step"]
     return statistics.median(r["seconds"] for r in epochs_done[1:]) / steps_per_epoch
+
+
+def render_section(data: dict) -> str:
+    """The RESULTS.md section of a ``reproducible_cost.json``."""
+    times = data["seconds_per_step"]
+    best = times[MODES[0][0]]
+    lines = [SECTION, "",
+             f"A training step of the demo's run (frequency_aware, small preset, 96 x 96, batch 8, 2 threads) on "
+             f"the machine's best kernels and with `--reproducible`, in separate processes, {data['rounds']} rounds "
+             f"side by side of {data['epochs']} epochs each (the first epoch left out); CPU: {data['cpu']}. "
+             f"`{data['command']}`", "",
+             "| kernels | median ms/step | x of the machine's best (per round) |", "|---|---|---|"]
+    for title, _, _ in MODES:
+        ratios = ", ".join(f"{t / b:.2f}" for t, b in zip(times[title], best))
+        lines.append(f"| {title} | {statistics.median(times[title]) * 1000:.0f} | {ratios} |")
+    return "\n".join(lines) + "\n"
+
+
+def saved_section() -> str | None:
+    """The section of the saved ``reproducible_cost.json``, if any (for ``report.py``)."""
+    return sections.saved_section(RESULTS_JSON, render_section)
 
 
 def main() -> int:
@@ -71,14 +98,10 @@ def main() -> int:
             subprocess.run(["rm", "-rf", str(run)], check=True)
             times[title].append(seconds_per_step(data, run, args.epochs, env_change, flags))
             print(f"round {round_index + 1}: {title}: {times[title][-1] * 1000:.0f} ms/step", file=sys.stderr)
-    best = [t for t in times[MODES[0][0]]]
-    print(f"Training step of the demo's run (frequency_aware, small preset, 96 x 96, batch 8, 2 threads), {args.rounds} rounds "
-          f"of {args.epochs} epochs; CPU: {cpu_isa.machine_isa()}\n")
-    print("| kernels | median ms/step | x of the machine's best (per round) |")
-    print("|---|---|---|")
-    for title, _, _ in MODES:
-        ratios = ", ".join(f"{t / b:.2f}" for t, b in zip(times[title], best))
-        print(f"| {title} | {statistics.median(times[title]) * 1000:.0f} | {ratios} |")
+    data = {"cpu": cpu_isa.machine_isa(), "rounds": args.rounds, "epochs": args.epochs,
+            "seconds_per_step": times,
+            "command": f"python benchmarks/reproducible_cost.py --epochs {args.epochs} --rounds {args.rounds}"}
+    sections.write_section(data, RESULTS_JSON, RESULTS_MD, render_section)
     return 0
 
 

@@ -20,7 +20,7 @@ from medad_fast.methods import create_method, image_scores
 from medad_fast.losses import focal_loss
 from medad_fast.methods.ddad import (discrepancy_maps, load_unlabeled_images, member_permutation, patch_anomalies,
                                      rank_batches)
-from medad_fast.models import AutoencoderEnsemble, DenseAutoencoder
+from medad_fast.models import AutoencoderEnsemble, DDADAutoencoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,7 +51,7 @@ def test_batched_ensemble_trains_as_k_separate_autoencoders_on_their_own_shuffle
     # Adam over the ensemble's weights vs one Adam per member, each on its own batches:
     # Adam is element-wise and the summed loss gives each member its own gradient
     torch.manual_seed(0)
-    singles = [DenseAutoencoder(16, 2, 8, 3).double() for _ in range(3)]
+    singles = [DDADAutoencoder(16, 2, 8, 3).double() for _ in range(3)]
     ensemble = AutoencoderEnsemble.from_members(singles)
     assert ensemble.members == 3 and next(ensemble.parameters()).dtype == torch.float64
     batched = torch.optim.Adam(ensemble.parameters(), lr=1e-2, betas=(0.5, 0.999))
@@ -97,7 +97,7 @@ def test_member_extraction_round_trips():
 def test_autoencoder_is_ddads_with_a_dense_latent_of_16():
     # DDAD-ASR's AE at 64 x 64: 1 -> 16 -> 32 -> 64 -> 64 channels (4x4 stride 2, no bias),
     # 64 x 4 x 4 = 1024 -> 2048 -> 16 -> 2048 -> 1024, mirrored transposed convolutions
-    single = DenseAutoencoder()
+    single = DDADAutoencoder()
     x = torch.rand(2, 1, 64, 64)
     assert single.feature(x).shape == (2, 16)
     convs = [m for m in single.encoder if isinstance(m, torch.nn.Conv2d)]

@@ -3,7 +3,7 @@
 medical images", Medical Image Analysis 2023; public code github.com/caiyu6666/DDAD-ASR,
 ``models/autoencoder.py``).
 
-:class:`DenseAutoencoder` is DDAD-ASR's ``AE`` layer for layer (``multiplier`` = width / 16):
+:class:`DDADAutoencoder` is DDAD-ASR's ``AE`` layer for layer (``multiplier`` = width / 16):
 four ``4x4`` stride-2 convolutions without bias, each followed by BatchNorm and ReLU
 (widths ``w, 2w, 4w, 4w``; ``S -> S/16``), a dense bottleneck ``4w (S/16)^2 -> hidden``
 (BatchNorm1d, ReLU) ``-> latent`` and back ``latent -> hidden`` (BatchNorm1d, ReLU)
@@ -20,7 +20,7 @@ feature, so per member as they stand. The input is either one batch that every m
 reads (``[B, 1, S, S]``) or one batch per member (``[K, B, 1, S, S]``: DDAD trains its
 members on their own shuffles of the data); the first convolution is grouped over the K
 input channels. Member ``k``'s weights are the slice ``k`` of dim 0 of every tensor, so
-:meth:`AutoencoderEnsemble.member` extracts a standalone :class:`DenseAutoencoder` and
+:meth:`AutoencoderEnsemble.member` extracts a standalone :class:`DDADAutoencoder` and
 :meth:`AutoencoderEnsemble.from_members` builds the ensemble from K of them. Adam's update
 is element-wise, so one Adam over the ensemble's weights with the loss summed over the
 members takes exactly the steps of K Adams over K separate autoencoders
@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["AutoencoderEnsemble", "BatchedLinear", "DenseAutoencoder"]
+__all__ = ["AutoencoderEnsemble", "BatchedLinear", "DDADAutoencoder"]
 
 
 class BatchedLinear(nn.Module):
@@ -96,7 +96,7 @@ def _check(members: int, width: int, hidden: int, latent: int, side: int) -> Non
         raise ValueError(f"image side must be a multiple of 16 (four stride-2 convolutions); got {side}")
 
 
-class DenseAutoencoder(nn.Module):
+class DDADAutoencoder(nn.Module):
     """DDAD-ASR's ``AE``: ``[B, 1, S, S] -> [B, 1, S, S]`` with a dense latent of ``latent``
     values (see the module docstring)."""
 
@@ -119,7 +119,7 @@ class DenseAutoencoder(nn.Module):
 
 
 class AutoencoderEnsemble(nn.Module):
-    """K :class:`DenseAutoencoder` in one pass: ``[B, 1, S, S]`` (every member reads it) or
+    """K :class:`DDADAutoencoder` in one pass: ``[B, 1, S, S]`` (every member reads it) or
     ``[K, B, 1, S, S]`` (member ``k`` reads slice ``k``) ``-> [K, B, 1, S, S]``."""
 
     def __init__(self, members: int = 3, image_size: int = 64, width: int = 16, hidden: int = 2048,
@@ -154,12 +154,12 @@ class AutoencoderEnsemble(nn.Module):
         return last(h)
 
     # ------------------------------------------------------------------ members
-    def _single(self) -> DenseAutoencoder:
-        return DenseAutoencoder(self.image_size, self.width, self.hidden, self.latent)
+    def _single(self) -> DDADAutoencoder:
+        return DDADAutoencoder(self.image_size, self.width, self.hidden, self.latent)
 
     @torch.no_grad()
-    def member(self, k: int) -> DenseAutoencoder:
-        """Member ``k`` as a standalone :class:`DenseAutoencoder` (a copy: weights, BatchNorm
+    def member(self, k: int) -> DDADAutoencoder:
+        """Member ``k`` as a standalone :class:`DDADAutoencoder` (a copy: weights, BatchNorm
         statistics and mode; same dtype and device)."""
         if not 0 <= k < self.members:
             raise IndexError(f"member {k} of an ensemble of {self.members}")
@@ -181,7 +181,7 @@ class AutoencoderEnsemble(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_members(cls, singles: Sequence[DenseAutoencoder]) -> AutoencoderEnsemble:
+    def from_members(cls, singles: Sequence[DDADAutoencoder]) -> AutoencoderEnsemble:
         """The ensemble of ``singles`` (same architecture each): member ``k`` = ``singles[k]``."""
         if not singles:
             raise ValueError("from_members needs at least one autoencoder")

@@ -22,9 +22,9 @@ sums), the difference grows over a training run, and the run ends elsewhere. Mea
 torch 2.13.0+cpu on a 2-core AMD EPYC with AVX-512 (tests/test_ddad.py's brief run, seed 0):
 image AUROC 0.655 by default; 0.487 with ``ONEDNN_MAX_CPU_ISA=AVX2`` alone, the same with all
 three caps, and 0.4875 is what the same command gives by default on a 2-core AMD EPYC with
-AVX2 only. ``ATEN_CPU_CAPABILITY=avx2`` alone left that run unchanged (it matters for other
-runs), MKL's cap changed nothing there (this AMD CPU's MKL already takes its AVX2 path; on an
-Intel AVX-512 CPU MKL would take AVX-512 code without the cap). MKL's "conditional numerical
+AVX2 only. ``ATEN_CPU_CAPABILITY=avx2`` alone left that run unchanged, and so did MKL's cap;
+both are set all the same, since ATen does run AVX-512 kernels on an AVX-512 CPU and MKL may
+(no run here showed a difference from either; not measured on an Intel CPU). MKL's "conditional numerical
 reproducibility" (``MKL_CBWR``) is NOT set: it makes MKL take another code path than an AVX2
 machine takes by default (0.547 with ``MKL_CBWR=AVX2``, 0.448 with ``COMPATIBLE``, in the same
 run), so a pinned AVX-512 machine would then agree with no machine's default.

@@ -14,6 +14,12 @@ atomically, after every run:
 * ``reproduce.json``: a list of rows ``{"method", "seed", "image_auroc", "image_ap",
   "minutes", "epochs"}`` (AUROC and AP as fractions; ``minutes``: wall clock of training +
   evaluation in the invocation that finished the run; ``epochs``: what it trained for).
+  ``ddad`` rows also hold ``image_auroc_inter`` and ``image_ap_inter``: the same run scored
+  with DDAD's initial map ``A_inter`` (the autoencoders' inter-discrepancy, before the ASR
+  refines it), as DDAD's paper reports both; ``image_auroc`` is the refined (ASR) map's.
+  With ``--epochs`` below the preset's, a ``ddad`` run can end right after its autoencoder
+  stage (``--epochs 31`` on BrainTumor: its 250 autoencoder epochs are 3,750 steps, 30.2 run
+  epochs of 124 steps): then only the ``_inter`` figures are DDAD's;
   Rows already there are not run again; rows of another epoch count for the same method
   are refused (use another ``--out``), so a short estimate never mixes with a full run;
 * ``reproduce.md``: per method the mean and spread (sample standard deviation) over the
@@ -103,9 +109,19 @@ def render(rows: list[dict[str, Any]], skipped: dict[str, str], command: str) ->
                      f"{','.join(sorted({str(row.get('epochs', '?')) for row in mine}))} | "
                      f"{auroc[0]:.1f} +- {auroc[1]:.1f} | {ap[0]:.1f} +- {ap[1]:.1f} | {pub('auroc')} | {pub('ap')} | "
                      f"{minutes[0]:.1f} | {published.get('source', 'no published figure')} |")
-    lines += ["", "Per seed:", "", "| method | seed | AUROC | AP | minutes |", "|---|---|---|---|---|"]
-    lines += [f"| {row['method']} | {row['seed']} | {100 * row['image_auroc']:.2f} | {100 * row['image_ap']:.2f} | "
-              f"{row['minutes']:.1f} |" for row in rows]
+    inter = [row for row in rows if "image_auroc_inter" in row]
+    if inter:
+        auroc = mean_and_spread([100 * row["image_auroc_inter"] for row in inter])
+        ap = mean_and_spread([100 * row["image_ap_inter"] for row in inter])
+        lines += ["", f"ddad scored with its inter-discrepancy map A_inter (before the ASR), seeds "
+                      f"{','.join(str(row['seed']) for row in inter)}: AUROC {auroc[0]:.1f} +- {auroc[1]:.1f}, "
+                      f"AP {ap[0]:.1f} +- {ap[1]:.1f}."]
+    lines += ["", "Per seed:", "", "| method | seed | epochs | AUROC | AP | AUROC (A_inter) | AP (A_inter) | minutes |",
+              "|---|---|---|---|---|---|---|---|"]
+    per_inter = lambda row, key: f"{100 * row[key]:.2f}" if key in row else "-"  # noqa: E731
+    lines += [f"| {row['method']} | {row['seed']} | {row.get('epochs', '?')} | {100 * row['image_auroc']:.2f} | "
+              f"{100 * row['image_ap']:.2f} | {per_inter(row, 'image_auroc_inter')} | "
+              f"{per_inter(row, 'image_ap_inter')} | {row['minutes']:.1f} |" for row in rows]
     if skipped:
         lines += ["", "Not run:", ""] + [f"- {method}: {why}" for method, why in skipped.items()]
     return "\n".join(lines) + "\n"
@@ -125,12 +141,40 @@ def run_one(method: str, seed: int, data: Path, out: Path, device: str, epochs: 
     start = time.perf_counter()
     train(config, run, resume=resume, device=device, progress=True)
     metrics = evaluate(run, data, out=run / "eval-test", device=device, n_cases=0, progress=True)
+    extra = inter_map_metrics(run, data, device) if method == "ddad" else {}
     minutes = (time.perf_counter() - start) / 60
     row = {"method": method, "seed": seed, "image_auroc": float(metrics["image_auroc"]),
-           "image_ap": float(metrics["image_ap"]), "minutes": round(minutes, 2), "epochs": config.run.epochs}
-    print(f"== {method} seed {seed}: image AUROC {row['image_auroc']:.4f}, AP {row['image_ap']:.4f} "
+           "image_ap": float(metrics["image_ap"]), "minutes": round(minutes, 2), "epochs": config.run.epochs,
+           **extra}
+    inter = (f"; inter-discrepancy map: AUROC {extra['image_auroc_inter']:.4f}, AP {extra['image_ap_inter']:.4f}"
+             if extra else "")
+    print(f"== {method} seed {seed}: image AUROC {row['image_auroc']:.4f}, AP {row['image_ap']:.4f}{inter} "
           f"({minutes:.1f} min)", flush=True)
     return row
+
+
+def inter_map_metrics(run: Path, data: Path, device: str) -> dict[str, float]:
+    """A DDAD run's test split scored with its initial map ``A_inter`` (the mean of the
+    map, as the preset's ``image_score mean``), not the ASR's refinement of it: the
+    autoencoders are frozen once the ASR trains, so this is the autoencoder stage's map.
+    ``{"image_auroc_inter", "image_ap_inter"}``."""
+    import torch
+    from medad_fast.data.dataset import BmadSliceDataset
+    from medad_fast.inference import load_method, score_dataset
+    from medad_fast.metrics import image_metrics
+    from medad_fast.runtime import resolve_device
+
+    device = resolve_device(device)
+    method, _ = load_method(run, device)
+    if method.unknown is None:
+        raise SystemExit(f"reproduce_medianomaly: error: {run} has no UDM ensemble (no unlabeled pool): "
+                         f"it has no inter-discrepancy map")
+    method.stage = 0  # the map before the ASR (ddad.py: anomaly_maps)
+    dataset = BmadSliceDataset(data, "test", size=method.config.preprocessing.image_size)
+    scores = torch.cat([batch_scores for _, _, batch_scores in score_dataset(method, dataset, 64, progress=True,
+                                                                              device=device)])
+    metrics = image_metrics([entry.abnormal for entry in dataset.files], scores.numpy())
+    return {"image_auroc_inter": float(metrics["image_auroc"]), "image_ap_inter": float(metrics["image_ap"])}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -87,3 +88,39 @@ def test_a_root_without_data_json_is_refused_naming_it(tmp_path):
         reproduce.main(["--root", str(tmp_path), "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="--seeds must be a comma-separated list of ints; got 'a,b'"):
         reproduce.main(["--root", str(tmp_path), "--seeds", "a,b"])
+
+
+def test_ddad_rows_report_the_refined_and_the_inter_discrepancy_map(tmp_path):
+    # one step: the run ends in DDAD's autoencoder stage, where the run's own map IS A_inter,
+    # so the two scorings (evaluate's and the forced-stage one) must agree exactly
+    root, out = write_brain_tumor(tmp_path / "data"), tmp_path / "out"
+    assert reproduce.main(["--root", str(root), "--methods", "ddad", "--seeds", "0", "--out", str(out),
+                           "--device", "cpu", "--epochs", "1"]) == 0
+    [row] = json.loads((out / "reproduce.json").read_text())
+    assert set(row) == {"method", "seed", "image_auroc", "image_ap", "minutes", "epochs", "image_auroc_inter",
+                        "image_ap_inter"}
+    assert (row["image_auroc_inter"], row["image_ap_inter"]) == (row["image_auroc"], row["image_ap"])
+    report = (out / "reproduce.md").read_text()
+    assert "ddad scored with its inter-discrepancy map A_inter (before the ASR), seeds 0: AUROC" in report
+    assert f"| ddad | 0 | 1 | {100 * row['image_auroc']:.2f} |" in report
+
+
+def test_the_inter_map_is_not_the_refined_one_once_the_asr_trains(tmp_path):
+    from medad_fast.config import resolve_config
+    from medad_fast.train import train
+
+    root = write_brain_tumor(tmp_path / "data")
+    config = resolve_config("ddad", "tiny", data=str(root / "BrainTumor"), seed=0, epochs=3, data_json_pool=True)
+    run = tmp_path / "run"
+    train(config, run, device="cpu", progress=False)
+    from medad_fast.inference import load_method
+    method, _ = load_method(run, "cpu")
+    assert method.stage == 1  # the tiny preset's third epoch trains the ASR
+    images = torch.rand(3, 1, 32, 32)
+    refined = method.predict(images)[0]
+    method.stage = 0
+    inter = method.predict(images)[0]
+    torch.testing.assert_close(inter, method.initial_maps(images)[1].squeeze(1))
+    assert not torch.allclose(refined, inter)
+    assert set(reproduce.inter_map_metrics(run, root / "BrainTumor", "cpu")) == {"image_auroc_inter",
+                                                                                  "image_ap_inter"}

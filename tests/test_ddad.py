@@ -20,7 +20,7 @@ from medad_fast.methods import create_method, image_scores
 from medad_fast.losses import focal_loss
 from medad_fast.methods.ddad import (discrepancy_maps, load_unlabeled_images, member_permutation, patch_anomalies,
                                      rank_batches)
-from medad_fast.models import AutoencoderEnsemble, DDADAutoencoder
+from medad_fast.models import AutoencoderEnsemble, DenseAutoencoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,7 +51,7 @@ def test_batched_ensemble_trains_as_k_separate_autoencoders_on_their_own_shuffle
     # Adam over the ensemble's weights vs one Adam per member, each on its own batches:
     # Adam is element-wise and the summed loss gives each member its own gradient
     torch.manual_seed(0)
-    singles = [DDADAutoencoder(16, 2, 8, 3).double() for _ in range(3)]
+    singles = [DenseAutoencoder(16, base_width=2, latent_size=3, hidden_size=8).double() for _ in range(3)]
     ensemble = AutoencoderEnsemble.from_members(singles)
     assert ensemble.members == 3 and next(ensemble.parameters()).dtype == torch.float64
     batched = torch.optim.Adam(ensemble.parameters(), lr=1e-2, betas=(0.5, 0.999))
@@ -74,7 +74,7 @@ def test_batched_ensemble_trains_as_k_separate_autoencoders_on_their_own_shuffle
         for name, value in single.state_dict().items():  # weights and BatchNorm running statistics
             # a dense bias right before a BatchNorm (DDAD's linear_*.0) has a zero gradient up to
             # rounding, which Adam scales up to ~lr * 1e-17 / eps: 1e-9 apart, not 1e-17
-            atol = 1e-7 if name in ("linear_enc.0.bias", "linear_dec.0.bias") else 1e-9
+            atol = 1e-7 if name in ("to_latent.0.bias", "from_latent.0.bias") else 1e-9
             torch.testing.assert_close(extracted[name], value, atol=atol, rtol=0,
                                        msg=lambda m: f"member {k}: {name}: {m}")
     x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -97,16 +97,17 @@ def test_member_extraction_round_trips():
 def test_autoencoder_is_ddads_with_a_dense_latent_of_16():
     # DDAD-ASR's AE at 64 x 64: 1 -> 16 -> 32 -> 64 -> 64 channels (4x4 stride 2, no bias),
     # 64 x 4 x 4 = 1024 -> 2048 -> 16 -> 2048 -> 1024, mirrored transposed convolutions
-    single = DDADAutoencoder()
+    # (the package's one dense autoencoder: MedIAnomaly's AE with DDAD's hidden size)
+    single = AutoencoderEnsemble(1).member(0)
     x = torch.rand(2, 1, 64, 64)
-    assert single.feature(x).shape == (2, 16)
-    convs = [m for m in single.encoder if isinstance(m, torch.nn.Conv2d)]
+    assert isinstance(single, DenseAutoencoder) and single.encode(x).shape == (2, 16)
+    convs = [m for m in single.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.bias) for c in convs] == [
         (1, 16, (4, 4), (2, 2), None), (16, 32, (4, 4), (2, 2), None), (32, 64, (4, 4), (2, 2), None),
         (64, 64, (4, 4), (2, 2), None)]
-    assert [(m.in_features, m.out_features) for m in single.linear_enc if isinstance(m, torch.nn.Linear)] == [
+    assert [(m.in_features, m.out_features) for m in single.to_latent if isinstance(m, torch.nn.Linear)] == [
         (1024, 2048), (2048, 16)]
-    assert [(m.in_features, m.out_features) for m in single.linear_dec if isinstance(m, torch.nn.Linear)] == [
+    assert [(m.in_features, m.out_features) for m in single.from_latent if isinstance(m, torch.nn.Linear)] == [
         (16, 2048), (2048, 1024)]
     assert single(x).shape == (2, 1, 64, 64)
     ensemble = AutoencoderEnsemble(3)

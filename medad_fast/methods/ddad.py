@@ -10,7 +10,7 @@ What is DDAD's:
   ``Normalize((0.5,), (0.5,))``) before the autoencoders, in every preset; the discrepancy
   maps are in those units.
 * Two ensembles of K autoencoders, DDAD-ASR's ``AE``
-  (:class:`~medad_fast.models.ensemble.DDADAutoencoder`: four 4x4 stride-2 convolutions,
+  (:class:`~medad_fast.models.autoencoder.DenseAutoencoder` at depth 4: four 4x4 stride-2 convolutions,
   a dense latent of 16 values), K = 3, evaluated in one batched pass
   (:class:`~medad_fast.models.ensemble.AutoencoderEnsemble`):
 

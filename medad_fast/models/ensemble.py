@@ -3,7 +3,9 @@
 medical images", Medical Image Analysis 2023; public code github.com/caiyu6666/DDAD-ASR,
 ``models/autoencoder.py``).
 
-:class:`DDADAutoencoder` is DDAD-ASR's ``AE`` layer for layer (``multiplier`` = width / 16):
+DDAD-ASR's ``AE`` (``multiplier`` = width / 16) is the package's one dense autoencoder,
+:class:`~medad_fast.models.autoencoder.DenseAutoencoder` at depth 4 (MedIAnomaly's AE is
+the same network with a hidden layer of 1024), layer for layer:
 four ``4x4`` stride-2 convolutions without bias, each followed by BatchNorm and ReLU
 (widths ``w, 2w, 4w, 4w``; ``S -> S/16``), a dense bottleneck ``4w (S/16)^2 -> hidden``
 (BatchNorm1d, ReLU) ``-> latent`` and back ``latent -> hidden`` (BatchNorm1d, ReLU)
@@ -12,7 +14,7 @@ bias (BatchNorm + ReLU after all but the last; no output activation). DDAD's Bra
 configuration: ``w = 16``, ``hidden = 2048``, ``latent = 16``, ``S = 64``. The dense layers
 fix the input side ``S`` (a multiple of 16). PyTorch's default initialisation, as DDAD's.
 
-:class:`AutoencoderEnsemble` is K of them side by side: member ``k`` owns channels
+:class:`AutoencoderEnsemble` is K DDAD autoencoders side by side: member ``k`` owns channels
 ``[k C, (k + 1) C)`` of every convolution (grouped convolutions and transposed
 convolutions, ``groups = K``) and row ``k`` of every dense weight (``[K, out, in]``,
 applied with one ``einsum`` over the member axis); BatchNorm and ReLU act per channel or
@@ -20,7 +22,7 @@ feature, so per member as they stand. The input is either one batch that every m
 reads (``[B, 1, S, S]``) or one batch per member (``[K, B, 1, S, S]``: DDAD trains its
 members on their own shuffles of the data); the first convolution is grouped over the K
 input channels. Member ``k``'s weights are the slice ``k`` of dim 0 of every tensor, so
-:meth:`AutoencoderEnsemble.member` extracts a standalone :class:`DDADAutoencoder` and
+:meth:`AutoencoderEnsemble.member` extracts a standalone :class:`DenseAutoencoder` and
 :meth:`AutoencoderEnsemble.from_members` builds the ensemble from K of them. Adam's update
 is element-wise, so one Adam over the ensemble's weights with the loss summed over the
 members takes exactly the steps of K Adams over K separate autoencoders
@@ -35,7 +37,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["AutoencoderEnsemble", "BatchedLinear", "DDADAutoencoder"]
+from .autoencoder import DenseAutoencoder
+
+__all__ = ["AutoencoderEnsemble", "BatchedLinear"]
 
 
 class BatchedLinear(nn.Module):
@@ -60,7 +64,7 @@ class BatchedLinear(nn.Module):
 
 def _layers(members: int, width: int, hidden: int, latent: int, side: int
             ) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential, nn.Sequential]:
-    """DDAD's four stages for K members (K = 1 with plain layers: the single autoencoder)."""
+    """DDAD's four stages for K members (K = 1: plain ``nn.Linear`` dense layers)."""
     K, single = members, members == 1
     widths = (width, 2 * width, 4 * width, 4 * width)
     flat = widths[-1] * (side // 16) ** 2
@@ -96,30 +100,9 @@ def _check(members: int, width: int, hidden: int, latent: int, side: int) -> Non
         raise ValueError(f"image side must be a multiple of 16 (four stride-2 convolutions); got {side}")
 
 
-class DDADAutoencoder(nn.Module):
-    """DDAD-ASR's ``AE``: ``[B, 1, S, S] -> [B, 1, S, S]`` with a dense latent of ``latent``
-    values (see the module docstring)."""
-
-    def __init__(self, image_size: int = 64, width: int = 16, hidden: int = 2048, latent: int = 16) -> None:
-        super().__init__()
-        _check(1, width, hidden, latent, image_size)
-        self.image_size, self.width, self.hidden, self.latent = image_size, width, hidden, latent
-        self.encoder, self.linear_enc, self.linear_dec, self.decoder = _layers(1, width, hidden, latent, image_size)
-
-    def feature(self, x: torch.Tensor) -> torch.Tensor:
-        """The latent code ``[B, latent]``."""
-        return self.linear_enc(self.encoder(x).flatten(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1:] != (1, self.image_size, self.image_size):
-            raise ValueError(f"input must have shape [B, 1, {self.image_size}, {self.image_size}]; got {list(x.shape)}")
-        fm = self.image_size // 16
-        out = self.linear_dec(self.feature(x)).view(x.shape[0], 4 * self.width, fm, fm)
-        return self.decoder(out)
-
-
 class AutoencoderEnsemble(nn.Module):
-    """K :class:`DDADAutoencoder` in one pass: ``[B, 1, S, S]`` (every member reads it) or
+    """K DDAD autoencoders (:class:`DenseAutoencoder`, depth 4) in one pass: ``[B, 1, S, S]``
+    (every member reads it) or
     ``[K, B, 1, S, S]`` (member ``k`` reads slice ``k``) ``-> [K, B, 1, S, S]``."""
 
     def __init__(self, members: int = 3, image_size: int = 64, width: int = 16, hidden: int = 2048,
@@ -154,21 +137,32 @@ class AutoencoderEnsemble(nn.Module):
         return last(h)
 
     # ------------------------------------------------------------------ members
-    def _single(self) -> DDADAutoencoder:
-        return DDADAutoencoder(self.image_size, self.width, self.hidden, self.latent)
+    def _single(self) -> DenseAutoencoder:
+        return DenseAutoencoder(self.image_size, self.width, self.latent, self.hidden, depth=4)
+
+    @staticmethod
+    def _paired(ensemble_state: dict[str, torch.Tensor], single_state: dict[str, torch.Tensor]
+                ) -> list[tuple[str, str]]:
+        """``(ensemble name, single name)`` of each tensor: the two modules register the same
+        layers in the same order (encoder, dense encoder, dense decoder, decoder), under other
+        names (:class:`DenseAutoencoder` groups each conv block in its own ``Sequential``)."""
+        if len(ensemble_state) != len(single_state):
+            raise RuntimeError(f"the ensemble has {len(ensemble_state)} tensors and a member "
+                               f"{len(single_state)}: the layouts drifted apart")
+        return list(zip(ensemble_state, single_state))
 
     @torch.no_grad()
-    def member(self, k: int) -> DDADAutoencoder:
-        """Member ``k`` as a standalone :class:`DDADAutoencoder` (a copy: weights, BatchNorm
+    def member(self, k: int) -> DenseAutoencoder:
+        """Member ``k`` as a standalone :class:`DenseAutoencoder` (a copy: weights, BatchNorm
         statistics and mode; same dtype and device)."""
         if not 0 <= k < self.members:
             raise IndexError(f"member {k} of an ensemble of {self.members}")
         single = self._single()
         reference = next(self.parameters())
         single.to(device=reference.device, dtype=reference.dtype)
-        own, state = self.state_dict(), {}
-        for name, target in single.state_dict().items():
-            tensor = own[name]
+        own, targets, state = self.state_dict(), single.state_dict(), {}
+        for own_name, name in self._paired(own, targets):
+            tensor, target = own[own_name], targets[name]
             if tensor.dim() == 0:  # num_batches_tracked: one counter for all members
                 state[name] = tensor.clone()
             elif tensor.dim() == target.dim() + 1:  # BatchedLinear: [K, ...]
@@ -181,23 +175,27 @@ class AutoencoderEnsemble(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_members(cls, singles: Sequence[DDADAutoencoder]) -> AutoencoderEnsemble:
-        """The ensemble of ``singles`` (same architecture each): member ``k`` = ``singles[k]``."""
+    def from_members(cls, singles: Sequence[DenseAutoencoder]) -> AutoencoderEnsemble:
+        """The ensemble of ``singles`` (depth-4 :class:`DenseAutoencoder` of one
+        architecture): member ``k`` = ``singles[k]``."""
         if not singles:
             raise ValueError("from_members needs at least one autoencoder")
         first = singles[0]
-        ensemble = cls(len(singles), first.image_size, first.width, first.hidden, first.latent)
+        if len(first.encoder) != 4:
+            raise ValueError(f"DDAD's autoencoders have depth 4; got depth {len(first.encoder)}")
+        width, hidden = first.encoder[0][0].out_channels, first.to_latent[0].out_features
+        ensemble = cls(len(singles), first.image_size, width, hidden, first.to_latent[-1].out_features)
         reference = next(first.parameters())
         ensemble.to(device=reference.device, dtype=reference.dtype)
         states = [s.state_dict() for s in singles]
-        merged = {}
-        for name, tensor in ensemble.state_dict().items():
-            parts = [state[name] for state in states]
+        merged, own = {}, ensemble.state_dict()
+        for own_name, name in cls._paired(own, states[0]):
+            tensor, parts = own[own_name], [state[name] for state in states]
             if tensor.dim() == 0:
-                merged[name] = parts[0].clone()
+                merged[own_name] = parts[0].clone()
             elif tensor.dim() == parts[0].dim() + 1:
-                merged[name] = torch.stack(parts)
+                merged[own_name] = torch.stack(parts)
             else:
-                merged[name] = torch.cat(parts, dim=0)
+                merged[own_name] = torch.cat(parts, dim=0)
         ensemble.load_state_dict(merged)
         return ensemble.train(first.training)

@@ -11,9 +11,10 @@ Two ways to name the volumes:
   --tumour-label 2``.
 - ``medad-fast evaluate CKPT --manifest DATA/manifest.json [--split test]``: the patients of a
   split that ``medad-fast prepare`` converted (its manifest lists each patient's source files
-  and split): LiTS (liver 1 and 2, tumour 2), BTCV (liver 6, no tumour), 3D-IRCADb DICOM
-  (``PATIENT_DICOM``, ``MASKS_DICOM/liver``, ``MASKS_DICOM/livertumor*`` united). Patients
-  that ``prepare`` could not convert are skipped and listed.
+  and split), read with the label codes and folder names prepare used (one case source per
+  kind, :mod:`medad_fast.data.cases`: LiTS liver 1 and 2, tumour 2; BTCV liver 6, no tumour;
+  3D-IRCADb DICOM ``PATIENT_DICOM``, ``MASKS_DICOM/liver``, ``MASKS_DICOM/livertumor*``
+  united). Patients that ``prepare`` could not convert are skipped and listed.
 
 The region scored is the liver mask united with the tumour label (tumour counts as liver, as
 ``prepare`` writes slices). Each volume is scored as ``predict`` scores it

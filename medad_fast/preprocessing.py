@@ -30,7 +30,6 @@ defaults) and says so with a :class:`LegacyPreprocessingWarning` naming the assu
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -118,24 +117,21 @@ def _manifest_window(data: str | None, train_only: bool) -> tuple[tuple[float, f
     readable and its sources agree (``train_only``: the sources holding ``train`` patients,
     all of them when none does); None when there is no readable prepare manifest.
     ``ValueError`` naming the manifest when the sources disagree and ``train_only``."""
-    from .data.crop import _PREPARE_GENERATOR
-    from .data.layout import MANIFEST_NAME
+    from .data import manifest as prepare_manifest
 
     if not data:
         return None
-    manifest = Path(data).expanduser() / MANIFEST_NAME
-    try:
-        content = json.loads(manifest.read_text())
-        if content.get("generator") != _PREPARE_GENERATOR:
-            return None
-        sources = content["sources"]
-        training = [s for s in sources if any(p.get("split") == "train" for p in s.get("patients", {}).values())]
-        if train_only and training:
-            sources = training
-        settings = {(tuple(float(w) for w in s["settings"]["window"]), bool(s["settings"]["hist_eq"]))
-                    for s in sources}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    found = prepare_manifest.find(data)
+    manifest = prepare_manifest.manifest_path(data)
+    if found is None:
         return None
+    sources = found.sources
+    training = [s for s in sources if any(p.split == "train" for p in s.patients.values())]
+    if train_only and training:
+        sources = training
+    if any(s.settings.window is None or s.settings.hist_eq is None for s in sources):
+        return None  # a source without its settings recorded: nothing to read a window from
+    settings = {(s.settings.window, bool(s.settings.hist_eq)) for s in sources}
     if len(settings) != 1:
         if train_only and settings:
             raise ValueError(f"{manifest}: the training slices were prepared with different windows / hist-eq "

@@ -11,9 +11,10 @@ Two ways to name the volumes:
   --tumour-label 2``.
 - ``medad-fast evaluate CKPT --manifest DATA/manifest.json [--split test]``: the patients of a
   split that ``medad-fast prepare`` converted (its manifest lists each patient's source files
-  and split): LiTS (liver 1 and 2, tumour 2), BTCV (liver 6, no tumour), 3D-IRCADb DICOM
-  (``PATIENT_DICOM``, ``MASKS_DICOM/liver``, ``MASKS_DICOM/livertumor*`` united). Patients
-  that ``prepare`` could not convert are skipped and listed.
+  and split), read with the label codes and folder names prepare used (one case source per
+  kind, :mod:`medad_fast.data.cases`: LiTS liver 1 and 2, tumour 2; BTCV liver 6, no tumour;
+  3D-IRCADb DICOM ``PATIENT_DICOM``, ``MASKS_DICOM/liver``, ``MASKS_DICOM/livertumor*``
+  united). Patients that ``prepare`` could not convert are skipped and listed.
 
 The region scored is the liver mask united with the tumour label (tumour counts as liver, as
 ``prepare`` writes slices). Each volume is scored as ``predict`` scores it
@@ -59,7 +60,6 @@ from __future__ import annotations
 import csv
 import functools
 import io
-import json
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -70,6 +70,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .data import manifest as prepare_manifest
+from .data.cases import CASE_SOURCES, LabelSource, VolumeCase
 from .data.scan import (Geometry, LiverMaskSource, Volume, VolumeError, check_scan_values, display_slice,
                         open_liver_mask, read_geometry, read_volume, require_liver)
 from .cpu_isa import isa_report
@@ -90,25 +92,6 @@ __all__ = ["LabelSource", "VolumeCase", "cases_from_arguments", "cases_from_mani
 DEFAULT_LESION_THRESHOLDS = 100
 # at least this many of each volume's liver map values are kept to choose the thresholds from
 _SAMPLES_PER_VOLUME = 1001
-
-
-@dataclass(frozen=True)
-class LabelSource:
-    """A mask or label volume and the values that count as inside (None: any nonzero value)."""
-
-    path: Path
-    values: tuple[float, ...] | None = None
-
-
-@dataclass(frozen=True)
-class VolumeCase:
-    """One scan to evaluate: ``liver`` sources united are its liver, ``tumour`` sources united
-    its tumour (none: a scan without tumour)."""
-
-    name: str
-    scan: Path
-    liver: tuple[LabelSource, ...]
-    tumour: tuple[LabelSource, ...] = ()
 
 
 def _values(values: Sequence[float] | None) -> tuple[float, ...] | None:
@@ -139,45 +122,28 @@ def cases_from_manifest(manifest: str | Path, split: str) -> tuple[list[VolumeCa
     """The patients of ``split`` in a ``medad-fast prepare`` manifest: ``(cases, skipped)``,
     ``skipped`` the patients of the split that prepare did not convert (``patient``,
     ``status``, ``error``). ``ValueError`` naming the file when it is not such a manifest."""
-    from .data.volumes import GENERATOR_NAME, NIFTI_LABELS, _find_child
-
     path = Path(manifest)
     try:
-        content = json.loads(path.read_text())
-        sources = content["sources"] if content.get("generator") == GENERATOR_NAME else None
+        record = prepare_manifest.read(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"--manifest {path}: file not found") from None
-    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
-        raise ValueError(f"--manifest {path}: not readable as a prepare manifest ({type(e).__name__}: {e})") from None
-    if sources is None:
-        raise ValueError(f"--manifest {path}: not written by `medad-fast prepare` (generator "
-                         f"{content.get('generator')!r}); the phantom's manifest lists no volumes")
+    except ValueError as e:  # the message names the file
+        raise ValueError(f"--manifest {e}") from None
     cases, skipped = [], []
-    for source in sources:
-        kind = source["kind"]
-        for patient, info in sorted(source["patients"].items()):
-            if info["split"] != split:
+    for source in record.sources:
+        case_source = CASE_SOURCES.get(source.kind)
+        for patient, info in sorted(source.patients.items()):
+            if info.split != split:
                 continue
-            if info["status"] != "done":
-                skipped.append({"patient": patient, "status": info["status"], "error": info.get("error")})
+            if info.status != "done":
+                skipped.append({"patient": patient, "status": info.status, "error": info.error})
                 continue
-            if kind in NIFTI_LABELS:
-                liver_values, tumour_values = NIFTI_LABELS[kind]
-                label = Path(info["label"])
-                cases.append(VolumeCase(patient, Path(info["image"]),
-                                        (LabelSource(label, tuple(map(float, liver_values + tumour_values))),),
-                                        (LabelSource(label, tuple(map(float, tumour_values))),) if tumour_values
-                                        else ()))
-            elif kind == "dicom":
-                folder = Path(info["image"])
-                ct, masks = _find_child(folder, "PATIENT_DICOM"), _find_child(folder, "MASKS_DICOM")
-                liver = _find_child(masks, "liver") if masks is not None else None
-                if ct is None or liver is None:
-                    raise VolumeError(f"{folder}: no PATIENT_DICOM or MASKS_DICOM/liver folder (listed in {path})")
-                tumours = sorted(d for d in masks.iterdir() if d.is_dir() and d.name.lower().startswith("livertumor"))
-                cases.append(VolumeCase(patient, ct, (LabelSource(liver),), tuple(LabelSource(d) for d in tumours)))
-            else:
-                raise ValueError(f"--manifest {path}: unknown source kind {kind!r} of patient {patient}")
+            if case_source is None:
+                raise ValueError(f"--manifest {path}: unknown source kind {source.kind!r} of patient {patient}")
+            try:
+                cases.append(case_source.case(patient, info.image, info.label))
+            except VolumeError as e:
+                raise VolumeError(f"{e} (listed in {path})") from None
     return cases, skipped
 
 

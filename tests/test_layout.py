@@ -11,7 +11,8 @@ from PIL import Image
 
 from medad_fast.data import layout
 from medad_fast.data.layout import (collect_image_files, list_split, parse_slice_stem, slice_folders, slice_origin,
-                                    slice_origins, slice_paths, slice_relpaths, slice_stem)
+                                    slice_paths, slice_relpaths, slice_stem)
+from medad_fast.data.manifest import slice_origins
 
 
 def _png(path: Path, value: int = 100, side: int = 8) -> Path:

@@ -357,7 +357,7 @@ def test_tiny_tumour_keeps_a_mask_after_shrinking():
     liver[0, 8:56, 8:56] = True
     tumour = np.zeros_like(liver)
     tumour[0, 33, 33] = True  # one pixel; nearest-neighbour to 8 x 8 misses it
-    volume = volumes.CaseVolume(hu=hu, liver=liver, tumour=tumour, slice_indices=np.array([4]), source="x")
+    volume = volumes.LiverSlab(hu=hu, liver=liver, tumour=tumour, slice_indices=np.array([4]), source="x")
     rendered = volumes.render_slices(volume, size=8)
     assert rendered.abnormal.tolist() == [True]
     assert rendered.masks.shape == (1, 8, 8) and rendered.masks.sum() == 1

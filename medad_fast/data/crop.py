@@ -34,18 +34,16 @@ and saves the result in the run's config, which evaluate and predict follow.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from medad_fast.data.layout import MANIFEST_NAME
+from medad_fast.data.manifest import written_by_prepare
 from medad_fast.io import resize_images
 
 __all__ = ["Box", "EmptyLiverWarning", "CROP_MODES", "CROP_MARGIN", "liver_extent", "square_box", "liver_box",
@@ -55,9 +53,6 @@ CROP_MODES = ("auto", "liver", "none")
 #: room around the liver on each side, as a fraction of the liver extent's longer side
 #: (lesions on the liver's edge and the synthesis' border effects stay inside the crop)
 CROP_MARGIN = 0.1
-#: the ``generator`` of a ``medad-fast prepare`` manifest (medad_fast.data.volumes; not imported
-#: from there, which would pull in the CT readers)
-_PREPARE_GENERATOR = "medad_fast.prepare"
 
 
 class EmptyLiverWarning(UserWarning):
@@ -209,13 +204,7 @@ def resolve_crop(mode: str, data: str | os.PathLike | None) -> str:
         raise ValueError(f"crop must be one of {list(CROP_MODES)}, got {mode!r}")
     if mode != "auto":
         return mode
-    if data is None:
-        return "none"
-    try:
-        manifest = json.loads((Path(data).expanduser() / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return "none"
-    return "liver" if isinstance(manifest, dict) and manifest.get("generator") == _PREPARE_GENERATOR else "none"
+    return "liver" if written_by_prepare(data) else "none"
 
 
 def crops_liver(run) -> bool:

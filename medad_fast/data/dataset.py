@@ -41,7 +41,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from medad_fast.data.crop import Box, box_window, crop_to_box, group_boxes, liver_extent
-from medad_fast.data.layout import SliceFile, list_split, slice_origin, slice_origins
+from medad_fast.data.layout import SliceFile, list_split, slice_origin
+from medad_fast.data.manifest import slice_origins
 from medad_fast.data.medianomaly import dataset_root
 from medad_fast.io import quantize_uint8, read_image_gray, read_mask, resize_images, resize_masks
 

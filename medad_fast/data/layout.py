@@ -28,7 +28,8 @@ and a ``manifest.json`` at the root.
 
 Slices cut from a volume are named ``<volume>_<slice index, 4+ digits>`` (:func:`slice_stem`),
 so the volume and the position of a slice can be read back from its name
-(:func:`parse_slice_stem`) or, more reliably, from the prepare manifest (:func:`slice_origins`).
+(:func:`parse_slice_stem`) or, more reliably, from the prepare manifest
+(:func:`medad_fast.data.manifest.slice_origins`, the module that owns that file).
 
 :data:`IMAGE_SUFFIXES` lists every image file the package reads (BMAD slices, anomaly
 sources, ``medad-fast predict`` inputs); :func:`collect_image_files` finds them in folders.
@@ -36,10 +37,8 @@ sources, ``medad-fast predict`` inputs); :func:`collect_image_files` finds them 
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import warnings
 from pathlib import Path, PurePosixPath
 from typing import Iterable, NamedTuple
 
@@ -62,7 +61,6 @@ __all__ = [
     "slice_stem",
     "parse_slice_stem",
     "slice_origin",
-    "slice_origins",
     "list_split",
     "has_split",
     "is_image_level",
@@ -164,26 +162,6 @@ def slice_origin(path: str | os.PathLike) -> tuple[str, int]:
     else ``(stem, -1)`` (a lone image is its own volume, position unknown)."""
     stem = Path(path).stem
     return parse_slice_stem(stem) or (stem, -1)
-
-
-def slice_origins(root: str | os.PathLike) -> dict[str, tuple[str, int]]:
-    """``{image path relative to root (POSIX): (volume_id, slice_index)}`` from the manifest
-    ``medad-fast prepare`` wrote at ``root`` (its slice entries' ``patient`` and
-    ``slice_index``); empty when there is no manifest or it names no volumes (the phantom's).
-
-    An unreadable manifest warns (``RuntimeWarning`` naming it) and gives ``{}``: the
-    folders, not the manifest, are the data, and the file names still tell the volume.
-    """
-    path = Path(root).expanduser() / MANIFEST_NAME
-    if not path.is_file():
-        return {}
-    try:
-        slices = json.loads(path.read_text()).get("slices", [])
-        return {entry["image"]: (str(entry["patient"]), int(entry["slice_index"]))
-                for entry in slices if "patient" in entry and "slice_index" in entry}
-    except (OSError, ValueError, AttributeError, TypeError, KeyError) as e:
-        warnings.warn(f"ignoring unreadable manifest {path}: {e}", RuntimeWarning, stacklevel=2)
-        return {}
 
 
 # --------------------------------------------------------------------------- reading

@@ -62,7 +62,6 @@ read. OUT must be missing, empty, or a previous ``prepare`` output.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import multiprocessing
 import os
@@ -75,19 +74,22 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from medad_fast.data.layout import (ABNORMAL_FOLDER, EVAL_SPLITS, MANIFEST_NAME, NORMAL_FOLDER, SPLITS, WRITTEN_SUFFIX,
-                                    kind_folder, parse_slice_stem, slice_folders, slice_relpaths, slice_stem)
+from medad_fast.data.cases import CASE_SOURCES, KINDS
+from medad_fast.data.layout import MANIFEST_NAME, WRITTEN_SUFFIX, parse_slice_stem, slice_folders, slice_relpaths, slice_stem
+from medad_fast.data.manifest import (FORMAT_VERSION, PatientRecord, PrepareManifest, PrepareSettings,
+                                      SliceRecord, SourceRecord)
+from medad_fast.data import manifest as prepare_manifest
 from medad_fast.data.scan import (DEFAULT_WINDOW, DicomSeries, VolumeError, apply_window, equalize_liver_histogram,
                                   liver_image, load_nifti, match_mask_files, orientation, read_dicom_pixels,
                                   read_dicom_series, read_nifti_block, to_display)
-from medad_fast.io import atomic_write_json, check_writable_folder, resize_images, resize_masks, save_png
+from medad_fast.io import check_writable_folder, resize_images, resize_masks, save_png
 
 __all__ = [
     "KINDS",
     "DEFAULT_WINDOW",
     "VolumeError",
     "CaseTask",
-    "CaseVolume",
+    "LiverSlab",
     "RenderedSlices",
     "PrepareReport",
     "discover_cases",
@@ -105,19 +107,9 @@ __all__ = [
     "main",
 ]
 
-KINDS = ("lits", "btcv", "dicom")
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_TEST_FRACTION = 0.2
-GENERATOR_NAME = "medad_fast.prepare"
-FORMAT_VERSION = 1
 
-# Label values per NIfTI source: (liver values, tumour values). Tumour counts as liver too.
-NIFTI_LABELS = {"lits": ((1,), (2,)), "btcv": ((6,), ())}
-# Largest label value a source may hold (LiTS: 0/1/2; a larger value means another dataset,
-# e.g. BTCV's 13 organs, whose label 1 = spleen would silently be taken for liver).
-NIFTI_MAX_LABEL = {"lits": 2, "btcv": None}
-# File name prefixes (image, label) per NIfTI source: <prefix><number>.nii[.gz].
-NIFTI_PREFIXES = {"lits": ("volume-", "segmentation-"), "btcv": ("img", "label")}
 
 # --------------------------------------------------------------------------- data classes
 
@@ -139,7 +131,7 @@ class CaseTask:
 
 
 @dataclass
-class CaseVolume:
+class LiverSlab:
     """The axial slab of one patient that spans the liver, in display orientation.
 
     ``hu``: float32 [n, H, W] Hounsfield units; ``liver``: bool [n, H, W] liver INCLUDING
@@ -203,8 +195,8 @@ def _walk_files(root: Path, prune: Iterable[str] = ()) -> list[Path]:
 
 
 def _discover_nifti(kind: str, src: Path) -> list[CaseTask]:
-    image_prefix, label_prefix = NIFTI_PREFIXES[kind]
-    image_re, label_re = (re.compile(re.escape(prefix) + r"(\d+)\.nii(\.gz)?") for prefix in NIFTI_PREFIXES[kind])
+    image_prefix, label_prefix = CASE_SOURCES[kind].image_prefix, CASE_SOURCES[kind].label_prefix
+    image_re, label_re = (re.compile(re.escape(prefix) + r"(\d+)\.nii(\.gz)?") for prefix in (image_prefix, label_prefix))
     images: dict[str, list[Path]] = {}
     labels: dict[str, list[Path]] = {}
     for path in _walk_files(src):
@@ -228,30 +220,21 @@ def _discover_nifti(kind: str, src: Path) -> list[CaseTask]:
     return tasks
 
 
-def _find_child(folder: Path, name: str) -> Path | None:
-    """The child of ``folder`` called ``name`` (case-insensitive), or None."""
-    if not folder.is_dir():
-        return None
-    for child in sorted(folder.iterdir()):
-        if child.name.lower() == name.lower():
-            return child
-    return None
-
-
 def _discover_dicom(src: Path) -> list[CaseTask]:
+    dicom = CASE_SOURCES["dicom"]
     tasks = []
     for dirpath, dirnames, filenames in os.walk(src):
         here = Path(dirpath)
         names = {d.lower() for d in dirnames}
-        if "patient_dicom" in names:
+        if dicom.ct_folder.lower() in names:
             tasks.append(CaseTask(f"dicom-{_safe_id(here.name)}", "dicom", str(here), None))
             dirnames[:] = []  # a patient folder holds no further patients
             continue
         zipped = {f.lower() for f in filenames}
-        if "patient_dicom.zip" in zipped:
+        if f"{dicom.ct_folder.lower()}.zip" in zipped:
             tasks.append(CaseTask(f"dicom-{_safe_id(here.name)}", "dicom", str(here), None,
-                                  problem=f"{here / 'PATIENT_DICOM.zip'}: unzip PATIENT_DICOM.zip and "
-                                          "MASKS_DICOM.zip first (prepare reads DICOM folders)"))
+                                  problem=f"{here / (dicom.ct_folder + '.zip')}: unzip {dicom.ct_folder}.zip and "
+                                          f"{dicom.masks_folder}.zip first (prepare reads DICOM folders)"))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
     return sorted(tasks, key=lambda t: t.patient)
 
@@ -305,9 +288,9 @@ def _liver_range(codes_display: np.ndarray) -> tuple[int, int] | None:
     return int(present[0]), int(present[-1])
 
 
-def _case_volume(codes_display: np.ndarray, hu_display: np.ndarray, first: int, source: str) -> CaseVolume:
+def _liver_slab(codes_display: np.ndarray, hu_display: np.ndarray, first: int, source: str) -> LiverSlab:
     codes = codes_display[first:first + hu_display.shape[0]]
-    return CaseVolume(hu=hu_display, liver=codes >= 1, tumour=codes == 2,
+    return LiverSlab(hu=hu_display, liver=codes >= 1, tumour=codes == 2,
                       slice_indices=np.arange(first, first + hu_display.shape[0], dtype=np.int64), source=source)
 
 
@@ -325,7 +308,7 @@ def _label_codes(labels: np.ndarray, liver_values: tuple[int, ...], tumour_value
     return codes
 
 
-def read_nifti_case(image_path: str | Path, label_path: str | Path, kind: str) -> CaseVolume:
+def read_nifti_case(image_path: str | Path, label_path: str | Path, kind: str) -> LiverSlab:
     """Read a LiTS or BTCV image + label pair; return the liver slab in display orientation.
 
     The image's affine orients BOTH volumes (labels are defined voxel-wise on the image grid;
@@ -334,7 +317,8 @@ def read_nifti_case(image_path: str | Path, label_path: str | Path, kind: str) -
     Raises ``VolumeError`` naming the file: unreadable file, not 3-D, label shape differing
     from the image shape, no liver label in the label volume.
     """
-    liver_values, tumour_values = NIFTI_LABELS[kind]
+    source = CASE_SOURCES[kind]
+    liver_values, tumour_values = source.liver_values, source.tumour_values
     image_path, label_path = Path(image_path), Path(label_path)
     image, shape = load_nifti(image_path)
     label, label_shape = load_nifti(label_path)
@@ -354,7 +338,7 @@ def read_nifti_case(image_path: str | Path, label_path: str | Path, kind: str) -
     codes_ijk = read_nifti_block(label, label_path, 2, 0, shape[2], to_codes)
     codes_display = to_display(codes_ijk, ornt)
     del codes_ijk
-    max_label = NIFTI_MAX_LABEL[kind]
+    max_label = source.max_label
     if max_label is not None and (value_range[0] < 0 or value_range[1] > max_label):
         raise VolumeError(f"{label_path}: label values range {value_range[0]:g}..{value_range[1]:g}, but {kind} "
                           f"labels are 0..{max_label} — is this the right KIND?")
@@ -367,7 +351,7 @@ def read_nifti_case(image_path: str | Path, label_path: str | Path, kind: str) -
     axis, lo, hi = _axial_axis_range(ornt, shape, first, last)
     hu_ijk = read_nifti_block(image, image_path, axis, lo, hi, lambda a: a.astype(np.float32, copy=False))
     # The block is the axial range [first, last]; orienting it puts its slices in display order.
-    return _case_volume(codes_display, to_display(hu_ijk, ornt), first, str(image_path))
+    return _liver_slab(codes_display, to_display(hu_ijk, ornt), first, str(image_path))
 
 
 # --------------------------------------------------------------------------- DICOM
@@ -380,27 +364,19 @@ def _read_mask_series(folder: Path, ct: DicomSeries) -> np.ndarray:
 
 
 
-def read_dicom_case(patient_dir: str | Path) -> CaseVolume:
+def read_dicom_case(patient_dir: str | Path) -> LiverSlab:
     """Read a 3D-IRCADb-style patient folder; return the liver slab in display orientation.
 
     ``PATIENT_DICOM/`` is the CT series; ``MASKS_DICOM/liver/`` (required) and
     ``MASKS_DICOM/livertumor*/`` (optional, united) the masks. Only the CT slices spanning
     the liver are decoded. Raises ``VolumeError`` naming the folder or file.
     """
-    patient_dir = Path(patient_dir)
-    ct_dir = _find_child(patient_dir, "PATIENT_DICOM")
-    masks_dir = _find_child(patient_dir, "MASKS_DICOM")
-    if ct_dir is None:
-        raise VolumeError(f"{patient_dir}: no PATIENT_DICOM folder")
-    if masks_dir is None or _find_child(masks_dir, "liver") is None:
-        raise VolumeError(f"{patient_dir}: no MASKS_DICOM/liver folder (the liver mask series is required)")
-    liver_dir = _find_child(masks_dir, "liver")
+    ct_dir, liver_dir, tumour_dirs = CASE_SOURCES["dicom"].folders(patient_dir)
     ct = read_dicom_series(ct_dir)
     ornt = orientation(ct.affine, str(ct_dir))
     codes = _read_mask_series(liver_dir, ct).astype(np.uint8)
-    for tumour_dir in sorted(masks_dir.iterdir()):
-        if tumour_dir.is_dir() and tumour_dir.name.lower().startswith("livertumor"):
-            codes[_read_mask_series(tumour_dir, ct)] = 2
+    for tumour_dir in tumour_dirs:
+        codes[_read_mask_series(tumour_dir, ct)] = 2
     # [slice, row, col] -> voxel array [col, row, slice], the axes of the affine.
     codes_display = to_display(codes.transpose(2, 1, 0), ornt)
     span = _liver_range(codes_display)
@@ -414,13 +390,13 @@ def read_dicom_case(patient_dir: str | Path) -> CaseVolume:
     else:  # coronal/sagittal acquisition: every file holds part of every axial slice
         hu = np.stack([read_dicom_pixels(p, ct.shape, rescale=True) for p in ct.files])
         hu_ijk = np.take(hu.transpose(2, 1, 0), np.arange(lo, hi), axis=axis)
-    return _case_volume(codes_display, to_display(hu_ijk, ornt), first, str(ct_dir))
+    return _liver_slab(codes_display, to_display(hu_ijk, ornt), first, str(ct_dir))
 
 
 # --------------------------------------------------------------------------- rendering
 
 
-def render_slices(volume: CaseVolume, window: tuple[float, float] = DEFAULT_WINDOW, hist_eq: bool = False,
+def render_slices(volume: LiverSlab, window: tuple[float, float] = DEFAULT_WINDOW, hist_eq: bool = False,
                   size: int | None = None) -> RenderedSlices:
     """Liver slices of ``volume`` as 8-bit images (see the module docstring for the rules)."""
     import torch
@@ -516,7 +492,7 @@ def _remove_patient_files(out: Path, patient: str) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _read_case(task: CaseTask) -> CaseVolume:
+def _read_case(task: CaseTask) -> LiverSlab:
     if task.problem:
         raise VolumeError(task.problem)
     if task.kind == "dicom":
@@ -524,15 +500,15 @@ def _read_case(task: CaseTask) -> CaseVolume:
     return read_nifti_case(task.image, task.label, task.kind)
 
 
-def process_case(task: CaseTask, split: str, settings: dict[str, Any], out: str) -> dict[str, Any]:
+def process_case(task: CaseTask, split: str, settings: PrepareSettings, out: str) -> dict[str, Any]:
     """Convert one patient and write its slices under ``out``; never raises for bad data.
 
-    Returns ``{"patient", "slices": [manifest entries], "dropped_abnormal": n, "error": str|None}``.
+    Returns ``{"patient", "slices": [SliceRecord], "dropped_abnormal": n, "error": str|None}``.
     """
     result: dict[str, Any] = {"patient": task.patient, "slices": [], "dropped_abnormal": 0, "error": None}
     try:
         volume = _read_case(task)
-        rendered = render_slices(volume, tuple(settings["window"]), settings["hist_eq"], settings["size"])
+        rendered = render_slices(volume, settings.window, settings.hist_eq, settings.size)
         out_dir = Path(out)
         _remove_patient_files(out_dir, task.patient)
         for image, mask, abnormal, index in zip(rendered.images, rendered.masks, rendered.abnormal,
@@ -544,8 +520,8 @@ def process_case(task: CaseTask, split: str, settings: dict[str, Any], out: str)
             save_png(out_dir / image_rel, image)
             if mask_rel:
                 save_png(out_dir / mask_rel, mask)
-            result["slices"].append({"image": image_rel, "mask": mask_rel, "split": split, "label": int(abnormal),
-                                     "patient": task.patient, "slice_index": int(index), "source": volume.source})
+            result["slices"].append(SliceRecord(image=image_rel, mask=mask_rel, split=split, label=int(abnormal),
+                                                patient=task.patient, slice_index=int(index), source=volume.source))
     except VolumeError as e:
         result["error"] = str(e)
     except MemoryError:
@@ -565,86 +541,67 @@ def _worker_init() -> None:
 # --------------------------------------------------------------------------- manifest / OUT
 
 
-def _read_own_manifest(out: Path) -> dict[str, Any] | None:
+def _read_own_manifest(out: Path) -> PrepareManifest | None:
     """The manifest of a previous prepare run in ``out``; None when ``out`` is missing or
     empty. Raises ``ValueError`` when ``out`` holds something else."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"OUT {out} exists and is not a folder")
     if not out.exists() or not any(out.iterdir()):
         return None
-    path = out / MANIFEST_NAME
     try:
-        manifest = json.loads(path.read_text())
-        if manifest.get("generator") != GENERATOR_NAME:
-            raise ValueError
-    except (OSError, ValueError, AttributeError):
+        manifest = prepare_manifest.read(out)
+    except (OSError, ValueError):
         raise ValueError(f"OUT {out} is not empty and is not the output of `medad-fast prepare` "
                          f"(no valid {MANIFEST_NAME} from it); choose a new or empty folder") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: written by another version of prepare (format {manifest.get('format_version')}); "
-                         "choose a new folder")
+    if manifest.format_version != FORMAT_VERSION:
+        raise ValueError(f"{prepare_manifest.manifest_path(out)}: written by another version of prepare (format "
+                         f"{manifest.format_version}); choose a new folder")
     return manifest
 
 
-def _counts(manifest: dict[str, Any]) -> dict[str, Any]:
-    images = {"train": {NORMAL_FOLDER: 0}, **{split: {NORMAL_FOLDER: 0, ABNORMAL_FOLDER: 0} for split in EVAL_SPLITS}}
-    for entry in manifest["slices"]:
-        images[entry["split"]][kind_folder(bool(entry["label"]))] += 1
-    patients = {split: 0 for split in SPLITS}
-    volumes = {"done": 0, "failed": 0, "pending": 0}
-    dropped = 0
-    for source in manifest["sources"]:
-        for info in source["patients"].values():
-            patients[info["split"]] += 1
-            volumes[info["status"]] += 1
-            dropped += info.get("dropped_abnormal", 0)
-    return {**images, "slices": len(manifest["slices"]), "patients": patients, "volumes": volumes,
-            "train_abnormal_dropped": dropped}
-
-
-def _source_entry(manifest: dict[str, Any], kind: str, src: Path, settings: dict[str, Any],
-                  tasks: list[CaseTask]) -> dict[str, Any]:
+def _source_entry(manifest: PrepareManifest, kind: str, src: Path, settings: PrepareSettings,
+                  tasks: list[CaseTask]) -> SourceRecord:
     """Find (resume) or create the manifest entry of this source, checking consistency."""
     patients_now = {t.patient for t in tasks}
-    for entry in manifest["sources"]:
-        if entry["kind"] == kind and entry["src"] == str(src):
-            if entry["settings"] != settings:
-                differing = sorted(k for k in settings if entry["settings"].get(k) != settings[k])
+    for entry in manifest.sources:
+        if entry.kind == kind and entry.src == str(src):
+            if entry.settings != settings:
+                before, now = entry.settings.to_dict(), settings.to_dict()
+                differing = sorted(k for k in now if before.get(k) != now[k])
                 raise ValueError(f"OUT was prepared from {src} with other settings ({', '.join(differing)}: "
-                                 f"{ {k: entry['settings'].get(k) for k in differing} }); re-run with the same "
+                                 f"{ {k: before.get(k) for k in differing} }); re-run with the same "
                                  "settings to resume, or choose a new OUT")
-            before = set(entry["patients"])
+            before = set(entry.patients)
             if before != patients_now:
                 added, removed = sorted(patients_now - before), sorted(before - patients_now)
                 raise ValueError(f"the patients under {src} changed since OUT was prepared (new: {added[:5]}, "
                                  f"gone: {removed[:5]}); the patient split would change, choose a new OUT")
             return entry
-    others = {p: e["src"] for e in manifest["sources"] for p in e["patients"]}
+    others = {p: e.src for e in manifest.sources for p in e.patients}
     clash = sorted(patients_now & set(others))
     if clash:
         raise ValueError(f"patient id {clash[0]!r} of {src} is already in OUT (from {others[clash[0]]}); "
                          "choose a new OUT")
-    split = split_patients(sorted(patients_now), settings["val_fraction"], settings["test_fraction"], settings["seed"])
+    split = split_patients(sorted(patients_now), settings.val_fraction, settings.test_fraction, settings.seed)
     by_patient = {t.patient: t for t in tasks}
-    entry = {"kind": kind, "src": str(src), "settings": settings,
-             "patients": {p: {"split": split[p], "status": "pending", "image": by_patient[p].image,
-                              "label": by_patient[p].label, "error": None, "slices": 0, "dropped_abnormal": 0}
-                          for p in sorted(patients_now)}}
-    manifest["sources"].append(entry)
+    entry = SourceRecord(kind=kind, src=str(src), settings=settings,
+                         patients={p: PatientRecord(split=split[p], image=by_patient[p].image, label=by_patient[p].label)
+                                   for p in sorted(patients_now)})
+    manifest.sources.append(entry)
     return entry
 
 
-def _record(manifest: dict[str, Any], entry: dict[str, Any], result: dict[str, Any]) -> None:
+def _record(manifest: PrepareManifest, entry: SourceRecord, result: dict[str, Any]) -> None:
     patient = result["patient"]
-    manifest["slices"] = [s for s in manifest["slices"] if s["patient"] != patient] + result["slices"]
-    info = entry["patients"][patient]
-    info.update(status="failed" if result["error"] else "done", error=result["error"],
-                slices=len(result["slices"]), dropped_abnormal=result["dropped_abnormal"])
-    manifest["slices"].sort(key=lambda s: (s["patient"], s["slice_index"]))
-    manifest["counts"] = _counts(manifest)
+    manifest.slices = [s for s in manifest.slices if s.patient != patient] + result["slices"]
+    info = entry.patients[patient]
+    info.status, info.error = ("failed" if result["error"] else "done"), result["error"]
+    info.slices, info.dropped_abnormal = len(result["slices"]), result["dropped_abnormal"]
+    manifest.slices.sort(key=lambda s: (s.patient, s.slice_index))
+    manifest.counts = prepare_manifest.count(manifest)
 
 
-def _check_settings(window, hist_eq, val_fraction, test_fraction, seed, size, workers) -> dict[str, Any]:
+def _check_settings(window, hist_eq, val_fraction, test_fraction, seed, size, workers) -> PrepareSettings:
     lo, hi = (float(w) for w in window)
     if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
         raise ValueError(f"--window: LO must be smaller than HI (finite), got {lo} {hi}")
@@ -659,8 +616,8 @@ def _check_settings(window, hist_eq, val_fraction, test_fraction, seed, size, wo
         raise ValueError(f"--workers must be an integer >= 1, got {workers!r}")
     if isinstance(seed, bool) or int(seed) != seed:
         raise ValueError(f"--seed must be an integer, got {seed!r}")
-    return {"window": [lo, hi], "hist_eq": bool(hist_eq), "size": None if size is None else int(size),
-            "val_fraction": float(val_fraction), "test_fraction": float(test_fraction), "seed": int(seed)}
+    return PrepareSettings(window=(lo, hi), hist_eq=bool(hist_eq), size=None if size is None else int(size),
+                           val_fraction=float(val_fraction), test_fraction=float(test_fraction), seed=int(seed))
 
 
 # --------------------------------------------------------------------------- driver
@@ -694,23 +651,22 @@ def prepare_dataset(kind: str, src: str | Path, out: str | Path, *, window: tupl
     tasks = discover_cases(kind, src_path)
     previous = _read_own_manifest(out_path)
     check_writable_folder(out_path, "OUT")  # before any work
-    manifest = previous or {"generator": GENERATOR_NAME, "format_version": FORMAT_VERSION,
-                                                "layout": "bmad", "sources": [], "slices": [], "counts": {}}
+    manifest = previous or PrepareManifest()
     entry = _source_entry(manifest, kind, src_path, settings, tasks)
-    manifest["counts"] = _counts(manifest)
+    manifest.counts = prepare_manifest.count(manifest)
     out_path.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_path / MANIFEST_NAME, manifest)  # OUT is recognisably ours from now on
+    prepare_manifest.write(out_path, manifest)  # OUT is recognisably ours from now on
 
     report = PrepareReport(out=out_path, n_cases=len(tasks))
-    pending = [t for t in tasks if entry["patients"][t.patient]["status"] != "done"]
-    report.skipped = [t.patient for t in tasks if entry["patients"][t.patient]["status"] == "done"]
+    pending = [t for t in tasks if entry.patients[t.patient].status != "done"]
+    report.skipped = [t.patient for t in tasks if entry.patients[t.patient].status == "done"]
     say = log or (lambda message: tqdm.write(message, file=sys.stderr))
     if report.skipped:
         say(f"prepare {kind}: {len(report.skipped)} volume(s) already done in {out_path}, resuming")
 
     def handle(result: dict[str, Any]) -> None:
         _record(manifest, entry, result)
-        atomic_write_json(out_path / MANIFEST_NAME, manifest)
+        prepare_manifest.write(out_path, manifest)
         if result["error"]:
             report.failed[result["patient"]] = result["error"]
             say(f"prepare {kind}: FAILED {result['patient']}: {result['error']}")
@@ -721,7 +677,7 @@ def prepare_dataset(kind: str, src: str | Path, out: str | Path, *, window: tupl
         if workers == 1 or len(pending) <= 1:
             for task in pending:
                 bar.set_postfix_str(task.patient)
-                handle(process_case(task, entry["patients"][task.patient]["split"], settings, str(out_path)))
+                handle(process_case(task, entry.patients[task.patient].split, settings, str(out_path)))
                 bar.update(1)
         else:
             # forkserver: workers start from a clean process (no inherited threads/locks from
@@ -730,7 +686,7 @@ def prepare_dataset(kind: str, src: str | Path, out: str | Path, *, window: tupl
             context.set_forkserver_preload([__name__])
             with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context,
                                      initializer=_worker_init) as pool:
-                futures = {pool.submit(process_case, task, entry["patients"][task.patient]["split"], settings,
+                futures = {pool.submit(process_case, task, entry.patients[task.patient].split, settings,
                                        str(out_path)): task for task in pending}
                 for future in as_completed(futures):
                     task = futures[future]
@@ -742,7 +698,7 @@ def prepare_dataset(kind: str, src: str | Path, out: str | Path, *, window: tupl
                     handle(result)
                     bar.set_postfix_str(task.patient)
                     bar.update(1)
-    report.counts = manifest["counts"]
+    report.counts = manifest.counts
     return report
 
 

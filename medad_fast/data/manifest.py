@@ -37,7 +37,8 @@ from medad_fast.data.layout import ABNORMAL_FOLDER, EVAL_SPLITS, MANIFEST_NAME, 
 from medad_fast.io import atomic_write_json
 
 __all__ = ["GENERATOR_NAME", "FORMAT_VERSION", "ManifestError", "PrepareSettings", "PatientRecord", "SourceRecord",
-           "SliceRecord", "PrepareManifest", "manifest_path", "read", "find", "written_by_prepare", "write", "count", "slice_origins"]
+           "SliceRecord", "PrepareManifest", "manifest_path", "read", "find", "written_by_prepare", "write", "count",
+           "slice_origins"]
 
 #: the ``generator`` of a prepare manifest
 GENERATOR_NAME = "medad_fast.prepare"

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..config import Config, MethodConfig, setting
+from ..data.sources import training_sources
 from ..losses import reconstruction_loss, segmentation_loss
 from ..models.model import MODES, FrequencyAwareModel
 from ..schedules import adam_with_milestones, alpha_at
@@ -33,7 +34,7 @@ from ..synthesis import AnomalySynthesizer
 from . import register
 from .base import Method
 
-__all__ = ["FrequencyAwareConfig", "FrequencyAwareMethod", "training_sources"]
+__all__ = ["FrequencyAwareConfig", "FrequencyAwareMethod"]
 
 
 @dataclass
@@ -98,18 +99,6 @@ class FrequencyAwareConfig(MethodConfig):
         return ", ".join([self.mode, *ablated])
 
 
-def training_sources(config: Config, pool_size: int) -> torch.Tensor:
-    """The anomaly-source pool of a run, ``float32 [K, 1, S, S]`` on the CPU: the images of
-    ``run.anomaly_source`` (at most ``pool_size``), or Perlin textures drawn from
-    ``run.seed + 2`` when no folder is given."""
-    run = config.run
-    if run.anomaly_source:
-        from ..data.sources import load_anomaly_sources
-        return load_anomaly_sources(run.anomaly_source, run.image_size, max_images=pool_size)
-    from ..data.sources import perlin_texture_sources
-    return perlin_texture_sources(pool_size, run.image_size, torch.Generator().manual_seed(run.seed + 2))
-
-
 @register
 class FrequencyAwareMethod(Method):
     """Liver-aware synthesis + Butterworth break + reconstruction + weight-decay U-Net."""
@@ -117,6 +106,7 @@ class FrequencyAwareMethod(Method):
     name = "frequency_aware"
     summary = "the paper's method: liver-aware Perlin synthesis, Butterworth break, R + weight-decay U-Net"
     Config = FrequencyAwareConfig
+    uses_anomaly_sources = True
     presets = {
         "paper": {},
         "small": {

@@ -63,7 +63,12 @@ class FrequencyAwareConfig(MethodConfig):
     highpass: bool = setting(True, "Butterworth high-pass before R (--no-highpass: the image itself)")
     d0: float = setting(30.0, "Butterworth cut-off at 256x256 (default 30)")
     butterworth_order: int = setting(2, "2: textbook 2nd order (default); 1: the paper's printed formula")
-    mode: str = setting("full", f"which sub-networks train and score: {', '.join(MODES)}")
+    mode: str = setting("full", "which sub-networks train and score (the paper's ablations: recon_only scores "
+                                "1 - MSGMS(I, I_r), seg_only the segmentation network alone)", choices=MODES,
+                        shortcuts={"recon-only": ("recon_only", "the paper's ablation: reconstruction network only "
+                                                                "(same as --mode recon_only)"),
+                                   "seg-only": ("seg_only", "the paper's ablation: segmentation network only "
+                                                            "(same as --mode seg_only)")})
     # image score: max of a mean filter of this size over the pixel map; None: DRAEM's 21 at
     # 256 x 256, scaled with the side
     score_filter: int | None = setting(None, "side of the image score's mean filter (default: 21 at 256, scaled)")
@@ -85,7 +90,6 @@ class FrequencyAwareConfig(MethodConfig):
         need(self.d0 > 0, "d0", "must be > 0")
         need(isinstance(self.butterworth_order, int) and self.butterworth_order >= 1,
              "butterworth_order", "must be an int >= 1")
-        need(self.mode in MODES, "mode", f"must be one of {MODES}")
         self.need_score_filter()
 
     @property

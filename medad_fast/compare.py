@@ -19,6 +19,13 @@ its config (data, preset, seed, settings) equals the one asked for; an unfinishe
 resumed from its checkpoint; a run made with another config is refused (delete its folder
 or choose another ``--out``), so a table never mixes data sets or settings.
 
+Method options (``--image-score``, ``--latent-size``...) are given once and shared out: each
+method of ``--methods`` gets those it has, parsed as its own option
+(:func:`medad_fast.method_options.settings_for_methods`); one line names the methods that
+ignore one, and a value a method has the setting for but does not take is refused.
+``--anomaly-source`` goes to the methods that train on anomaly sources (and, with
+``--val-fraction``, to every method: the validation set is made from it).
+
 The same machinery runs the paper's ablations (``scripts/ablations.py``): entries that are
 variants of one method instead of different methods.
 """

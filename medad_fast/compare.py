@@ -19,6 +19,13 @@ its config (data, preset, seed, settings) equals the one asked for; an unfinishe
 resumed from its checkpoint; a run made with another config is refused (delete its folder
 or choose another ``--out``), so a table never mixes data sets or settings.
 
+Method options (``--image-score``, ``--latent-size``...) are given once and shared out: each
+method of ``--methods`` gets those it has, parsed as its own option
+(:func:`medad_fast.method_options.settings_for_methods`); one line names the methods that
+ignore one, and a value a method has the setting for but does not take is refused.
+``--anomaly-source`` goes to the methods that train on anomaly sources (and, with
+``--val-fraction``, to every method: the validation set is made from it).
+
 The same machinery runs the paper's ablations (``scripts/ablations.py``): entries that are
 variants of one method instead of different methods.
 """
@@ -43,6 +50,7 @@ from .config import OPTIONAL_PRESET_NAMES, PRESET_NAMES, Config, RunConfig, reso
 from .data.crop import resolve_crop
 from .data.layout import has_split
 from .io import atomic_write_json, atomic_write_text, check_writable_folder
+from .method_options import MethodOption, option_name, option_owners, settings_for_methods
 from .methods import get_method, method_names
 
 __all__ = ["Entry", "COLUMNS", "run_entry", "sweep", "add_arguments", "main"]
@@ -222,8 +230,24 @@ def sweep(entries: Sequence[Entry], data: Path, out: Path, preset: str, common: 
 
 # ----------------------------------------------------------------------------- CLI
 
+#: how compare shares out the method options (its --help says it)
+METHOD_OPTIONS_NOTE = ("each goes to the methods of --methods that have it, as that method's option (its own "
+                       "type and choices); one line names the methods that ignore it (no such setting); a method "
+                       "that has it but not the value given is refused (exit 2), so a table never holds a "
+                       "setting silently dropped")
+
+
+def _owners_help(owners: dict[str, MethodOption]) -> str:
+    """The help of an option several methods may have: each method's own, grouped."""
+    texts: dict[str, list[str]] = {}
+    for method, option in owners.items():
+        text = option.help + (f" {{{','.join(map(str, option.choices))}}}" if option.choices else "")
+        texts.setdefault(text, []).append(method)
+    return "; ".join(f"{', '.join(methods)}: {text}" for text, methods in texts.items())
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .train import add_method_setting_arguments, add_small_data_arguments
+    from .train import add_small_data_arguments
 
     parser.add_argument("--data", required=True, type=Path, metavar="DIR",
                         help="BMAD-layout folder (trains on train/good, evaluates on test) or MedIAnomaly "
@@ -238,8 +262,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--image-size", type=int)
     g.add_argument("--max-train-images", type=int)
+    g.add_argument("--anomaly-source", type=Path, metavar="DIR",
+                   help="folder of anomaly-source images (default: Perlin textures) for the methods that train on "
+                        "them (" + ", ".join(m for m in method_names() if get_method(m).uses_anomaly_sources)
+                        + "); with --val-fraction for every method (its validation set is made from them), so that "
+                          "every row selects its epoch on the same set")
     add_small_data_arguments(parser)
-    add_method_setting_arguments(parser, "method settings (each applies to the methods that have it)")
+    m = parser.add_argument_group("method options", METHOD_OPTIONS_NOTE)
+    for owners in option_owners().values():
+        option = next(iter(owners.values()))
+        if option.is_switch:
+            m.add_argument(option.option, action=argparse.BooleanOptionalAction, default=None,
+                           help=_owners_help(owners))
+        else:
+            m.add_argument(option.option, default=None, metavar=option.setting.upper(), help=_owners_help(owners))
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -251,8 +287,13 @@ def _option(name: str, value: Any) -> str:
     return f"--{option} {value}"
 
 
+def _anomaly_source_methods(methods: list[str], val_fraction: float | None) -> list[str]:
+    """The methods of ``methods`` that ``--anomaly-source`` goes to (see its help)."""
+    return [m for m in methods if get_method(m).uses_anomaly_sources or (val_fraction or 0) > 0]
+
+
 def main(args: argparse.Namespace) -> int:
-    from .train import method_setting_values, small_data_values
+    from .train import small_data_values
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in method_names()]
@@ -261,12 +302,36 @@ def main(args: argparse.Namespace) -> int:
               f"{','.join(method_names())}", file=sys.stderr)
         return 2
     common = {"epochs": args.epochs, "seed": args.seed, "image_size": args.image_size,
-              "max_train_images": args.max_train_images, **small_data_values(args), **method_setting_values(args)}
+              "max_train_images": args.max_train_images, **small_data_values(args)}
     common = {k: v for k, v in common.items() if v is not None}
-    entries = [Entry(m, m, {}, f"--method {m}") for m in methods]
+    given = {name: getattr(args, name) for name in option_owners() if getattr(args, name, None) is not None}
+    try:
+        per_method, ignored = settings_for_methods(methods, given)
+    except ValueError as exc:
+        print(f"medad-fast compare: error: {exc}", file=sys.stderr)
+        return 2
+    if args.anomaly_source is not None:
+        takers = _anomaly_source_methods(methods, args.val_fraction)
+        for method in takers:
+            per_method[method]["anomaly_source"] = str(args.anomaly_source.resolve())
+        if len(takers) < len(methods):
+            ignored["anomaly_source"] = [m for m in methods if m not in takers]
+        given["anomaly_source"] = args.anomaly_source
+    for name, methods_without in ignored.items():
+        users = [m for m in methods if m not in methods_without]
+        why = ("they do not train on anomaly sources; with --val-fraction their validation sets use them"
+               if name == "anomaly_source" else "no such setting")
+        if users:
+            print(f"medad-fast compare: {option_name(name)} goes to {', '.join(users)}; ignored by "
+                  f"{', '.join(methods_without)} ({why})")
+        else:
+            print(f"medad-fast compare: error: {option_name(name)}: ignored by every method of --methods ({why})",
+                  file=sys.stderr)
+            return 2
+    entries = [Entry(m, m, per_method[m], f"--method {m}") for m in methods]
     out = args.out or Path(f"compare-{args.preset}")
-    given = " ".join(_option(k, v) for k, v in common.items())
-    command = f"medad-fast compare --data {args.data} --methods {','.join(methods)} --preset {args.preset} {given}".strip()
+    options = " ".join(_option(k, v) for k, v in {**common, **given}.items())
+    command = f"medad-fast compare --data {args.data} --methods {','.join(methods)} --preset {args.preset} {options}".strip()
     try:
         return sweep(entries, args.data, out, args.preset, common, "compare", command,
                      device=args.device, progress=not args.no_progress)

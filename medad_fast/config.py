@@ -39,9 +39,19 @@ PRESET_NAMES = ("paper", "small", "tiny")
 OPTIONAL_PRESET_NAMES = ("medianomaly",)
 
 
-def setting(default: Any, help: str) -> Any:
-    """A dataclass field with its command-line help (``medad-fast train --FIELD-NAME``)."""
-    return field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, choices: tuple[Any, ...] | None = None,
+            shortcuts: dict[str, tuple[Any, str]] | None = None) -> Any:
+    """A dataclass field of a method's config that is a command-line option of that method
+    (``medad-fast train --method M --FIELD-NAME``, :mod:`medad_fast.method_options`), with
+    its help, its ``choices`` (checked for every config of the method; None is also
+    accepted when the default is None) and ``shortcuts``: extra switches that set one value
+    (``{"recon-only": ("recon_only", help)}`` -> ``--recon-only``)."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    if shortcuts:
+        metadata["shortcuts"] = dict(shortcuts)
+    return field(default=default, metadata=metadata)
 
 
 def _is_number(value: Any) -> bool:
@@ -129,10 +139,17 @@ class MethodConfig:
     architecture_fields: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices is not None and not (value is None and f.default is None):
+                self.need(value in choices, f.name,
+                          f"must be {'None or ' if f.default is None else ''}one of {list(choices)}")
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field for a value the method cannot run with."""
+        """Raise ``ValueError`` naming the field for a value the method cannot run with
+        (the ``choices`` of its settings are checked before)."""
 
     def need(self, condition: bool, name: str, what: str) -> None:
         _need(self, condition, name, what)

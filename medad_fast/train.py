@@ -65,11 +65,11 @@ uninterrupted one (bitwise on the CPU).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -89,6 +89,7 @@ from .data.crop import CROP_MODES, crops_liver, resolve_crop
 from .preprocessing import decide_preprocessing
 from .distributed import DistributedContext, is_main_process
 from .io import atomic_write_json, atomic_write_text, check_writable_folder
+from .method_options import method_options, option_owners
 from .methods import DEFAULT_METHOD, Method, create_method, get_method, method_names
 from .runtime import compile_networks, deterministic_mode, needs_grad_scaler, ops_mode, resolve_device
 from .validation import SyntheticValidationSet, ValidationState, split_validation
@@ -733,52 +734,165 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
 
 # ----------------------------------------------------------------------------- CLI
 
-def _setting_type(f: dataclasses.Field) -> Any:
-    """The argparse type of a method setting, from its default or its annotation."""
-    if f.default is not None and not isinstance(f.default, bool):
-        return type(f.default)
-    annotation = str(f.type)
-    return int if "int" in annotation else float if "float" in annotation else str
+# Each method's options are its own (medad_fast.method_options): `--image-score` of squid has
+# squid's choices and help, not ddad's. The parser registers every option name once, with
+# its help hidden, and checks a value against the option of the chosen method (--method,
+# which may come before or after it); `--method M --help` shows M's options.
+
+#: namespace attribute: setting -> (option string, value as given) of the method options given
+_GIVEN = "_method_options_given"
+#: namespace attribute: True once --method was given (the help then shows that method's options)
+_METHOD_GIVEN = "_method_given"
 
 
-def _method_settings() -> dict[str, dataclasses.Field]:
-    """Every method's settings that have command-line help, by name (methods that share a
-    setting name share the option)."""
-    settings: dict[str, dataclasses.Field] = {}
-    for name in method_names():
-        for f in dataclasses.fields(get_method(name).Config):
-            if "help" in f.metadata:
-                settings.setdefault(f.name, f)
-    return settings
+def _method_option_error(namespace: argparse.Namespace, setting: str) -> str | None:
+    """Set ``setting`` on ``namespace`` from its given value, checked against the option of
+    the method chosen so far; else the error, naming the option and the method."""
+    option_string, given, _ = getattr(namespace, _GIVEN)[setting]
+    method = namespace.method
+    option = method_options(method).get(setting)
+    if option is None:
+        owners = ", ".join(option_owners()[setting])
+        return (f"argument {option_string}: method {method} has no option {option_string} (it is an option of "
+                f"{owners}); `medad-fast train --method {method} --help` lists {method}'s options")
+    try:
+        setattr(namespace, setting, option.parse(given))
+    except ValueError as exc:
+        return f"argument {option_string}: {exc}"
+    return None
 
 
-def add_method_setting_arguments(parser: argparse.ArgumentParser, title: str = "method settings (default: the "
-                                 "preset's; each applies to the methods that have it)") -> argparse._ArgumentGroup:
-    """One option per method setting that has help (``--latent-channels``, ``--no-roi``...),
-    default None (= the preset's); returns the argument group."""
-    group = parser.add_argument_group(title)
-    for name, f in _method_settings().items():
-        option = "--" + name.replace("_", "-")
-        if isinstance(f.default, bool):
-            group.add_argument(option, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+def _check_method_option(parser: argparse.ArgumentParser, namespace: argparse.Namespace, setting: str) -> None:
+    """:func:`_method_option_error` as an argparse error (exit 2); before ``--method`` was
+    given the check waits for it (a later ``--method`` checks again, and
+    :func:`config_from_args` checks against the default method)."""
+    error = _method_option_error(namespace, setting)
+    if error is not None and getattr(namespace, _METHOD_GIVEN, False):
+        parser.error(error)
+
+
+class _MethodOptionAction(argparse.Action):
+    """A method option (``--x V``), switch (``--x/--no-x``) or shortcut (``--recon-only``):
+    records what was given and checks it against the chosen method."""
+
+    def __init__(self, option_strings: list[str], dest: str, kind: str = "value", shortcut_value: Any = None,
+                 **kwargs: Any) -> None:
+        self.kind, self.shortcut_value = kind, shortcut_value
+        super().__init__(option_strings, dest, nargs=None if kind == "value" else 0, default=None,
+                         help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        value = {"value": values, "switch": not str(option_string).startswith("--no-"),
+                 "shortcut": self.shortcut_value}[self.kind]
+        given = getattr(namespace, _GIVEN, None)
+        if given is None:
+            given = {}
+            setattr(namespace, _GIVEN, given)
+        previous = given.get(self.dest)
+        if previous is not None and previous[0] != option_string and "shortcut" in (self.kind, previous[2]):
+            parser.error(f"argument {option_string}: not allowed with argument {previous[0]}")
+        given[self.dest] = (option_string, value, self.kind)
+        _check_method_option(parser, namespace, self.dest)
+
+
+class _MethodAction(argparse.Action):
+    """``--method``: stores the method and checks the method options given before it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, _METHOD_GIVEN, True)
+        for setting in getattr(namespace, _GIVEN, {}):
+            _check_method_option(parser, namespace, setting)
+
+
+class _HelpAction(argparse.Action):
+    """``-h/--help``: the generic options, then those of ``--method`` when it came before,
+    else how to list a method's options."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        text = parser.format_help()
+        if getattr(namespace, _METHOD_GIVEN, False):
+            text += method_options_help(namespace.method, parser.prog, parser.formatter_class)
         else:
-            group.add_argument(option, type=_setting_type(f), default=None, help=f.metadata["help"])
+            hint = (f"each method has its own options (choices and help its own): `{parser.prog} --method M "
+                    f"--help` lists method M's; methods: {', '.join(method_names())}")
+            text += "\nmethod options:\n" + textwrap.fill(hint, 78, initial_indent="  ", subsequent_indent="  ") + "\n"
+        sys.stdout.write(text)
+        parser.exit()
+
+
+def add_method_option_group(parser: argparse.ArgumentParser, method: str) -> argparse._ArgumentGroup:
+    """``method``'s options in a group titled with it, as ordinary argparse options (types,
+    choices, help: the method's): what ``--method M --help`` shows."""
+    group = parser.add_argument_group(f"{method} options (default: the preset's)")
+    for option in method_options(method).values():
+        target = group.add_mutually_exclusive_group() if option.shortcuts else group
+        if option.is_switch:
+            target.add_argument(option.option, action=argparse.BooleanOptionalAction, default=None, help=option.help)
+        else:
+            target.add_argument(option.option, type=option.kind, choices=option.choices, default=None,
+                                help=option.help)
+        for shortcut in option.shortcuts:
+            target.add_argument(shortcut.option, action="store_const", const=shortcut.value, dest=option.setting,
+                                help=shortcut.help)
     return group
 
 
+def method_options_help(method: str, prog: str, formatter_class: type = argparse.HelpFormatter) -> str:
+    """The help section of ``method``'s options (no usage line)."""
+    section = argparse.ArgumentParser(prog=prog, usage=argparse.SUPPRESS, add_help=False,
+                                      formatter_class=formatter_class)
+    add_method_option_group(section, method)
+    return "\n" + section.format_help()
+
+
+def _add_method_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every method option name once (help hidden; checked per method by the actions)."""
+    for setting, owners in option_owners().items():
+        option = next(iter(owners.values()))
+        if any(o.is_switch != option.is_switch for o in owners.values()):
+            raise TypeError(f"setting {setting} is a switch in some methods and not in others: {sorted(owners)}")
+        strings = [option.option, "--no-" + option.option[2:]] if option.is_switch else [option.option]
+        parser.add_argument(*strings, dest=setting, action=_MethodOptionAction,
+                            kind="switch" if option.is_switch else "value")
+        shortcuts = {s.option: s for o in owners.values() for s in o.shortcuts}
+        for shortcut in shortcuts.values():
+            parser.add_argument(shortcut.option, dest=setting, action=_MethodOptionAction, kind="shortcut",
+                                shortcut_value=shortcut.value)
+
+
 def method_setting_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The method settings of a parsed command line (None: not given)."""
-    return {name: getattr(args, name, None) for name in _method_settings()}
+    """The method settings of a parsed ``train`` command line (checked against the method
+    by the parser; None: not given)."""
+    return {name: getattr(args, name, None) for name in option_owners()}
+
+
+def _anomaly_source_methods() -> list[str]:
+    """The methods whose training uses ``--anomaly-source``."""
+    return [name for name in method_names() if get_method(name).uses_anomaly_sources]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # -h/--help shows the options of --method (the generic options' help, then the method's);
+    # it replaces argparse's own help option ("resolve": of this group's option strings only)
+    parser.add_argument_group("help", conflict_handler="resolve").add_argument(
+        "-h", "--help", action=_HelpAction, help="show this help (after --method M: with M's options) and exit")
     parser.add_argument("--data", required=True, metavar="DIR",
                         help="BMAD-layout folder (uses train/good) or MedIAnomaly dataset (the folder of its "
                              "data.json; uses train[\"0\"])")
-    parser.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(),
-                        help=f"what to train (default {DEFAULT_METHOD}; `medad-fast methods` lists them)")
+    parser.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(), action=_MethodAction,
+                        help=f"what to train (default {DEFAULT_METHOD}; `medad-fast methods` lists them); each "
+                             f"method has its own options: `--method M --help` lists them")
     parser.add_argument("--anomaly-source", metavar="DIR",
-                        help="folder of anomaly-source images (default: Perlin-texture fallback)")
+                        help="folder of anomaly-source images (default: Perlin-texture fallback), for the methods "
+                             f"that train on them ({', '.join(_anomaly_source_methods())}) and for the "
+                             "--val-fraction validation set of every method")
     parser.add_argument("--preset", choices=PRESET_NAMES + OPTIONAL_PRESET_NAMES, default="paper",
                         help="paper: the published setting; small: sized for a CPU; tiny: for tests; medianomaly: the "
                              "MedIAnomaly benchmark protocol, 64 x 64 (methods that have it) (default paper)")
@@ -798,12 +912,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-checkpoints", type=int, default=DEFAULT_KEEP, metavar="K",
                    help=f"keep the newest K checkpoints in the run directory (default {DEFAULT_KEEP})")
     add_small_data_arguments(parser)
-    m = add_method_setting_arguments(parser)
-    modes = m.add_mutually_exclusive_group()
-    modes.add_argument("--recon-only", action="store_const", dest="mode", const="recon_only",
-                       help="the paper's ablation: reconstruction network only (same as --mode recon_only)")
-    modes.add_argument("--seg-only", action="store_const", dest="mode", const="seg_only",
-                       help="the paper's ablation: segmentation network only (same as --mode seg_only)")
+    _add_method_option_arguments(parser)
     r = parser.add_argument_group("runtime")
     r.add_argument("--reference-ops", action="store_true",
                    help="use the pure-PyTorch reference ops instead of the compiled extension")
@@ -851,7 +960,11 @@ def small_data_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """The resolved :class:`Config` of the parsed command line; ``ValueError`` names a
-    setting the chosen method does not have."""
+    method option the chosen method does not have or a value it does not take."""
+    for setting in getattr(args, _GIVEN, {}):
+        error = _method_option_error(args, setting)
+        if error is not None:
+            raise ValueError(error)
     overrides = dict(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
         max_train_images=args.max_train_images, seed=args.seed, checkpoint_every=args.checkpoint_every,

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from .config import Config
+from .data.sources import anomaly_source_pool
 from .metrics import average_precision, roc_auc
 from .synthesis import AnomalySynthesizer
 
@@ -83,18 +84,6 @@ def split_validation(images: torch.Tensor, val_fraction: float, seed: int) -> tu
     return images[~held], images[held]
 
 
-def _anomaly_sources(config: Config, n: int) -> torch.Tensor:
-    """``float32 [K, 1, S, S]``: the run's anomaly-source images (at most ``n``), else ``n``
-    Perlin textures from the validation seed."""
-    run = config.run
-    if run.anomaly_source:
-        from .data.sources import load_anomaly_sources
-        return load_anomaly_sources(run.anomaly_source, run.image_size, max_images=n)
-    from .data.sources import perlin_texture_sources
-    generator = torch.Generator().manual_seed(run.seed + VALIDATION_SEED_OFFSET + 1)
-    return perlin_texture_sources(n, run.image_size, generator)
-
-
 @dataclass
 class SyntheticValidationSet:
     """The validation slices (module docstring), on one device.
@@ -118,7 +107,9 @@ class SyntheticValidationSet:
             raise ValueError(f"held_back must be uint8 [n >= 1, 1, S, S]; got {list(held_back.shape)}")
         normal = held_back.float().div(255.0)
         n = normal.shape[0]
-        synthesizer = AnomalySynthesizer(_anomaly_sources(config, n).float(), p_anomaly=1.0,
+        run = config.run
+        sources = anomaly_source_pool(run.anomaly_source, run.image_size, n, run.seed + VALIDATION_SEED_OFFSET + 1)
+        synthesizer = AnomalySynthesizer(sources.float(), p_anomaly=1.0,
                                          max_retries=VALIDATION_MAX_RETRIES, roi_threshold=0.0)
         generator = torch.Generator().manual_seed(config.run.seed + VALIDATION_SEED_OFFSET + 2)
         anomalous, mask = synthesizer(normal.repeat(VALIDATION_DRAWS, 1, 1, 1), generator)

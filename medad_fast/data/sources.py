@@ -5,6 +5,9 @@
 - :func:`perlin_texture_sources`: the fallback when no folder is given: DRAEM-like
   textures from a few octaves of smooth noise with a random contrast, drawn from a
   caller-passed ``torch.Generator`` (same seed -> same textures).
+- :func:`anomaly_source_pool`: one or the other, as a run uses them (the folder of
+  ``--anomaly-source`` if given, else seeded textures); :func:`training_sources`: the pool
+  the synthesis-based methods train with (the validation set draws its own, other seed).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +24,15 @@ from medad_fast.data.dataset import check_size
 from medad_fast.data.layout import IMAGE_SUFFIXES, collect_image_files
 from medad_fast.io import read_image_gray, resize_images
 
-__all__ = ["SOURCE_SUFFIXES", "list_anomaly_sources", "load_anomaly_sources", "perlin_texture_sources"]
+if TYPE_CHECKING:
+    from medad_fast.config import Config
+
+__all__ = ["SOURCE_SUFFIXES", "TRAINING_SOURCE_SEED_OFFSET", "list_anomaly_sources", "load_anomaly_sources",
+           "perlin_texture_sources", "anomaly_source_pool", "training_sources"]
+
+#: added to the run's seed for the Perlin textures of training (seed: the weights, seed + 1:
+#: the method's step generator)
+TRAINING_SOURCE_SEED_OFFSET = 2
 
 # One list for every image the package reads (medad_fast.data.layout); the old name stays.
 SOURCE_SUFFIXES = IMAGE_SUFFIXES
@@ -104,3 +116,20 @@ def perlin_texture_sources(n: int, size: int, generator: torch.Generator, octave
     out_low, out_high = uniform(n, 1, 1, 1, high=0.4), uniform(n, 1, 1, 1, low=0.6, high=1.0)
     textures = out_low + (out_high - out_low) * normalised.clamp(0.0, 1.0) ** gamma
     return textures.to(torch.float32)
+
+
+def anomaly_source_pool(folder: str | os.PathLike | None, size: int, n: int, seed: int) -> torch.Tensor:
+    """``float32 [K, 1, size, size]`` on the CPU: the images of ``folder`` (at most ``n``,
+    :func:`load_anomaly_sources`), or, when ``folder`` is None or empty, ``n`` Perlin
+    textures drawn from ``seed`` (:func:`perlin_texture_sources`)."""
+    if folder:
+        return load_anomaly_sources(folder, size, max_images=n)
+    return perlin_texture_sources(n, size, torch.Generator().manual_seed(seed))
+
+
+def training_sources(config: Config, pool_size: int) -> torch.Tensor:
+    """The anomaly-source pool a run trains with (the methods whose
+    ``uses_anomaly_sources`` is set): ``run.anomaly_source``'s images (at most
+    ``pool_size``), else Perlin textures from ``run.seed + TRAINING_SOURCE_SEED_OFFSET``."""
+    run = config.run
+    return anomaly_source_pool(run.anomaly_source, run.image_size, pool_size, run.seed + TRAINING_SOURCE_SEED_OFFSET)

@@ -78,14 +78,16 @@ class AutoencoderConfig(MethodConfig):
     latent_channels: int = setting(16, "channels of the autoencoder's bottleneck")
     ae_depth: int = setting(4, "max-pools of the autoencoder")
     latent: str = setting("conv", "autoencoder bottleneck: conv (a spatial latent of --latent-channels) or dense "
-                                  "(MedIAnomaly's AE: flattened feature -> --hidden-size -> a --latent-size vector)")
+                                  "(MedIAnomaly's AE: flattened feature -> --hidden-size -> a --latent-size vector)",
+                          choices=LATENTS)
     latent_size: int = setting(16, "length of the dense latent vector (--latent dense)")
     hidden_size: int = setting(1024, "hidden units of the dense bottleneck (--latent dense)")
     input_range: str = setting("unit", "intensities the autoencoder sees: unit ([0, 1]) or symmetric ([-1, 1], "
-                                       "MedIAnomaly's; its MSE loss is taken there)")
-    residual: str = setting("abs", "pixel map: abs (|I - I_r|) or squared ((I - I_r)^2, MedIAnomaly's)")
+                                       "MedIAnomaly's; its MSE loss is taken there)", choices=INPUT_RANGES)
+    residual: str = setting("abs", "pixel map: abs (|I - I_r|) or squared ((I - I_r)^2, MedIAnomaly's)",
+                            choices=RESIDUALS)
     image_score: str = setting("max_filter", "image score: max_filter (max of the mean-filtered map) or mean "
-                                             "(the mean of the map over the image)")
+                                             "(the mean of the map over the image)", choices=IMAGE_SCORES)
     ssim_weight: float = 1.0
     lr_milestones: tuple[float, ...] = (0.8, 0.9)
     lr_gamma: float = 0.2
@@ -100,12 +102,8 @@ class AutoencoderConfig(MethodConfig):
         need(self.ae_width >= 1, "ae_width", "must be >= 1")
         need(self.latent_channels >= 1, "latent_channels", "must be >= 1")
         need(isinstance(self.ae_depth, int) and 1 <= self.ae_depth <= 8, "ae_depth", "must be an int in 1..8")
-        need(self.latent in LATENTS, "latent", f"must be one of {list(LATENTS)}")
         need(isinstance(self.latent_size, int) and self.latent_size >= 1, "latent_size", "must be an int >= 1")
         need(isinstance(self.hidden_size, int) and self.hidden_size >= 1, "hidden_size", "must be an int >= 1")
-        need(self.input_range in INPUT_RANGES, "input_range", f"must be one of {list(INPUT_RANGES)}")
-        need(self.residual in RESIDUALS, "residual", f"must be one of {list(RESIDUALS)}")
-        need(self.image_score in IMAGE_SCORES, "image_score", f"must be one of {list(IMAGE_SCORES)}")
         need(self.ssim_weight >= 0, "ssim_weight", "must be >= 0")
         need(self.ssim_weight == 0 or self.input_range == "unit", "ssim_weight",
              "must be 0 with input_range 'symmetric' (the SSIM term's constants assume intensities in [0, 1])")

@@ -20,6 +20,8 @@ DDP and ``channels_last`` work on it as on any model) that says, and only says:
 ``log_values()``            plain numbers for the log (e.g. ``alpha``)
 ``compile_fullgraph``       False when ``--compile`` cannot trace a network as one graph
 ``compile_training``        False when ``train --compile`` must train eager (with the reason)
+``uses_anomaly_sources``    True when training blends anomaly-source images (``run.anomaly_source``,
+                           :func:`~medad_fast.data.sources.training_sources`) into its inputs
 ``find_unused_parameters``  True when a step may leave some parameters without a gradient
                            (staged training: DDAD's autoencoders, then its refinement net);
                            passed to ``DistributedDataParallel``
@@ -55,6 +57,8 @@ class Method(nn.Module):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     find_unused_parameters: ClassVar[bool] = False
+    #: training draws on the run's anomaly sources (``--anomaly-source``, else Perlin textures)
+    uses_anomaly_sources: ClassVar[bool] = False
     #: ``--compile`` compiles each network as one graph (``fullgraph``); False for a method
     #: whose networks cannot be (then dynamo splits them where it must)
     compile_fullgraph: ClassVar[bool] = True

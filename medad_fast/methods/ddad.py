@@ -132,11 +132,12 @@ class DDADConfig(MethodConfig):
     refine_weight_decay: float = setting(1e-4, "weight decay of the ASR's Adam (DDAD 1e-4)")
     unlabeled: str | None = setting(None, "folder of unlabeled slices for DDAD's UDM ensemble (may hold lesions)")
     unlabeled_split: str | None = setting(None, "use this split (valid or test) of --data as DDAD's unlabeled "
-                                                "images, labels ignored (test: transductive, not DDAD's protocol)")
+                                                "images, labels ignored (test: transductive, not DDAD's protocol)",
+                                          choices=UNLABELED_SPLITS)
     data_json_pool: bool | None = setting(None, "the unlabeled pool of a data.json --data (default: on when --data "
                                                 "is a MedIAnomaly / DDAD-ASR data.json dataset)")
     image_score: str = setting("max_filter", "image score: max_filter (max of the mean-filtered map) or mean "
-                                             "(DDAD's mean of the map)")
+                                             "(DDAD's mean of the map)", choices=IMAGE_SCORES)
     p_anomaly: float = setting(0.5, "probability a training sample of the ASR gets a synthetic patch (DDAD 0.5)")
     roi_threshold: float | None = None  # the map is kept where I > roi_threshold (None: everywhere, as DDAD)
     score_filter: int | None = setting(None, "side of the image score's mean filter (default: 21 at 256, scaled)")
@@ -154,9 +155,6 @@ class DDADConfig(MethodConfig):
         need(self.refine_weight_decay >= 0, "refine_weight_decay", "must be >= 0")
         need(self.unlabeled is None or (isinstance(self.unlabeled, str) and bool(self.unlabeled)), "unlabeled",
              "must be None or a folder path")
-        need(self.unlabeled_split is None or self.unlabeled_split in UNLABELED_SPLITS, "unlabeled_split",
-             f"must be None or one of {list(UNLABELED_SPLITS)}")
-        need(self.image_score in IMAGE_SCORES, "image_score", f"must be one of {list(IMAGE_SCORES)}")
         need(0.0 <= self.p_anomaly <= 1.0, "p_anomaly", "must be in [0, 1]")
         self.need_score_filter()
 

@@ -16,7 +16,7 @@ on the training device, so an exact resume stays exact):
    degrees, mask ``M = [P > 0.5]``, anomaly with probability 0.5 and DRAEM's opacity
    convention ``I_a = I (1 - M) + (1 - beta) A M + beta I M`` with ``beta ~ U(0, 0.8)``.
    Anomaly sources: ``run.anomaly_source``, else the Perlin-texture fallback
-   (:func:`~medad_fast.methods.frequency_aware.training_sources`); each sample's source
+   (:func:`~medad_fast.data.sources.training_sources`); each sample's source
    first goes through DRAEM's ``randAugmenter``, 3 of its 10 imgaug ops drawn without
    replacement (:func:`~medad_fast.augment.augment_anomaly_sources`, whose docstring gives
    the ops, their ranges, and how the colour ops act on grey images;
@@ -66,6 +66,7 @@ from torch import nn
 
 from ..augment import augment_anomaly_sources, rotate_normal_images
 from ..config import Config, MethodConfig, setting
+from ..data.sources import training_sources
 from ..losses import focal_loss, reconstruction_loss
 from ..models.layers import init_weights
 from ..models.reconstruction import ReconstructionNetwork
@@ -74,7 +75,6 @@ from ..schedules import adam_with_milestones
 from ..synthesis import AnomalySynthesizer
 from . import register
 from .base import Method
-from .frequency_aware import training_sources
 
 __all__ = ["DRAEM_MAX_BETA", "ConcatSkip", "DraemConfig", "DraemMethod", "discriminative_network",
            "draem_synthesizer"]
@@ -178,6 +178,7 @@ class DraemMethod(Method):
     name = "draem"
     summary = "DRAEM (ICCV 2021): whole-image Perlin synthesis, reconstruction R + discriminative U-Net (L2+SSIM+focal)"
     Config = DraemConfig
+    uses_anomaly_sources = True
     presets = {
         # DRAEM's code: 700 epochs, batch 8, lr 1e-4 at 256 x 256
         "paper": {"image_size": 256, "batch_size": 8, "lr": 1e-4, "epochs": 700},

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..config import Config, MethodConfig, setting
+from ..data.sources import training_sources
 from ..losses import reconstruction_loss, segmentation_loss
 from ..models.model import MODES, FrequencyAwareModel
 from ..schedules import adam_with_milestones, alpha_at
@@ -33,7 +34,7 @@ from ..synthesis import AnomalySynthesizer
 from . import register
 from .base import Method
 
-__all__ = ["FrequencyAwareConfig", "FrequencyAwareMethod", "training_sources"]
+__all__ = ["FrequencyAwareConfig", "FrequencyAwareMethod"]
 
 
 @dataclass
@@ -62,7 +63,12 @@ class FrequencyAwareConfig(MethodConfig):
     highpass: bool = setting(True, "Butterworth high-pass before R (--no-highpass: the image itself)")
     d0: float = setting(30.0, "Butterworth cut-off at 256x256 (default 30)")
     butterworth_order: int = setting(2, "2: textbook 2nd order (default); 1: the paper's printed formula")
-    mode: str = setting("full", f"which sub-networks train and score: {', '.join(MODES)}")
+    mode: str = setting("full", "which sub-networks train and score (the paper's ablations: recon_only scores "
+                                "1 - MSGMS(I, I_r), seg_only the segmentation network alone)", choices=MODES,
+                        shortcuts={"recon-only": ("recon_only", "the paper's ablation: reconstruction network only "
+                                                                "(same as --mode recon_only)"),
+                                   "seg-only": ("seg_only", "the paper's ablation: segmentation network only "
+                                                            "(same as --mode seg_only)")})
     # image score: max of a mean filter of this size over the pixel map; None: DRAEM's 21 at
     # 256 x 256, scaled with the side
     score_filter: int | None = setting(None, "side of the image score's mean filter (default: 21 at 256, scaled)")
@@ -84,7 +90,6 @@ class FrequencyAwareConfig(MethodConfig):
         need(self.d0 > 0, "d0", "must be > 0")
         need(isinstance(self.butterworth_order, int) and self.butterworth_order >= 1,
              "butterworth_order", "must be an int >= 1")
-        need(self.mode in MODES, "mode", f"must be one of {MODES}")
         self.need_score_filter()
 
     @property
@@ -98,18 +103,6 @@ class FrequencyAwareConfig(MethodConfig):
         return ", ".join([self.mode, *ablated])
 
 
-def training_sources(config: Config, pool_size: int) -> torch.Tensor:
-    """The anomaly-source pool of a run, ``float32 [K, 1, S, S]`` on the CPU: the images of
-    ``run.anomaly_source`` (at most ``pool_size``), or Perlin textures drawn from
-    ``run.seed + 2`` when no folder is given."""
-    run = config.run
-    if run.anomaly_source:
-        from ..data.sources import load_anomaly_sources
-        return load_anomaly_sources(run.anomaly_source, run.image_size, max_images=pool_size)
-    from ..data.sources import perlin_texture_sources
-    return perlin_texture_sources(pool_size, run.image_size, torch.Generator().manual_seed(run.seed + 2))
-
-
 @register
 class FrequencyAwareMethod(Method):
     """Liver-aware synthesis + Butterworth break + reconstruction + weight-decay U-Net."""
@@ -117,6 +110,7 @@ class FrequencyAwareMethod(Method):
     name = "frequency_aware"
     summary = "the paper's method: liver-aware Perlin synthesis, Butterworth break, R + weight-decay U-Net"
     Config = FrequencyAwareConfig
+    uses_anomaly_sources = True
     presets = {
         "paper": {},
         "small": {

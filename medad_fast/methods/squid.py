@@ -181,7 +181,7 @@ class SquidConfig(MethodConfig):
     discriminator_weight: float = 0.005
     disc_lr: float | None = None  # default: the run's lr (ZhangLab: both 1e-4)
     image_score: str = setting("discriminator", "SQUID image score: discriminator (SQUID's, -D(I_s)) or max_filter "
-                                                "(max of the mean-filtered pixel map)")
+                                                "(max of the mean-filtered pixel map)", choices=IMAGE_SCORES)
     residual_sigma: float = 4.0  # pixels at 256 x 256, scaled with the side
     roi_threshold: float = 0.0  # the map is kept where I > roi_threshold (the foreground)
     score_filter: int | None = None
@@ -202,7 +202,6 @@ class SquidConfig(MethodConfig):
                      "discriminator_weight", "residual_sigma"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.disc_lr is None or self.disc_lr > 0, "disc_lr", "must be None or > 0")
-        need(self.image_score in IMAGE_SCORES, "image_score", f"must be one of {list(IMAGE_SCORES)}")
         self.need_score_filter()
 
 

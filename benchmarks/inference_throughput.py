@@ -59,8 +59,7 @@ def untrained_method(name: str, preset: str):
     """``name`` at ``preset`` with fresh weights, on the CPU in eval mode, as
     :func:`~medad_fast.inference.load_method` sets a loaded one up; ddad with its UDM
     ensemble and at its refinement stage (its full inference)."""
-    from medad_fast.config import resolve_config
-    from medad_fast.methods import create_method
+    from medad_fast.methods import create_method, resolve_config
 
     overrides = {"unlabeled_split": "test"} if name == "ddad" else {}
     config = resolve_config(name, preset, **overrides)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .methods import config_from_dict
 from .preprocessing import PREPROCESSING_KEY, Preprocessing, legacy_preprocessing
 
 __all__ = ["EXPORT_FORMATS", "CONFIG_KEY", "ExportedModel", "is_exported_file"]
@@ -49,7 +50,7 @@ def _exported_config(path: Path, entries: dict[str, str]) -> Config:
     if not entries.get(CONFIG_KEY):
         raise ValueError(f"{path} holds no medad-fast config: not written by `medad-fast export`")
     try:
-        config = Config.from_dict(json.loads(entries[CONFIG_KEY]))
+        config = config_from_dict(json.loads(entries[CONFIG_KEY]))
         if entries.get(PREPROCESSING_KEY):
             config = config.with_preprocessing(
                 Preprocessing.from_dict(json.loads(entries[PREPROCESSING_KEY]), f"{path} {PREPROCESSING_KEY}"))

@@ -22,7 +22,7 @@ from .config import Config
 from .data.crop import paste_back
 from .data.dataset import SliceBatch, iter_batches
 from .exported import ExportedModel, is_exported_file
-from .methods import Method, get_method
+from .methods import Method, config_from_dict, get_method
 from .preprocessing import legacy_preprocessing
 from .runtime import compile_networks, resolve_device
 
@@ -76,7 +76,7 @@ def load_method(run_or_checkpoint: str | os.PathLike, device: str | torch.device
     device = resolve_device(device)
     path = resolve_checkpoint(run_or_checkpoint)
     state = load_checkpoint(path, map_location="cpu")
-    config = Config.from_dict(state["config"])
+    config = config_from_dict(state["config"])
     if config.preprocessing is None:  # saved before the record existed: assumed, with a warning naming it
         config = config.with_preprocessing(legacy_preprocessing(config.run, path))
     method = get_method(config.run.method)(config)

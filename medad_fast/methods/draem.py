@@ -72,7 +72,7 @@ from ..models.reconstruction import ReconstructionNetwork
 from ..models.segmentation import SegmentationNetwork
 from ..schedules import adam_with_milestones
 from ..synthesis import AnomalySynthesizer
-from . import register
+from .registry import register
 from .base import Method
 from .frequency_aware import training_sources
 

@@ -11,7 +11,7 @@ weights (the work does not depend on their values), the same scoring call a user
 * ``compiled``: its networks under ``torch.compile`` (:func:`~medad_fast.runtime.compile_networks`,
   inductor); the compile time (the first call) is reported apart;
 * ``pt2``: the ``medad-fast export --format pt2`` file (``torch.export``), loaded as
-  :class:`~medad_fast.export.ExportedModel`;
+  :class:`~medad_fast.exported.ExportedModel`;
 * ``onnx``: the ``--format onnx`` file run by ONNX Runtime (CPU provider, the same thread
   count); skipped when onnxruntime is not installed.
 
@@ -59,8 +59,7 @@ def untrained_method(name: str, preset: str):
     """``name`` at ``preset`` with fresh weights, on the CPU in eval mode, as
     :func:`~medad_fast.inference.load_method` sets a loaded one up; ddad with its UDM
     ensemble and at its refinement stage (its full inference)."""
-    from medad_fast.config import resolve_config
-    from medad_fast.methods import create_method
+    from medad_fast.methods import create_method, resolve_config
 
     overrides = {"unlabeled_split": "test"} if name == "ddad" else {}
     config = resolve_config(name, preset, **overrides)
@@ -74,7 +73,8 @@ def untrained_method(name: str, preset: str):
 def scorers(name: str, preset: str, folder: Path, variants: tuple[str, ...]) -> dict[str, tuple[object, float]]:
     """``variant -> (scorer, seconds to build it)`` (export time for pt2 and onnx; the
     compile time of ``compiled`` is its first call's, measured in :func:`measure`)."""
-    from medad_fast.export import ExportedModel, export_method
+    from medad_fast.export import export_method
+    from medad_fast.exported import ExportedModel
     from medad_fast.runtime import compile_networks
 
     built = {}

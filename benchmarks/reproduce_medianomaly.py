@@ -129,7 +129,7 @@ def render(rows: list[dict[str, Any]], skipped: dict[str, str], command: str) ->
 
 def run_one(method: str, seed: int, data: Path, out: Path, device: str, epochs: int | None) -> dict[str, Any]:
     """Train (or resume) and evaluate one method at one seed; the row of ``reproduce.json``."""
-    from medad_fast.config import resolve_config
+    from medad_fast.methods import resolve_config
     from medad_fast.evaluate import evaluate
     from medad_fast.train import train
 
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"reproduce_medianomaly: skipping {method}: {skipped[method]}", file=sys.stderr)
         else:
             runnable.append(method)
-    from medad_fast.config import resolve_config
+    from medad_fast.methods import resolve_config
 
     for method in runnable:
         epochs = resolve_config(method, PRESET, epochs=args.epochs).run.epochs

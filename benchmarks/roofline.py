@@ -96,9 +96,8 @@ def matmul_rate(side: int = MATMUL_SIDE, rounds: int = 5, clock: Callable[[], fl
 def make_trainer(method: str, preset: str, batch_size: int | None = None):
     """A :class:`~medad_fast.train.Trainer` of ``method`` at ``preset`` on the CPU, with
     ``batch_size`` in place of the preset's when given; 4 batches of images."""
-    from medad_fast.config import resolve_config
     from medad_fast.data.phantom import ellipse_slices
-    from medad_fast.methods import create_method
+    from medad_fast.methods import create_method, resolve_config
     from medad_fast.train import Trainer
 
     config = resolve_config(method, preset, **({"batch_size": batch_size} if batch_size else {}))
@@ -127,7 +126,7 @@ def measure_jobs(method: str, preset: str, batch_size: int | None, rounds: int,
 
 
 def _preset_batch(method: str, preset: str) -> int:
-    from medad_fast.config import resolve_config
+    from medad_fast.methods import resolve_config
 
     return resolve_config(method, preset).run.batch_size
 

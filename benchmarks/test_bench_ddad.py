@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from conftest import measure
-from medad_fast.config import resolve_config
+from medad_fast.methods import resolve_config
 from medad_fast.models import AutoencoderEnsemble
 
 PRESET = "small"

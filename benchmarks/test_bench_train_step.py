@@ -16,9 +16,8 @@ import torch
 
 from conftest import measure
 from medad_fast import ops
-from medad_fast.config import resolve_config
 from medad_fast.data.phantom import ellipse_slices
-from medad_fast.methods import create_method, method_names
+from medad_fast.methods import create_method, method_names, resolve_config
 from medad_fast.train import Trainer
 
 PRESET = "small"

@@ -73,8 +73,7 @@ def write_scan(folder: Path, side: int, slices: int, liver_slices: int) -> tuple
 def write_checkpoint(path: Path, preset: str) -> dict:
     """An untrained checkpoint of the method at ``preset``; returns its run settings."""
     from medad_fast.checkpoint import checkpoint_bytes
-    from medad_fast.config import resolve_config
-    from medad_fast.methods import create_method
+    from medad_fast.methods import create_method, resolve_config
 
     config = resolve_config(METHOD, preset)
     method = create_method(config)

@@ -1,8 +1,7 @@
 """medad_fast: frequency-aware self-supervised lesion detection with fused C++/CUDA ops."""
 
-__version__ = "0.1.0"
-
-from . import cpu_isa as _cpu_isa  # noqa: E402  (imports no torch)
+from ._version import __version__
+from . import cpu_isa as _cpu_isa  # (imports no torch)
 
 # MEDAD_FAST_REPRODUCIBLE=1: pin the kernels' instruction set before torch first computes
 if _cpu_isa.reproducible_requested():

@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from ._version import __version__
 from .cpu_isa import isa_report
 
 try:
@@ -38,8 +39,6 @@ if HAS_EXTENSION:
 
 def build_info() -> dict:
     """Build and runtime facts: what ``medad-fast info`` prints."""
-    from . import __version__
-
     info = {
         "version": __version__,
         "torch": torch.__version__,

@@ -46,6 +46,7 @@ import torch
 
 from .config import Config
 from .io import atomic_write_bytes, fsync_directory
+from .methods import config_from_dict
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -96,7 +97,7 @@ def migrate_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
     scheduler, ``alpha`` at the top and the synthesis generator under ``synthesis``."""
     if state.get("format") != _FORMAT_1:
         return state
-    config = Config.from_dict(state["config"])
+    config = config_from_dict(state["config"])
     migrated = dict(state)
     migrated.update(
         format=CHECKPOINT_FORMAT, method=config.run.method, config=config.to_dict(),
@@ -145,7 +146,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                          f"expected {CHECKPOINT_FORMAT!r})")
     state = migrate_checkpoint(state)
     if expected is not None:
-        saved = Config.from_dict(state["config"]).architecture()
+        saved = config_from_dict(state["config"]).architecture()
         wanted = expected.architecture()
         if saved != wanted:
             differences = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs requested {wanted.get(k)!r}"
@@ -304,7 +305,7 @@ def latest_valid_checkpoint(run_dir: str | os.PathLike, expected: Config | None 
 
 
 def _check_architecture(path: Path, state: dict[str, Any], expected: Config) -> None:
-    if Config.from_dict(state["config"]).architecture() != expected.architecture():
+    if config_from_dict(state["config"]).architecture() != expected.architecture():
         # load_checkpoint words the refusal (which fields differ); only this error path reads twice
         load_checkpoint(path, map_location="cpu", expected=expected)
         raise ValueError(f"checkpoint {path} does not fit the requested model")  # not reached

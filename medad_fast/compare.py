@@ -46,12 +46,12 @@ from typing import Any
 
 import numpy as np
 
-from .config import OPTIONAL_PRESET_NAMES, PRESET_NAMES, Config, RunConfig, resolve_config
+from .config import OPTIONAL_PRESET_NAMES, PRESET_NAMES, Config, RunConfig
 from .data.crop import resolve_crop
 from .data.layout import has_split
 from .io import atomic_write_json, atomic_write_text, check_writable_folder
 from .method_options import MethodOption, option_name, option_owners, settings_for_methods
-from .methods import get_method, method_names
+from .methods import config_from_dict, get_method, method_names, resolve_config
 
 __all__ = ["Entry", "COLUMNS", "run_entry", "sweep", "add_arguments", "main"]
 
@@ -121,7 +121,7 @@ def run_entry(entry: Entry, data: Path, folder: Path, preset: str, common: dict[
     run, eval_dir = folder / "run", folder / "eval"
     config_path = run / "config.json"
     if config_path.is_file():
-        saved = Config.from_dict(json.loads(config_path.read_text())).to_dict()
+        saved = config_from_dict(json.loads(config_path.read_text())).to_dict()
         differences = _config_difference(saved, config.to_dict())
         if differences:
             raise SystemExit(f"medad-fast compare: {run} holds a run of another config ({'; '.join(differences)}); "

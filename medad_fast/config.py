@@ -10,9 +10,15 @@ A run is configured in two parts that travel together (:class:`Config`) into
 
 A method's presets (``paper``, ``small``, ``tiny``, and any of its own such as
 ``medianomaly``) fill both parts;
-command-line options override single fields (:func:`resolve_config`).
+command-line options override single fields (:func:`config_from_preset`).
 Configs written before methods existed (one flat dict, checkpoint format 1) are read as
 the ``frequency_aware`` method (:meth:`Config.from_dict`).
+
+Which dataclass holds a method's settings, and what its presets are, the method registry
+knows; this module does not import it (the methods import this module), so the two readers
+take them from their caller. Callers use the registry's wrappers,
+:func:`medad_fast.methods.resolve_config` and :func:`medad_fast.methods.config_from_dict`,
+which look the method up by name.
 
 A third, optional part is the run's preprocessing record
 (:class:`medad_fast.preprocessing.Preprocessing`: HU window, hist-eq, crop, side), decided
@@ -24,12 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .preprocessing import Preprocessing
 
-__all__ = ["RunConfig", "MethodConfig", "Config", "resolve_config", "setting", "CONFIG_FORMAT", "PRESET_NAMES", "OPTIONAL_PRESET_NAMES"]
+__all__ = ["RunConfig", "MethodConfig", "Config", "config_from_preset", "setting", "CONFIG_FORMAT", "PRESET_NAMES",
+           "OPTIONAL_PRESET_NAMES"]
 
 #: version of the dict written by :meth:`Config.to_dict` (format 1: the flat dict of ef63857)
 CONFIG_FORMAT = 2
@@ -232,32 +240,29 @@ class Config:
                 **({"preprocessing": self.preprocessing.to_dict()} if self.preprocessing is not None else {})}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Config:
-        """Inverse of :meth:`to_dict`; also reads the flat dict of format 1 (one method)."""
-        from .methods import get_method
-
+    def from_dict(cls, values: dict[str, Any], method_config: Callable[[str], type[MethodConfig]]) -> Config:
+        """Inverse of :meth:`to_dict`; also reads the flat dict of format 1 (one method).
+        ``method_config``: a method's name -> its settings' dataclass, ``ValueError`` for an
+        unknown name (:func:`medad_fast.methods.config_from_dict` passes the registry's)."""
         if "run" not in values:
-            return cls._from_flat(values)
+            return cls._from_flat(values, method_config)
         # a run saved before cropping existed was trained on whole slices
         run = _from_dict(RunConfig, {"crop": "none", **values["run"]}, "run")
-        method_cls = get_method(run.method)
         record = values.get("preprocessing")
-        return cls(run, _from_dict(method_cls.Config, values.get("method_config", {}), run.method),
+        return cls(run, _from_dict(method_config(run.method), values.get("method_config", {}), run.method),
                    None if record is None else Preprocessing.from_dict(record, "config preprocessing"))
 
     @classmethod
-    def _from_flat(cls, values: dict[str, Any]) -> Config:
+    def _from_flat(cls, values: dict[str, Any], method_config: Callable[[str], type[MethodConfig]]) -> Config:
         """Format 1: every field of the paper's method and of the run in one dict."""
-        from .methods import get_method
-
-        method_cls = get_method("frequency_aware")
+        method_cls = method_config("frequency_aware")
         run_keys = {f.name for f in dataclasses.fields(RunConfig)}
         values = {k: v for k, v in values.items() if k not in _RETIRED_KEYS}
         run_values = {k: v for k, v in values.items() if k in run_keys}
         method_values = {k: v for k, v in values.items() if k not in run_keys}
         run_values.update(method="frequency_aware")
         run_values.setdefault("crop", "none")  # format 1 predates cropping: whole slices
-        return cls(_from_dict(RunConfig, run_values, "run"), _from_dict(method_cls.Config, method_values, "frequency_aware"))
+        return cls(_from_dict(RunConfig, run_values, "run"), _from_dict(method_cls, method_values, "frequency_aware"))
 
     def replace(self, **changes: Any) -> Config:
         """A copy with fields of either part changed (each name belongs to one part)."""
@@ -275,22 +280,22 @@ class Config:
         return dataclasses.replace(self, preprocessing=record)
 
 
-def resolve_config(method: str = "frequency_aware", preset: str = "paper", **overrides: Any) -> Config:
-    """The config of ``method`` at ``preset`` with ``overrides`` (fields of either part;
-    None values are ignored). ``ValueError`` names an unknown method, preset or field."""
-    from .methods import get_method
-
-    method_cls = get_method(method)
-    if preset not in method_cls.presets:
+def config_from_preset(method: str, preset: str, presets: Mapping[str, dict[str, Any]],
+                       method_config: type[MethodConfig], overrides: Mapping[str, Any]) -> Config:
+    """The config of ``method`` (whose settings' dataclass is ``method_config`` and whose
+    presets are ``presets``) at ``preset`` with ``overrides`` (fields of either part; None
+    values are ignored). ``ValueError`` names an unknown preset or field.
+    :func:`medad_fast.methods.resolve_config` looks ``presets`` and ``method_config`` up by name."""
+    if preset not in presets:
         raise ValueError(f"unknown preset {preset!r} for method {method!r}; choose one of "
-                         f"{sorted(method_cls.presets)}")
-    values = {**method_cls.presets[preset], **{k: v for k, v in overrides.items() if v is not None}}
+                         f"{sorted(presets)}")
+    values = {**presets[preset], **{k: v for k, v in overrides.items() if v is not None}}
     run_keys = {f.name for f in dataclasses.fields(RunConfig)} - {"method", "preset"}
-    method_keys = {f.name for f in dataclasses.fields(method_cls.Config)}
+    method_keys = {f.name for f in dataclasses.fields(method_config)}
     unknown = sorted(set(values) - run_keys - method_keys)
     if unknown:
         raise ValueError(f"method {method!r} has no setting {', '.join(unknown)}; its settings: "
                          f"{sorted(method_keys)}; run settings: {sorted(run_keys)}")
     run = _from_dict(RunConfig, {"method": method, "preset": preset,
                                  **{k: v for k, v in values.items() if k in run_keys}}, "run")
-    return Config(run, _from_dict(method_cls.Config, {k: v for k, v in values.items() if k in method_keys}, method))
+    return Config(run, _from_dict(method_config, {k: v for k, v in values.items() if k in method_keys}, method))

@@ -4,7 +4,7 @@ own code): resolve a checkpoint, rebuild its method, score batches of slices.
 No training code is imported here: a checkpoint carries the method's name and both parts
 of its config, so :func:`load_method` rebuilds any registered method from the file alone.
 :func:`load_scorer` also reads the files of ``medad-fast export`` (``.pt2``, ``.onnx``:
-:class:`medad_fast.export.ExportedModel`); the scoring functions take either.
+:class:`medad_fast.exported.ExportedModel`); the scoring functions take either.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from .checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint
 from .config import Config
 from .data.crop import paste_back
 from .data.dataset import SliceBatch, iter_batches
-from .export import ExportedModel, is_exported_file
-from .methods import Method, get_method
+from .exported import ExportedModel, is_exported_file
+from .methods import Method, config_from_dict, get_method
 from .preprocessing import legacy_preprocessing
 from .runtime import compile_networks, resolve_device
 
@@ -76,7 +76,7 @@ def load_method(run_or_checkpoint: str | os.PathLike, device: str | torch.device
     device = resolve_device(device)
     path = resolve_checkpoint(run_or_checkpoint)
     state = load_checkpoint(path, map_location="cpu")
-    config = Config.from_dict(state["config"])
+    config = config_from_dict(state["config"])
     if config.preprocessing is None:  # saved before the record existed: assumed, with a warning naming it
         config = config.with_preprocessing(legacy_preprocessing(config.run, path))
     method = get_method(config.run.method)(config)
@@ -92,7 +92,7 @@ def load_method(run_or_checkpoint: str | os.PathLike, device: str | torch.device
 def load_scorer(path: str | os.PathLike, device: str | torch.device | None = "cpu", compile: bool = False
                 ) -> Method | ExportedModel:
     """What scores with ``path``: an exported file (``.pt2``, ``.onnx``) ->
-    :class:`~medad_fast.export.ExportedModel`; a checkpoint or run directory -> its method
+    :class:`~medad_fast.exported.ExportedModel`; a checkpoint or run directory -> its method
     (:func:`load_method`, ``compile`` as there; an exported file is compiled already).
     Either has ``config``, ``predict`` and ``to_memory_format``, all the scoring functions
     below use. Errors name the file."""

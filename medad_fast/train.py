@@ -84,13 +84,13 @@ from . import distributed, ops
 from .augment import NormalSliceAugmentation
 from .checkpoint import (BEST_NAME, DEFAULT_KEEP, LATEST_NAME, global_rng_states, latest_valid_checkpoint,
                          list_checkpoints, point_best_checkpoint, restore_global_rng_states, save_checkpoint)
-from .config import OPTIONAL_PRESET_NAMES, PRESET_NAMES, Config, RunConfig, resolve_config
+from .config import OPTIONAL_PRESET_NAMES, PRESET_NAMES, Config, RunConfig
 from .data.crop import CROP_MODES, crops_liver, resolve_crop
 from .preprocessing import decide_preprocessing
 from .distributed import DistributedContext, is_main_process
 from .io import atomic_write_json, atomic_write_text, check_writable_folder
 from .method_options import method_options, option_owners
-from .methods import DEFAULT_METHOD, Method, create_method, get_method, method_names
+from .methods import DEFAULT_METHOD, Method, create_method, get_method, method_names, resolve_config
 from .runtime import compile_networks, deterministic_mode, needs_grad_scaler, ops_mode, resolve_device
 from .validation import SyntheticValidationSet, ValidationState, split_validation
 

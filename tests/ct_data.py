@@ -140,8 +140,7 @@ def tiny_checkpoint(path: Path, image_size: int = 32, record: bool = True, **ove
     with the preprocessing record training would give it (``record=False``: none, as one
     saved before records existed); ``overrides``: config fields (e.g. ``data``)."""
     from medad_fast.checkpoint import checkpoint_bytes
-    from medad_fast.config import resolve_config
-    from medad_fast.methods import create_method
+    from medad_fast.methods import create_method, resolve_config
     from medad_fast.preprocessing import decide_preprocessing
 
     config = resolve_config("ae", "tiny", image_size=image_size, **overrides)

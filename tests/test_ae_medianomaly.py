@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from medad_fast.config import OPTIONAL_PRESET_NAMES, RunConfig, resolve_config
-from medad_fast.methods import create_method
+from medad_fast.config import OPTIONAL_PRESET_NAMES, RunConfig
+from medad_fast.methods import create_method, resolve_config
 from medad_fast.models.autoencoder import ConvAutoencoder, DenseAutoencoder
 from medad_fast.models.scoring import smoothed_residual_map
 

@@ -10,8 +10,8 @@ import torch
 
 from medad_fast import augment
 from medad_fast.augment import LIVER_FLOOR, NormalSliceAugmentation, augment_normal_slices
-from medad_fast.config import RunConfig, resolve_config
-from medad_fast.methods import create_method, method_names
+from medad_fast.config import RunConfig
+from medad_fast.methods import create_method, method_names, resolve_config
 from medad_fast.train import Trainer
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -253,7 +253,7 @@ def write_slices(folder: Path, n_liver: int, n_black: int) -> Path:
 
 
 def test_training_slices_without_liver_are_refused_or_skipped(tmp_path, capsys, monkeypatch):
-    from medad_fast.config import resolve_config
+    from medad_fast.methods import resolve_config
     from medad_fast.train import EmptySlicesSkippedWarning, load_training_images
 
     monkeypatch.setenv("MEDAD_FAST_CACHE", str(tmp_path / "cache"))

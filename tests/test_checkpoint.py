@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medad_fast import checkpoint as ckpt
-from medad_fast.config import resolve_config
+from medad_fast.methods import resolve_config
 
 
 def make_state(epoch: int, step: int, preset: str = "small") -> dict:

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from medad_fast.config import resolve_config
-from medad_fast.methods import create_method, method_names
+from medad_fast.methods import create_method, method_names, resolve_config
 from medad_fast.ops import SkipMerge
 from medad_fast.runtime import compile_networks
 from medad_fast.train import Trainer

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from medad_fast import train as train_module
-from medad_fast.config import Config, resolve_config
+from medad_fast.config import Config
 from medad_fast.data.bmad import load_split
 from medad_fast.data.crop import (Box, EmptyLiverWarning, crop_to_box, group_boxes, liver_box, liver_extent,
                                   paste_back, resolve_crop, square_box)
 from medad_fast.data.dataset import BmadSliceDataset, ImageFileDataset
 from medad_fast.data.phantom import write_phantom_dataset
 from medad_fast.io import save_png
-from medad_fast.methods import method_names
+from medad_fast.methods import config_from_dict, method_names, resolve_config
 from medad_fast.train import TrainingInterrupted, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -171,7 +171,7 @@ def test_auto_crops_prepared_ct_only_and_old_runs_read_as_whole_slices(tmp_path,
         resolve_config("ae", "tiny", crop="box")
     saved = resolve_config("ae", "tiny").to_dict()
     del saved["run"]["crop"]  # a config.json written before cropping existed
-    assert Config.from_dict(saved).run.crop == "none"
+    assert config_from_dict(saved).run.crop == "none"
 
 
 # ----------------------------------------------------------------------------- training and scoring

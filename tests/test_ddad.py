@@ -15,8 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medad_fast.config import resolve_config
-from medad_fast.methods import create_method, image_scores
+from medad_fast.methods import create_method, image_scores, resolve_config
 from medad_fast.losses import focal_loss
 from medad_fast.methods.ddad import (discrepancy_maps, load_unlabeled_images, member_permutation, patch_anomalies,
                                      rank_batches)

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 
 from medad_fast import ops
 from medad_fast.augment import augment_anomaly_sources, rotate_normal_images
-from medad_fast.config import resolve_config
 from medad_fast.losses import focal_loss, ssim
-from medad_fast.methods import create_method
+from medad_fast.methods import create_method, resolve_config
 from medad_fast.methods.draem import ConcatSkip, discriminative_network
 from medad_fast.models.segmentation import SegmentationNetwork
 from medad_fast.synthesis import AnomalySynthesizer

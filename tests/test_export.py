@@ -15,7 +15,8 @@ import torch
 from medad_fast import ops
 from medad_fast.cli import main as cli
 from medad_fast.data.bmad import load_split
-from medad_fast.export import ExportedModel, MatrixButterworthHighpass
+from medad_fast.export import MatrixButterworthHighpass
+from medad_fast.exported import ExportedModel
 from medad_fast.inference import load_method, load_scorer, score_images
 from medad_fast.methods import method_names
 

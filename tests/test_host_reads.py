@@ -27,9 +27,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from medad_fast.config import resolve_config
 from medad_fast.data.phantom import ellipse_slices
-from medad_fast.methods import create_method, method_names
+from medad_fast.methods import create_method, method_names, resolve_config
 from medad_fast.train import Trainer
 
 from conftest import requires_cuda

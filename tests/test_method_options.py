@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from medad_fast.cli import build_parser, main as cli
-from medad_fast.config import resolve_config
+from medad_fast.methods import resolve_config
 from medad_fast.data.sources import (TRAINING_SOURCE_SEED_OFFSET, anomaly_source_pool, load_anomaly_sources,
                                      perlin_texture_sources, training_sources)
 from medad_fast.method_options import method_options, option_owners, settings_for_methods

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from medad_fast.cli import main as cli
-from medad_fast.config import Config, resolve_config
-from medad_fast.methods import Method, create_method, get_method, method_names
+from medad_fast.config import Config
+from medad_fast.methods import Method, config_from_dict, create_method, get_method, method_names, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "train_driver.py"
@@ -55,7 +55,7 @@ def test_method_declares_what_the_engine_needs(name):
     assert {"paper", "small", "tiny"} <= set(cls.presets)
     for preset in cls.presets:
         config = resolve_config(name, preset)
-        assert Config.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+        assert config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert set(cls.Config.architecture_fields) <= {f.name for f in dataclasses.fields(cls.Config)}
 
 

@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from medad_fast.checkpoint import CHECKPOINT_FORMAT, checkpoint_bytes, load_checkpoint
-from medad_fast.config import resolve_config
 from medad_fast.inference import load_method
-from medad_fast.methods import create_method
+from medad_fast.methods import config_from_dict, create_method, resolve_config
 from medad_fast.models import (FrequencyAwareModel, ReconstructionNetwork, SegmentationNetwork, image_scores,
                                msgms_anomaly_map, score_filter_size)
 from medad_fast.ops import ButterworthHighpass, SkipMerge
@@ -246,15 +245,17 @@ def test_checkpoint_loading_is_weights_only_and_checks_the_format(tmp_path):
 
 
 def test_config_round_trip_presets_and_bad_values():
-    from medad_fast.config import Config
     small = resolve_config("frequency_aware", "small")
-    assert Config.from_dict(small.to_dict()) == small
+    assert config_from_dict(small.to_dict()) == small
     paper = resolve_config("frequency_aware", "paper")
     run, method = paper.run, paper.method
     assert (method.recon_width, method.seg_width, run.image_size, run.batch_size, run.epochs, run.lr,
             method.alpha_decay_epochs, method.butterworth_order, method.d0) == (128, 64, 256, 8, 230, 1e-4, 20.0, 2, 30.0)
     with pytest.raises(ValueError, match="unknown run config keys"):
-        Config.from_dict({**small.to_dict(), "run": {**small.to_dict()["run"], "bogus": 1}})
+        config_from_dict({**small.to_dict(), "run": {**small.to_dict()["run"], "bogus": 1}})
+    # a saved config of a method this install does not have: named, with the known ones listed
+    with pytest.raises(ValueError, match=r"unknown method 'nope'; choose one of \['frequency_aware', 'ae', "):
+        config_from_dict({**small.to_dict(), "run": {**small.to_dict()["run"], "method": "nope"}})
     with pytest.raises(ValueError, match="unknown preset"):
         resolve_config("frequency_aware", "huge")
     with pytest.raises(ValueError, match="unknown method 'nope'"):
@@ -267,10 +268,9 @@ def test_config_round_trip_presets_and_bad_values():
 
 
 def test_format_1_flat_config_reads_as_the_paper_method():
-    from medad_fast.config import Config
     flat = {"preset": "small", "image_size": 96, "recon_width": 16, "seg_width": 16, "seg_depth": 3, "epochs": 70,
             "lr": 1e-3, "mode": "seg_only", "roi": False, "extra": {}, "checkpoint_every": 1}
-    config = Config.from_dict(flat)
+    config = config_from_dict(flat)
     assert config.run.method == "frequency_aware" and config.run.image_size == 96 and config.run.checkpoint_every == 1
     assert (config.method.mode, config.method.roi, config.method.recon_width) == ("seg_only", False, 16)
 

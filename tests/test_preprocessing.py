@@ -16,7 +16,7 @@ import torch
 
 from ct_data import liver_phantom, tiny_checkpoint, write_nifti
 from medad_fast.cli import main as cli
-from medad_fast.config import Config, resolve_config
+from medad_fast.methods import config_from_dict, resolve_config
 from medad_fast.preprocessing import (PREPROCESSING_KEY, LegacyPreprocessingWarning, Preprocessing,
                                       decide_preprocessing)
 
@@ -162,4 +162,4 @@ def test_the_record_is_decided_from_the_training_slices_and_checked(tmp_path):
     with pytest.raises(ValueError, match="does not match the run"):
         config.with_preprocessing(Preprocessing(image_size=64))
     saved = config.with_preprocessing(Preprocessing(window=(-100.0, 300.0), image_size=32))
-    assert Config.from_dict(json.loads(json.dumps(saved.to_dict()))) == saved
+    assert config_from_dict(json.loads(json.dumps(saved.to_dict()))) == saved

@@ -106,7 +106,7 @@ def test_ddad_rows_report_the_refined_and_the_inter_discrepancy_map(tmp_path):
 
 
 def test_the_inter_map_is_not_the_refined_one_once_the_asr_trains(tmp_path):
-    from medad_fast.config import resolve_config
+    from medad_fast.methods import resolve_config
     from medad_fast.train import train
 
     root = write_brain_tumor(tmp_path / "data")

@@ -17,7 +17,7 @@ import torch
 from medad_fast import train as train_module
 from medad_fast.checkpoint import list_checkpoints
 from medad_fast.cli import main as cli
-from medad_fast.config import resolve_config
+from medad_fast.methods import resolve_config
 from medad_fast.data.phantom import write_phantom_dataset
 from medad_fast.train import TrainingInterrupted, train
 

@@ -15,7 +15,7 @@ from medad_fast import train as train_module
 from medad_fast import validation as validation_module
 from medad_fast.checkpoint import BEST_NAME, list_checkpoints
 from medad_fast.cli import main as cli
-from medad_fast.config import resolve_config
+from medad_fast.methods import resolve_config
 from medad_fast.evaluate import evaluate
 from medad_fast.inference import resolve_checkpoint
 from medad_fast.predict import predict

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medad_fast.config import resolve_config
-from medad_fast.methods import create_method
+from medad_fast.methods import create_method, resolve_config
 from medad_fast.methods.squid import affine_warp, random_affine
 from medad_fast.models.squid import (MemoryMatrixBlock, MemoryQueue, memory_read, neighbour_features,
                                      patchify, position_code, top_k_attention, unpatchify)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from medad_fast.config import resolve_config
+from medad_fast.methods import resolve_config
 from medad_fast.data.phantom import write_phantom_dataset
 from medad_fast.evaluate import evaluate
 from medad_fast.train import train

@@ -21,7 +21,9 @@ image without one: it is a broken export, and scoring it would count lesions as 
 
 A folder with a ``data.json`` (the MedIAnomaly / DDAD-ASR layout, or a folder holding exactly
 one such dataset) is read by :mod:`medad_fast.data.medianomaly`; :func:`list_split` and
-:func:`has_split` dispatch there, so every reader of the BMAD layout reads it too.
+:func:`has_split` dispatch there, so every reader of the BMAD layout reads it too. The split names and
+the slice record both readers share (:data:`SPLITS`, :class:`SliceFile`, :func:`check_split`) live in
+:mod:`medad_fast.data.splits` and are re-exported here.
 The writers (``medad-fast phantom``: :mod:`medad_fast.data.phantom`; ``medad-fast prepare``:
 :mod:`medad_fast.data.volumes`) write ``img`` + ``label`` PNGs through :func:`slice_relpaths`
 and a ``manifest.json`` at the root.
@@ -40,7 +42,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path, PurePosixPath
-from typing import Iterable, NamedTuple
+from typing import Iterable
+
+from medad_fast.data import medianomaly
+from medad_fast.data.splits import SPLITS, SliceFile, check_split
 
 __all__ = [
     "SPLITS",
@@ -67,7 +72,6 @@ __all__ = [
     "collect_image_files",
 ]
 
-SPLITS = ("train", "valid", "test")
 EVAL_SPLITS = ("valid", "test")  # the splits that hold abnormal slices; train is normal only
 NORMAL_FOLDER = "good"
 ABNORMAL_FOLDER = "Ungood"
@@ -81,21 +85,6 @@ MANIFEST_NAME = "manifest.json"
 # has more. Requiring >= 4 keeps a name like "img_1" from being taken for slice 1 of "img".
 SLICE_INDEX_DIGITS = 4
 _SLICE_STEM = re.compile(r"(?P<volume>.+)_(?P<index>\d{%d,})" % SLICE_INDEX_DIGITS)
-
-
-class SliceFile(NamedTuple):
-    """One slice of a split: its image, its mask (None for a normal slice) and its label."""
-
-    image: Path
-    mask: Path | None
-    abnormal: bool
-
-
-def check_split(split: str) -> str:
-    """``split`` itself; ``ValueError`` naming it when it is not one of :data:`SPLITS`."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return split
 
 
 def kind_folder(abnormal: bool) -> str:
@@ -252,8 +241,6 @@ def is_image_level(entries: Iterable[SliceFile]) -> bool:
 def has_split(root: str | os.PathLike, split: str) -> bool:
     """Whether the data folder ``root`` has ``split``: its folder (``train/good`` for train)
     in the BMAD layout, its key in ``data.json`` in the MedIAnomaly layout. Nothing is listed."""
-    from medad_fast.data import medianomaly
-
     check_split(split)
     dataset = medianomaly.dataset_root(root)
     if dataset is not None:
@@ -280,8 +267,6 @@ def list_split(root: str | os.PathLike, split: str) -> list[SliceFile]:
     the first abnormal image without a mask when others have one; ``ValueError`` for an
     unknown split name.
     """
-    from medad_fast.data import medianomaly
-
     check_split(split)
     root = Path(root).expanduser()
     if not root.is_dir():

@@ -40,7 +40,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from medad_fast.data.layout import SPLITS, SliceFile, check_split
+from medad_fast.data.splits import SPLITS, SliceFile, check_split
 
 __all__ = ["DATA_JSON", "IMAGES_FOLDER", "MISSING_LIMIT", "dataset_root", "read_data_json", "splits", "list_split",
            "unlabeled_files"]

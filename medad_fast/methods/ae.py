@@ -57,7 +57,7 @@ from ..losses import reconstruction_loss
 from ..models.autoencoder import ConvAutoencoder, DenseAutoencoder
 from ..models.scoring import smoothed_residual_map
 from ..schedules import adam_with_milestones
-from . import register
+from .registry import register
 from .base import Method
 
 __all__ = ["AutoencoderConfig", "AutoencoderMethod", "LATENTS", "INPUT_RANGES", "RESIDUALS", "IMAGE_SCORES"]

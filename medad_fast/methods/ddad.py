@@ -100,7 +100,7 @@ from ..data.crop import crops_liver
 from ..losses import focal_loss
 from ..models.ensemble import AutoencoderEnsemble
 from ..models.refinement import RefinementNet
-from . import register
+from .registry import register
 from .base import Method
 
 __all__ = ["DDADConfig", "DDADMethod", "IMAGE_SCORES", "STAGES", "discrepancy_maps", "load_unlabeled_images",

@@ -73,7 +73,7 @@ from ..models.reconstruction import ReconstructionNetwork
 from ..models.segmentation import SegmentationNetwork
 from ..schedules import adam_with_milestones
 from ..synthesis import AnomalySynthesizer
-from . import register
+from .registry import register
 from .base import Method
 
 __all__ = ["DRAEM_MAX_BETA", "ConcatSkip", "DraemConfig", "DraemMethod", "discriminative_network",

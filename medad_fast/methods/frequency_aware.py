@@ -31,7 +31,7 @@ from ..losses import reconstruction_loss, segmentation_loss
 from ..models.model import MODES, FrequencyAwareModel
 from ..schedules import adam_with_milestones, alpha_at
 from ..synthesis import AnomalySynthesizer
-from . import register
+from .registry import register
 from .base import Method
 
 __all__ = ["FrequencyAwareConfig", "FrequencyAwareMethod"]

@@ -111,7 +111,7 @@ from .. import distributed
 from ..config import Config, MethodConfig, setting
 from ..models.scoring import smoothed_residual_map
 from ..models.squid import Decoder, Discriminator, InpaintingBlock, PatchEncoder, patchify, squid_widths, unpatchify
-from . import register
+from .registry import register
 from .base import Method, image_scores
 
 __all__ = ["IMAGE_SCORES", "AFFINE_TRANSLATE", "AFFINE_SCALE", "EPOCHS_MEDIANOMALY", "random_affine", "SquidConfig",

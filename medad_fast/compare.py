@@ -247,7 +247,7 @@ def _owners_help(owners: dict[str, MethodOption]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .train import add_small_data_arguments
+    from .cli._arguments import add_small_data_arguments
 
     parser.add_argument("--data", required=True, type=Path, metavar="DIR",
                         help="BMAD-layout folder (trains on train/good, evaluates on test) or MedIAnomaly "
@@ -293,7 +293,7 @@ def _anomaly_source_methods(methods: list[str], val_fraction: float | None) -> l
 
 
 def main(args: argparse.Namespace) -> int:
-    from .train import small_data_values
+    from .cli._arguments import small_data_values
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in method_names()]

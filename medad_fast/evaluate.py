@@ -67,7 +67,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .cli import int_at_least
+from .cli._arguments import add_display_arguments, add_value_check_arguments, int_at_least
 from .cpu_isa import isa_report
 from .data.dataset import BmadSliceDataset
 from .data.layout import is_image_level
@@ -78,7 +78,7 @@ from .operating_point import (OPERATING_POINT_NAME, check_calibration_split, def
                               write_operating_point)
 from .runtime import ops_mode, resolve_device
 from .volume_evaluate import DEFAULT_LESION_THRESHOLDS
-from .volume_inference import DEFAULT_TOP_K, add_display_arguments, add_value_check_arguments
+from .volume_inference import DEFAULT_TOP_K
 from .visualize import plot_roc, write_cases
 
 __all__ = ["evaluate", "add_arguments", "main"]

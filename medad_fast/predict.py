@@ -83,7 +83,7 @@ import numpy as np
 import torch
 
 from . import __version__, distributed
-from .cli import int_at_least
+from .cli._arguments import add_display_arguments, add_value_check_arguments, int_at_least
 from .config import Config
 from .inference import load_scorer, resolve_checkpoint, score_dataset
 from .data.dataset import ImageFileDataset
@@ -96,8 +96,7 @@ from .preprocessing import preprocessing_of, scoring_window
 from .runtime import resolve_device
 from .visualize import overlay_heatmap, plot_review, save_rgb_png
 from .dicom_seg import require_highdicom, write_dicom_seg
-from .volume_inference import (DEFAULT_TOP_K, add_display_arguments, add_value_check_arguments, aggregate_slice_scores,
-                               display_images, read_ahead, score_volume)
+from .volume_inference import (DEFAULT_TOP_K, aggregate_slice_scores, display_images, read_ahead, score_volume)
 
 __all__ = ["predict", "predict_volumes", "is_volume_input", "add_arguments", "main"]
 

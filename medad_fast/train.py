@@ -64,12 +64,10 @@ uninterrupted one (bitwise on the CPU).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
 import sys
-import textwrap
 import threading
 import time
 import warnings
@@ -84,18 +82,17 @@ from . import distributed, ops
 from .augment import NormalSliceAugmentation
 from .checkpoint import (BEST_NAME, DEFAULT_KEEP, LATEST_NAME, global_rng_states, latest_valid_checkpoint,
                          list_checkpoints, point_best_checkpoint, restore_global_rng_states, save_checkpoint)
-from .config import OPTIONAL_PRESET_NAMES, PRESET_NAMES, Config, RunConfig
-from .data.crop import CROP_MODES, crops_liver, resolve_crop
+from .config import Config, RunConfig
+from .data.crop import crops_liver, resolve_crop
 from .preprocessing import decide_preprocessing
 from .distributed import DistributedContext, is_main_process
 from .io import atomic_write_json, atomic_write_text, check_writable_folder
-from .method_options import method_options, option_owners
-from .methods import DEFAULT_METHOD, Method, create_method, get_method, method_names, resolve_config
+from .methods import Method, create_method
 from .runtime import compile_networks, deterministic_mode, needs_grad_scaler, ops_mode, resolve_device
 from .validation import SyntheticValidationSet, ValidationState, split_validation
 
 __all__ = ["RunDirectory", "TrainState", "Trainer", "TrainingInterrupted", "train", "load_training_images",
-           "config_from_args", "add_arguments", "main"]
+           "default_run_directory"]
 
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
@@ -732,283 +729,10 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
     return record
 
 
-# ----------------------------------------------------------------------------- CLI
-
-# Each method's options are its own (medad_fast.method_options): `--image-score` of squid has
-# squid's choices and help, not ddad's. The parser registers every option name once, with
-# its help hidden, and checks a value against the option of the chosen method (--method,
-# which may come before or after it); `--method M --help` shows M's options.
-
-#: namespace attribute: setting -> (option string, value as given) of the method options given
-_GIVEN = "_method_options_given"
-#: namespace attribute: True once --method was given (the help then shows that method's options)
-_METHOD_GIVEN = "_method_given"
-
-
-def _method_option_error(namespace: argparse.Namespace, setting: str) -> str | None:
-    """Set ``setting`` on ``namespace`` from its given value, checked against the option of
-    the method chosen so far; else the error, naming the option and the method."""
-    option_string, given, _ = getattr(namespace, _GIVEN)[setting]
-    method = namespace.method
-    option = method_options(method).get(setting)
-    if option is None:
-        owners = ", ".join(option_owners()[setting])
-        return (f"argument {option_string}: method {method} has no option {option_string} (it is an option of "
-                f"{owners}); `medad-fast train --method {method} --help` lists {method}'s options")
-    try:
-        setattr(namespace, setting, option.parse(given))
-    except ValueError as exc:
-        return f"argument {option_string}: {exc}"
-    return None
-
-
-def _check_method_option(parser: argparse.ArgumentParser, namespace: argparse.Namespace, setting: str) -> None:
-    """:func:`_method_option_error` as an argparse error (exit 2); before ``--method`` was
-    given the check waits for it (a later ``--method`` checks again, and
-    :func:`config_from_args` checks against the default method)."""
-    error = _method_option_error(namespace, setting)
-    if error is not None and getattr(namespace, _METHOD_GIVEN, False):
-        parser.error(error)
-
-
-class _MethodOptionAction(argparse.Action):
-    """A method option (``--x V``), switch (``--x/--no-x``) or shortcut (``--recon-only``):
-    records what was given and checks it against the chosen method."""
-
-    def __init__(self, option_strings: list[str], dest: str, kind: str = "value", shortcut_value: Any = None,
-                 **kwargs: Any) -> None:
-        self.kind, self.shortcut_value = kind, shortcut_value
-        super().__init__(option_strings, dest, nargs=None if kind == "value" else 0, default=None,
-                         help=argparse.SUPPRESS, **kwargs)
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        value = {"value": values, "switch": not str(option_string).startswith("--no-"),
-                 "shortcut": self.shortcut_value}[self.kind]
-        given = getattr(namespace, _GIVEN, None)
-        if given is None:
-            given = {}
-            setattr(namespace, _GIVEN, given)
-        previous = given.get(self.dest)
-        if previous is not None and previous[0] != option_string and "shortcut" in (self.kind, previous[2]):
-            parser.error(f"argument {option_string}: not allowed with argument {previous[0]}")
-        given[self.dest] = (option_string, value, self.kind)
-        _check_method_option(parser, namespace, self.dest)
-
-
-class _MethodAction(argparse.Action):
-    """``--method``: stores the method and checks the method options given before it."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        setattr(namespace, self.dest, values)
-        setattr(namespace, _METHOD_GIVEN, True)
-        for setting in getattr(namespace, _GIVEN, {}):
-            _check_method_option(parser, namespace, setting)
-
-
-class _HelpAction(argparse.Action):
-    """``-h/--help``: the generic options, then those of ``--method`` when it came before,
-    else how to list a method's options."""
-
-    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        text = parser.format_help()
-        if getattr(namespace, _METHOD_GIVEN, False):
-            text += method_options_help(namespace.method, parser.prog, parser.formatter_class)
-        else:
-            hint = (f"each method has its own options (choices and help its own): `{parser.prog} --method M "
-                    f"--help` lists method M's; methods: {', '.join(method_names())}")
-            text += "\nmethod options:\n" + textwrap.fill(hint, 78, initial_indent="  ", subsequent_indent="  ") + "\n"
-        sys.stdout.write(text)
-        parser.exit()
-
-
-def add_method_option_group(parser: argparse.ArgumentParser, method: str) -> argparse._ArgumentGroup:
-    """``method``'s options in a group titled with it, as ordinary argparse options (types,
-    choices, help: the method's): what ``--method M --help`` shows."""
-    group = parser.add_argument_group(f"{method} options (default: the preset's)")
-    for option in method_options(method).values():
-        target = group.add_mutually_exclusive_group() if option.shortcuts else group
-        if option.is_switch:
-            target.add_argument(option.option, action=argparse.BooleanOptionalAction, default=None, help=option.help)
-        else:
-            target.add_argument(option.option, type=option.kind, choices=option.choices, default=None,
-                                help=option.help)
-        for shortcut in option.shortcuts:
-            target.add_argument(shortcut.option, action="store_const", const=shortcut.value, dest=option.setting,
-                                help=shortcut.help)
-    return group
-
-
-def method_options_help(method: str, prog: str, formatter_class: type = argparse.HelpFormatter) -> str:
-    """The help section of ``method``'s options (no usage line)."""
-    section = argparse.ArgumentParser(prog=prog, usage=argparse.SUPPRESS, add_help=False,
-                                      formatter_class=formatter_class)
-    add_method_option_group(section, method)
-    return "\n" + section.format_help()
-
-
-def _add_method_option_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every method option name once (help hidden; checked per method by the actions)."""
-    for setting, owners in option_owners().items():
-        option = next(iter(owners.values()))
-        if any(o.is_switch != option.is_switch for o in owners.values()):
-            raise TypeError(f"setting {setting} is a switch in some methods and not in others: {sorted(owners)}")
-        strings = [option.option, "--no-" + option.option[2:]] if option.is_switch else [option.option]
-        parser.add_argument(*strings, dest=setting, action=_MethodOptionAction,
-                            kind="switch" if option.is_switch else "value")
-        shortcuts = {s.option: s for o in owners.values() for s in o.shortcuts}
-        for shortcut in shortcuts.values():
-            parser.add_argument(shortcut.option, dest=setting, action=_MethodOptionAction, kind="shortcut",
-                                shortcut_value=shortcut.value)
-
-
-def method_setting_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The method settings of a parsed ``train`` command line (checked against the method
-    by the parser; None: not given)."""
-    return {name: getattr(args, name, None) for name in option_owners()}
-
-
-def _anomaly_source_methods() -> list[str]:
-    """The methods whose training uses ``--anomaly-source``."""
-    return [name for name in method_names() if get_method(name).uses_anomaly_sources]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # -h/--help shows the options of --method (the generic options' help, then the method's);
-    # it replaces argparse's own help option ("resolve": of this group's option strings only)
-    parser.add_argument_group("help", conflict_handler="resolve").add_argument(
-        "-h", "--help", action=_HelpAction, help="show this help (after --method M: with M's options) and exit")
-    parser.add_argument("--data", required=True, metavar="DIR",
-                        help="BMAD-layout folder (uses train/good) or MedIAnomaly dataset (the folder of its "
-                             "data.json; uses train[\"0\"])")
-    parser.add_argument("--method", default=DEFAULT_METHOD, choices=method_names(), action=_MethodAction,
-                        help=f"what to train (default {DEFAULT_METHOD}; `medad-fast methods` lists them); each "
-                             f"method has its own options: `--method M --help` lists them")
-    parser.add_argument("--anomaly-source", metavar="DIR",
-                        help="folder of anomaly-source images (default: Perlin-texture fallback), for the methods "
-                             f"that train on them ({', '.join(_anomaly_source_methods())}) and for the "
-                             "--val-fraction validation set of every method")
-    parser.add_argument("--preset", choices=PRESET_NAMES + OPTIONAL_PRESET_NAMES, default="paper",
-                        help="paper: the published setting; small: sized for a CPU; tiny: for tests; medianomaly: the "
-                             "MedIAnomaly benchmark protocol, 64 x 64 (methods that have it) (default paper)")
-    parser.add_argument("--out", metavar="RUN", help="run directory (default runs/<method>-<preset>-<time>)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    g = parser.add_argument_group("run overrides (default: the preset's)")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--image-size", type=int, help="training side in pixels")
-    g.add_argument("--max-train-images", type=int, help="use at most N training slices (seeded subset)")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--checkpoint-every", type=int, metavar="E", help="write a checkpoint every E epochs")
-    g.add_argument("--checkpoint-minutes", type=float, metavar="M",
-                   help="write a checkpoint when M minutes have passed since the last one (default 10)")
-    g.add_argument("--keep-checkpoints", type=int, default=DEFAULT_KEEP, metavar="K",
-                   help=f"keep the newest K checkpoints in the run directory (default {DEFAULT_KEEP})")
-    add_small_data_arguments(parser)
-    _add_method_option_arguments(parser)
-    r = parser.add_argument_group("runtime")
-    r.add_argument("--reference-ops", action="store_true",
-                   help="use the pure-PyTorch reference ops instead of the compiled extension")
-    r.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
-    r.add_argument("--no-channels-last", action="store_true", help="no channels_last memory format")
-    r.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the method's networks (the synthesis, losses and optimiser stay eager; "
-                        "compiling takes minutes on a CPU)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
-    r.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels: with the same --seed, identical loss logs and weights "
-                        "(bitwise on the CPU), also across --resume")
-
-
-def add_small_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """``--augment/--no-augment``, ``--augment-strength``, ``--val-fraction``, ``--patience``
-    (default None: the preset's, all off), ``--crop`` (default auto) and
-    ``--skip-empty-slices``; shared by ``train`` and ``compare``."""
-    g = parser.add_argument_group("small training sets and real CT (default: off; --crop auto)")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                   help="randomly flip, rotate, scale and jitter the intensities of the normal slices "
-                        "(inside the liver) before each step")
-    g.add_argument("--augment-strength", type=float, metavar="S",
-                   help="in [0, 1]: scales every augmentation range (default 1; 0 = no change)")
-    g.add_argument("--val-fraction", type=float, metavar="F",
-                   help="hold back this fraction of the normal slices as a synthetic validation set; keep "
-                        "the best epoch as checkpoint-best.pt (default 0: off)")
-    g.add_argument("--patience", type=int, metavar="P",
-                   help="stop after P epochs without a better validation score (needs --val-fraction)")
-    g.add_argument("--crop", choices=CROP_MODES,
-                   help="liver: cut every slice to its (volume's) liver box plus a margin before resizing it to "
-                        "the model's side, and paste the maps back into the whole slice; none: resize the whole "
-                        "slice; auto (default): liver for data written by `medad-fast prepare`, else none")
-    g.add_argument("--skip-empty-slices", action="store_true", default=None,
-                   help="leave out training slices without liver (all black), with one warning saying how many "
-                        "(default: refuse them)")
-    return g
-
-
-def small_data_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The run settings of :func:`add_small_data_arguments` (None: not given)."""
-    return {"augment": args.augment, "augment_strength": args.augment_strength, "val_fraction": args.val_fraction,
-            "patience": args.patience, "crop": args.crop, "skip_empty_slices": args.skip_empty_slices}
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The resolved :class:`Config` of the parsed command line; ``ValueError`` names a
-    method option the chosen method does not have or a value it does not take."""
-    for setting in getattr(args, _GIVEN, {}):
-        error = _method_option_error(args, setting)
-        if error is not None:
-            raise ValueError(error)
-    overrides = dict(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
-        max_train_images=args.max_train_images, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        checkpoint_minutes=args.checkpoint_minutes,
-        anomaly_source=str(args.anomaly_source) if args.anomaly_source else None, data=str(args.data),
-        reference_ops=args.reference_ops or None, amp=False if args.no_amp else None,
-        channels_last=False if args.no_channels_last else None, compile=args.compile,
-        **small_data_values(args))
-    overrides.update(method_setting_values(args))
-    return resolve_config(args.method, args.preset, **overrides)
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        config = config_from_args(args)
-        context = distributed.init_distributed(resolve_device(args.device))  # a no-op without torchrun
-        # every rank uses rank 0's default run directory (their clocks may disagree on the second)
-        default_out = Path("runs") / f"{config.run.method}-{config.run.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        out = Path(args.out) if args.out else distributed.broadcast_object(default_out)
-        start = time.perf_counter()
-        try:
-            record = train(config, out, resume=args.resume, device=context.device, progress=not args.no_progress,
-                           keep_checkpoints=args.keep_checkpoints, deterministic=args.deterministic)
-        except TrainingInterrupted as exc:
-            if context.is_main:
-                print(f"medad-fast train: {exc}", file=sys.stderr)
-            return exc.exit_code
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
-        print(f"medad-fast train: error: {exc}", file=sys.stderr)
-        return 2
-    if not context.is_main:
-        return 0
-    minutes = (time.perf_counter() - start) / 60
-    if record:
-        print(f"trained {out} to epoch {record['epoch']}: loss {record['loss']:.4f} ({minutes:.1f} min)")
-    print(f"checkpoint: {out / CHECKPOINT_NAME}")
-    best = out / BEST_NAME
-    if best.is_file() and record.get("val_best_epoch") is not None:
-        print(f"best checkpoint: {best} (epoch {record['val_best_epoch']}, validation score "
-              f"{record['val_best_score']:.4f}; what evaluate and predict use)")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    parser = argparse.ArgumentParser(prog="medad-fast train")
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
+def default_run_directory(config: Config, device: str | torch.device | None = None) -> Path:
+    """``runs/<method>-<preset>-<time>``: where a run goes when no folder is named. Under
+    torchrun it joins the process group (as :func:`train` does) and every rank gets rank 0's
+    name (their clocks may disagree on the second)."""
+    distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
+    name = f"{config.run.method}-{config.run.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return distributed.broadcast_object(Path("runs") / name)

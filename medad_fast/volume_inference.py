@@ -50,8 +50,7 @@ from .io import resize_images
 from .methods import Method
 from .preprocessing import preprocessing_of, scoring_window
 
-__all__ = ["VolumeScores", "score_volume", "aggregate_slice_scores", "display_images", "read_ahead", "add_display_arguments",
-           "add_value_check_arguments", "DEFAULT_TOP_K"]
+__all__ = ["VolumeScores", "score_volume", "aggregate_slice_scores", "display_images", "read_ahead", "DEFAULT_TOP_K"]
 
 T = TypeVar("T")
 
@@ -161,30 +160,3 @@ def read_ahead(loaders: Iterable[Callable[[], T]]) -> Iterator[T]:
             pending = future
         if pending is not None:
             yield pending.result()
-
-
-def add_display_arguments(group) -> None:
-    """``--window LO HI`` and ``--hist-eq``: how CT slices are turned into the model's input
-    (``evaluate`` and ``predict`` on volumes)."""
-    import argparse
-
-    group.add_argument("--window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                       help="HU window (default: the model's preprocessing record, decided at training from its "
-                            "data's prepare settings)")
-    group.add_argument("--hist-eq", action=argparse.BooleanOptionalAction, default=None,
-                       help="histogram-equalise the liver pixels (default: the model's preprocessing record)")
-
-
-def add_value_check_arguments(group) -> None:
-    """``--allow-nonfinite`` and ``--allow-non-hu``: go on with scans that
-    :func:`medad_fast.data.scan.check_scan_values` refuses (``evaluate`` and ``predict`` on
-    volumes)."""
-    from .data.scan import HU_AIR_CEILING, NONFINITE_FILL_HU
-
-    group.add_argument("--allow-nonfinite", action="store_true",
-                       help=f"score NaN or infinite voxels as air ({NONFINITE_FILL_HU:g} HU), with a warning, instead "
-                            "of refusing the scan")
-    group.add_argument("--allow-non-hu", action="store_true",
-                       help=f"score a scan that does not look like Hounsfield units (no voxel below "
-                            f"{HU_AIR_CEILING:g}: e.g. an 8-bit image) as it is, with a warning, instead of refusing "
-                            "it")

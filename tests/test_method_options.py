@@ -18,7 +18,7 @@ from medad_fast.methods import resolve_config
 from medad_fast.data.sources import (TRAINING_SOURCE_SEED_OFFSET, anomaly_source_pool, load_anomaly_sources,
                                      perlin_texture_sources, training_sources)
 from medad_fast.method_options import method_options, option_owners, settings_for_methods
-from medad_fast.train import config_from_args
+from medad_fast.cli._arguments import config_from_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

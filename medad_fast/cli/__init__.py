@@ -1,9 +1,11 @@
-"""`medad-fast` command line.
+"""`medad-fast` command line: argument parsing and printing only.
 
-Each sub-command lives in the module that does the work; that module exposes
-``add_arguments(parser)`` and ``main(args) -> int`` (the exit code). The CLI only
-wires them together, so `python -m medad_fast.cli` and `torchrun -m medad_fast.cli`
-work the same way.
+Each verb is one short module of this package (``medad_fast.cli.<verb>``) with
+``add_arguments(parser)`` and ``main(args) -> int`` (the exit code): it parses its options,
+calls the library (``medad_fast.train``, ``medad_fast.evaluate``...) and prints. The library
+modules know nothing of the command line; this package imports them, never the reverse.
+``python -m medad_fast.cli`` and ``torchrun -m medad_fast.cli`` run :func:`main`
+(``__main__.py``), as the ``medad-fast`` console script does.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import importlib
 import sys
 
-from . import cpu_isa
+from .. import cpu_isa
 
 # command -> (module, one-line help)
 COMMANDS = {
@@ -20,7 +22,7 @@ COMMANDS = {
     "phantom": ("medad_fast.data.phantom", "write a procedural liver-CT phantom dataset (BMAD layout)"),
     "prepare": ("medad_fast.data.volumes", "convert LiTS/BTCV NIfTI or DICOM series to the BMAD layout"),
     "methods": ("medad_fast.methods", "list the methods, one line each"),
-    "train": ("medad_fast.train", "train a method on BMAD-layout data"),
+    "train": ("medad_fast.cli.train", "train a method on BMAD-layout data"),
     "evaluate": ("medad_fast.evaluate", "evaluate a run or checkpoint: metrics.json, heatmaps, ROC plot"),
     "predict": ("medad_fast.predict", "score images or CT volumes with a checkpoint; write heatmaps / map volumes"),
     "export": ("medad_fast.export", "write a checkpoint as one file for inference: pt2 (torch.export) or ONNX"),
@@ -28,19 +30,8 @@ COMMANDS = {
 }
 
 
-def int_at_least(minimum: int):
-    """An argparse ``type`` for integers >= ``minimum`` (argparse names the option in the error)."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}; got {value}")
-        return value
-    parse.__name__ = "int"  # argparse's message for a non-integer: "invalid int value"
-    return parse
-
-
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The full parser; with ``command`` only that sub-command's module is imported
+    """The full parser; with ``command`` only that verb's module is imported
     (start-up stays fast and one command does not depend on another's imports)."""
     parser = argparse.ArgumentParser(
         prog="medad-fast",
@@ -68,7 +59,3 @@ def main(argv: list[str] | None = None) -> int:
         # the libraries read the pin when they first compute: start again with it in the environment
         cpu_isa.reexec_pinned(argv)
     return int(args._module.main(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

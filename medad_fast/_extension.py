@@ -7,8 +7,6 @@ cannot be loaded the package falls back to :mod:`medad_fast.reference` with a wa
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import warnings
 
@@ -64,13 +62,3 @@ def build_info() -> dict:
         info["openmp"] = bool(built["openmp"])
         info["compiled_with_torch"] = built["torch_version"]
     return info
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    del parser  # `medad-fast info` takes no arguments
-
-
-def main(args: argparse.Namespace) -> int:
-    del args
-    print(json.dumps(build_info(), indent=2))
-    return 0

@@ -18,7 +18,7 @@ from .. import cpu_isa
 
 # command -> (module, one-line help)
 COMMANDS = {
-    "info": ("medad_fast._extension", "print build and runtime facts as JSON"),
+    "info": ("medad_fast.cli.info", "print build and runtime facts as JSON"),
     "phantom": ("medad_fast.data.phantom", "write a procedural liver-CT phantom dataset (BMAD layout)"),
     "prepare": ("medad_fast.data.volumes", "convert LiTS/BTCV NIfTI or DICOM series to the BMAD layout"),
     "methods": ("medad_fast.methods", "list the methods, one line each"),

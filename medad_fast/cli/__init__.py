@@ -21,7 +21,7 @@ COMMANDS = {
     "info": ("medad_fast.cli.info", "print build and runtime facts as JSON"),
     "phantom": ("medad_fast.data.phantom", "write a procedural liver-CT phantom dataset (BMAD layout)"),
     "prepare": ("medad_fast.data.volumes", "convert LiTS/BTCV NIfTI or DICOM series to the BMAD layout"),
-    "methods": ("medad_fast.methods", "list the methods, one line each"),
+    "methods": ("medad_fast.cli.methods", "list the methods, one line each"),
     "train": ("medad_fast.cli.train", "train a method on BMAD-layout data"),
     "evaluate": ("medad_fast.evaluate", "evaluate a run or checkpoint: metrics.json, heatmaps, ROC plot"),
     "predict": ("medad_fast.predict", "score images or CT volumes with a checkpoint; write heatmaps / map volumes"),

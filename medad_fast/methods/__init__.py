@@ -19,17 +19,3 @@ from . import frequency_aware, ae, draem, ddad, squid  # noqa: F401  (in this or
 
 __all__ = ["DEFAULT_METHOD", "Method", "register", "get_method", "method_names", "method_config", "create_method",
            "resolve_config", "config_from_dict", "image_scores", "score_filter_size"]
-
-
-def add_arguments(parser) -> None:
-    """``medad-fast methods`` takes no arguments."""
-
-
-def main(args=None) -> int:
-    """``medad-fast methods``: one line per method."""
-    width = max(len(name) for name in method_names())
-    for name in method_names():
-        cls = get_method(name)
-        print(f"{name:<{width}}  {cls.summary}  (presets: {', '.join(cls.presets)})")
-    return 0
-

@@ -10,6 +10,7 @@ import pytest
 from scipy.ndimage import binary_dilation
 
 from medad_fast.data import bmad, phantom
+from medad_fast.cli import phantom as phantom_cli
 from medad_fast.data.phantom import generate_slice, write_phantom_dataset
 from medad_fast.io import read_mask, read_png_gray
 
@@ -188,34 +189,34 @@ def test_argument_errors():
 
 def test_cli_writes_dataset_and_reports_errors(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    phantom.add_arguments(parser)
+    phantom_cli.add_arguments(parser)
     out = tmp_path / "cli"
     args = parser.parse_args([str(out), "--train", "2", "--test", "2", "--size", "32", "--seed", "5",
                               "--difficulty", "1.5", "--no-progress"])
-    assert phantom.main(args) == 0
+    assert phantom_cli.main(args) == 0
     assert "wrote phantom dataset" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parameters"]["difficulty"] == 1.5 and manifest["parameters"]["size"] == 32
     bad = parser.parse_args([str(tmp_path / "x"), "--size", "4", "--no-progress"])
-    assert phantom.main(bad) == 2
+    assert phantom_cli.main(bad) == 2
     assert "size" in capsys.readouterr().err
 
 
 def test_few_slices_mode_writes_few_normal_slices_and_small_faint_lesions(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    phantom.add_arguments(parser)
+    phantom_cli.add_arguments(parser)
     out = tmp_path / "few"
-    assert phantom.main(parser.parse_args([str(out), "--few-slices", "--test", "4", "--size", "64",
+    assert phantom_cli.main(parser.parse_args([str(out), "--few-slices", "--test", "4", "--size", "64",
                                            "--no-progress"])) == 0
     parameters = json.loads((out / "manifest.json").read_text())["parameters"]
     assert (parameters["n_train"], parameters["lesion_scale"], parameters["difficulty"]) == (24, 0.5, 2.0)
     assert len(list((out / "train" / "good").glob("*.png"))) == 24
     # explicit options win over the mode's
-    assert phantom.main(parser.parse_args([str(tmp_path / "own"), "--few-slices", "--train", "3", "--test", "2",
+    assert phantom_cli.main(parser.parse_args([str(tmp_path / "own"), "--few-slices", "--train", "3", "--test", "2",
                                            "--size", "32", "--lesion-scale", "0.8", "--no-progress"])) == 0
     parameters = json.loads((tmp_path / "own" / "manifest.json").read_text())["parameters"]
     assert (parameters["n_train"], parameters["lesion_scale"], parameters["difficulty"]) == (3, 0.8, 2.0)
-    assert phantom.main(parser.parse_args([str(tmp_path / "bad"), "--lesion-scale", "0", "--no-progress"])) == 2
+    assert phantom_cli.main(parser.parse_args([str(tmp_path / "bad"), "--lesion-scale", "0", "--no-progress"])) == 2
     assert "--lesion-scale" in capsys.readouterr().err
 
 

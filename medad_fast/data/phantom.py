@@ -47,10 +47,8 @@ the structure's bounding box only. 500 slices of 256 x 256 generate and write in
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -62,7 +60,7 @@ from tqdm import tqdm
 from medad_fast.data.layout import ABNORMAL_FOLDER, EVAL_SPLITS, MANIFEST_NAME, NORMAL_FOLDER, slice_relpaths
 from medad_fast.io import atomic_write_json, check_writable_folder, save_png
 
-__all__ = ["generate_slice", "ellipse_slices", "write_phantom_dataset", "add_arguments", "main", "FEW_SLICES"]
+__all__ = ["generate_slice", "ellipse_slices", "write_phantom_dataset", "FEW_SLICES"]
 
 GENERATOR_NAME = "medad_fast.phantom"
 FORMAT_VERSION = 1
@@ -586,52 +584,3 @@ def ellipse_slices(n: int, side: int, seed: int = 0):
     inside = (ys / radii[:, 0, None, None]) ** 2 + (xs / radii[:, 1, None, None]) ** 2 <= 1
     texture = torch.randint(60, 200, (n, side, side), generator=g, dtype=torch.uint8)
     return (texture * inside).to(torch.uint8).unsqueeze(1)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", metavar="OUT", help="output folder (created; must be empty or a previous phantom output)")
-    parser.add_argument("--train", type=int, metavar="N",
-                        help=f"normal training slices (default 200; {FEW_SLICES['n_train']} with --few-slices)")
-    parser.add_argument("--test", type=int, default=100, metavar="N", help="test slices (default 100)")
-    parser.add_argument("--valid", type=int, default=0, metavar="N", help="validation slices (default 0)")
-    parser.add_argument("--size", type=int, default=256, metavar="S", help="image side in pixels (default 256)")
-    parser.add_argument("--seed", type=int, default=0, metavar="K", help="random seed (default 0)")
-    parser.add_argument("--difficulty", type=float, metavar="D",
-                        help=f"> 0; larger allows subtler lesions (default 1.0; {FEW_SLICES['difficulty']:g} with "
-                             f"--few-slices)")
-    parser.add_argument("--lesion-scale", type=float, metavar="F",
-                        help=f"multiplies the lesion radii, in (0, 4] (default 1; {FEW_SLICES['lesion_scale']:g} with "
-                             f"--few-slices)")
-    parser.add_argument("--liver-scale", type=float, default=1.0, metavar="F",
-                        help="multiplies the liver's size, in [0.3, 1] (default 1: 25-50 %% of the slice's area); "
-                             "0.65 gives a liver box about half the slice wide, as on 512 x 512 CT, the case for "
-                             "train --crop liver")
-    parser.add_argument("--few-slices", action="store_true",
-                        help=f"the hard case of few normal scans: --train {FEW_SLICES['n_train']} --lesion-scale "
-                             f"{FEW_SLICES['lesion_scale']:g} --difficulty {FEW_SLICES['difficulty']:g} (small faint "
-                             f"lesions; options given explicitly win)")
-    parser.add_argument("--abnormal-fraction", type=float, default=0.5, metavar="F",
-                        help="fraction of valid/test slices with lesions (default 0.5)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        mode = FEW_SLICES if args.few_slices else {"n_train": 200, "lesion_scale": 1.0, "difficulty": 1.0}
-        given = {"n_train": args.train, "lesion_scale": args.lesion_scale, "difficulty": args.difficulty}
-        chosen = {k: mode[k] if v is None else v for k, v in given.items()}
-        counts = write_phantom_dataset(
-            args.out, n_test=args.test, n_valid=args.valid, size=args.size, seed=args.seed,
-            abnormal_fraction=args.abnormal_fraction, progress=not args.no_progress, liver_scale=args.liver_scale,
-            **chosen,
-        )
-    except (ValueError, FileExistsError, NotADirectoryError) as e:
-        print(f"medad-fast phantom: error: {e}", file=sys.stderr)
-        return 2
-    summary = ", ".join(f"{split} {c.get('good', 0)} good / {c.get('Ungood', 0)} Ungood"
-                        for split, c in counts.items() if sum(c.values()))
-    print(f"wrote phantom dataset to {args.out}: {summary}")
-    return 0

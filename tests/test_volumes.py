@@ -23,6 +23,7 @@ from PIL import Image
 from pydicom.uid import generate_uid
 
 from ct_data import slice_dataset
+from medad_fast.cli import prepare as prepare_cli
 from medad_fast.data import volumes
 from medad_fast.data.volumes import (equalize_liver_histogram, prepare_dataset, split_counts, split_patients)
 
@@ -178,8 +179,8 @@ def write_dicom_patient(patient_dir: Path, flipped: bool = False, drop_slice: in
 
 def run_prepare(*argv: str) -> int:
     parser = argparse.ArgumentParser()
-    volumes.add_arguments(parser)
-    return volumes.main(parser.parse_args([*argv, "--no-progress"]))
+    prepare_cli.add_arguments(parser)
+    return prepare_cli.main(parser.parse_args([*argv, "--no-progress"]))
 
 
 def read_png(path: Path) -> np.ndarray:

@@ -20,7 +20,7 @@ from .. import cpu_isa
 COMMANDS = {
     "info": ("medad_fast.cli.info", "print build and runtime facts as JSON"),
     "phantom": ("medad_fast.cli.phantom", "write a procedural liver-CT phantom dataset (BMAD layout)"),
-    "prepare": ("medad_fast.data.volumes", "convert LiTS/BTCV NIfTI or DICOM series to the BMAD layout"),
+    "prepare": ("medad_fast.cli.prepare", "convert LiTS/BTCV NIfTI or DICOM series to the BMAD layout"),
     "methods": ("medad_fast.cli.methods", "list the methods, one line each"),
     "train": ("medad_fast.cli.train", "train a method on BMAD-layout data"),
     "evaluate": ("medad_fast.evaluate", "evaluate a run or checkpoint: metrics.json, heatmaps, ROC plot"),

@@ -38,12 +38,10 @@ refinement net or initial map, whichever the checkpoint's stage scores with).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import os
-import sys
 import zipfile
 from pathlib import Path
 
@@ -57,8 +55,7 @@ from .inference import load_method
 from .io import check_writable_file
 from .preprocessing import PREPROCESSING_KEY, decide_preprocessing
 
-__all__ = ["EXPORT_FORMATS", "InferenceModule", "MatrixButterworthHighpass", "export_method", "export_checkpoint",
-           "add_arguments", "main"]
+__all__ = ["EXPORT_FORMATS", "InferenceModule", "MatrixButterworthHighpass", "export_method", "export_checkpoint"]
 
 #: batch of the example input the export traces with (any batch works afterwards)
 EXAMPLE_BATCH = 2
@@ -209,23 +206,3 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt
     check_writable_file(out)  # before any work
     method, _ = load_method(checkpoint, "cpu", amp=False)
     return export_method(method, out, fmt, aoti)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint file or run directory")
-    parser.add_argument("--format", required=True, choices=list(EXPORT_FORMATS),
-                        help="pt2: torch.export (with the fused ops); onnx: standard ops, for ONNX Runtime")
-    parser.add_argument("--out", required=True, metavar="FILE", help="the file to write (.pt2 or .onnx)")
-    parser.add_argument("--aoti", action="store_true",
-                        help="pt2 only: compile the program ahead of time with AOTInductor (C++ kernels in the file, for "
-                             "this kind of machine; minutes on a CPU)")
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        out = export_checkpoint(args.checkpoint, args.out, args.format, args.aoti)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"medad-fast export: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} ({args.format}{', AOTInductor' if args.aoti else ''}; score with: medad-fast predict {out} IMAGES... --out DIR)")
-    return 0

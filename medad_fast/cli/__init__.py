@@ -23,7 +23,7 @@ COMMANDS = {
     "prepare": ("medad_fast.cli.prepare", "convert LiTS/BTCV NIfTI or DICOM series to the BMAD layout"),
     "methods": ("medad_fast.cli.methods", "list the methods, one line each"),
     "train": ("medad_fast.cli.train", "train a method on BMAD-layout data"),
-    "evaluate": ("medad_fast.evaluate", "evaluate a run or checkpoint: metrics.json, heatmaps, ROC plot"),
+    "evaluate": ("medad_fast.cli.evaluate", "evaluate a run or checkpoint: metrics.json, heatmaps, ROC plot"),
     "predict": ("medad_fast.predict", "score images or CT volumes with a checkpoint; write heatmaps / map volumes"),
     "export": ("medad_fast.cli.export", "write a checkpoint as one file for inference: pt2 (torch.export) or ONNX"),
     "compare": ("medad_fast.compare", "train and evaluate several methods on the same data: one table"),

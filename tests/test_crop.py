@@ -236,7 +236,7 @@ def test_a_volume_lesion_comes_back_at_its_voxel_with_cropping(tmp_path, monkeyp
     from ct_data import identity_maps, liver_phantom, write_nifti
     from medad_fast.checkpoint import checkpoint_bytes
     from medad_fast.methods import create_method
-    from medad_fast.predict import main as predict_main, add_arguments
+    from medad_fast.cli.predict import main as predict_main, add_arguments
     import argparse
     import nibabel as nib
 

@@ -24,7 +24,7 @@ COMMANDS = {
     "methods": ("medad_fast.cli.methods", "list the methods, one line each"),
     "train": ("medad_fast.cli.train", "train a method on BMAD-layout data"),
     "evaluate": ("medad_fast.cli.evaluate", "evaluate a run or checkpoint: metrics.json, heatmaps, ROC plot"),
-    "predict": ("medad_fast.predict", "score images or CT volumes with a checkpoint; write heatmaps / map volumes"),
+    "predict": ("medad_fast.cli.predict", "score images or CT volumes with a checkpoint; write heatmaps / map volumes"),
     "export": ("medad_fast.cli.export", "write a checkpoint as one file for inference: pt2 (torch.export) or ONNX"),
     "compare": ("medad_fast.compare", "train and evaluate several methods on the same data: one table"),
 }

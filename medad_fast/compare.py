@@ -32,13 +32,11 @@ variants of one method instead of different methods.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
 import os
 import platform
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,14 +44,14 @@ from typing import Any
 
 import numpy as np
 
-from .config import OPTIONAL_PRESET_NAMES, PRESET_NAMES, Config, RunConfig
+from .config import Config, RunConfig
 from .data.crop import resolve_crop
 from .data.layout import has_split
 from .io import atomic_write_json, atomic_write_text, check_writable_folder
-from .method_options import MethodOption, option_name, option_owners, settings_for_methods
-from .methods import config_from_dict, get_method, method_names, resolve_config
+from .method_options import settings_for_methods
+from .methods import config_from_dict, get_method, resolve_config
 
-__all__ = ["Entry", "COLUMNS", "run_entry", "sweep", "add_arguments", "main"]
+__all__ = ["Entry", "COLUMNS", "run_entry", "sweep", "anomaly_source_methods", "compare_entries"]
 
 #: (metrics.json key, column title) of the quality columns, in the paper's Table 2 order
 COLUMNS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("image_ap", "image AP"),
@@ -228,113 +226,26 @@ def sweep(entries: Sequence[Entry], data: Path, out: Path, preset: str, common: 
     return 0
 
 
-# ----------------------------------------------------------------------------- CLI
-
-#: how compare shares out the method options (its --help says it)
-METHOD_OPTIONS_NOTE = ("each goes to the methods of --methods that have it, as that method's option (its own "
-                       "type and choices); one line names the methods that ignore it (no such setting); a method "
-                       "that has it but not the value given is refused (exit 2), so a table never holds a "
-                       "setting silently dropped")
-
-
-def _owners_help(owners: dict[str, MethodOption]) -> str:
-    """The help of an option several methods may have: each method's own, grouped."""
-    texts: dict[str, list[str]] = {}
-    for method, option in owners.items():
-        text = option.help + (f" {{{','.join(map(str, option.choices))}}}" if option.choices else "")
-        texts.setdefault(text, []).append(method)
-    return "; ".join(f"{', '.join(methods)}: {text}" for text, methods in texts.items())
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli._arguments import add_small_data_arguments
-
-    parser.add_argument("--data", required=True, type=Path, metavar="DIR",
-                        help="BMAD-layout folder (trains on train/good, evaluates on test) or MedIAnomaly "
-                             "dataset (its data.json folder: train[\"0\"], test)")
-    parser.add_argument("--methods", default=",".join(method_names()), metavar="A,B,...",
-                        help=f"comma-separated methods (default all: {','.join(method_names())})")
-    parser.add_argument("--preset", choices=PRESET_NAMES + OPTIONAL_PRESET_NAMES, default="small", help="preset of every method (default small)")
-    parser.add_argument("--out", type=Path, metavar="DIR", help="output folder (default compare-<preset>)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    g = parser.add_argument_group("run overrides for every method (default: each preset's)")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--image-size", type=int)
-    g.add_argument("--max-train-images", type=int)
-    g.add_argument("--anomaly-source", type=Path, metavar="DIR",
-                   help="folder of anomaly-source images (default: Perlin textures) for the methods that train on "
-                        "them (" + ", ".join(m for m in method_names() if get_method(m).uses_anomaly_sources)
-                        + "); with --val-fraction for every method (its validation set is made from them), so that "
-                          "every row selects its epoch on the same set")
-    add_small_data_arguments(parser)
-    m = parser.add_argument_group("method options", METHOD_OPTIONS_NOTE)
-    for owners in option_owners().values():
-        option = next(iter(owners.values()))
-        if option.is_switch:
-            m.add_argument(option.option, action=argparse.BooleanOptionalAction, default=None,
-                           help=_owners_help(owners))
-        else:
-            m.add_argument(option.option, default=None, metavar=option.setting.upper(), help=_owners_help(owners))
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _option(name: str, value: Any) -> str:
-    """``name=value`` as a command-line option (``--no-roi`` for a False switch)."""
-    option = name.replace("_", "-")
-    if isinstance(value, bool):
-        return f"--{option}" if value else f"--no-{option}"
-    return f"--{option} {value}"
-
-
-def _anomaly_source_methods(methods: list[str], val_fraction: float | None) -> list[str]:
-    """The methods of ``methods`` that ``--anomaly-source`` goes to (see its help)."""
+def anomaly_source_methods(methods: list[str], val_fraction: float | None) -> list[str]:
+    """The methods of ``methods`` that an anomaly-source folder goes to: those that train on
+    anomaly sources, and with a validation set (``val_fraction`` > 0) every method (its
+    validation set is made from them)."""
     return [m for m in methods if get_method(m).uses_anomaly_sources or (val_fraction or 0) > 0]
 
 
-def main(args: argparse.Namespace) -> int:
-    from .cli._arguments import small_data_values
-
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in method_names()]
-    if unknown or not methods:
-        print(f"medad-fast compare: error: --methods: unknown {unknown or 'empty list'}; choose from "
-              f"{','.join(method_names())}", file=sys.stderr)
-        return 2
-    common = {"epochs": args.epochs, "seed": args.seed, "image_size": args.image_size,
-              "max_train_images": args.max_train_images, **small_data_values(args)}
-    common = {k: v for k, v in common.items() if v is not None}
-    given = {name: getattr(args, name) for name in option_owners() if getattr(args, name, None) is not None}
-    try:
-        per_method, ignored = settings_for_methods(methods, given)
-    except ValueError as exc:
-        print(f"medad-fast compare: error: {exc}", file=sys.stderr)
-        return 2
-    if args.anomaly_source is not None:
-        takers = _anomaly_source_methods(methods, args.val_fraction)
+def compare_entries(methods: list[str], settings: dict[str, Any], anomaly_source: str | Path | None = None,
+                    val_fraction: float | None = None) -> tuple[list[Entry], dict[str, list[str]]]:
+    """One :class:`Entry` per method of ``methods`` (named after it), each with the method
+    settings it has (``settings``: setting -> value as given, shared out by
+    :func:`medad_fast.method_options.settings_for_methods`) and ``anomaly_source`` when it
+    takes it (:func:`anomaly_source_methods`). Returns the entries and ``{setting: [the
+    methods that ignore it]}`` (``anomaly_source`` included); ``ValueError`` naming the option
+    for a value a method refuses or a setting no method of ``methods`` has."""
+    per_method, ignored = settings_for_methods(methods, settings)
+    if anomaly_source is not None:
+        takers = anomaly_source_methods(methods, val_fraction)
         for method in takers:
-            per_method[method]["anomaly_source"] = str(args.anomaly_source.resolve())
+            per_method[method]["anomaly_source"] = str(Path(anomaly_source).resolve())
         if len(takers) < len(methods):
             ignored["anomaly_source"] = [m for m in methods if m not in takers]
-        given["anomaly_source"] = args.anomaly_source
-    for name, methods_without in ignored.items():
-        users = [m for m in methods if m not in methods_without]
-        why = ("they do not train on anomaly sources; with --val-fraction their validation sets use them"
-               if name == "anomaly_source" else "no such setting")
-        if users:
-            print(f"medad-fast compare: {option_name(name)} goes to {', '.join(users)}; ignored by "
-                  f"{', '.join(methods_without)} ({why})")
-        else:
-            print(f"medad-fast compare: error: {option_name(name)}: ignored by every method of --methods ({why})",
-                  file=sys.stderr)
-            return 2
-    entries = [Entry(m, m, per_method[m], f"--method {m}") for m in methods]
-    out = args.out or Path(f"compare-{args.preset}")
-    options = " ".join(_option(k, v) for k, v in {**common, **given}.items())
-    command = f"medad-fast compare --data {args.data} --methods {','.join(methods)} --preset {args.preset} {options}".strip()
-    try:
-        return sweep(entries, args.data, out, args.preset, common, "compare", command,
-                     device=args.device, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"medad-fast compare: error: {exc}", file=sys.stderr)
-        return 2
+    return [Entry(m, m, per_method[m], f"--method {m}") for m in methods], ignored

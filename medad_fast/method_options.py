@@ -6,7 +6,7 @@ to its method: two methods may both have ``image_score`` with different choices 
 and neither sees the other's. This module turns the declarations into plain records
 (:class:`MethodOption`) and parses a value given on the command line against the option of
 one method (:meth:`MethodOption.parse`); the argument parsers of ``train`` and ``compare``
-are built from them (no argparse here).
+are built from them (in :mod:`medad_fast.cli`; no argument parser here).
 """
 
 from __future__ import annotations

@@ -179,11 +179,16 @@ def test_compare_refuses_a_value_a_method_does_not_take(data, tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # nothing trained
 
 
-def test_with_a_validation_set_the_anomaly_source_goes_to_every_method():
-    from medad_fast.compare import _anomaly_source_methods
-    assert _anomaly_source_methods(["frequency_aware", "ae", "draem", "ddad", "squid"], None) == ["frequency_aware",
-                                                                                               "draem"]
-    assert _anomaly_source_methods(["ae", "squid"], 0.25) == ["ae", "squid"]
+def test_with_a_validation_set_the_anomaly_source_goes_to_every_method(tmp_path):
+    from medad_fast.compare import anomaly_source_methods, compare_entries
+    assert anomaly_source_methods(["frequency_aware", "ae", "draem", "ddad", "squid"], None) == ["frequency_aware",
+                                                                                              "draem"]
+    assert anomaly_source_methods(["ae", "squid"], 0.25) == ["ae", "squid"]
+    # the library call behind `compare`: each entry gets its own settings and the folder when it takes it
+    entries, ignored = compare_entries(["ae", "draem"], {"image_score": "mean"}, tmp_path)
+    assert [(e.name, e.overrides) for e in entries] == [
+        ("ae", {"image_score": "mean"}), ("draem", {"anomaly_source": str(tmp_path.resolve())})]
+    assert ignored == {"image_score": ["draem"], "anomaly_source": ["ae"]}
 
 
 # ----------------------------------------------------------------------------- the anomaly-source helper

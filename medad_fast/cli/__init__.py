@@ -26,7 +26,7 @@ COMMANDS = {
     "evaluate": ("medad_fast.cli.evaluate", "evaluate a run or checkpoint: metrics.json, heatmaps, ROC plot"),
     "predict": ("medad_fast.cli.predict", "score images or CT volumes with a checkpoint; write heatmaps / map volumes"),
     "export": ("medad_fast.cli.export", "write a checkpoint as one file for inference: pt2 (torch.export) or ONNX"),
-    "compare": ("medad_fast.compare", "train and evaluate several methods on the same data: one table"),
+    "compare": ("medad_fast.cli.compare", "train and evaluate several methods on the same data: one table"),
 }
 
 

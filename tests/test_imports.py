@@ -179,3 +179,89 @@ def test_importing_config_leaves_the_methods_unimported() -> None:
                              "print(sorted(m for m in sys.modules if m.startswith('medad_fast.methods')))"],
                             capture_output=True, text=True, env=env, check=True).stdout.strip()
     assert loaded == "[]"
+
+
+# ----------------------------------------------------------------------------- a CLI that only parses
+
+#: the command-line package: the only place that parses arguments; no library module imports it
+CLI_PACKAGE = "medad_fast.cli"
+#: what a verb module offers the dispatcher; anything else in it is private (``_name``)
+VERB_API = {"add_arguments", "main"}
+#: a verb module is argument parsing, one library call and printing: short
+MAX_VERB_LINES = 250
+
+
+def _in_package(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def argparse_importers(package_root: Path, exempt: str) -> list[str]:
+    """The modules of the package at ``package_root`` outside ``exempt`` (a dotted package)
+    that import ``argparse`` anywhere (module or function level, or by ``import_module``)."""
+    found = []
+    for name, path in module_files(package_root).items():
+        if path.suffix != ".py" or _in_package(name, exempt):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else
+                     [node.args[0].value] if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                                              and node.func.attr == "import_module" and node.args
+                                              and isinstance(node.args[0], ast.Constant)) else [])
+            if any(str(n).split(".")[0] == "argparse" for n in names):
+                found.append(name)
+                break
+    return found
+
+
+def verb_module_problems(path: Path) -> list[str]:
+    """What makes ``path`` more than a verb module: too long, or a public top-level name
+    other than ``add_arguments`` / ``main``."""
+    source = path.read_text()
+    problems = [f"{len(source.splitlines())} lines (at most {MAX_VERB_LINES})"] \
+        if len(source.splitlines()) > MAX_VERB_LINES else []
+    defined = set()
+    for node in ast.parse(source, str(path)).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined.update(t.id for t in targets if isinstance(t, ast.Name))
+    problems += [f"public name {name}" for name in sorted(defined - VERB_API) if not name.startswith("_")]
+    problems += [f"no {name}" for name in sorted(VERB_API - defined)]
+    return problems
+
+
+def test_only_the_cli_package_parses_arguments_and_no_library_module_imports_it() -> None:
+    assert argparse_importers(PACKAGE_ROOT, CLI_PACKAGE) == []
+    graph = import_graph(PACKAGE_ROOT)
+    assert CLI_PACKAGE in graph  # the package is there (the checks below would pass vacuously)
+    into_cli = {name: sorted(i for i in imports if _in_package(i, CLI_PACKAGE))
+                for name, imports in graph.items() if not _in_package(name, CLI_PACKAGE)}
+    assert {name: found for name, found in into_cli.items() if found} == {}
+
+
+def test_each_verb_is_a_short_module_of_add_arguments_and_main() -> None:
+    from medad_fast.cli import COMMANDS
+
+    problems = {verb: verb_module_problems(PACKAGE_ROOT / "cli" / f"{verb}.py") for verb in COMMANDS}
+    assert {verb: found for verb, found in problems.items() if found} == {}
+
+
+def test_the_cli_checks_find_a_parser_in_a_library_module(tmp_path: Path) -> None:
+    """The two tests above can fail: a function-level ``import argparse`` outside the CLI
+    package is found (inside it is not), and so are a long verb module and a public helper."""
+    package = tmp_path / "tinypkg"
+    (package / "cli").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "cli" / "__init__.py").write_text("import argparse\n")
+    (package / "engine.py").write_text("def run():\n    from argparse import ArgumentParser\n    return ArgumentParser\n")
+    (package / "report.py").write_text("import json\n")
+    assert argparse_importers(package, "tinypkg.cli") == ["tinypkg.engine"]
+    verb = package / "cli" / "go.py"
+    verb.write_text("def add_arguments(parser):\n    pass\n\n\ndef main(args):\n    return 0\n\n\n_NOTE = 1\n")
+    assert verb_module_problems(verb) == []
+    verb.write_text(verb.read_text() + "LIMIT = 3\n\n\ndef train(config):\n    return config\n"
+                    + "\n" * MAX_VERB_LINES)
+    assert verb_module_problems(verb) == [f"{MAX_VERB_LINES + 14} lines (at most {MAX_VERB_LINES})",
+                                          "public name LIMIT", "public name train"]

@@ -16,17 +16,17 @@ import sys
 
 from .. import cpu_isa
 
-# command -> (module, one-line help)
+# command -> one-line help; its module is medad_fast.cli.<command>
 COMMANDS = {
-    "info": ("medad_fast.cli.info", "print build and runtime facts as JSON"),
-    "phantom": ("medad_fast.cli.phantom", "write a procedural liver-CT phantom dataset (BMAD layout)"),
-    "prepare": ("medad_fast.cli.prepare", "convert LiTS/BTCV NIfTI or DICOM series to the BMAD layout"),
-    "methods": ("medad_fast.cli.methods", "list the methods, one line each"),
-    "train": ("medad_fast.cli.train", "train a method on BMAD-layout data"),
-    "evaluate": ("medad_fast.cli.evaluate", "evaluate a run or checkpoint: metrics.json, heatmaps, ROC plot"),
-    "predict": ("medad_fast.cli.predict", "score images or CT volumes with a checkpoint; write heatmaps / map volumes"),
-    "export": ("medad_fast.cli.export", "write a checkpoint as one file for inference: pt2 (torch.export) or ONNX"),
-    "compare": ("medad_fast.cli.compare", "train and evaluate several methods on the same data: one table"),
+    "info": "print build and runtime facts as JSON",
+    "phantom": "write a procedural liver-CT phantom dataset (BMAD layout)",
+    "prepare": "convert LiTS/BTCV NIfTI or DICOM series to the BMAD layout",
+    "methods": "list the methods, one line each",
+    "train": "train a method on BMAD-layout data",
+    "evaluate": "evaluate a run or checkpoint: metrics.json, heatmaps, ROC plot",
+    "predict": "score images or CT volumes with a checkpoint; write heatmaps / map volumes",
+    "export": "write a checkpoint as one file for inference: pt2 (torch.export) or ONNX",
+    "compare": "train and evaluate several methods on the same data: one table",
 }
 
 
@@ -38,10 +38,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Frequency-aware self-supervised lesion detection (liver CT).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if command is None or command == name:
-            module = importlib.import_module(module_name)
+            module = importlib.import_module(f"{__name__}.{name}")
             module.add_arguments(p)
             p.set_defaults(_module=module)
         p.add_argument("--reproducible", action="store_true",

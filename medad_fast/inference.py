@@ -70,11 +70,12 @@ def load_method(run_or_checkpoint: str | os.PathLike, device: str | torch.device
     """The method of a checkpoint (or run directory) with its weights and state, on
     ``device`` in eval mode, with the run's memory format and (``amp`` and the run's
     setting) mixed precision, with the run's moving average of the weights when it kept one
-    (``train --ema``, :mod:`medad_fast.weight_averaging`), else its last weights; ``compile``: its networks compiled
-    (:func:`~medad_fast.runtime.compile_networks`). Returns ``(method, checkpoint dict)``;
-    ``method.config`` is the run's :class:`~medad_fast.config.Config`, always with its
-    preprocessing record (:mod:`medad_fast.preprocessing`; a checkpoint saved before records
-    existed gets the assumed one, with a warning naming its window)."""
+    (``train --ema``, :mod:`medad_fast.weight_averaging`), else its last weights;
+    ``compile``: its networks compiled (:func:`~medad_fast.runtime.compile_networks`).
+    Returns ``(method, checkpoint dict)``; ``method.config`` is the run's
+    :class:`~medad_fast.config.Config`, always with its preprocessing record
+    (:mod:`medad_fast.preprocessing`; a checkpoint saved before records existed gets the
+    assumed one, with a warning naming its window)."""
     device = resolve_device(device)
     path = resolve_checkpoint(run_or_checkpoint)
     state = load_checkpoint(path, map_location="cpu")

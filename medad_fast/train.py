@@ -24,9 +24,10 @@ checked to be writable; slices without liver (all black) are refused, or left ou
 
 With ``--val-fraction F`` a fraction F of the normal slices is held back (not trained on)
 and made, once, into a synthetic validation set (:mod:`medad_fast.validation`); after every
-epoch the method scores it (with ``--ema``: its averaged weights; ``val_pixel_ap``, ``val_image_auroc``, their mean ``val_score``,
-in the log), the epoch with the best ``val_score`` is kept as ``checkpoint-best.pt``, and
-``--patience P`` stops the run after P epochs without a better score.
+epoch the method scores it (with ``--ema``: its averaged weights; ``val_pixel_ap``,
+``val_image_auroc``, their mean ``val_score``, in the log), the epoch with the best
+``val_score`` is kept as ``checkpoint-best.pt``, and ``--patience P`` stops the run after P
+epochs without a better score.
 
 Run directory (``--out``)::
 

@@ -106,6 +106,9 @@ class RunConfig:
     # liver-box cropping (medad_fast.data.crop): "liver", "none", or "auto" (crop the data of
     # `medad-fast prepare`, not other BMAD folders); training saves the resolved value
     crop: str = "auto"
+    # exponential moving average of the weights, its decay in (0, 1) (medad_fast.weight_averaging);
+    # None: off. With it, validation and everything that scores a checkpoint use the average
+    ema: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -133,6 +136,8 @@ class RunConfig:
         need(self.patience is None or (isinstance(self.patience, int) and not isinstance(self.patience, bool)
                                        and self.patience >= 1), "patience", "must be None or an int >= 1 (--patience)")
         need(self.crop in ("auto", "liver", "none"), "crop", "must be 'auto', 'liver' or 'none' (--crop)")
+        need(self.ema is None or (_is_number(self.ema) and 0.0 < self.ema < 1.0), "ema",
+             "must be None (off) or a decay in (0, 1), e.g. 0.999 (--ema)")
         need(self.patience is None or self.val_fraction > 0, "patience",
              "early stopping needs a validation set: set --val-fraction > 0 too")
 

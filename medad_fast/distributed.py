@@ -57,6 +57,7 @@ __all__ = [
     "shard",
     "gather_objects",
     "broadcast_object",
+    "broadcast_tensors_",
     "all_gather_uneven",
     "all_reduce_sum",
     "rank_seed",
@@ -273,6 +274,20 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj if dist.get_rank() == src else None]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_tensors_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` (the same shapes and dtypes on every rank) with rank ``src``'s,
+    in one broadcast; a no-op in a single process or for none."""
+    if not is_distributed() or not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).to(
+        _communication_device(tensors[0].device))
+    dist.broadcast(flat, src=src)
+    start = 0
+    for tensor in tensors:
+        tensor.detach().copy_(flat[start:start + tensor.numel()].view(tensor.shape).to(tensor.device))
+        start += tensor.numel()
 
 
 def _communication_device(tensor: torch.device) -> torch.device:

@@ -15,6 +15,8 @@ Output folder (``--out``; default ``<run>-eval-<split>`` beside the run folder, 
 
     metrics.json                  image/pixel AUROC, AP, AUPRO@0.3, best Dice, counts, scoring
                                   speed (slices/s of the read-and-score loop) and run facts
+                                  (``weights``: "ema" for a run trained with ``--ema``, which
+                                  scores with its moving average, else "last")
     scores.csv                    every slice's path, label (1 = lesion) and image score
     roc.png                       image-level and pixel-level ROC curves
     heatmaps/worst-*.png          abnormal slices with the lowest scores and normal slices
@@ -75,6 +77,7 @@ from .operating_point import (OPERATING_POINT_NAME, check_calibration_split, def
                               write_operating_point)
 from .runtime import ops_mode, resolve_device
 from .visualize import plot_roc, write_cases
+from .weight_averaging import scoring_weights
 
 __all__ = ["evaluate"]
 
@@ -194,6 +197,7 @@ def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str,
     heatmap_scale = stream.max if stream.n_slices else 1.0
     metrics.update({"split": split, "data": str(Path(data).resolve()), "checkpoint": str(checkpoint.resolve()),
                     "method": config.run.method, "variant": config.variant, "epoch": int(state.get("epoch", 0)),
+                    "weights": scoring_weights(state),  # "ema": the run's moving average (train --ema)
                     **{k: float(v) for k, v in state.get("method_state", {}).items() if isinstance(v, (int, float))},
                     "preset": config.run.preset, "image_size": config.run.image_size,
                     "crop": "liver" if dataset.crop else "none",

@@ -25,6 +25,7 @@ from .exported import ExportedModel, is_exported_file
 from .methods import Method, config_from_dict, get_method
 from .preprocessing import legacy_preprocessing
 from .runtime import compile_networks, resolve_device
+from .weight_averaging import EMA_KEY, averaged_state_dict
 
 __all__ = ["resolve_checkpoint", "load_method", "load_scorer", "score_batch", "score_dataset", "score_images"]
 
@@ -68,11 +69,13 @@ def load_method(run_or_checkpoint: str | os.PathLike, device: str | torch.device
                 amp: bool = True, compile: bool = False) -> tuple[Method, dict[str, Any]]:
     """The method of a checkpoint (or run directory) with its weights and state, on
     ``device`` in eval mode, with the run's memory format and (``amp`` and the run's
-    setting) mixed precision; ``compile``: its networks compiled
-    (:func:`~medad_fast.runtime.compile_networks`). Returns ``(method, checkpoint dict)``;
-    ``method.config`` is the run's :class:`~medad_fast.config.Config`, always with its
-    preprocessing record (:mod:`medad_fast.preprocessing`; a checkpoint saved before records
-    existed gets the assumed one, with a warning naming its window)."""
+    setting) mixed precision, with the run's moving average of the weights when it kept one
+    (``train --ema``, :mod:`medad_fast.weight_averaging`), else its last weights;
+    ``compile``: its networks compiled (:func:`~medad_fast.runtime.compile_networks`).
+    Returns ``(method, checkpoint dict)``; ``method.config`` is the run's
+    :class:`~medad_fast.config.Config`, always with its preprocessing record
+    (:mod:`medad_fast.preprocessing`; a checkpoint saved before records existed gets the
+    assumed one, with a warning naming its window)."""
     device = resolve_device(device)
     path = resolve_checkpoint(run_or_checkpoint)
     state = load_checkpoint(path, map_location="cpu")
@@ -80,7 +83,9 @@ def load_method(run_or_checkpoint: str | os.PathLike, device: str | torch.device
     if config.preprocessing is None:  # saved before the record existed: assumed, with a warning naming it
         config = config.with_preprocessing(legacy_preprocessing(config.run, path))
     method = get_method(config.run.method)(config)
-    method.load_state_dict(state["model"])
+    # a run trained with --ema scores with its moving average of the weights
+    ema = state.get(EMA_KEY)
+    method.load_state_dict(averaged_state_dict(state["model"], ema) if ema else state["model"])
     method.load_method_state(state.get("method_state", {}))
     method.configure_runtime(device, amp and config.run.amp, config.run.channels_last)
     method.eval()

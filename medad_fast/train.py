@@ -12,7 +12,11 @@ the interface of :mod:`medad_fast.methods.base`. One training step, all on the d
    generator)``: the loss and a dict of loss terms (anomaly synthesis, networks, losses:
    the method's business; all its randomness comes from the step generator);
 3. a non-finite loss stops the run; backward; every optimiser steps. The loss terms are
-   summed on the device and read back once per epoch.
+   summed on the device and read back once per epoch;
+4. with ``--ema DECAY``, the exponential moving average of the weights is updated
+   (:mod:`medad_fast.weight_averaging`: every network's parameters and BatchNorm
+   statistics). It is saved in every checkpoint (``"ema"``) and restored on resume, the
+   validation below scores with it, and so do evaluate, predict and export.
 
 The normal slices are loaded once (:func:`load_training_images`), after the run folder is
 checked to be writable; slices without liver (all black) are refused, or left out with
@@ -20,9 +24,10 @@ checked to be writable; slices without liver (all black) are refused, or left ou
 
 With ``--val-fraction F`` a fraction F of the normal slices is held back (not trained on)
 and made, once, into a synthetic validation set (:mod:`medad_fast.validation`); after every
-epoch the method scores it (``val_pixel_ap``, ``val_image_auroc``, their mean ``val_score``,
-in the log), the epoch with the best ``val_score`` is kept as ``checkpoint-best.pt``, and
-``--patience P`` stops the run after P epochs without a better score.
+epoch the method scores it (with ``--ema``: its averaged weights; ``val_pixel_ap``,
+``val_image_auroc``, their mean ``val_score``, in the log), the epoch with the best
+``val_score`` is kept as ``checkpoint-best.pt``, and ``--patience P`` stops the run after P
+epochs without a better score.
 
 Run directory (``--out``)::
 
@@ -33,7 +38,8 @@ Run directory (``--out``)::
     checkpoint-eE-sS.pt       the last ``--keep-checkpoints`` checkpoints (atomic, fsynced;
                               weights, method state, optimisers, schedulers, scaler, epoch,
                               step, the position inside an interrupted epoch, every
-                              generator's state on every rank, config), see
+                              generator's state on every rank, config; with ``--ema`` the
+                              average of the weights), see
                               :mod:`medad_fast.checkpoint`; written every
                               ``--checkpoint-every`` epochs and/or after
                               ``--checkpoint-minutes`` (default 10), and at the end
@@ -64,6 +70,7 @@ uninterrupted one (bitwise on the CPU).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -90,6 +97,7 @@ from .io import atomic_write_json, atomic_write_text, check_writable_folder
 from .methods import Method, create_method
 from .runtime import compile_networks, deterministic_mode, needs_grad_scaler, ops_mode, resolve_device
 from .validation import SyntheticValidationSet, ValidationState, split_validation
+from .weight_averaging import EMA_KEY, ExponentialMovingAverage
 
 __all__ = ["RunDirectory", "TrainState", "Trainer", "TrainingInterrupted", "train", "load_training_images",
            "default_run_directory"]
@@ -301,6 +309,8 @@ class Trainer:
                 self.method, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=self.method.find_unused_parameters)
         self.optimizers, self.schedulers = self.method.configure_optimizers()
+        # --ema: the moving average of the weights, updated after every optimiser step
+        self.ema = ExponentialMovingAverage(self.method, run.ema) if run.ema is not None else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=needs_grad_scaler(device, run.amp))
         self.state = TrainState()
         self.epoch_progress: EpochProgress | None = None  # set while an epoch is under way
@@ -342,6 +352,8 @@ class Trainer:
             if any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
                 self.scaler.step(optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(broadcast=self.context.is_distributed)
         self.state.step += 1
         return loss_value, terms
 
@@ -438,15 +450,21 @@ class Trainer:
         """Score the validation set after an epoch: ``(values for the log record, improved)``,
         ``improved`` True when this epoch's ``val_score`` is the best so far. Updates
         :attr:`validation_state` (and the early stop). The main process scores and broadcasts,
-        so every rank takes the same decisions."""
+        so every rank takes the same decisions. With ``--ema`` the averaged weights are scored
+        (``val_weights`` "ema" in the values), then the live ones put back."""
         if self.validation is None:
             raise RuntimeError("validate() needs a validation set (--val-fraction > 0)")
-        values = self.validation.score(self.method, self.config.run.batch_size) if self.context.is_main else None
+        values = None
+        if self.context.is_main:
+            with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+                values = self.validation.score(self.method, self.config.run.batch_size)
         values = distributed.broadcast_object(values)
         run = self.config.run
         improved = self.validation_state.update(values["val_score"], self.state.epoch, run.patience, run.epochs)
         values = {**values, "val_best_score": self.validation_state.best_score,
                   "val_best_epoch": self.validation_state.best_epoch}
+        if self.ema is not None:
+            values["val_weights"] = "ema"
         if self.validation_state.stopped_early:
             values["stopped_early"] = True
         return values, improved
@@ -480,6 +498,8 @@ class Trainer:
             "epoch_progress": progress.to_dict([r["epoch"] for r in per_rank]) if progress is not None else None,
             # the best validation score so far, its epoch, the early stop (--val-fraction)
             "validation": self.validation_state.to_dict(),
+            # --ema: the moving average of the weights (absent without it)
+            **({EMA_KEY: self.ema.state_dict()} if self.ema is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -492,6 +512,12 @@ class Trainer:
             for item, item_state in zip(mine, saved):
                 item.load_state_dict(item_state)
         self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            # a checkpoint without an average (written without --ema): it starts from these weights
+            if state.get(EMA_KEY):
+                self.ema.load_state_dict(state[EMA_KEY])
+            else:
+                self.ema.reset()
         self.state = TrainState(epoch=int(state["epoch"]), step=int(state["step"]))
         self.validation_state = ValidationState.from_dict(state.get("validation"))
         self.data_generator.set_state(state["generators"]["data"])
@@ -655,6 +681,16 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
                 say(f"the checkpoint was written by {saved_world} process(es) and {context.world_size} resume it: "
                     f"the data shares and random draws differ from an uninterrupted run")
             _restore_best_link(run, trainer, found)
+            saved_ema = found.state.get(EMA_KEY)
+            if trainer.ema is not None and not saved_ema:
+                say(f"--ema {trainer.ema.decay:g}: the checkpoint holds no average of the weights; it starts from "
+                    f"the resumed weights")
+            elif trainer.ema is None and saved_ema:
+                say(f"the checkpoint's average of the weights (--ema {saved_ema['decay']:g}) is dropped: resumed "
+                    f"without --ema")
+            elif trainer.ema is not None and saved_ema["decay"] != trainer.ema.decay:
+                say(f"the average of the weights continues with --ema {trainer.ema.decay:g} (the checkpoint's: "
+                    f"{saved_ema['decay']:g})")
         run.write_config(config)
         world = f", {context.world_size} processes ({context.backend})" if context.is_distributed else ""
         held = (f" ({held_back.shape[0]} held back for validation: {len(validation)} synthetic-validation slices)"
@@ -666,6 +702,15 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
             f"{run_config.image_size}x{run_config.image_size}{extras}, {run_config.epochs} epochs x "
             f"{trainer.steps_per_epoch} steps, device {device}{world}, "
             f"ops: {'reference' if ops.using_reference() else 'extension'}")
+        if trainer.ema is not None:
+            total_steps = run_config.epochs * trainer.steps_per_epoch
+            say(f"exponential moving average of the weights, decay {trainer.ema.decay:g} (about the last "
+                f"{trainer.ema.horizon:.0f} steps): validation, evaluate, predict and export use the average")
+            if trainer.ema.horizon > total_steps:
+                say(f"warning: --ema {trainer.ema.decay:g} averages over about {trainer.ema.horizon:.0f} steps but the "
+                    f"run has {total_steps}: at its end the average still holds "
+                    f"{trainer.ema.first_step_share(total_steps):.0%} of the first step's weights; a decay of at most "
+                    f"{max(0.0, 1.0 - 5.0 / total_steps):.3g} averages over the last fifth of the run")
         if trainer.stopped_early:
             say(f"{run.path} was stopped early at epoch {trainer.state.epoch} (--patience): nothing to train")
 
@@ -701,7 +746,8 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
                         if bar is None:
                             values = "".join(f" {k} {v:.3f}" for k, v in trainer.method.log_values().items())
                             if "val_score" in record:
-                                values += f" val_score {record['val_score']:.4f}"
+                                weights = " (ema)" if trainer.ema is not None else ""
+                                values += f" val_score{weights} {record['val_score']:.4f}"
                             say(f"epoch {record['epoch']}/{run_config.epochs} loss {record['loss']:.4f}{values} "
                                 f"lr {record['lr']:.2e} {record['images_per_s']:.1f} img/s")
                         if trainer.stopped_early:

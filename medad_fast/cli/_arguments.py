@@ -83,7 +83,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     check_method_options(args)
     overrides = dict(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
-        max_train_images=args.max_train_images, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        max_train_images=args.max_train_images, seed=args.seed, ema=args.ema,
+        checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes,
         anomaly_source=str(args.anomaly_source) if args.anomaly_source else None, data=str(args.data),
         reference_ops=args.reference_ops or None, amp=False if args.no_amp else None,

@@ -73,8 +73,8 @@ from .data.layout import is_image_level
 from .inference import load_method, resolve_checkpoint, score_dataset
 from .io import atomic_write_json, atomic_write_text, check_writable_folder, output_folder
 from .metrics import PixelMetricsStream, image_metrics, roc_curve, roc_curve_from_counts
-from .operating_point import (OPERATING_POINT_NAME, check_calibration_split, default_evaluation_dir, operating_point,
-                              write_operating_point)
+from .operating_point import (OPERATING_POINT_NAME, check_calibration_split, choose_operating_point,
+                              default_evaluation_dir, write_operating_point)
 from .runtime import ops_mode, resolve_device
 from .visualize import plot_roc, write_cases
 from .weight_averaging import scoring_weights
@@ -122,12 +122,11 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
             point = None
             if calibrate:
                 try:
-                    point = operating_point(_labels(dataset), scores,
-                                            _pixel_counts(dataset, stream, "the operating point"), split,
-                                            f"the {split} split of {Path(data).resolve()}", True)
+                    point = choose_operating_point(_labels(dataset), scores,
+                                                   None if is_image_level(dataset.files) else stream.counts, split,
+                                                   f"the {split} split of {Path(data).resolve()}")
                 except ValueError as e:  # one class only: no operating point to store
-                    metrics = {"calibration_error": f"--calibrate: no operating point from the {split} split of "
-                                                    f"{data}: {e}"}
+                    metrics = {"calibration_error": str(e)}
             if point is not None:
                 point.update(checkpoint=str(checkpoint.resolve()), data=str(Path(data).resolve()))
                 extra.update(operating_point=point,

@@ -16,7 +16,10 @@ data it evaluates and writes them into the run folder (the checkpoint's folder) 
   (:func:`medad_fast.metrics.best_dice_threshold_from_counts`). None (JSON null) when the
   data is image-level (no lesion masks): ``medad-fast predict`` then needs ``--threshold``.
 
-``split`` and ``source`` in the file say which data it was chosen on. ``--calibrate`` is
+Both ``evaluate`` drivers (BMAD slices, :mod:`medad_fast.evaluate`; CT volumes,
+:mod:`medad_fast.volume_evaluate`) choose it with :func:`choose_operating_point`, the one
+place the rule and its errors live. ``split`` and ``source`` in the file say which data it
+was chosen on. ``--calibrate`` is
 refused on the test split (the threshold would be tuned on the data the metrics report) and
 on the train split (slices the model was trained on): :func:`check_calibration_split`.
 Without ``--calibrate``, ``evaluate`` writes its report into its ``--out`` (by default a
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +43,7 @@ import numpy as np
 from .io import atomic_write_json
 
 __all__ = ["OPERATING_POINT_NAME", "DEFAULT_SPECIFICITY", "CALIBRATE_HINT", "slice_threshold_at_specificity",
-           "operating_point", "write_operating_point", "read_operating_point", "check_calibration_split",
+           "operating_point", "choose_operating_point", "write_operating_point", "read_operating_point", "check_calibration_split",
            "default_evaluation_dir"]
 
 OPERATING_POINT_NAME = "operating_point.json"
@@ -110,6 +114,21 @@ def operating_point(slice_labels, slice_scores, pixel_counts, split: str, source
         "n_slices": int(labels.size),
         "n_normal_slices": int((~labels).sum()),
     }
+
+
+def choose_operating_point(slice_labels, slice_scores, pixel_counts: Callable[[str], Any] | None, split: str,
+                           source: str, specificity: float = DEFAULT_SPECIFICITY) -> dict[str, Any]:
+    """The operating point that ``evaluate --calibrate`` stores, chosen on the data it
+    evaluated (slices of a BMAD split or liver slices of CT volumes: both drivers call this,
+    so the choice is made here only). ``pixel_counts(purpose)``: the exact pixel counts
+    (:meth:`medad_fast.metrics.PixelMetricsStream.counts`), or None for image-level data
+    (no lesion masks: no pixel threshold). ``ValueError`` naming ``source`` when the data
+    cannot give one (one class of slices only, no lesion pixel)."""
+    try:
+        counts = None if pixel_counts is None else pixel_counts("the operating point")
+        return operating_point(slice_labels, slice_scores, counts, split, source, True, specificity)
+    except ValueError as e:
+        raise ValueError(f"--calibrate: no operating point from {source}: {e}") from None
 
 
 def write_operating_point(run_dir: str | Path, point: dict[str, Any]) -> Path:

@@ -79,8 +79,8 @@ from .inference import load_method, resolve_checkpoint
 from .io import atomic_write_json, atomic_write_text, check_writable_folder, output_folder
 from .metrics import (DEFAULT_FP_BUDGETS, HIT_RULES, LESION_STRUCTURE, PixelMetricsStream, detection_thresholds,
                       image_metrics, lesion_froc, lesion_hits, roc_auc)
-from .operating_point import (OPERATING_POINT_NAME, check_calibration_split, default_evaluation_dir, operating_point,
-                              write_operating_point)
+from .operating_point import (OPERATING_POINT_NAME, check_calibration_split, choose_operating_point,
+                              default_evaluation_dir, write_operating_point)
 from .preprocessing import scoring_window
 from .runtime import resolve_device
 from .volume_inference import DEFAULT_TOP_K, aggregate_slice_scores, read_ahead, score_volume
@@ -333,13 +333,10 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
             counts, pixel_reason = _or_reason(lambda: stream.counts("the pixel metrics"))
             pixel_metrics = stream.metrics(counts) if counts is not None else None
             point = None
-            if calibrate:
-                point, point_reason = _or_reason(lambda: operating_point(
-                    labels, scores, counts if counts is not None else stream.counts("the operating point"),
-                    split or "volumes", f"the {len(opened)} evaluated volume(s)" + (f" of {source}" if source else
-                                                                                      " (--scans)"), True))
-                if point is None:
-                    raise ValueError(f"--calibrate: no operating point from these volumes: {point_reason}")
+            if calibrate:  # volumes always have tumour labels: never image-level
+                point = choose_operating_point(
+                    labels, scores, stream.counts if counts is None else (lambda purpose: counts), split or "volumes",
+                    f"the {len(opened)} evaluated volume(s)" + (f" of {source}" if source else " (--scans)"))
         lesion_metrics, lesion_reason = None, None
         if any(v["n_lesions"] for v in scored.volumes):
             thresholds = detection_thresholds(np.concatenate(scored.samples), lesion_thresholds,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -17,7 +18,9 @@ import pytest
 from ct_data import identity_maps, liver_phantom, tiny_checkpoint, write_nifti
 from medad_fast.cli import main as cli
 from medad_fast.data.phantom import write_phantom_dataset
-from medad_fast.operating_point import read_operating_point, slice_threshold_at_specificity
+from medad_fast import operating_point as operating_point_module
+from medad_fast.metrics import PixelMetricsStream
+from medad_fast.operating_point import choose_operating_point, read_operating_point, slice_threshold_at_specificity
 
 
 def test_slice_threshold_by_hand():
@@ -29,6 +32,65 @@ def test_slice_threshold_by_hand():
         slice_threshold_at_specificity([])
     with pytest.raises(ValueError, match="specificity"):
         slice_threshold_at_specificity([1.0], 0.0)
+
+
+def test_choose_operating_point_by_hand(tmp_path):
+    labels = [False, False, False, False, True, True]
+    scores = [4.0, 1.0, 3.0, 2.0, 5.0, 0.5]  # 4 normal slices: 95 % needs all 4, so the threshold is 4
+    with PixelMetricsStream(str(tmp_path / "spill")) as stream:
+        mask = np.zeros((1, 2, 3), bool)
+        mask[0, 0, :2] = True  # two lesion pixels scoring 0.9 and 0.7; the background 0.1 .. 0.8
+        stream.add(mask, np.array([[[0.9, 0.7, 0.1], [0.8, 0.2, 0.1]]], np.float32))
+        purposes = []
+        point = choose_operating_point(labels, scores, lambda purpose: purposes.append(purpose) or
+                                       stream.counts(purpose), "valid", "the valid split of here")
+    assert purposes == ["the operating point"]
+    assert point["slice_threshold"] == 4.0 and point["slice_sensitivity"] == 0.5 and point["slice_specificity"] == 1.0
+    # map >= 0.9: Dice 2*1/(1+2) = 2/3; >= 0.8: 2*1/(2+2) = 0.5; >= 0.7: 2*2/(3+2) = 0.8, the best
+    assert point["pixel_threshold"] == pytest.approx(0.7) and point["pixel_dice"] == pytest.approx(0.8)
+    assert point["source"] == "the valid split of here" and point["on_evaluated_split"] is True
+    image_level = choose_operating_point(labels, scores, None, "valid", "x")  # no masks: no pixel threshold
+    assert image_level["pixel_threshold"] is None and image_level["slice_threshold"] == 4.0
+    with pytest.raises(ValueError, match=r"^--calibrate: no operating point from the 2 volumes: .*normal slices"):
+        choose_operating_point([True, True], [1.0, 2.0], None, "volumes", "the 2 volumes")
+
+
+def test_slice_and_volume_evaluation_choose_the_operating_point_in_one_place(tmp_path, monkeypatch, capsys):
+    """Both drivers go through :func:`choose_operating_point`: the same rule, the same
+    error when the data cannot give a point (here: no lesion pixel)."""
+    calls = []
+    chosen = operating_point_module.operating_point
+    monkeypatch.setattr(operating_point_module, "operating_point",
+                        lambda *args, **kwargs: calls.append(args[3]) or chosen(*args, **kwargs))
+    run = run_folder(tmp_path)
+    data = tmp_path / "normal-only"
+    write_phantom_dataset(data, n_train=2, n_test=2, n_valid=4, size=32, seed=5, progress=False)
+    for folder in (data / "valid").iterdir():
+        if folder.name != "good":  # a valid split of normal slices only: no lesion pixel
+            shutil.rmtree(folder)
+    assert cli(["evaluate", str(run), "--data", str(data), "--calibrate", "--out", str(tmp_path / "slices"),
+                "--no-progress", "--cases", "0"]) == 2
+    assert (f"--calibrate: no operating point from the valid split of {data.resolve()}: "
+            in capsys.readouterr().err)
+    identity_maps(monkeypatch)
+    hu, liver = liver_phantom((30, 28, 12), 2, (14, 12, 4))  # liver slices 2..9, the lesion's 2..6
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    scan = write_nifti(tmp_path / "in" / "ct.nii.gz", hu, affine)
+    mask = write_nifti(tmp_path / "in" / "liver.nii.gz", liver, affine, dtype=np.uint8)
+    no_tumour = write_nifti(tmp_path / "in" / "tumour.nii.gz", np.zeros_like(liver), affine, dtype=np.uint8)
+    assert cli(["evaluate", str(run), "--scans", str(scan), "--masks", str(mask), "--labels", str(no_tumour),
+                "--calibrate", "--out", str(tmp_path / "volumes"), "--no-progress"]) == 2
+    assert "--calibrate: no operating point from the 1 evaluated volume(s) (--scans): " in capsys.readouterr().err
+    assert calls == []  # both stopped at the pixel counts, before the thresholds
+    assert not (run / "operating_point.json").exists()
+    phantom = tmp_path / "phantom"
+    write_phantom_dataset(phantom, n_train=2, n_test=2, n_valid=8, size=32, seed=5, progress=False)
+    assert cli(["evaluate", str(run), "--data", str(phantom), "--calibrate", "--out", str(tmp_path / "ok"),
+                "--no-progress", "--cases", "0"]) == 0
+    tumour = write_nifti(tmp_path / "in" / "tumour2.nii.gz", (hu > 150) & liver, affine, dtype=np.uint8)
+    assert cli(["evaluate", str(run), "--scans", str(scan), "--masks", str(mask), "--labels", str(tumour),
+                "--calibrate", "--out", str(tmp_path / "ok-volumes"), "--no-progress"]) == 0
+    assert calls == ["valid", "volumes"]  # the split each was chosen on
 
 
 @pytest.fixture(scope="module")

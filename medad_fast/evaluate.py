@@ -16,7 +16,9 @@ Output folder (``--out``; default ``<run>-eval-<split>`` beside the run folder, 
     metrics.json                  image/pixel AUROC, AP, AUPRO@0.3, best Dice, counts, scoring
                                   speed (slices/s of the read-and-score loop) and run facts
                                   (``weights``: "ema" for a run trained with ``--ema``, which
-                                  scores with its moving average, else "last")
+                                  scores with its moving average, else "last"; ``scorer``:
+                                  "checkpoint", or "pt2" / "onnx" for an exported file, whose
+                                  ``epoch`` and ``weights`` are null: the file does not say)
     scores.csv                    every slice's path, label (1 = lesion) and image score
     roc.png                       image-level and pixel-level ROC curves
     heatmaps/worst-*.png          abnormal slices with the lowest scores and normal slices
@@ -29,6 +31,9 @@ the operating point chosen on the evaluated split, in the run folder (the checkp
 best-Dice pixel threshold (:mod:`medad_fast.operating_point`; ``metrics.json`` repeats it
 under ``operating_point``), which ``predict`` then uses. Without it nothing is written into
 the run folder.
+
+The model is a checkpoint, a run directory or a ``.pt2`` / ``.onnx`` file of ``medad-fast
+export`` (:class:`medad_fast.exported.ExportedModel`, as ``predict`` scores it).
 
 Slices are made as the model's training slices were: its preprocessing record's crop and
 side (:mod:`medad_fast.preprocessing`).
@@ -70,14 +75,13 @@ from . import distributed
 from .cpu_isa import isa_report
 from .data.dataset import BmadSliceDataset
 from .data.layout import is_image_level
-from .inference import load_method, resolve_checkpoint, score_dataset
+from .inference import load_scorer_and_state, resolve_checkpoint, score_dataset, scorer_facts
 from .io import atomic_write_json, atomic_write_text, check_writable_folder, output_folder
 from .metrics import PixelMetricsStream, image_metrics, roc_curve, roc_curve_from_counts
 from .operating_point import (OPERATING_POINT_NAME, check_calibration_split, choose_operating_point,
                               default_evaluation_dir, write_operating_point)
 from .runtime import ops_mode, resolve_device
 from .visualize import plot_roc, write_cases
-from .weight_averaging import scoring_weights
 
 __all__ = ["evaluate"]
 
@@ -86,13 +90,15 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
              device: str | torch.device | None = None, batch_size: int = 16, n_cases: int = 4,
              progress: bool = True, reference_ops: bool = False, compile: bool = False,
              calibrate: bool = False) -> dict[str, Any]:
-    """Evaluate a checkpoint (or run directory) of any method on a split of a BMAD-layout
-    folder (None: ``valid`` with ``calibrate``, else ``test``); write ``metrics.json``,
-    ``roc.png`` and the heatmaps into ``out`` (None: :func:`default_evaluation_dir`).
-    ``calibrate``: also choose the operating point on this split and store it in the run
-    folder (:mod:`medad_fast.operating_point`; ``ValueError`` on the test or train split);
-    without it nothing is written into the run folder. Returns the metrics. ``compile``:
-    compile the method's networks (:func:`~medad_fast.runtime.compile_networks`)."""
+    """Evaluate a checkpoint (or run directory, or a ``.pt2`` / ``.onnx`` file of ``medad-fast
+    export``) of any method on a split of a BMAD-layout folder (None: ``valid`` with
+    ``calibrate``, else ``test``); write ``metrics.json``, ``roc.png`` and the heatmaps into
+    ``out`` (None: :func:`default_evaluation_dir`). ``calibrate``: also choose the operating
+    point on this split and store it in the run folder (the file's folder;
+    :mod:`medad_fast.operating_point`; ``ValueError`` on the test or train split); without it
+    nothing is written into the run folder. Returns the metrics. ``compile``: compile the
+    method's networks (:func:`~medad_fast.runtime.compile_networks`; an exported file is
+    compiled already)."""
     split = split or ("valid" if calibrate else "test")
     if calibrate:
         check_calibration_split(split)
@@ -103,7 +109,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
         check_writable_folder(out)  # before any work
     metrics = None
     with ops_mode(reference_ops), contextlib.ExitStack() as cleanup:
-        method, state = load_method(checkpoint, world.device, compile=compile)
+        method, state = load_scorer_and_state(checkpoint, world.device, compile)
         record = method.config.preprocessing  # as the run was trained; maps come back whole
         dataset = BmadSliceDataset(data, split, size=record.image_size, crop=record.crop == "liver")
         stream = None
@@ -195,8 +201,7 @@ def _write_evaluation(out: Path, checkpoint: Path, data: str | Path, split: str,
     # L1 + focal loss keeps p well below 1, so a fixed [0, 1] scale would look washed out)
     heatmap_scale = stream.max if stream.n_slices else 1.0
     metrics.update({"split": split, "data": str(Path(data).resolve()), "checkpoint": str(checkpoint.resolve()),
-                    "method": config.run.method, "variant": config.variant, "epoch": int(state.get("epoch", 0)),
-                    "weights": scoring_weights(state),  # "ema": the run's moving average (train --ema)
+                    "method": config.run.method, "variant": config.variant, **scorer_facts(checkpoint, state),
                     **{k: float(v) for k, v in state.get("method_state", {}).items() if isinstance(v, (int, float))},
                     "preset": config.run.preset, "image_size": config.run.image_size,
                     "crop": "liver" if dataset.crop else "none",

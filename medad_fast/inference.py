@@ -25,9 +25,10 @@ from .exported import ExportedModel, is_exported_file
 from .methods import Method, config_from_dict, get_method
 from .preprocessing import legacy_preprocessing
 from .runtime import compile_networks, resolve_device
-from .weight_averaging import EMA_KEY, averaged_state_dict
+from .weight_averaging import EMA_KEY, averaged_state_dict, scoring_weights
 
-__all__ = ["resolve_checkpoint", "load_method", "load_scorer", "score_batch", "score_dataset", "score_images"]
+__all__ = ["resolve_checkpoint", "load_method", "load_scorer", "load_scorer_and_state", "scorer_facts", "score_batch",
+           "score_dataset", "score_images"]
 
 
 #: run directories whose best checkpoint this process has already announced
@@ -101,9 +102,26 @@ def load_scorer(path: str | os.PathLike, device: str | torch.device | None = "cp
     (:func:`load_method`, ``compile`` as there; an exported file is compiled already).
     Either has ``config``, ``predict`` and ``to_memory_format``, all the scoring functions
     below use. Errors name the file."""
+    return load_scorer_and_state(path, device, compile)[0]
+
+
+def load_scorer_and_state(path: str | os.PathLike, device: str | torch.device | None = "cpu", compile: bool = False
+                          ) -> tuple[Method | ExportedModel, dict[str, Any]]:
+    """:func:`load_scorer` and the checkpoint dict (epoch, method state, ...; ``{}`` for an
+    exported file, which carries the run's config and preprocessing record only)."""
     if is_exported_file(path):
-        return ExportedModel.load(path, resolve_device(device))
-    return load_method(path, device, compile=compile)[0]
+        return ExportedModel.load(path, resolve_device(device)), {}
+    return load_method(path, device, compile=compile)
+
+
+def scorer_facts(path: str | os.PathLike, state: dict[str, Any]) -> dict[str, Any]:
+    """What an evaluation report says about what scored (:func:`load_scorer_and_state`'s
+    ``path`` and ``state``): ``scorer`` ("checkpoint", or the exported file's format),
+    ``epoch`` and ``weights`` ("ema": the run's moving average, ``train --ema``; else "last";
+    both None for an exported file, which does not record them)."""
+    if is_exported_file(path):
+        return {"scorer": Path(path).suffix.lstrip("."), "epoch": None, "weights": None}
+    return {"scorer": "checkpoint", "epoch": int(state.get("epoch", 0)), "weights": scoring_weights(state)}
 
 
 @torch.no_grad()

@@ -36,8 +36,11 @@ The region scored is the liver mask united with the tumour label (tumour counts 
   ``scipy.ndimage.label`` of the liver's bounding box: about 0.5 s for 6 million voxels on one
   busy CPU core, so a minute per volume at the default 100.
 
-Each volume is windowed as the model's training slices were (its preprocessing record,
-:mod:`medad_fast.preprocessing`, unless ``--window`` / ``--hist-eq`` say otherwise).
+The model is a checkpoint, a run directory or a file of ``medad-fast export`` (``.pt2``,
+``.onnx``; ``metrics.json`` says which: ``scorer``); ``--reference-ops`` and ``--compile``
+work as on slices. Each volume is windowed as the model's training slices were (its
+preprocessing record, :mod:`medad_fast.preprocessing`, unless ``--window`` / ``--hist-eq``
+say otherwise).
 
 Writes into ``--out`` (default ``<run>-eval-volumes`` or ``<run>-eval-volumes-<split>``
 beside the run folder)::
@@ -75,14 +78,14 @@ from .data.cases import CASE_SOURCES, LabelSource, VolumeCase
 from .data.scan import (Geometry, LiverMaskSource, Volume, VolumeError, check_scan_values, display_slice,
                         open_liver_mask, read_geometry, read_volume, require_liver)
 from .cpu_isa import isa_report
-from .inference import load_method, resolve_checkpoint
+from .inference import load_scorer_and_state, resolve_checkpoint, scorer_facts
 from .io import atomic_write_json, atomic_write_text, check_writable_folder, output_folder
 from .metrics import (DEFAULT_FP_BUDGETS, HIT_RULES, LESION_STRUCTURE, PixelMetricsStream, detection_thresholds,
                       image_metrics, lesion_froc, lesion_hits, roc_auc)
 from .operating_point import (OPERATING_POINT_NAME, check_calibration_split, choose_operating_point,
                               default_evaluation_dir, write_operating_point)
 from .preprocessing import scoring_window
-from .runtime import resolve_device
+from .runtime import ops_mode, resolve_device
 from .volume_inference import DEFAULT_TOP_K, aggregate_slice_scores, read_ahead, score_volume
 
 __all__ = ["LabelSource", "VolumeCase", "cases_from_arguments", "cases_from_manifest", "evaluate_volumes",
@@ -290,8 +293,12 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
                      lesion_thresholds: int = DEFAULT_LESION_THRESHOLDS, split: str | None = None,
                      source: str | None = None, skipped: list[dict[str, Any]] | None = None,
                      calibrate: bool = False, allow_nonfinite: bool = False,
-                     allow_non_hu: bool = False) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on CT volumes (see the module docstring). ``split`` /
+                     allow_non_hu: bool = False, reference_ops: bool = False,
+                     compile: bool = False) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` (a checkpoint, run directory or a ``.pt2`` / ``.onnx`` file of
+    ``medad-fast export``) on CT volumes (see the module docstring). ``reference_ops``: score
+    with the pure-PyTorch reference ops; ``compile``: compile the method's networks
+    (:func:`~medad_fast.runtime.compile_networks`), as ``evaluate`` on slices. ``split`` /
     ``source``: what the cases are (for the output). ``calibrate``: choose the operating
     point on these volumes and store it in the run folder (``ValueError`` on the test or train
     split, or when the volumes cannot give one). ``allow_nonfinite`` / ``allow_non_hu``: as in
@@ -315,10 +322,11 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
         raise ValueError(f"--lesion-thresholds must be >= 2, got {lesion_thresholds}")
     opened = [_open(case) for case in cases]  # headers first: a wrong label is reported before any scoring
     device = resolve_device(device)
-    method, state = load_method(checkpoint, device)
+    method, state = load_scorer_and_state(checkpoint, device, compile)
     record = method.config.preprocessing
     window, hist_eq, settings_from = scoring_window(record, window, hist_eq)
-    with output_folder(out), tempfile.TemporaryDirectory(prefix=".volume-eval-", dir=out) as spill:
+    with ops_mode(reference_ops), output_folder(out), \
+            tempfile.TemporaryDirectory(prefix=".volume-eval-", dir=out) as spill:
         spill = Path(spill)
         (spill / "lesions").mkdir()
         pad_shape = tuple(np.max([o.display_shape for o in opened], axis=0).tolist())
@@ -360,7 +368,7 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
     metrics: dict[str, Any] = {
         "checkpoint": str(checkpoint.resolve()), "method": method.config.run.method,
         "variant": method.config.variant, "preset": method.config.run.preset,
-        "image_size": method.config.run.image_size, "epoch": int(state.get("epoch", 0)),
+        "image_size": method.config.run.image_size, **scorer_facts(checkpoint, state),
         "crop": record.crop, "preprocessing": record.to_dict(),
         "split": split, "source": source, "window": list(window), "hist_eq": hist_eq, "window_from": settings_from,
         "top_k": top_k, "n_volumes": len(scored.volumes),

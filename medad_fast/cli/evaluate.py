@@ -20,7 +20,8 @@ _NO_MASKS = "n/a (no masks)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_or_checkpoint", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
+    parser.add_argument("run_or_checkpoint", metavar="RUN_OR_CKPT",
+                        help="run directory, checkpoint file or a file of `medad-fast export` (.pt2, .onnx)")
     parser.add_argument("--data", metavar="DIR", help="BMAD-layout folder or MedIAnomaly dataset (its data.json "
                                                       "folder) (or --scans / --manifest for CT volumes)")
     parser.add_argument("--split", default=None, choices=("test", "valid", "train"),
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="heatmaps of the K worst and K best slices per class (default 4)")
     parser.add_argument("--reference-ops", action="store_true", help="use the pure-PyTorch reference ops")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the method's networks (slices; compiling takes minutes on a CPU)")
+                        help="torch.compile the method's networks (compiling takes minutes on a CPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     volumes = parser.add_argument_group("CT volumes")
     volumes.add_argument("--scans", nargs="+", metavar="SCAN", default=None,
@@ -92,7 +93,8 @@ def _main_volumes(args: argparse.Namespace) -> int:
                                    batch_size=args.batch_size, progress=not args.no_progress, window=args.window,
                                    hist_eq=args.hist_eq, top_k=args.top_k, lesion_thresholds=args.lesion_thresholds,
                                    split=split, source=source, skipped=skipped, calibrate=args.calibrate,
-                                   allow_nonfinite=args.allow_nonfinite, allow_non_hu=args.allow_non_hu)
+                                   allow_nonfinite=args.allow_nonfinite, allow_non_hu=args.allow_non_hu,
+                                   reference_ops=args.reference_ops, compile=args.compile)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"medad-fast evaluate: error: {exc}", file=sys.stderr)
         return 2

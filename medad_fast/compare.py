@@ -98,14 +98,6 @@ def _config_difference(saved: dict[str, Any], wanted: dict[str, Any]) -> list[st
     return differences
 
 
-def _read_log(run: Path) -> list[dict[str, Any]]:
-    from .train import LOG_NAME
-    path = run / LOG_NAME
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_entry(entry: Entry, data: Path, folder: Path, preset: str, common: dict[str, Any],
               device: str | None = None, progress: bool = True, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (or resume, or reuse) and evaluate one entry in ``folder``; returns its row:
@@ -113,25 +105,26 @@ def run_entry(entry: Entry, data: Path, folder: Path, preset: str, common: dict[
     from .checkpoint import LATEST_NAME
     from .evaluate import evaluate
     from .inference import resolve_checkpoint
-    from .train import train
+    from .train import RunDirectory, train
 
     config = entry.config(data, preset, common)
     run, eval_dir = folder / "run", folder / "eval"
-    config_path = run / "config.json"
+    run_directory = RunDirectory(run, writer=False)  # read only: train() writes it
+    config_path = run_directory.config_path
     if config_path.is_file():
         saved = config_from_dict(json.loads(config_path.read_text())).to_dict()
         differences = _config_difference(saved, config.to_dict())
         if differences:
             raise SystemExit(f"medad-fast compare: {run} holds a run of another config ({'; '.join(differences)}); "
                              f"delete {folder} or choose another --out")
-    log = _read_log(run)
+    log = run_directory.read_log()
     finished = (run / LATEST_NAME).is_file() and bool(log) and (log[-1].get("epoch") == config.run.epochs
                                                                  or bool(log[-1].get("stopped_early")))
     if not finished:
         resume = any(run.glob("checkpoint*.pt"))
         say(f"== {entry.name}: {'resuming' if resume else 'training'} {config.variant}, {preset} preset")
         train(config, run, resume=resume, device=device, progress=progress)
-        log = _read_log(run)
+        log = run_directory.read_log()
     metrics_path = eval_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
     # what evaluate reads: checkpoint-best.pt of a run with a validation set, else checkpoint.pt

@@ -14,6 +14,14 @@ folder::
     <out>/compare.json           the same figures, machine-readable
     <out>/roc.png                every method's image-level ROC curve in one plot
 
+With several seeds (``--seeds 0,1,2``: :func:`parse_seeds`) every method is trained and
+evaluated once per seed, in ``<out>/<name>/seed<S>/run`` and ``.../eval``; compare.md then
+holds one row per method with the mean +- sample sd (n - 1) of every metric over its seeds
+and a column ``n`` (how many seeds), then a table of the per-seed rows; compare.json holds
+per method the means, ``sd`` (metric -> sd) and ``per_seed`` (the rows, each with its
+``seed``); roc.png draws each method's first seed (its legend says which). Without
+``--seeds`` the layout above is unchanged.
+
 Resumable: a method whose run finished and whose evaluation exists is reused, but only when
 its config (data, preset, seed, settings) equals the one asked for; an unfinished run is
 resumed from its checkpoint; a run made with another config is refused (delete its folder
@@ -51,11 +59,14 @@ from .io import atomic_write_json, atomic_write_text, check_writable_folder
 from .method_options import settings_for_methods
 from .methods import config_from_dict, get_method, resolve_config
 
-__all__ = ["Entry", "COLUMNS", "run_entry", "sweep", "anomaly_source_methods", "compare_entries"]
+__all__ = ["Entry", "COLUMNS", "run_entry", "sweep", "anomaly_source_methods", "compare_entries", "parse_seeds",
+           "seed_summary"]
 
 #: (metrics.json key, column title) of the quality columns, in the paper's Table 2 order
 COLUMNS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("image_ap", "image AP"),
            ("pixel_ap", "pixel AP"), ("aupro_0.3", "AUPRO@0.3"), ("best_dice", "best Dice")]
+#: the per-seed columns besides COLUMNS that compare.md shows as a mean over seeds
+_MEAN_COLUMNS = ("training_minutes", "slices_per_s")
 #: run fields that do not change what is trained (how often a checkpoint is written)
 _BOOKKEEPING = ("checkpoint_every", "checkpoint_minutes")
 
@@ -141,7 +152,8 @@ def run_entry(entry: Entry, data: Path, folder: Path, preset: str, common: dict[
             "switches": entry.switches,
             "training_minutes": sum(r.get("seconds", 0.0) for r in log) / 60,
             "slices_per_s": metrics.get("slices_per_s", float("nan")), "n_images": metrics["n_images"],
-            "epochs": config.run.epochs, "image_size": config.run.image_size, "preset": preset}
+            "epochs": config.run.epochs, "image_size": config.run.image_size, "preset": preset,
+            "seed": config.run.seed}
 
 
 def _machine() -> str:
@@ -158,62 +170,158 @@ def _machine() -> str:
             f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
-def table(rows: dict[str, dict[str, Any]], first_column: str = "method") -> str:
-    """The markdown table of ``rows`` (name -> row of :func:`run_entry`)."""
-    header = (f"| {first_column} | switches | " + " | ".join(title for _, title in COLUMNS)
-              + " | training min | slices/s |")
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 4)]
-    for name, row in rows.items():
-        cells = ["n/a" if row[key] is None else f"{row[key]:.3f}" for key, _ in COLUMNS]
-        minutes = f"{row['training_minutes']:.1f}" if "training_minutes" in row else "-"
-        speed = f"{row['slices_per_s']:.0f}" if np.isfinite(row.get("slices_per_s", float("nan"))) else "-"
+def parse_seeds(text: str) -> list[int]:
+    """The seeds of ``--seeds`` (``"0,1,2"``); ``ValueError`` naming ``--seeds`` for an empty
+    list, a value that is not an integer, or a seed given twice."""
+    items = [item.strip() for item in text.split(",")]
+    if not any(items):
+        raise ValueError(f"--seeds {text!r}: empty list; give comma-separated integers, e.g. 0,1,2")
+    seeds = []
+    for item in items:
+        try:
+            seed = int(item)
+        except ValueError:
+            raise ValueError(f"--seeds {text!r}: {item!r} is not an integer") from None
+        if seed in seeds:
+            raise ValueError(f"--seeds {text!r}: seed {seed} is given twice")
+        seeds.append(seed)
+    return seeds
+
+
+def seed_summary(per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One row of a method over its seeds (``per_seed``: rows of :func:`run_entry`): each
+    metric's mean (None where a seed has none, e.g. pixel metrics of an image-level split),
+    ``sd`` (metric -> sample sd, n - 1; None for one seed), ``n``, ``seeds`` and the rows
+    themselves (``per_seed``). The fields that do not vary by seed are the first row's."""
+    first = per_seed[0]
+    summary = {key: value for key, value in first.items() if key not in dict(COLUMNS) and key not in _MEAN_COLUMNS
+               and key != "seed"}
+    summary["sd"] = {}
+    for key in [key for key, _ in COLUMNS] + list(_MEAN_COLUMNS):
+        values = [row.get(key) for row in per_seed]
+        if any(value is None for value in values):
+            summary[key] = summary["sd"][key] = None
+            continue
+        values = np.asarray(values, dtype=np.float64)
+        summary[key] = float(values.mean())
+        summary["sd"][key] = float(values.std(ddof=1)) if len(values) > 1 else None
+    return {**summary, "n": len(per_seed), "seeds": [row["seed"] for row in per_seed], "per_seed": list(per_seed)}
+
+
+def _table(rows: Sequence[tuple[str, dict[str, Any]]], first_column: str, seed_column: bool = False) -> str:
+    """The markdown table of ``(name, row)`` pairs: a row of :func:`seed_summary` (it has
+    ``sd``) shows ``mean +- sd`` and its ``n``; ``seed_column``: a column of each row's seed."""
+    spread = any("sd" in row for _, row in rows)
+    header = (f"| {first_column} | " + ("seed | " if seed_column else "") + "switches | " + ("n | " if spread else "")
+              + " | ".join(title for _, title in COLUMNS) + " | training min | slices/s |")
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 4 + seed_column + spread)]
+    for name, row in rows:
+        cells = []
+        for key, _ in COLUMNS:
+            if row[key] is None:
+                cells.append("n/a")
+            elif "sd" in row:
+                sd = row["sd"].get(key)
+                cells.append(f"{row[key]:.3f} +- {'n/a' if sd is None else f'{sd:.3f}'}")
+            else:
+                cells.append(f"{row[key]:.3f}")
+        minutes = f"{row['training_minutes']:.1f}" if row.get("training_minutes") is not None else "-"
+        speed = f"{row['slices_per_s']:.0f}" if np.isfinite(row.get("slices_per_s") or float("nan")) else "-"
         # a row says in itself how its method was run when that matters (e.g. ddad's data protocol)
         label = f"{name} ({row['protocol']})" if row.get("protocol") else name
-        lines.append(f"| {label} | `{row.get('switches') or '-'}` | " + " | ".join(cells) + f" | {minutes} | {speed} |")
+        before = f" {row['seed']} |" if seed_column else ""
+        after = f" {row.get('n', '-')} |" if spread else ""
+        lines.append(f"| {label} |{before} `{row.get('switches') or '-'}` |{after} " + " | ".join(cells)
+                     + f" | {minutes} | {speed} |")
     return "\n".join(lines) + "\n"
+
+
+def table(rows: dict[str, dict[str, Any]], first_column: str = "method") -> str:
+    """The markdown table of ``rows`` (name -> row of :func:`run_entry`, or of
+    :func:`seed_summary`: then ``mean +- sd`` and a column ``n``)."""
+    return _table(list(rows.items()), first_column)
+
+
+def _scores_csv(out: Path, name: str, row: dict[str, Any]) -> Path:
+    """The ``scores.csv`` of row ``name``: its run's, or its first seed's."""
+    folder = out / name / f"seed{row['per_seed'][0]['seed']}" if "per_seed" in row else out / name
+    return folder / "eval" / "scores.csv"
 
 
 def write_outputs(out: Path, stem: str, rows: dict[str, dict[str, Any]], command: str,
                   first_column: str = "method") -> str:
     """``<stem>.md`` (table, command, machine), ``<stem>.json`` and ``roc.png`` (every row's
-    image-level ROC curve, from its ``eval/scores.csv``). Returns the markdown."""
+    image-level ROC curve, from its ``eval/scores.csv``; a row over seeds: its first seed's).
+    Rows of :func:`seed_summary` add the per-seed table. Returns the markdown."""
     from .metrics import roc_curve
     from .visualize import plot_roc
 
+    spread = any("per_seed" in row for row in rows.values())
     top = max((r["image_auroc"] for r in rows.values()), default=None)
     best = [n for n, r in rows.items() if r["image_auroc"] == top]
     markdown = (table(rows, first_column) + "\n"
-                + (f"Highest image AUROC: {' and '.join(f'**{n}**' for n in best)}"
+                + ("Mean +- sample sd (n - 1) over the n seeds of each row; training min and slices/s: "
+                   "the mean per seed. " if spread else "")
+                + (f"Highest {'mean ' if spread else ''}image AUROC: {' and '.join(f'**{n}**' for n in best)}"
                    f"{' (tied)' if len(best) > 1 else ''}. " if best else "")
                 + f"Test split, {next(iter(rows.values()))['n_images'] if rows else 0} slices"
                 + ("; image-level (no lesion masks): pixel metrics n/a. " if any(
                     row.get("pixel_auroc", 0.0) is None for row in rows.values()) else ". ")
                 + f"Command: `{command}`. Machine: {_machine()}.\n")
+    if spread:
+        per_seed = [(name, seed_row) for name, row in rows.items() for seed_row in row.get("per_seed", [])]
+        markdown += "\nPer seed:\n\n" + _table(per_seed, first_column, seed_column=True)
     atomic_write_text(out / f"{stem}.md", markdown)
     atomic_write_json(out / f"{stem}.json", {"command": command, "machine": _machine(), "rows": rows})
     curves = []
     for name, row in rows.items():
-        with open(out / name / "eval" / "scores.csv", newline="") as handle:
+        with open(_scores_csv(out, name, row), newline="") as handle:
             records = list(csv.DictReader(handle))
         labels = np.array([int(r["label"]) for r in records], dtype=bool)
         scores = np.array([float(r["score"]) for r in records])
-        curves.append((f"{name} (AUROC {row['image_auroc']:.3f})", *roc_curve(labels, scores)))
+        if "per_seed" in row:
+            first = row["per_seed"][0]
+            label = (f"{name}, seed {first['seed']} (AUROC {first['image_auroc']:.3f}; mean of {row['n']} seeds "
+                     f"{row['image_auroc']:.3f})")
+        else:
+            label = f"{name} (AUROC {row['image_auroc']:.3f})"
+        curves.append((label, *roc_curve(labels, scores)))
     if curves:
-        plot_roc(out / "roc.png", curves, title=f"image-level ROC, {stem}")
+        plot_roc(out / "roc.png", curves, title=f"image-level ROC, {stem}" + (" (first seed of each row)" if spread else ""))
     return markdown
 
 
 def sweep(entries: Sequence[Entry], data: Path, out: Path, preset: str, common: dict[str, Any], stem: str,
-          command: str, device: str | None = None, progress: bool = True, first_column: str = "method") -> int:
-    """Run every entry (:func:`run_entry`) into ``out/<name>`` and write the outputs."""
+          command: str, device: str | None = None, progress: bool = True, first_column: str = "method",
+          seeds: Sequence[int] | None = None) -> int:
+    """Run every entry (:func:`run_entry`) into ``out/<name>`` and write the outputs; with
+    ``seeds``, once per seed into ``out/<name>/seed<S>`` (rows of :func:`seed_summary`)."""
     if not has_split(data, "train"):
         raise SystemExit(f"medad-fast {stem}: --data {data}: no train/good folder and no data.json "
                          f"(run `make demo` or `medad-fast phantom` first)")
+    if seeds is not None:
+        seeds = list(seeds)
+        if not seeds or len(set(seeds)) < len(seeds):
+            raise ValueError(f"--seeds {seeds}: give one or more distinct seeds")
+        if "seed" in common:
+            raise ValueError(f"--seed {common['seed']} and --seeds {','.join(map(str, seeds))}: give one of them")
+        fixed = [entry.name for entry in entries if "seed" in entry.overrides]
+        if fixed:
+            raise ValueError(f"--seeds: {', '.join(fixed)} fix their own seed")
     check_writable_folder(out)  # before any training
     rows = {}
     for entry in entries:
-        rows[entry.name] = run_entry(entry, data, out / entry.name, preset, common, device, progress)
-        write_outputs(out, stem, rows, command, first_column)  # a partial table after every row
+        if seeds is None:
+            rows[entry.name] = run_entry(entry, data, out / entry.name, preset, common, device, progress)
+            write_outputs(out, stem, rows, command, first_column)  # a partial table after every row
+        else:
+            per_seed = []
+            for seed in seeds:
+                per_seed.append(run_entry(dataclasses.replace(entry, name=f"{entry.name}, seed {seed}"), data,
+                                          out / entry.name / f"seed{seed}", preset, {**common, "seed": seed},
+                                          device, progress))
+                rows[entry.name] = seed_summary(per_seed)
+                write_outputs(out, stem, rows, command, first_column)  # a partial table after every seed
     print(write_outputs(out, stem, rows, command, first_column))
     print(f"wrote {out / (stem + '.md')}, {out / (stem + '.json')}, {out / 'roc.png'}")
     return 0

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..compare import compare_entries, sweep
+from ..compare import compare_entries, parse_seeds, sweep
 from ..config import OPTIONAL_PRESET_NAMES, PRESET_NAMES
 from ..method_options import MethodOption, option_name, option_owners
 from ..methods import method_names
@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run overrides for every method (default: each preset's)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--seed", type=int)
+    g.add_argument("--seeds", metavar="S,S,...",
+                   help="comma-separated seeds: every method is trained and evaluated once per seed "
+                        "(<out>/<method>/seed<S>/), and the table gives mean +- sd over them (and the per-seed rows)")
     g.add_argument("--image-size", type=int)
     g.add_argument("--max-train-images", type=int)
     g.add_argument("--anomaly-source", type=Path, metavar="DIR",
@@ -78,6 +81,17 @@ def main(args: argparse.Namespace) -> int:
         print(f"medad-fast compare: error: --methods: unknown {unknown or 'empty list'}; choose from "
               f"{','.join(method_names())}", file=sys.stderr)
         return 2
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = parse_seeds(args.seeds)
+        except ValueError as exc:
+            print(f"medad-fast compare: error: {exc}", file=sys.stderr)
+            return 2
+        if args.seed is not None:
+            print(f"medad-fast compare: error: --seed {args.seed} and --seeds {args.seeds}: give one of them",
+                  file=sys.stderr)
+            return 2
     common = {"epochs": args.epochs, "seed": args.seed, "image_size": args.image_size,
               "max_train_images": args.max_train_images, **small_data_values(args)}
     common = {k: v for k, v in common.items() if v is not None}
@@ -102,10 +116,12 @@ def main(args: argparse.Namespace) -> int:
             return 2
     out = args.out or Path(f"compare-{args.preset}")
     options = " ".join(_option(k, v) for k, v in {**common, **given}.items())
+    if seeds is not None:
+        options = f"--seeds {','.join(map(str, seeds))} {options}"
     command = f"medad-fast compare --data {args.data} --methods {','.join(methods)} --preset {args.preset} {options}".strip()
     try:
         return sweep(entries, args.data, out, args.preset, common, "compare", command,
-                     device=args.device, progress=not args.no_progress)
+                     device=args.device, progress=not args.no_progress, seeds=seeds)
     except (ValueError, FileNotFoundError) as exc:
         print(f"medad-fast compare: error: {exc}", file=sys.stderr)
         return 2

@@ -251,7 +251,8 @@ def _scores_csv(out: Path, name: str, row: dict[str, Any]) -> Path:
 def write_outputs(out: Path, stem: str, rows: dict[str, dict[str, Any]], command: str,
                   first_column: str = "method") -> str:
     """``<stem>.md`` (table, command, machine), ``<stem>.json`` and ``roc.png`` (every row's
-    image-level ROC curve, from its ``eval/scores.csv``; a row over seeds: its first seed's).
+    image-level ROC curve, from its ``eval/scores.csv``; a row over seeds: its first seed's,
+    named in the title; the legend gives that seed's AUROC and the mean).
     Rows of :func:`seed_summary` add the per-seed table. Returns the markdown."""
     from .metrics import roc_curve
     from .visualize import plot_roc
@@ -281,13 +282,14 @@ def write_outputs(out: Path, stem: str, rows: dict[str, dict[str, Any]], command
         scores = np.array([float(r["score"]) for r in records])
         if "per_seed" in row:
             first = row["per_seed"][0]
-            label = (f"{name}, seed {first['seed']} (AUROC {first['image_auroc']:.3f}; mean of {row['n']} seeds "
-                     f"{row['image_auroc']:.3f})")
+            label = f"{name} (AUROC {first['image_auroc']:.3f}, mean {row['image_auroc']:.3f})"
         else:
             label = f"{name} (AUROC {row['image_auroc']:.3f})"
         curves.append((label, *roc_curve(labels, scores)))
     if curves:
-        plot_roc(out / "roc.png", curves, title=f"image-level ROC, {stem}" + (" (first seed of each row)" if spread else ""))
+        first_seeds = sorted({row["per_seed"][0]["seed"] for row in rows.values() if "per_seed" in row})
+        plot_roc(out / "roc.png", curves,
+                 title=f"image-level ROC, {stem}" + (f", seed {'/'.join(map(str, first_seeds))}" if spread else ""))
     return markdown
 
 

@@ -19,7 +19,7 @@ evaluated once per seed, in ``<out>/<name>/seed<S>/run`` and ``.../eval``; compa
 holds one row per method with the mean +- sample sd (n - 1) of every metric over its seeds
 and a column ``n`` (how many seeds), then a table of the per-seed rows; compare.json holds
 per method the means, ``sd`` (metric -> sd) and ``per_seed`` (the rows, each with its
-``seed``); roc.png draws each method's first seed (its legend says which). Without
+``seed``); roc.png draws each method's first seed (its title says which). Without
 ``--seeds`` the layout above is unchanged.
 
 Resumable: a method whose run finished and whose evaluation exists is reused, but only when
@@ -226,7 +226,8 @@ def _table(rows: Sequence[tuple[str, dict[str, Any]]], first_column: str, seed_c
             else:
                 cells.append(f"{row[key]:.3f}")
         minutes = f"{row['training_minutes']:.1f}" if row.get("training_minutes") is not None else "-"
-        speed = f"{row['slices_per_s']:.0f}" if np.isfinite(row.get("slices_per_s") or float("nan")) else "-"
+        speed = row.get("slices_per_s")
+        speed = f"{speed:.0f}" if speed is not None and np.isfinite(speed) else "-"
         # a row says in itself how its method was run when that matters (e.g. ddad's data protocol)
         label = f"{name} ({row['protocol']})" if row.get("protocol") else name
         before = f" {row['seed']} |" if seed_column else ""

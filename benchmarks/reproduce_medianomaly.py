@@ -170,8 +170,10 @@ def inter_map_metrics(run: Path, data: Path, device: str) -> dict[str, float]:
         raise SystemExit(f"reproduce_medianomaly: error: {run} has no UDM ensemble (no unlabeled pool): "
                          f"it has no inter-discrepancy map")
     method.stage = 0  # the map before the ASR (ddad.py: anomaly_maps)
+    # batches of 16 as evaluate()'s: the same convolutions, so a run that ends in the
+    # autoencoder stage scores exactly as its evaluate row
     dataset = BmadSliceDataset(data, "test", size=method.config.preprocessing.image_size)
-    scores = torch.cat([batch_scores for _, _, batch_scores in score_dataset(method, dataset, 64, progress=True,
+    scores = torch.cat([batch_scores for _, _, batch_scores in score_dataset(method, dataset, 16, progress=True,
                                                                               device=device)])
     metrics = image_metrics([entry.abnormal for entry in dataset.files], scores.numpy())
     return {"image_auroc_inter": float(metrics["image_auroc"]), "image_ap_inter": float(metrics["image_ap"])}

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from .checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint
-from .config import Config
 from .data.crop import paste_back
 from .data.dataset import SliceBatch, iter_batches
 from .exported import ExportedModel, is_exported_file

@@ -85,7 +85,7 @@ from .config import Config
 from .inference import load_scorer, resolve_checkpoint, score_dataset
 from .data.dataset import ImageFileDataset
 from .data.layout import collect_image_files
-from .data.scan import (VolumeError, check_scan_values, display_slice, is_dicom_folder, is_nifti_path, nifti_like,
+from .data.scan import (check_scan_values, display_slice, is_dicom_folder, is_nifti_path, nifti_like,
                         Volume, open_liver_mask, read_geometry, read_volume, require_liver)
 from .io import atomic_write_json, atomic_write_text, check_writable_folder, fsync_directory
 from .operating_point import CALIBRATE_HINT, OPERATING_POINT_NAME, read_operating_point

@@ -110,7 +110,7 @@ from torch.func import functional_call
 from .. import distributed
 from ..config import Config, MethodConfig, setting
 from ..models.scoring import smoothed_residual_map
-from ..models.squid import Decoder, Discriminator, InpaintingBlock, PatchEncoder, patchify, squid_widths, unpatchify
+from ..models.squid import Decoder, Discriminator, InpaintingBlock, PatchEncoder, patchify, squid_widths
 from .registry import register
 from .base import Method, image_scores
 

@@ -14,12 +14,15 @@ atomically, after every run:
 * ``reproduce.json``: a list of rows ``{"method", "seed", "image_auroc", "image_ap",
   "minutes", "epochs"}`` (AUROC and AP as fractions; ``minutes``: wall clock of training +
   evaluation in the invocation that finished the run; ``epochs``: what it trained for).
-  ``ddad`` rows also hold ``image_auroc_inter`` and ``image_ap_inter``: the same run scored
-  with DDAD's initial map ``A_inter`` (the autoencoders' inter-discrepancy, before the ASR
-  refines it), as DDAD's paper reports both; ``image_auroc`` is the refined (ASR) map's.
+  ``ddad`` rows also hold ``image_auroc_<map>`` and ``image_ap_<map>`` for the three maps
+  of its autoencoder stage, scored as DDAD-ASR's ``test.py`` scores them (the mean over the
+  image): ``inter`` (DDAD's initial map ``A_inter``, the inter-discrepancy, before the ASR
+  refines it; DDAD's paper reports both), ``rec`` (the NDM ensemble's reconstruction error:
+  the same autoencoders used as a plain AE, the baseline DDAD's claim is measured against)
+  and ``intra`` (``A_intra``); ``image_auroc`` is the refined (ASR) map's.
   With ``--epochs`` below the preset's, a ``ddad`` run can end right after its autoencoder
   stage (``--epochs 31`` on BrainTumor: its 250 autoencoder epochs are 3,750 steps, 30.2 run
-  epochs of 124 steps): then only the ``_inter`` figures are DDAD's;
+  epochs of 124 steps): then only the ``_<map>`` figures are DDAD's;
   Rows already there are not run again; rows of another epoch count for the same method
   are refused (use another ``--out``), so a short estimate never mixes with a full run;
 * ``reproduce.md``: per method the mean and spread (sample standard deviation) over the
@@ -83,6 +86,17 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+#: DDAD-ASR's ``test.py`` ``evaluate`` scores of the autoencoder stage, each the mean over the image
+#: (key suffix: its map): the NDM ensemble as a plain autoencoder ("Rec. (ensemble)",
+#: ``(x - mean_k R^n_k)^2``), the intra-discrepancy (``std_k R^n_k``) and the
+#: inter-discrepancy (``|mean_k R^u_k - mean_k R^n_k|``), in DDAD's [-1, 1] units
+INITIAL_SCORES = ("inter", "rec", "intra")
+INITIAL_NAMES = {"inter": "its inter-discrepancy map A_inter (before the ASR)",
+                 "rec": "its NDM ensemble's reconstruction error (DDAD-ASR's \"Rec. (ensemble)\": the same "
+                        "autoencoders as a plain AE)",
+                 "intra": "its intra-discrepancy map A_intra"}
+
+
 def mean_and_spread(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -109,19 +123,26 @@ def render(rows: list[dict[str, Any]], skipped: dict[str, str], command: str) ->
                      f"{','.join(sorted({str(row.get('epochs', '?')) for row in mine}))} | "
                      f"{auroc[0]:.1f} +- {auroc[1]:.1f} | {ap[0]:.1f} +- {ap[1]:.1f} | {pub('auroc')} | {pub('ap')} | "
                      f"{minutes[0]:.1f} | {published.get('source', 'no published figure')} |")
-    inter = [row for row in rows if "image_auroc_inter" in row]
-    if inter:
-        auroc = mean_and_spread([100 * row["image_auroc_inter"] for row in inter])
-        ap = mean_and_spread([100 * row["image_ap_inter"] for row in inter])
-        lines += ["", f"ddad scored with its inter-discrepancy map A_inter (before the ASR), seeds "
-                      f"{','.join(str(row['seed']) for row in inter)}: AUROC {auroc[0]:.1f} +- {auroc[1]:.1f}, "
-                      f"AP {ap[0]:.1f} +- {ap[1]:.1f}."]
-    lines += ["", "Per seed:", "", "| method | seed | epochs | AUROC | AP | AUROC (A_inter) | AP (A_inter) | minutes |",
-              "|---|---|---|---|---|---|---|---|"]
-    per_inter = lambda row, key: f"{100 * row[key]:.2f}" if key in row else "-"  # noqa: E731
+    summaries = []
+    for name, what in INITIAL_NAMES.items():
+        mine = [row for row in rows if f"image_auroc_{name}" in row]
+        if mine:
+            auroc = mean_and_spread([100 * row[f"image_auroc_{name}"] for row in mine])
+            ap = mean_and_spread([100 * row[f"image_ap_{name}"] for row in mine])
+            summaries.append(f"- ddad scored with {what}, seeds {','.join(str(row['seed']) for row in mine)}: "
+                             f"AUROC {auroc[0]:.1f} +- {auroc[1]:.1f}, AP {ap[0]:.1f} +- {ap[1]:.1f}.")
+    if summaries:
+        lines += [""] + summaries
+    columns = [f"{kind} ({name})" for name in INITIAL_SCORES for kind in ("AUROC", "AP")]
+    lines += ["", "Per seed (ddad's autoencoder-stage maps as DDAD-ASR's test.py scores them):", "",
+              "| method | seed | epochs | AUROC | AP | " + " | ".join(columns) + " | minutes |",
+              "|---|---|---|---|---|" + "---|" * len(columns) + "---|"]
+    per = lambda row, key: f"{100 * row[key]:.2f}" if key in row else "-"  # noqa: E731
     lines += [f"| {row['method']} | {row['seed']} | {row.get('epochs', '?')} | {100 * row['image_auroc']:.2f} | "
-              f"{100 * row['image_ap']:.2f} | {per_inter(row, 'image_auroc_inter')} | "
-              f"{per_inter(row, 'image_ap_inter')} | {row['minutes']:.1f} |" for row in rows]
+              f"{100 * row['image_ap']:.2f} | "
+              + " | ".join(per(row, f"image_{kind.lower()}_{name}") for name in INITIAL_SCORES
+                           for kind in ("AUROC", "AP"))
+              + f" | {row['minutes']:.1f} |" for row in rows]
     if skipped:
         lines += ["", "Not run:", ""] + [f"- {method}: {why}" for method, why in skipped.items()]
     return "\n".join(lines) + "\n"
@@ -141,7 +162,7 @@ def run_one(method: str, seed: int, data: Path, out: Path, device: str, epochs: 
     start = time.perf_counter()
     train(config, run, resume=resume, device=device, progress=True)
     metrics = evaluate(run, data, out=run / "eval-test", device=device, n_cases=0, progress=True)
-    extra = inter_map_metrics(run, data, device) if method == "ddad" else {}
+    extra = initial_map_metrics(run, data, device) if method == "ddad" else {}
     minutes = (time.perf_counter() - start) / 60
     row = {"method": method, "seed": seed, "image_auroc": float(metrics["image_auroc"]),
            "image_ap": float(metrics["image_ap"]), "minutes": round(minutes, 2), "epochs": config.run.epochs,
@@ -153,11 +174,12 @@ def run_one(method: str, seed: int, data: Path, out: Path, device: str, epochs: 
     return row
 
 
-def inter_map_metrics(run: Path, data: Path, device: str) -> dict[str, float]:
-    """A DDAD run's test split scored with its initial map ``A_inter`` (the mean of the
-    map, as the preset's ``image_score mean``), not the ASR's refinement of it: the
-    autoencoders are frozen once the ASR trains, so this is the autoencoder stage's map.
-    ``{"image_auroc_inter", "image_ap_inter"}``."""
+def initial_map_metrics(run: Path, data: Path, device: str) -> dict[str, float]:
+    """A DDAD run's test split scored, as DDAD-ASR's ``test.py`` scores it, with each map of
+    its autoencoder stage (:data:`INITIAL_SCORES`), not the ASR's refinement: the
+    autoencoders are frozen once the ASR trains. ``inter`` is the run's own map in the
+    autoencoder stage (the ``mean`` image score), read through the scorer, so a run that
+    ends there scores exactly as its evaluate row. ``{"image_auroc_<map>", "image_ap_<map>"}``."""
     import torch
     from medad_fast.data.dataset import BmadSliceDataset
     from medad_fast.inference import load_method, score_dataset
@@ -173,10 +195,21 @@ def inter_map_metrics(run: Path, data: Path, device: str) -> dict[str, float]:
     # batches of 16 as evaluate()'s: the same convolutions, so a run that ends in the
     # autoencoder stage scores exactly as its evaluate row
     dataset = BmadSliceDataset(data, "test", size=method.config.preprocessing.image_size)
-    scores = torch.cat([batch_scores for _, _, batch_scores in score_dataset(method, dataset, 16, progress=True,
-                                                                              device=device)])
-    metrics = image_metrics([entry.abnormal for entry in dataset.files], scores.numpy())
-    return {"image_auroc_inter": float(metrics["image_auroc"]), "image_ap_inter": float(metrics["image_ap"])}
+    scores: dict[str, list] = {name: [] for name in INITIAL_SCORES}
+    for batch, _, inter in score_dataset(method, dataset, 16, progress=True, device=device):
+        scores["inter"].append(inter)
+        images = batch.images.to(device).float().div_(255.0)
+        with torch.no_grad(), method.autocast():
+            x = images * 2 - 1  # DDAD's units, as initial_maps
+            reconstruction = method.normative(x).float().mean(dim=0)
+        scores["rec"].append((x - reconstruction).square().flatten(1).mean(dim=1).cpu())
+        scores["intra"].append(method.initial_maps(images)[0].flatten(1).mean(dim=1).cpu())
+    labels = [entry.abnormal for entry in dataset.files]
+    out = {}
+    for name, values in scores.items():
+        metrics = image_metrics(labels, torch.cat(values).numpy())
+        out |= {f"image_auroc_{name}": float(metrics["image_auroc"]), f"image_ap_{name}": float(metrics["image_ap"])}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

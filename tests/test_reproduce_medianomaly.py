@@ -97,8 +97,8 @@ def test_ddad_rows_report_the_refined_and_the_inter_discrepancy_map(tmp_path):
     assert reproduce.main(["--root", str(root), "--methods", "ddad", "--seeds", "0", "--out", str(out),
                            "--device", "cpu", "--epochs", "1"]) == 0
     [row] = json.loads((out / "reproduce.json").read_text())
-    assert set(row) == {"method", "seed", "image_auroc", "image_ap", "minutes", "epochs", "image_auroc_inter",
-                        "image_ap_inter"}
+    assert set(row) == {"method", "seed", "image_auroc", "image_ap", "minutes", "epochs",
+                        *(f"image_{kind}_{name}" for name in ("inter", "rec", "intra") for kind in ("auroc", "ap"))}
     assert (row["image_auroc_inter"], row["image_ap_inter"]) == (row["image_auroc"], row["image_ap"])
     report = (out / "reproduce.md").read_text()
     assert "ddad scored with its inter-discrepancy map A_inter (before the ASR), seeds 0: AUROC" in report
@@ -122,5 +122,18 @@ def test_the_inter_map_is_not_the_refined_one_once_the_asr_trains(tmp_path):
     inter = method.predict(images)[0]
     torch.testing.assert_close(inter, method.initial_maps(images)[1].squeeze(1))
     assert not torch.allclose(refined, inter)
-    assert set(reproduce.inter_map_metrics(run, root / "BrainTumor", "cpu")) == {"image_auroc_inter",
-                                                                                  "image_ap_inter"}
+    # DDAD-ASR's test.py scores, by hand: every NDM member run alone, their mean / std over the members
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    from medad_fast.data.dataset import BmadSliceDataset
+    dataset = BmadSliceDataset(root / "BrainTumor", "test", size=32)
+    x = torch.stack([dataset[i].image for i in range(len(dataset))]).float() / 255 * 2 - 1
+    with torch.no_grad():
+        members = torch.stack([method.normative.member(k)(x) for k in range(method.normative.members)])
+    labels = [entry.abnormal for entry in dataset.files]
+    by_hand = {"rec": (x - members.mean(dim=0)).square().flatten(1).mean(dim=1),
+               "intra": members.std(dim=0).flatten(1).mean(dim=1)}
+    measured = reproduce.initial_map_metrics(run, root / "BrainTumor", "cpu")
+    assert set(measured) == {f"image_{kind}_{name}" for name in ("inter", "rec", "intra") for kind in ("auroc", "ap")}
+    for name, scores in by_hand.items():
+        assert measured[f"image_auroc_{name}"] == pytest.approx(roc_auc_score(labels, scores.numpy()), abs=1e-9)
+        assert measured[f"image_ap_{name}"] == pytest.approx(average_precision_score(labels, scores.numpy()), abs=1e-9)

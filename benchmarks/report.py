@@ -164,6 +164,15 @@ def cpu_targets() -> list[Target]:
         return None if group is None else _ratio(group, "extension", "extension, compiled")(results)
     targets.append(Target("train step frequency_aware (small): --compile vs eager", "eager / compiled",
                           compiled_ratio, True, 1.0))
+    # --ema's moving-average update after every optimiser step: its share of the step
+    for method in ("frequency_aware", "ae"):
+        def ema_cost(results: Results, method: str = method) -> float | None:
+            group = next((g for g in results.groups if g.startswith(f"train step --ema {method} ")
+                          and g.endswith(" cpu")), None)
+            ratio = None if group is None else _ratio(group, "extension, --ema 0.999", "extension")(results)
+            return None if ratio is None else ratio - 1.0
+        targets.append(Target(f"train step {method} (small): cost of --ema", "(step with --ema) / step - 1",
+                              ema_cost, False, 0.03, percent=True))
     # DDAD's 2K autoencoders in grouped-convolution passes vs one at a time (small preset)
     targets.append(Target("ddad autoencoder step (small): batched vs sequential", "sequential / batched",
                           _ddad_ratio(), True, 1.0))

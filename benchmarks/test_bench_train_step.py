@@ -24,8 +24,9 @@ PRESET = "small"
 N_IMAGES = 32
 
 
-def make_trainer(device: torch.device, method: str = "frequency_aware", compile: bool = False) -> Trainer:
-    config = resolve_config(method, PRESET, compile=compile)
+def make_trainer(device: torch.device, method: str = "frequency_aware", compile: bool = False,
+                 ema: float | None = None) -> Trainer:
+    config = resolve_config(method, PRESET, compile=compile, ema=ema)
     images = ellipse_slices(N_IMAGES, config.run.image_size)
     return Trainer(create_method(config), images, device)
 
@@ -68,6 +69,21 @@ def test_train_step_compiled(benchmark, device, method):
             group=f"train step {step_name(compiled, device)}", impl="extension, compiled",
             images=compiled.config.run.batch_size, min_rounds=20, warmup_calls=3,
             setup=lambda: eager.train_step(batch_index))
+
+
+@pytest.mark.parametrize("method", ["frequency_aware", "ae"])
+@pytest.mark.parametrize("ema", [None, 0.999])
+def test_train_step_ema(benchmark, device, method, ema):
+    # --ema: the step with the moving-average update after the optimiser step
+    # (medad_fast.weight_averaging) against the plain step, interleaved as above; the
+    # report divides the two (the bound: < 3 % of the small preset's step).
+    plain, averaged = make_trainer(device, method), make_trainer(device, method, ema=0.999)
+    timed, other = (averaged, plain) if ema is not None else (plain, averaged)
+    batch_index = torch.arange(timed.config.run.batch_size)
+    measure(benchmark, lambda: timed.train_step(batch_index), device,
+            group=f"train step --ema {step_name(timed, device)}",
+            impl="extension, --ema 0.999" if ema is not None else "extension", images=timed.config.run.batch_size,
+            min_rounds=20, warmup_calls=5, setup=lambda: other.train_step(batch_index))
 
 
 @pytest.mark.parametrize("ops_impl", ["extension", "reference"])

@@ -45,17 +45,37 @@ say otherwise).
 Writes into ``--out`` (default ``<run>-eval-volumes`` or ``<run>-eval-volumes-<split>``
 beside the run folder)::
 
-    metrics.json   all of the above, the operating point, the FROC curves, skipped patients
-    volumes.csv    one row per scan: name, scan, has_tumour, n_lesions, tumour_voxels,
-                   n_liver_slices, n_tumour_slices, score, top_k_mean
-    slices.csv     one row per liver slice: name, slice, z_mm, label, score
-    froc.png       lesion recall against false-positive components per scan
+    metrics.json          all of the above, the operating point, the FROC curves, skipped
+                          patients, ``heatmap_scale`` (the heatmaps' colour scale: the largest
+                          map value inside the liver)
+    volumes.csv           one row per scan: name, scan, has_tumour, n_lesions, tumour_voxels,
+                          n_liver_slices, n_tumour_slices, score, top_k_mean
+    slices.csv            one row per liver slice: name, slice, z_mm, label, score
+    froc.png              lesion recall against false-positive components per scan
+    heatmaps/worst-*.png  the liver slices with tumour with the lowest scores and those without
+                          with the highest (``--cases K`` of each, default 4), named
+                          ``<quality>-<abnormal|normal>-<rank>-<scan name>-slice<index>-score<s>.png``
+    heatmaps/best-*.png   the opposite (the method's best cases)
+
+Each heatmap PNG shows the liver slice windowed as it was scored (display orientation, 0
+outside the liver, padded at the bottom and right to the largest slice of the scans) and,
+beside it, the same with the anomaly map blended in (jet, from 0 to ``heatmap_scale``) and
+the tumour label's outline in green; the slice is read again from its scan for it.
 
 and, with ``--calibrate`` only (the manifest's ``valid`` patients, or volumes given with
 ``--scans``; refused on the test and train splits), ``operating_point.json`` chosen on the
 evaluated volumes into the run folder (:mod:`medad_fast.operating_point`); without it
 nothing is written into the run folder. Every file is written atomically; maps are spilled to temporary files inside ``--out`` (deleted at the
 end), so memory holds one volume at a time.
+
+The loop is the one evaluation driver that slices run too (:mod:`medad_fast.evaluation`);
+this module is its volume source (:class:`VolumeSource`) with the per-volume aggregation.
+Under torchrun (``torchrun --nproc_per_node N -m medad_fast.cli evaluate ... --scans ...``)
+every rank scores its contiguous share of the volumes; their liver slices (maps, tumour
+masks, regions, scores) are gathered to rank 0 in volume order (held in memory there until
+all ranks are done), each rank spills its volumes' lesion arrays into the one spill folder
+inside ``--out`` (so ``--out`` must be on a file system every rank sees), and rank 0 alone
+computes the metrics (the same as one process's) and writes the files.
 """
 
 from __future__ import annotations

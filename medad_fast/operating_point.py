@@ -16,9 +16,9 @@ data it evaluates and writes them into the run folder (the checkpoint's folder) 
   (:func:`medad_fast.metrics.best_dice_threshold_from_counts`). None (JSON null) when the
   data is image-level (no lesion masks): ``medad-fast predict`` then needs ``--threshold``.
 
-Both ``evaluate`` drivers (BMAD slices, :mod:`medad_fast.evaluate`; CT volumes,
-:mod:`medad_fast.volume_evaluate`) choose it with :func:`choose_operating_point`, the one
-place the rule and its errors live. ``split`` and ``source`` in the file say which data it
+The one ``evaluate`` driver (:mod:`medad_fast.evaluation`; BMAD slices,
+:mod:`medad_fast.evaluate`; CT volumes, :mod:`medad_fast.volume_evaluate`) chooses it with
+:func:`choose_operating_point`, the one place the rule and its errors live. ``split`` and ``source`` in the file say which data it
 was chosen on. ``--calibrate`` is
 refused on the test split (the threshold would be tuned on the data the metrics report) and
 on the train split (slices the model was trained on): :func:`check_calibration_split`.
@@ -119,8 +119,8 @@ def operating_point(slice_labels, slice_scores, pixel_counts, split: str, source
 def choose_operating_point(slice_labels, slice_scores, pixel_counts: Callable[[str], Any] | None, split: str,
                            source: str, specificity: float = DEFAULT_SPECIFICITY) -> dict[str, Any]:
     """The operating point that ``evaluate --calibrate`` stores, chosen on the data it
-    evaluated (slices of a BMAD split or liver slices of CT volumes: both drivers call this,
-    so the choice is made here only). ``pixel_counts(purpose)``: the exact pixel counts
+    evaluated (slices of a BMAD split or liver slices of CT volumes: the evaluation driver
+    calls this for both, so the choice is made here only). ``pixel_counts(purpose)``: the exact pixel counts
     (:meth:`medad_fast.metrics.PixelMetricsStream.counts`), or None for image-level data
     (no lesion masks: no pixel threshold). ``ValueError`` naming ``source`` when the data
     cannot give one (one class of slices only, no lesion pixel)."""

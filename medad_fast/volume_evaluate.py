@@ -45,17 +45,37 @@ say otherwise).
 Writes into ``--out`` (default ``<run>-eval-volumes`` or ``<run>-eval-volumes-<split>``
 beside the run folder)::
 
-    metrics.json   all of the above, the operating point, the FROC curves, skipped patients
-    volumes.csv    one row per scan: name, scan, has_tumour, n_lesions, tumour_voxels,
-                   n_liver_slices, n_tumour_slices, score, top_k_mean
-    slices.csv     one row per liver slice: name, slice, z_mm, label, score
-    froc.png       lesion recall against false-positive components per scan
+    metrics.json          all of the above, the operating point, the FROC curves, skipped
+                          patients, ``heatmap_scale`` (the heatmaps' colour scale: the largest
+                          map value inside the liver)
+    volumes.csv           one row per scan: name, scan, has_tumour, n_lesions, tumour_voxels,
+                          n_liver_slices, n_tumour_slices, score, top_k_mean
+    slices.csv            one row per liver slice: name, slice, z_mm, label, score
+    froc.png              lesion recall against false-positive components per scan
+    heatmaps/worst-*.png  the liver slices with tumour with the lowest scores and those without
+                          with the highest (``--cases K`` of each, default 4), named
+                          ``<quality>-<abnormal|normal>-<rank>-<scan name>-slice<index>-score<s>.png``
+    heatmaps/best-*.png   the opposite (the method's best cases)
+
+Each heatmap PNG shows the liver slice windowed as it was scored (display orientation, 0
+outside the liver, padded at the bottom and right to the largest slice of the scans) and,
+beside it, the same with the anomaly map blended in (jet, from 0 to ``heatmap_scale``) and
+the tumour label's outline in green; the slice is read again from its scan for it.
 
 and, with ``--calibrate`` only (the manifest's ``valid`` patients, or volumes given with
 ``--scans``; refused on the test and train splits), ``operating_point.json`` chosen on the
 evaluated volumes into the run folder (:mod:`medad_fast.operating_point`); without it
 nothing is written into the run folder. Every file is written atomically; maps are spilled to temporary files inside ``--out`` (deleted at the
 end), so memory holds one volume at a time.
+
+The loop is the one evaluation driver that slices run too (:mod:`medad_fast.evaluation`);
+this module is its volume source (:class:`VolumeSource`) with the per-volume aggregation.
+Under torchrun (``torchrun --nproc_per_node N -m medad_fast.cli evaluate ... --scans ...``)
+every rank scores its contiguous share of the volumes; their liver slices (maps, tumour
+masks, regions, scores) are gathered to rank 0 in volume order (held in memory there until
+all ranks are done), each rank spills its volumes' lesion arrays into the one spill folder
+inside ``--out`` (so ``--out`` must be on a file system every rank sees), and rank 0 alone
+computes the metrics (the same as one process's) and writes the files.
 """
 
 from __future__ import annotations
@@ -63,8 +83,6 @@ from __future__ import annotations
 import csv
 import functools
 import io
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -73,22 +91,22 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .cpu_isa import isa_report
 from .data import manifest as prepare_manifest
 from .data.cases import CASE_SOURCES, LabelSource, VolumeCase
 from .data.scan import (Geometry, LiverMaskSource, Volume, VolumeError, check_scan_values, display_slice,
                         open_liver_mask, read_geometry, read_volume, require_liver)
-from .cpu_isa import isa_report
-from .inference import load_scorer_and_state, resolve_checkpoint, scorer_facts
-from .io import atomic_write_json, atomic_write_text, check_writable_folder, output_folder
+from .evaluation import EvaluationSource, ScoredBatch, run_evaluation
+from .inference import resolve_checkpoint, scorer_facts
+from .io import atomic_write_json, atomic_write_text, check_writable_folder
 from .metrics import (DEFAULT_FP_BUDGETS, HIT_RULES, LESION_STRUCTURE, PixelMetricsStream, detection_thresholds,
                       image_metrics, lesion_froc, lesion_hits, roc_auc)
-from .operating_point import (OPERATING_POINT_NAME, check_calibration_split, choose_operating_point,
-                              default_evaluation_dir, write_operating_point)
+from .operating_point import check_calibration_split, default_evaluation_dir
 from .preprocessing import scoring_window
-from .runtime import ops_mode, resolve_device
-from .volume_inference import DEFAULT_TOP_K, aggregate_slice_scores, read_ahead, score_volume
+from .visualize import plot_froc
+from .volume_inference import DEFAULT_TOP_K, aggregate_slice_scores, display_images, read_ahead, score_volume
 
-__all__ = ["LabelSource", "VolumeCase", "cases_from_arguments", "cases_from_manifest", "evaluate_volumes",
+__all__ = ["LabelSource", "VolumeCase", "VolumeSource", "cases_from_arguments", "cases_from_manifest", "evaluate_volumes",
            "DEFAULT_LESION_THRESHOLDS"]
 
 #: quantiles of the maps' liver values swept for the lesion-wise metrics (besides every lesion's peak)
@@ -185,25 +203,6 @@ def _united(sources, shape) -> np.ndarray:
     return inside
 
 
-@dataclass
-class _Scored:
-    """What the scoring of a list of cases leaves: per volume rows, per slice arrays."""
-
-    volumes: list[dict[str, Any]] = field(default_factory=list)
-    slice_rows: list[tuple] = field(default_factory=list)  # (name, slice, z_mm, label, score)
-    lesion_files: list[Path] = field(default_factory=list)
-    samples: list[np.ndarray] = field(default_factory=list)
-    peaks: list[np.ndarray] = field(default_factory=list)
-
-    @property
-    def slice_labels(self) -> np.ndarray:
-        return np.array([row[3] for row in self.slice_rows], dtype=bool)
-
-    @property
-    def slice_scores(self) -> np.ndarray:
-        return np.array([row[4] for row in self.slice_rows], dtype=np.float64)
-
-
 def _padded(images: list[np.ndarray], shape: tuple[int, int], fill) -> np.ndarray:
     """[n, *shape] with each image at the top left, ``fill`` elsewhere."""
     out = np.full((len(images), *shape), fill, dtype=images[0].dtype)
@@ -226,53 +225,20 @@ def _read_case(item: _Opened, allow_nonfinite: bool = False, allow_non_hu: bool 
     return scan, liver, tumour, region
 
 
-def _score_cases(method, opened: list[_Opened], stream: PixelMetricsStream, pad_shape: tuple[int, int],
-                 window, hist_eq: bool, batch_size: int, device, progress: bool, top_k: int,
-                 lesion_dir: Path | None, sample_size: int = _SAMPLES_PER_VOLUME, allow_nonfinite: bool = False,
-                 allow_non_hu: bool = False) -> _Scored:
-    """Score every case, feed its liver slices to ``stream`` and (with ``lesion_dir``) spill
-    its map, tumour and region, cropped to the region, for the lesion-wise metrics, keeping
-    up to ``sample_size`` of its liver map values to choose the thresholds from."""
-    scored = _Scored()
-    loaders = [functools.partial(_read_case, item, allow_nonfinite, allow_non_hu) for item in opened]
-    for k, (item, (scan, liver, tumour, region)) in enumerate(zip(opened, read_ahead(loaders))):
-        result = score_volume(method, scan, region, window, hist_eq, batch_size, device, progress)
-        ornt, axis = scan.orientation, scan.axial_axis
-        other = tuple(a for a in range(3) if a != axis)
-        tumour_slices = tumour.any(axis=other)[result.slice_indices]
-        for start in range(0, result.slice_indices.size, batch_size):
-            batch = result.slice_indices[start:start + batch_size]
-            maps = _padded([display_slice(result.anomaly_map, ornt, int(i)) for i in batch], pad_shape, 0.0)
-            masks = _padded([display_slice(tumour, ornt, int(i)) for i in batch], pad_shape, False)
-            inside = _padded([display_slice(region, ornt, int(i)) for i in batch], pad_shape, False)
-            stream.add(masks, maps, inside)
-        n_lesions = 0
-        if lesion_dir is not None:
-            box = ndimage.find_objects(region.astype(np.uint8))[0]
-            crop_map, crop_tumour, crop_region = result.anomaly_map[box], tumour[box], region[box]
-            path = lesion_dir / f"{k:05d}.npz"
-            np.savez(path, anomaly_map=crop_map, lesions=crop_tumour, region=crop_region)
-            scored.lesion_files.append(path)
-            # the distinct liver values, or that many of their quantiles (values of the map)
-            values = np.unique(crop_map[crop_region])
-            if values.size > sample_size:
-                values = np.quantile(values, np.linspace(0.0, 1.0, sample_size), method="inverted_cdf")
-            scored.samples.append(values)
-            labelled, n_lesions = ndimage.label(crop_tumour, structure=LESION_STRUCTURE)
-            if n_lesions:
-                scored.peaks.append(np.asarray(ndimage.maximum(crop_map, labelled, np.arange(1, n_lesions + 1)),
-                                               dtype=np.float64).reshape(-1))
-        scored.volumes.append({
-            "name": item.case.name, "scan": str(scan.path),
-            "liver_mask": [str(s.path) for s in item.case.liver],
-            "tumour_label": [str(s.path) for s in item.case.tumour],
-            "has_tumour": bool(tumour.any()), "n_lesions": int(n_lesions), "tumour_voxels": int(tumour.sum()),
-            "n_liver_slices": int(result.slice_indices.size), "n_tumour_slices": int(tumour_slices.sum()),
-            **aggregate_slice_scores(result.slice_scores, top_k)})
-        scored.slice_rows.extend((item.case.name, int(i), float(z), bool(t), float(s)) for i, z, t, s in
-                                 zip(result.slice_indices, result.z_mm, tumour_slices, result.slice_scores))
-        del scan, liver, tumour, region, result
-    return scored
+@dataclass
+class _Scored:
+    """What the scoring of some volumes leaves besides the slices: per volume rows and the
+    lesion arrays' files, per slice rows (the records a rank hands to rank 0)."""
+
+    volumes: list[dict[str, Any]] = field(default_factory=list)
+    slice_rows: list[tuple] = field(default_factory=list)  # (name, slice, z_mm, label, score)
+    lesion_files: list[Path] = field(default_factory=list)
+    samples: list[np.ndarray] = field(default_factory=list)
+    peaks: list[np.ndarray] = field(default_factory=list)
+
+    def extend(self, other: _Scored) -> None:
+        for name in ("volumes", "slice_rows", "lesion_files", "samples", "peaks"):
+            getattr(self, name).extend(getattr(other, name))
 
 
 def _or_reason(compute):
@@ -281,6 +247,197 @@ def _or_reason(compute):
         return compute(), None
     except ValueError as e:
         return None, str(e)
+
+
+class VolumeSource(EvaluationSource):
+    """CT volumes for :func:`medad_fast.evaluation.run_evaluation`: its units are the volumes.
+
+    Each volume is scored as ``predict`` scores it (:func:`~medad_fast.volume_inference.score_volume`)
+    and its liver slices handed over in display orientation, padded to the largest slice of
+    all the volumes (``map_shape``) with pixels outside the region; its map, tumour and region,
+    cropped to the region, are spilled for the lesion-wise metrics, with up to
+    ``sample_size`` of its liver map values to choose the thresholds from. :meth:`finish` is
+    the per-volume aggregation: volumes.csv, slices.csv, volume AUROC, lesion FROC, froc.png."""
+
+    score_dtype = np.dtype(np.float64)
+    has_region = True
+    image_level = False  # volumes always have tumour labels
+
+    def __init__(self, opened: list[_Opened], config: Any, window: tuple[float, float], hist_eq: bool,
+                 window_from: str, batch_size: int, top_k: int, fp_budgets, lesion_thresholds: int,
+                 split: str | None, source: str | None, skipped: list[dict[str, Any]] | None,
+                 allow_nonfinite: bool, allow_non_hu: bool) -> None:
+        self.opened, self.config, self.window, self.hist_eq, self.window_from = opened, config, window, hist_eq, window_from
+        self.batch_size, self.top_k, self.fp_budgets, self.lesion_thresholds = batch_size, top_k, fp_budgets, lesion_thresholds
+        self.split, self.source, self.skipped = split, source, skipped
+        self.allow_nonfinite, self.allow_non_hu = allow_nonfinite, allow_non_hu
+        self.sample_size = max(_SAMPLES_PER_VOLUME, lesion_thresholds)
+        self.n_units = len(opened)
+        self.map_shape = tuple(np.max([o.display_shape for o in opened], axis=0).tolist())
+        self.calibration_split = split or "volumes"
+        self.calibration_source = (f"the {len(opened)} evaluated volume(s)"
+                                   + (f" of {source}" if source else " (--scans)"))
+        self.point_facts = {}
+        self.scored = _Scored()  # this rank's; on rank 0, after merge, every rank's
+        self._heatmap_case: tuple[int, tuple] | None = None
+
+    def _load(self, index: int):
+        return _read_case(self.opened[index], self.allow_nonfinite, self.allow_non_hu)
+
+    def score(self, method, start: int, stop: int, spill: Path, progress: bool, device) -> Any:
+        lesion_dir = spill / "lesions"
+        lesion_dir.mkdir(exist_ok=True)
+        loaders = [functools.partial(self._load, k) for k in range(start, stop)]
+        for k, (scan, liver, tumour, region) in enumerate(read_ahead(loaders), start=start):
+            yield from self._score_case(method, k, scan, tumour, region, lesion_dir, progress, device)
+            del scan, liver, tumour, region
+
+    def _score_case(self, method, k: int, scan: Volume, tumour: np.ndarray, region: np.ndarray, lesion_dir: Path,
+                    progress: bool, device) -> Any:
+        item, scored = self.opened[k], self.scored
+        result = score_volume(method, scan, region, self.window, self.hist_eq, self.batch_size, device, progress)
+        ornt, axis = scan.orientation, scan.axial_axis
+        other = tuple(a for a in range(3) if a != axis)
+        tumour_slices = tumour.any(axis=other)[result.slice_indices]
+        for start in range(0, result.slice_indices.size, self.batch_size):
+            batch = result.slice_indices[start:start + self.batch_size]
+            yield ScoredBatch(
+                masks=_padded([display_slice(tumour, ornt, int(i)) for i in batch], self.map_shape, False),
+                maps=_padded([display_slice(result.anomaly_map, ornt, int(i)) for i in batch], self.map_shape, 0.0),
+                labels=tumour_slices[start:start + batch.size],
+                # as float64 as the slice rows hold them
+                scores=np.array([float(s) for s in result.slice_scores[start:start + batch.size]], dtype=np.float64),
+                region=_padded([display_slice(region, ornt, int(i)) for i in batch], self.map_shape, False))
+        box = ndimage.find_objects(region.astype(np.uint8))[0]
+        crop_map, crop_tumour, crop_region = result.anomaly_map[box], tumour[box], region[box]
+        path = lesion_dir / f"{k:05d}.npz"  # in the spill folder every rank sees
+        np.savez(path, anomaly_map=crop_map, lesions=crop_tumour, region=crop_region)
+        scored.lesion_files.append(path)
+        # the distinct liver values, or that many of their quantiles (values of the map)
+        values = np.unique(crop_map[crop_region])
+        if values.size > self.sample_size:
+            values = np.quantile(values, np.linspace(0.0, 1.0, self.sample_size), method="inverted_cdf")
+        scored.samples.append(values)
+        labelled, n_lesions = ndimage.label(crop_tumour, structure=LESION_STRUCTURE)
+        if n_lesions:
+            scored.peaks.append(np.asarray(ndimage.maximum(crop_map, labelled, np.arange(1, n_lesions + 1)),
+                                           dtype=np.float64).reshape(-1))
+        scored.volumes.append({
+            "name": item.case.name, "scan": str(scan.path),
+            "liver_mask": [str(s.path) for s in item.case.liver],
+            "tumour_label": [str(s.path) for s in item.case.tumour],
+            "has_tumour": bool(tumour.any()), "n_lesions": int(n_lesions), "tumour_voxels": int(tumour.sum()),
+            "n_liver_slices": int(result.slice_indices.size), "n_tumour_slices": int(tumour_slices.sum()),
+            **aggregate_slice_scores(result.slice_scores, self.top_k)})
+        scored.slice_rows.extend((item.case.name, int(i), float(z), bool(t), float(s)) for i, z, t, s in
+                                 zip(result.slice_indices, result.z_mm, tumour_slices, result.slice_scores))
+
+    def records(self) -> _Scored:
+        return self.scored
+
+    def merge(self, records: list[_Scored]) -> None:
+        self.scored = _Scored()
+        for scored in records:
+            self.scored.extend(scored)
+        sizes = [v["n_liver_slices"] for v in self.scored.volumes]
+        self._volume_of_slice = np.repeat(np.arange(len(sizes)), sizes)
+
+    # ---- heatmaps: a liver slice of volume v, read again (one volume kept at a time)
+
+    def _case_slice(self, index: int) -> tuple[Volume, np.ndarray, np.ndarray, int]:
+        volume = int(self._volume_of_slice[index])
+        if self._heatmap_case is None or self._heatmap_case[0] != volume:
+            scan, _, tumour, region = self._load(volume)
+            self._heatmap_case = (volume, (scan, tumour, region))
+        scan, tumour, region = self._heatmap_case[1]
+        return scan, tumour, region, self.scored.slice_rows[index][1]
+
+    def heatmap_image(self, index: int) -> np.ndarray:
+        """The liver slice windowed as it was scored (0 outside the region), uint8 ``map_shape``."""
+        scan, _, region, k = self._case_slice(index)
+        images, _ = display_images(scan, region, [k], self.window, self.hist_eq)
+        return _padded([images[0]], self.map_shape, 0)[0]
+
+    def heatmap_mask(self, index: int) -> np.ndarray:
+        scan, tumour, _, k = self._case_slice(index)
+        return _padded([display_slice(tumour, scan.orientation, k)], self.map_shape, False)[0]
+
+    def heatmap_names(self) -> list[str]:
+        return [f"{name}-slice{k:04d}" for name, k, *_ in self.scored.slice_rows]
+
+    # ---- the per-volume aggregation
+
+    def finish(self, out: Path, checkpoint: Path, state: dict[str, Any], stream: PixelMetricsStream,
+               labels: np.ndarray, scores: np.ndarray, scoring_seconds: float, heatmap_scale: float,
+               calibration: dict[str, Any]) -> dict[str, Any]:
+        scored, config, fp_budgets = self.scored, self.config, self.fp_budgets
+        slice_metrics, slice_reason = _or_reason(lambda: image_metrics(labels, scores))
+        counts, pixel_reason = _or_reason(lambda: stream.counts("the pixel metrics"))
+        pixel_metrics = stream.metrics(counts) if counts is not None else None
+        lesion_metrics, lesion_reason = None, None
+        if any(v["n_lesions"] for v in scored.volumes):
+            thresholds = detection_thresholds(np.concatenate(scored.samples), self.lesion_thresholds,
+                                              np.concatenate(scored.peaks))
+            hits = []
+            for path in scored.lesion_files:
+                with np.load(path) as arrays:
+                    hits.append(lesion_hits(arrays["lesions"], arrays["anomaly_map"], thresholds, arrays["region"]))
+            lesion_metrics = lesion_froc(hits, fp_budgets)
+        else:
+            lesion_reason = "no tumour in any volume: lesion recall is undefined"
+        volume_labels = np.array([v["has_tumour"] for v in scored.volumes], dtype=bool)
+        volume_scores = np.array([v["score"] for v in scored.volumes], dtype=np.float64)
+        volume_auroc, volume_reason = None, None
+        if len(scored.volumes) >= 2 and volume_labels.any() and not volume_labels.all():
+            volume_auroc = roc_auc(volume_labels, volume_scores)
+        else:
+            volume_reason = (f"needs two or more scans with and without tumour; got {int(volume_labels.sum())} "
+                             f"with and {int((~volume_labels).sum())} without")
+        record = config.preprocessing
+        metrics: dict[str, Any] = {
+            "checkpoint": str(checkpoint.resolve()), "method": config.run.method,
+            "variant": config.variant, "preset": config.run.preset,
+            "image_size": config.run.image_size, **scorer_facts(checkpoint, state),
+            "crop": record.crop, "preprocessing": record.to_dict(),
+            "split": self.split, "source": self.source, "window": list(self.window), "hist_eq": self.hist_eq,
+            "window_from": self.window_from, "top_k": self.top_k, "n_volumes": len(scored.volumes),
+            "n_volumes_with_tumour": int(volume_labels.sum()), "n_slices": int(labels.size),
+            "n_abnormal_slices": int(labels.sum()),
+            **(slice_metrics or {"image_auroc": None, "image_ap": None}),
+            **(pixel_metrics or {"pixel_auroc": None, "pixel_ap": None, "aupro_0.3": None, "best_dice": None}),
+            "pixel_region": "liver mask united with the tumour label (pixels outside it are not counted)",
+            "volume_auroc": volume_auroc,
+            "volume_score": "max of the slice scores; has_tumour = any tumour voxel",
+            "lesion_recall_at_fp": (lesion_metrics["overlap"]["recall_at_fp"] if lesion_metrics else None),
+            "lesion_recall_at_fp_peak": (lesion_metrics["peak"]["recall_at_fp"] if lesion_metrics else None),
+            "lesions": lesion_metrics,
+            "lesion_rules": {"overlap": "a lesion is found when some predicted component (26-connected, map >= t, "
+                                        "inside the liver) overlaps it; a component overlapping no lesion is a "
+                                        "false positive",
+                             "peak": "a component finds the lesion holding its highest voxel; it is a false "
+                                     "positive when that voxel lies in no lesion"},
+            "undefined": {name: reason for name, reason in (("slice", slice_reason), ("pixel", pixel_reason),
+                                                             ("volume", volume_reason), ("lesion", lesion_reason))
+                          if reason},
+            "skipped": self.skipped or [],
+            # rank 0's read-and-score loop (with torchrun: its share and the gather)
+            "scoring_seconds": scoring_seconds,
+            "volumes": scored.volumes,
+            **calibration,
+            "heatmap_scale": heatmap_scale,
+        }
+        if lesion_metrics:
+            plot_froc(out / "froc.png", [(f"{rule} (recall@1FP {lesion_metrics[rule]['recall_at_fp']['1']:.2f})"
+                                          if "1" in lesion_metrics[rule]["recall_at_fp"] else rule,
+                                          lesion_metrics[rule]["curve"]["mean_fp_per_scan"],
+                                          lesion_metrics[rule]["curve"]["recall"]) for rule in HIT_RULES],
+                      [float(b) for b in fp_budgets],
+                      f"{config.variant}: {lesion_metrics['n_lesions']} lesion(s) in {len(scored.volumes)} scan(s)")
+        metrics["cpu_isa"] = isa_report()
+        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_text(out / "volumes.csv", _volumes_csv(scored.volumes))
+        atomic_write_text(out / "slices.csv", _slices_csv(scored.slice_rows))
+        return metrics
 
 
 # --------------------------------------------------------------------------- driver
@@ -294,7 +451,7 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
                      source: str | None = None, skipped: list[dict[str, Any]] | None = None,
                      calibrate: bool = False, allow_nonfinite: bool = False,
                      allow_non_hu: bool = False, reference_ops: bool = False,
-                     compile: bool = False) -> dict[str, Any]:
+                     compile: bool = False, n_cases: int = 4) -> dict[str, Any]:
     """Evaluate ``checkpoint`` (a checkpoint, run directory or a ``.pt2`` / ``.onnx`` file of
     ``medad-fast export``) on CT volumes (see the module docstring). ``reference_ops``: score
     with the pure-PyTorch reference ops; ``compile``: compile the method's networks
@@ -302,18 +459,20 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
     ``source``: what the cases are (for the output). ``calibrate``: choose the operating
     point on these volumes and store it in the run folder (``ValueError`` on the test or train
     split, or when the volumes cannot give one). ``allow_nonfinite`` / ``allow_non_hu``: as in
-    :func:`medad_fast.predict.predict_volumes`. Returns the metrics written to
+    :func:`medad_fast.predict.predict_volumes`. ``n_cases``: heatmaps of that many worst and
+    best liver slices per class. Returns the metrics written to
     ``metrics.json``. ``out`` is checked to be writable before any work, and removed again
     when this call made it and an error leaves it empty. Every header is checked before
     anything is scored; errors raise
     ``ValueError`` (:class:`~medad_fast.data.scan.VolumeError`) or ``FileNotFoundError``
-    naming the files."""
+    naming the files. Under torchrun each rank scores its share of the volumes (the loop of
+    :func:`medad_fast.evaluation.run_evaluation`)."""
     if calibrate:
         check_calibration_split(split)
     checkpoint = resolve_checkpoint(checkpoint)
     out = Path(out) if out is not None else default_evaluation_dir(
         checkpoint, "eval-volumes" if split is None else f"eval-volumes-{split}")
-    check_writable_folder(out)  # before any work
+    check_writable_folder(out)  # before any work, the checks of the arguments included
     if not cases:
         raise ValueError("no volumes to evaluate" + (f" in the {split} split of {source}" if source else ""))
     if top_k < 1:
@@ -321,100 +480,14 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
     if lesion_thresholds < 2:
         raise ValueError(f"--lesion-thresholds must be >= 2, got {lesion_thresholds}")
     opened = [_open(case) for case in cases]  # headers first: a wrong label is reported before any scoring
-    device = resolve_device(device)
-    method, state = load_scorer_and_state(checkpoint, device, compile)
-    record = method.config.preprocessing
-    window, hist_eq, settings_from = scoring_window(record, window, hist_eq)
-    with ops_mode(reference_ops), output_folder(out), \
-            tempfile.TemporaryDirectory(prefix=".volume-eval-", dir=out) as spill:
-        spill = Path(spill)
-        (spill / "lesions").mkdir()
-        pad_shape = tuple(np.max([o.display_shape for o in opened], axis=0).tolist())
-        started = time.perf_counter()
-        with PixelMetricsStream(str(spill / "pixels")) as stream:
-            scored = _score_cases(method, opened, stream, pad_shape, window, hist_eq, batch_size, device, progress,
-                                  top_k, spill / "lesions", max(_SAMPLES_PER_VOLUME, lesion_thresholds),
-                                  allow_nonfinite, allow_non_hu)
-            seconds = time.perf_counter() - started
-            labels, scores = scored.slice_labels, scored.slice_scores
-            slice_metrics, slice_reason = _or_reason(lambda: image_metrics(labels, scores))
-            counts, pixel_reason = _or_reason(lambda: stream.counts("the pixel metrics"))
-            pixel_metrics = stream.metrics(counts) if counts is not None else None
-            point = None
-            if calibrate:  # volumes always have tumour labels: never image-level
-                point = choose_operating_point(
-                    labels, scores, stream.counts if counts is None else (lambda purpose: counts), split or "volumes",
-                    f"the {len(opened)} evaluated volume(s)" + (f" of {source}" if source else " (--scans)"))
-        lesion_metrics, lesion_reason = None, None
-        if any(v["n_lesions"] for v in scored.volumes):
-            thresholds = detection_thresholds(np.concatenate(scored.samples), lesion_thresholds,
-                                              np.concatenate(scored.peaks))
-            hits = []
-            for path in scored.lesion_files:
-                with np.load(path) as arrays:
-                    hits.append(lesion_hits(arrays["lesions"], arrays["anomaly_map"], thresholds, arrays["region"]))
-            lesion_metrics = lesion_froc(hits, fp_budgets)
-        else:
-            lesion_reason = "no tumour in any volume: lesion recall is undefined"
-    volume_labels = np.array([v["has_tumour"] for v in scored.volumes], dtype=bool)
-    volume_scores = np.array([v["score"] for v in scored.volumes], dtype=np.float64)
-    volume_auroc, volume_reason = None, None
-    if len(scored.volumes) >= 2 and volume_labels.any() and not volume_labels.all():
-        volume_auroc = roc_auc(volume_labels, volume_scores)
-    else:
-        volume_reason = (f"needs two or more scans with and without tumour; got {int(volume_labels.sum())} with and "
-                         f"{int((~volume_labels).sum())} without")
 
-    metrics: dict[str, Any] = {
-        "checkpoint": str(checkpoint.resolve()), "method": method.config.run.method,
-        "variant": method.config.variant, "preset": method.config.run.preset,
-        "image_size": method.config.run.image_size, **scorer_facts(checkpoint, state),
-        "crop": record.crop, "preprocessing": record.to_dict(),
-        "split": split, "source": source, "window": list(window), "hist_eq": hist_eq, "window_from": settings_from,
-        "top_k": top_k, "n_volumes": len(scored.volumes),
-        "n_volumes_with_tumour": int(volume_labels.sum()), "n_slices": int(labels.size),
-        "n_abnormal_slices": int(labels.sum()),
-        **(slice_metrics or {"image_auroc": None, "image_ap": None}),
-        **(pixel_metrics or {"pixel_auroc": None, "pixel_ap": None, "aupro_0.3": None, "best_dice": None}),
-        "pixel_region": "liver mask united with the tumour label (pixels outside it are not counted)",
-        "volume_auroc": volume_auroc,
-        "volume_score": "max of the slice scores; has_tumour = any tumour voxel",
-        "lesion_recall_at_fp": (lesion_metrics["overlap"]["recall_at_fp"] if lesion_metrics else None),
-        "lesion_recall_at_fp_peak": (lesion_metrics["peak"]["recall_at_fp"] if lesion_metrics else None),
-        "lesions": lesion_metrics,
-        "lesion_rules": {"overlap": "a lesion is found when some predicted component (26-connected, map >= t, "
-                                    "inside the liver) overlaps it; a component overlapping no lesion is a false "
-                                    "positive",
-                         "peak": "a component finds the lesion holding its highest voxel; it is a false positive "
-                                 "when that voxel lies in no lesion"},
-        "undefined": {name: reason for name, reason in (("slice", slice_reason), ("pixel", pixel_reason),
-                                                         ("volume", volume_reason), ("lesion", lesion_reason))
-                      if reason},
-        "skipped": skipped or [],
-        "scoring_seconds": seconds,
-        "volumes": scored.volumes,
-    }
-    metrics.update(calibrated=calibrate, operating_point=None, operating_point_file=None)
-    if point is not None:
-        point.update(checkpoint=str(checkpoint.resolve()))
-        metrics.update(operating_point=point, operating_point_file=str(checkpoint.parent / OPERATING_POINT_NAME))
-    if lesion_metrics:
-        from .visualize import plot_froc
+    def open_source(method) -> VolumeSource:
+        chosen_window, chosen_hist_eq, settings_from = scoring_window(method.config.preprocessing, window, hist_eq)
+        return VolumeSource(opened, method.config, chosen_window, chosen_hist_eq, settings_from, batch_size, top_k,
+                            fp_budgets, lesion_thresholds, split, source, skipped, allow_nonfinite, allow_non_hu)
 
-        plot_froc(out / "froc.png", [(f"{rule} (recall@1FP {lesion_metrics[rule]['recall_at_fp']['1']:.2f})"
-                                      if "1" in lesion_metrics[rule]["recall_at_fp"] else rule,
-                                      lesion_metrics[rule]["curve"]["mean_fp_per_scan"],
-                                      lesion_metrics[rule]["curve"]["recall"]) for rule in HIT_RULES],
-                  [float(b) for b in fp_budgets],
-                  f"{method.config.variant}: {lesion_metrics['n_lesions']} lesion(s) in {len(scored.volumes)} scan(s)")
-    metrics["cpu_isa"] = isa_report()
-    atomic_write_json(out / "metrics.json", metrics)
-    atomic_write_text(out / "volumes.csv", _volumes_csv(scored.volumes))
-    atomic_write_text(out / "slices.csv", _slices_csv(scored.slice_rows))
-    if point is not None:  # the run changes last, once the report is written
-        write_operating_point(checkpoint.parent, point)
-    metrics["out"] = str(out)
-    return metrics
+    return run_evaluation(checkpoint, out, open_source, device=device, n_cases=n_cases, progress=progress,
+                          reference_ops=reference_ops, compile=compile, calibrate=calibrate)
 
 
 def _volumes_csv(volumes: list[dict[str, Any]]) -> str:

@@ -1,6 +1,7 @@
 """`medad-fast evaluate` on CT volumes: slice, pixel (inside the liver), volume and lesion-wise
 metrics pooled over scans, checked against the same numbers computed directly on the maps that
-`medad-fast predict` writes; input errors; a `prepare` manifest with a valid split.
+`medad-fast predict` writes; the heatmaps of the liver slices; two processes under torchrun
+giving one's outputs; input errors; a `prepare` manifest with a valid split.
 
 The method is the tiny ``ae`` with its map made the windowed image (:func:`ct_data.identity_maps`),
 so the bright lesions are what it finds."""
@@ -14,6 +15,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from sklearn.metrics import roc_auc_score
 
 from ct_data import AIR, LIVER, identity_maps, liver_phantom, tiny_checkpoint, write_nifti
 from medad_fast import metrics
@@ -71,7 +74,8 @@ def test_volume_metrics_match_the_predicted_maps(checkpoint, tmp_path, monkeypat
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == run_files  # no operating point without --calibrate
     printed = capsys.readouterr().out
     assert "3 volume(s) (2 with tumour)" in printed and "lesion recall (peak, 2 lesions)" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["froc.png", "metrics.json", "slices.csv", "volumes.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["froc.png", "heatmaps", "metrics.json", "slices.csv",
+                                                     "volumes.csv"]
     result = json.loads((out / "metrics.json").read_text())
 
     # the maps predict writes for the same scans: every number again, directly in 3-D
@@ -84,6 +88,7 @@ def test_volume_metrics_match_the_predicted_maps(checkpoint, tmp_path, monkeypat
     inside_tumour = np.concatenate([t[r] for t, r in zip(tumours, livers)])
     assert result["n_pixels"] == inside_maps.size and result["n_abnormal_pixels"] == int(inside_tumour.sum())
     assert result["pixel_auroc"] == pytest.approx(metrics.roc_auc(inside_tumour, inside_maps))
+    assert result["pixel_auroc"] == pytest.approx(roc_auc_score(inside_tumour, inside_maps), abs=1e-9)
     assert result["pixel_ap"] == pytest.approx(metrics.average_precision(inside_tumour, inside_maps))
     assert result["best_dice"] == pytest.approx(metrics.best_dice(inside_tumour, inside_maps))
 
@@ -208,3 +213,69 @@ def test_dicom_scan_with_dicom_liver_and_a_nifti_tumour_in_another_voxel_order(c
     assert volume["n_tumour_slices"] == int(tumour.any(axis=(0, 1)).sum())
     assert result["n_abnormal_pixels"] == int(tumour.sum()) and result["lesion_recall_at_fp_peak"]["1"] == 1.0
     assert result["undefined"]["volume"].startswith("needs two or more scans")
+
+
+def test_volume_heatmaps_show_the_worst_and_best_liver_slices(checkpoint, tmp_path, monkeypatch):
+    from PIL import Image
+
+    identity_maps(monkeypatch)
+    cases = write_cases(tmp_path / "in")
+    out = tmp_path / "eval"
+    assert evaluate(checkpoint, cases, out, "--cases", "2") == 0
+    slices = list(csv.DictReader((out / "slices.csv").open()))
+    labels = np.array([r["label"] == "1" for r in slices])
+    scores = np.array([float(r["score"]) for r in slices])
+    names = [f"{r['name']}-slice{int(r['slice']):04d}" for r in slices]
+    expected = []
+    for kind, index in (("abnormal", np.flatnonzero(labels)), ("normal", np.flatnonzero(~labels))):
+        ranked = index[np.argsort(scores[index], kind="stable")]  # ascending
+        worst, best = (ranked, ranked[::-1]) if kind == "abnormal" else (ranked[::-1], ranked)
+        for quality, order in (("worst", worst), ("best", best)):
+            expected += [f"{quality}-{kind}-{rank:02d}-{names[i]}-score{scores[i]:.3f}.png"
+                         for rank, i in enumerate(order[:2], start=1)]
+    written = sorted(p.name for p in (out / "heatmaps").iterdir())
+    assert written == sorted(expected) and len(written) == 8
+    for name in written:
+        tile = np.asarray(Image.open(out / "heatmaps" / name).convert("RGB"))
+        half = tile.shape[1] // 2
+        image, overlay = tile[:, :half], tile[:, half:]
+        assert image.max() > 0  # the windowed liver slice, read again from its scan
+        outline = (overlay == (0, 255, 0)).all(axis=-1).any()
+        assert outline == ("-abnormal-" in name), name  # the tumour outline on slices with tumour only
+    assert json.loads((out / "metrics.json").read_text())["heatmap_scale"] > 0
+
+
+def test_torchrun_volume_evaluation_equals_one_process(checkpoint, tmp_path):
+    """3 volumes over 2 gloo processes (2 + 1): the same files as one process, bit for bit."""
+    import textwrap
+
+    from test_distributed import run_torchrun
+
+    cases = write_cases(tmp_path / "in")
+    args = ["--scans", *[str(c[0]) for c in cases], "--masks", *[str(c[1]) for c in cases],
+            "--labels", *[str(c[2]) for c in cases], "--no-progress", "--batch-size", "4", "--cases", "1",
+            "--device", "cpu", "--lesion-thresholds", "50"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process computes
+    try:
+        assert cli(["evaluate", str(checkpoint), *args, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    script = tmp_path / "evaluate.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from medad_fast.cli import main
+        sys.exit(main(["evaluate", {str(checkpoint)!r}, *{args!r}, "--out", {str(tmp_path / "two")!r}]))
+    """))
+    result = run_torchrun(script)
+    assert result.stdout.count("volume AUROC") == 1, "only rank 0 prints"
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # no spill left
+    for name in ("volumes.csv", "slices.csv"):
+        assert (two / name).read_text() == (one / name).read_text(), name
+    metrics_one, metrics_two = (json.loads((folder / "metrics.json").read_text()) for folder in (one, two))
+    for timing in ("scoring_seconds", "cpu_isa"):
+        del metrics_one[timing], metrics_two[timing]
+    assert metrics_two == metrics_one
+    assert metrics_one["lesions"]["n_lesions"] == 2 and metrics_one["n_volumes"] == 3
+    assert sorted(p.name for p in (two / "heatmaps").iterdir()) == sorted(p.name for p in (one / "heatmaps").iterdir())

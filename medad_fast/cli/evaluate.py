@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=16)
     parser.add_argument("--cases", type=int_at_least(0), default=4, metavar="K",
-                        help="heatmaps of the K worst and K best slices per class (default 4)")
+                        help="heatmaps of the K worst and K best slices per class (of volumes: liver slices; default 4)")
     parser.add_argument("--reference-ops", action="store_true", help="use the pure-PyTorch reference ops")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the method's networks (compiling takes minutes on a CPU)")
@@ -94,10 +94,12 @@ def _main_volumes(args: argparse.Namespace) -> int:
                                    hist_eq=args.hist_eq, top_k=args.top_k, lesion_thresholds=args.lesion_thresholds,
                                    split=split, source=source, skipped=skipped, calibrate=args.calibrate,
                                    allow_nonfinite=args.allow_nonfinite, allow_non_hu=args.allow_non_hu,
-                                   reference_ops=args.reference_ops, compile=args.compile)
+                                   reference_ops=args.reference_ops, compile=args.compile, n_cases=args.cases)
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"medad-fast evaluate: error: {exc}", file=sys.stderr)
         return 2
+    if not distributed.is_main_process():  # under torchrun only rank 0 prints
+        return 0
 
     def number(value) -> str:
         return "n/a" if value is None else f"{value:.4f}"
@@ -124,7 +126,7 @@ def _main_volumes(args: argparse.Namespace) -> int:
               f"{metrics['operating_point_file']} (predict uses it)")
     out = Path(metrics["out"])
     print(f"wrote {out / 'metrics.json'}, {out / 'volumes.csv'}, {out / 'slices.csv'}"
-          + (f", {out / 'froc.png'}" if lesions else ""))
+          + (f", {out / 'froc.png'}" if lesions else "") + (f", {out / 'heatmaps'}/" if args.cases else ""))
     return 0
 
 

@@ -69,8 +69,9 @@ Several processes (``torchrun --nproc_per_node N -m medad_fast.cli train ...``, 
 :mod:`medad_fast.distributed`): the method is wrapped in ``DistributedDataParallel``, every
 rank draws the same epoch permutation and trains on its own strided share of it
 (``DistributedSampler(drop_last=True)``: ``N // world`` images per rank and epoch, batch
-``batch_size`` per rank; only those are held in its memory), and the step generator is seeded per rank, so the ranks draw
-different anomalies. Logged losses are the mean over the ranks.
+``batch_size`` per rank; only those are held in its memory), and the step generator is
+seeded per rank, so the ranks draw different anomalies. Logged losses are the mean over the
+ranks.
 
 Faults: a non-finite loss stops the run before the optimiser step (on every rank) with the
 step named; the checkpoints on disk are the last good ones. SIGINT/SIGTERM set a flag that
@@ -115,7 +116,8 @@ from .validation import SyntheticValidationSet, ValidationState, held_back_mask
 from .weight_averaging import EMA_KEY, ExponentialMovingAverage
 
 __all__ = ["RunDirectory", "TrainState", "Trainer", "TrainingInterrupted", "train", "load_training_images",
-           "select_training_slices", "supply_training_data", "needs_whole_normal_pool", "default_run_directory"]
+           "training_slices", "select_training_slices", "supply_training_data", "needs_whole_normal_pool",
+           "default_run_directory"]
 
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.jsonl"
@@ -367,6 +369,9 @@ class Trainer:
 
         Returns the loss and the method's terms (detached tensors on the device)."""
         held = batch_index if self.slot is None else self.slot[batch_index]
+        if self.slot is not None and bool((held < 0).any()):  # CPU indices: no device synchronisation
+            raise RuntimeError(f"train_step: images {batch_index[held < 0].tolist()} are not held by this rank "
+                               f"(Trainer.hold them first: train_epoch does)")
         images = self.images[held.to(self.device)].float().div_(255.0)
         if self.augmentation is not None:
             images = self.augmentation(images, self.method_generator)

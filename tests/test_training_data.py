@@ -76,6 +76,9 @@ def test_a_trainer_reading_its_share_each_epoch_ends_in_the_same_weights(data):
         weights.append([p.detach().clone() for p in trainer.method.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*weights)), "reading the share changed the weights"
     assert trainer.slices is not None and held == [12, 12]  # 3 full batches of 4 of the 14 images
+    missing = int(torch.nonzero(trainer.slot < 0)[0])
+    with pytest.raises(RuntimeError, match=rf"images \[{missing}\] are not held"):
+        trainer.train_step(torch.tensor([missing]))
 
 
 class PoolHungry(get_method("ae")):

@@ -782,7 +782,8 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
             images, held_back = everything[usable.chosen[~held_mask]], everything[usable.chosen[held_mask]]
             del everything  # the trainer holds its own copy
         else:
-            images, held_back = usable.subset(~held_mask), usable.subset(held_mask).read(torch.arange(int(held_mask.sum())))
+            images, held_back = usable.subset(~held_mask), usable.subset(held_mask)
+            held_back = held_back.read(torch.arange(len(held_back)))  # few: every rank reads them
         # made once from the run's seed: the same set at every epoch and after a resume
         validation = SyntheticValidationSet.build(held_back, config) if held_back.shape[0] else None
         trainer = Trainer(method, images, device, context, validation)

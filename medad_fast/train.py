@@ -18,9 +18,21 @@ the interface of :mod:`medad_fast.methods.base`. One training step, all on the d
    statistics). It is saved in every checkpoint (``"ema"``) and restored on resume, the
    validation below scores with it, and so do evaluate, predict and export.
 
-The normal slices are loaded once (:func:`load_training_images`), after the run folder is
-checked to be writable; slices without liver (all black) are refused, or left out with
-``--skip-empty-slices`` (one warning saying how many).
+The normal slices are listed by index (:mod:`medad_fast.data.training_slices`) after the run
+folder is checked to be writable; slices without liver (all black) are refused, or left out
+with ``--skip-empty-slices`` (one warning saying how many), and the ``--max-train-images``
+subset and the ``--val-fraction`` held-back slices are chosen by index
+(:func:`select_training_slices`). One process then reads every slice once (cached:
+:func:`~medad_fast.data.bmad.load_split`). Under torchrun a rank reads only what it trains
+on: at the start of every epoch (and of a resumed one) the images of its own batches
+(:meth:`Trainer.hold`: about N / world, those it already held kept), plus the held-back
+slices; the empty-slice check reads 1/world of the slices on each rank. A method that draws
+its own orders of the whole pool (DDAD) declares it needs every image
+(:class:`~medad_fast.methods.base.NormalImages`) and every rank then reads them all.
+
+A method declares the data it needs beyond the batches (:meth:`Method.training_data`:
+the whole normal pool, an unlabeled pool); the engine reads it and hands it over
+(:func:`supply_training_data`; the unlabeled pool: :mod:`medad_fast.data.unlabeled`).
 
 With ``--val-fraction F`` a fraction F of the normal slices is held back (not trained on)
 and made, once, into a synthetic validation set (:mod:`medad_fast.validation`); after every
@@ -57,8 +69,9 @@ Several processes (``torchrun --nproc_per_node N -m medad_fast.cli train ...``, 
 :mod:`medad_fast.distributed`): the method is wrapped in ``DistributedDataParallel``, every
 rank draws the same epoch permutation and trains on its own strided share of it
 (``DistributedSampler(drop_last=True)``: ``N // world`` images per rank and epoch, batch
-``batch_size`` per rank), and the step generator is seeded per rank, so the ranks draw
-different anomalies. Logged losses are the mean over the ranks.
+``batch_size`` per rank; only those are held in its memory), and the step generator is
+seeded per rank, so the ranks draw different anomalies. Logged losses are the mean over the
+ranks.
 
 Faults: a non-finite loss stops the run before the optimiser step (on every rank) with the
 step named; the checkpoints on disk are the last good ones. SIGINT/SIGTERM set a flag that
@@ -91,15 +104,19 @@ from .checkpoint import (BEST_NAME, DEFAULT_KEEP, LATEST_NAME, global_rng_states
                          list_checkpoints, point_best_checkpoint, restore_global_rng_states, save_checkpoint)
 from .config import Config, RunConfig
 from .data.crop import crops_liver, resolve_crop
+from .data.training_slices import TrainingSlices
+from .data.unlabeled import load_unlabeled_pool
 from .preprocessing import decide_preprocessing
 from .distributed import DistributedContext, is_main_process
 from .io import atomic_write_json, atomic_write_text, check_writable_folder
 from .methods import Method, create_method
+from .methods.base import NormalImages, UnlabeledImages
 from .runtime import compile_networks, deterministic_mode, needs_grad_scaler, ops_mode, resolve_device
-from .validation import SyntheticValidationSet, ValidationState, split_validation
+from .validation import SyntheticValidationSet, ValidationState, held_back_mask
 from .weight_averaging import EMA_KEY, ExponentialMovingAverage
 
 __all__ = ["RunDirectory", "TrainState", "Trainer", "TrainingInterrupted", "train", "load_training_images",
+           "training_slices", "select_training_slices", "supply_training_data", "needs_whole_normal_pool",
            "default_run_directory"]
 
 CONFIG_NAME = "config.json"
@@ -259,7 +276,11 @@ class Trainer:
     Args:
         method: a fresh method (:func:`medad_fast.methods.create_method`); its config's run
             part sets the batch, epochs, seed, memory format and mixed precision.
-        train_images: ``uint8 [N, 1, S, S]`` normal slices (S = ``run.image_size``).
+        train_images: ``uint8 [N, 1, S, S]`` normal slices (S = ``run.image_size``), all held
+            on the device; or a :class:`~medad_fast.data.training_slices.TrainingSlices` view of
+            N slices, of which each rank holds only those of its own batches, read at the start
+            of every epoch (:meth:`hold`), unless the method needs the whole pool
+            (:func:`needs_whole_normal_pool`: then all are read at once).
         device: training device.
         context: this process's place in a torchrun world (default: a single process). With
             more than one process the method is wrapped in ``DistributedDataParallel``.
@@ -267,17 +288,24 @@ class Trainer:
             :meth:`validate` after every epoch; None: no validation.
     """
 
-    def __init__(self, method: Method, train_images: torch.Tensor, device: torch.device,
+    def __init__(self, method: Method, train_images: torch.Tensor | TrainingSlices, device: torch.device,
                  context: DistributedContext | None = None,
                  validation: SyntheticValidationSet | None = None) -> None:
-        if train_images.dim() != 4 or train_images.shape[1] != 1 or train_images.dtype != torch.uint8:
+        if isinstance(train_images, TrainingSlices) and needs_whole_normal_pool(method):
+            train_images = train_images.read_all()
+        # the slices to read an epoch's share from (None: every image is held, in self.images)
+        self.slices = train_images if isinstance(train_images, TrainingSlices) else None
+        if self.slices is None and (train_images.dim() != 4 or train_images.shape[1] != 1
+                                    or train_images.dtype != torch.uint8):
             raise ValueError(f"train_images must be uint8 [N, 1, S, S]; got {train_images.dtype} "
                              f"{list(train_images.shape)}")
-        if train_images.shape[0] == 0:
+        #: N: the training images of the run (over all ranks)
+        self.n_images = len(train_images)
+        if self.n_images == 0:
             raise ValueError("no training images")
         self.context = context if context is not None else DistributedContext(device=device)
-        if train_images.shape[0] < self.context.world_size:
-            raise ValueError(f"{train_images.shape[0]} training images cannot be shared by "
+        if self.n_images < self.context.world_size:
+            raise ValueError(f"{self.n_images} training images cannot be shared by "
                              f"{self.context.world_size} processes (each needs at least one)")
         self.config: Config = method.config
         run = self.config.run
@@ -287,7 +315,13 @@ class Trainer:
         self.data_generator = torch.Generator().manual_seed(run.seed)
         self.method_generator = torch.Generator(device=device).manual_seed(
             distributed.rank_seed(run.seed + 1, self.context.rank))
-        self.images = train_images.to(device)
+        side = method.config.run.image_size
+        # the images held on the device: all of them, or (slices given) the ones of this
+        # rank's batches, image i at images[slot[i]] (slot -1: not held)
+        self.images = (train_images.to(device) if self.slices is None
+                       else torch.empty(0, 1, side, side, dtype=torch.uint8, device=device))
+        self.slot = None if self.slices is None else torch.full((self.n_images,), -1, dtype=torch.int64)
+        self.held = torch.zeros(0, dtype=torch.int64)  # with slices: the image indices held, ascending
         # augmentation of the normal slices (no state: its randomness is the method generator's)
         self.augmentation = NormalSliceAugmentation(run.augment_strength) if run.augment else None
         self.validation = validation.to(device) if validation is not None else None
@@ -300,7 +334,7 @@ class Trainer:
             warnings.warn(f"--compile: {method.name} trains eager ({method.compile_training_note})", stacklevel=2)
         elif run.compile:
             compile_networks(self.method)
-        self.method.attach_training_images(self.images)
+        supply_training_data(self.method, self.images if self.slices is None else None)
         self.method.setup_training(device)
         # the module that runs the step: DDP averages the gradients over the ranks
         self.network: nn.Module = self.method
@@ -321,7 +355,7 @@ class Trainer:
     @property
     def images_per_rank(self) -> int:
         """Images each rank sees per epoch (all of them in a single process)."""
-        return self.images.shape[0] // self.context.world_size
+        return self.n_images // self.context.world_size
 
     @property
     def steps_per_epoch(self) -> int:
@@ -334,7 +368,11 @@ class Trainer:
         """One optimisation step on the images ``batch_index`` (CPU int64 ``[B]``).
 
         Returns the loss and the method's terms (detached tensors on the device)."""
-        images = self.images[batch_index.to(self.device)].float().div_(255.0)
+        held = batch_index if self.slot is None else self.slot[batch_index]
+        if self.slot is not None and bool((held < 0).any()):  # CPU indices: no device synchronisation
+            raise RuntimeError(f"train_step: images {batch_index[held < 0].tolist()} are not held by this rank "
+                               f"(Trainer.hold them first: train_epoch does)")
+        images = self.images[held.to(self.device)].float().div_(255.0)
         if self.augmentation is not None:
             images = self.augmentation(images, self.method_generator)
         images = self.method.to_memory_format(images)
@@ -384,7 +422,7 @@ class Trainer:
 
     def epoch_permutation(self) -> torch.Tensor:
         """A new permutation of all training images from the data generator (the same on every rank)."""
-        return torch.randperm(self.images.shape[0], generator=self.data_generator)
+        return torch.randperm(self.n_images, generator=self.data_generator)
 
     def rank_batches(self, permutation: torch.Tensor) -> torch.Tensor:
         """This rank's batches of an epoch permutation, ``[steps_per_epoch, B]`` (CPU).
@@ -399,6 +437,29 @@ class Trainer:
             return mine.view(1, per_rank)
         return mine[: self.steps_per_epoch * batch].view(self.steps_per_epoch, batch)
 
+    @property
+    def resident_images(self) -> int:
+        """Training images this rank holds on the device now (its share of an epoch when
+        the trainer reads from slices, else all N)."""
+        return int(self.images.shape[0])
+
+    def hold(self, batches: torch.Tensor) -> None:
+        """Hold exactly the images of ``batches`` (image indices, any shape; CPU) on the device
+        when the trainer reads from slices (a no-op when it holds all): the ones already held
+        are kept, the others read (:meth:`TrainingSlices.read`), the rest let go."""
+        if self.slices is None:
+            return
+        needed = batches.flatten().unique()  # ascending
+        where = self.slot[needed]
+        kept = where >= 0
+        images = torch.empty(needed.shape[0], *self.images.shape[1:], dtype=torch.uint8, device=self.device)
+        images[kept.to(self.device)] = self.images[where[kept].to(self.device)]
+        if not bool(kept.all()):
+            images[(~kept).to(self.device)] = self.slices.read(needed[~kept]).to(self.device)
+        self.slot[self.held] = -1
+        self.slot[needed] = torch.arange(needed.shape[0])
+        self.images, self.held = images, needed
+
     def epoch_order(self) -> torch.Tensor:
         """Batch indices of a new epoch for this rank, ``[steps_per_epoch, B]`` (CPU)."""
         return self.rank_batches(self.epoch_permutation())
@@ -411,6 +472,7 @@ class Trainer:
             self.epoch_progress = EpochProgress(self.epoch_permutation())
         epoch = self.epoch_progress
         order = self.rank_batches(epoch.permutation)
+        self.hold(order[epoch.position:])  # this rank's share of the epoch (a resumed epoch: of its rest)
         start = time.perf_counter()
         for batch_index in order[epoch.position:]:
             loss, terms = self.train_step(batch_index)
@@ -546,37 +608,80 @@ class EmptySlicesSkippedWarning(UserWarning):
     """Training slices without liver were left out (``--skip-empty-slices``)."""
 
 
-def load_training_images(config: Config) -> torch.Tensor:
-    """``uint8 [N, 1, S, S]``: the normal training slices of ``run.data`` (``train/good``, or
-    ``train["0"]`` of a MedIAnomaly ``data.json``),
-    each cut to its liver box when the run crops (:mod:`medad_fast.data.crop`), a seeded
-    subset of ``run.max_train_images`` when set (before ``run.val_fraction`` holds some of
-    them back: :func:`medad_fast.validation.split_validation`).
+def training_slices(config: Config) -> TrainingSlices:
+    """Every normal training slice of ``run.data`` (``train/good``, or ``train["0"]`` of a
+    MedIAnomaly ``data.json``), by index, each cut to its liver box when the run crops
+    (:mod:`medad_fast.data.crop`); nothing is read yet."""
+    run = config.run
+    return TrainingSlices(run.data, run.image_size, crop=crops_liver(run))
+
+
+def select_training_slices(config: Config, slices: TrainingSlices, images: torch.Tensor | None = None
+                           ) -> TrainingSlices:
+    """The view of ``slices`` training may use: a seeded subset of ``run.max_train_images``
+    when set (before ``run.val_fraction`` holds some of them back:
+    :func:`medad_fast.validation.held_back_mask`), of the slices with liver. ``images``: the
+    slices' pixels when already read (else each rank reads its share to find the empty ones:
+    :meth:`TrainingSlices.empty_flags`).
 
     A slice without liver (every pixel 0: ``image > 0`` is the liver) teaches the method
     nothing and, many of them, a loss of zero: such slices raise ``ValueError`` naming how
     many and some of their files, or with ``run.skip_empty_slices`` are left out with one
     :class:`EmptySlicesSkippedWarning` saying how many."""
-    from .data.bmad import load_split
     run = config.run
-    slices = load_split(run.data, "train", size=run.image_size, crop=crops_liver(run))
-    images = slices.images
-    empty = images.flatten(1).amax(dim=1) == 0
+    empty = slices.empty_flags(images)
     n_empty = int(empty.sum())
     if n_empty:
-        named = [slices.paths[i] for i in torch.nonzero(empty).flatten()[:3].tolist()]
-        seen = (f"{n_empty} of {images.shape[0]} training slices of {run.data} have no liver (every pixel is 0), "
+        paths = slices.paths
+        named = [paths[i] for i in torch.nonzero(empty).flatten()[:3].tolist()]
+        seen = (f"{n_empty} of {len(slices)} training slices of {run.data} have no liver (every pixel is 0), "
                 f"e.g. {', '.join(named)}")
         if not run.skip_empty_slices:
             raise ValueError(f"{seen}; remove them, or pass --skip-empty-slices to leave them out")
-        if n_empty == images.shape[0]:
+        if n_empty == len(slices):
             raise ValueError(f"{seen}: none is left to train on")
         warnings.warn(EmptySlicesSkippedWarning(f"{seen}: left out (--skip-empty-slices)"), stacklevel=2)
-        images = images[~empty]
-    if run.max_train_images is not None and images.shape[0] > run.max_train_images:
-        keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(run.seed))
-        images = images[keep[: run.max_train_images].sort().values]
-    return images
+    usable = torch.nonzero(~empty).flatten()
+    if run.max_train_images is not None and usable.shape[0] > run.max_train_images:
+        keep = torch.randperm(usable.shape[0], generator=torch.Generator().manual_seed(run.seed))
+        usable = usable[keep[: run.max_train_images].sort().values]
+    return slices.subset(usable)
+
+
+def load_training_images(config: Config) -> torch.Tensor:
+    """``uint8 [N, 1, S, S]``: the normal training slices of ``run.data`` that training may
+    use (:func:`select_training_slices`: every one read, in one process), before
+    ``run.val_fraction`` holds some of them back."""
+    slices = training_slices(config)
+    images = slices.read_all()
+    return images[select_training_slices(config, slices, images).chosen]
+
+
+def needs_whole_normal_pool(method: Method) -> bool:
+    """The method declares it needs every normal training image on every rank
+    (:class:`~medad_fast.methods.base.NormalImages`)."""
+    return any(isinstance(need, NormalImages) for need in method.training_data().values())
+
+
+def supply_training_data(method: Method, normal_images: torch.Tensor | None) -> None:
+    """Read what ``method`` declares it needs (:meth:`Method.training_data`) and hand it over
+    (:meth:`Method.attach_training_data`): ``normal_images`` (the trainer's, on its device;
+    None outside a trainer) for :class:`~medad_fast.methods.base.NormalImages`, the pool of
+    :func:`medad_fast.data.unlabeled.load_unlabeled_pool` for
+    :class:`~medad_fast.methods.base.UnlabeledImages` (errors name ``--unlabeled``,
+    ``--unlabeled-split``, ``data.json``)."""
+    run = method.config.run
+    data: dict[str, torch.Tensor | None] = {}
+    for name, need in method.training_data().items():
+        if isinstance(need, NormalImages):
+            data[name] = normal_images
+        elif isinstance(need, UnlabeledImages):
+            data[name] = load_unlabeled_pool(run.data, need.folder, need.split, need.data_json, run.image_size,
+                                              crop=crops_liver(run))
+        else:
+            raise TypeError(f"{type(method).__name__}.training_data() asks for {name!r} = {need!r}, which the "
+                            f"engine cannot supply (NormalImages or UnlabeledImages)")
+    method.attach_training_data(data)
 
 
 class _CheckpointPolicy:
@@ -666,10 +771,22 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
                               f"that run or choose another --out")
 
     with ops_mode(run_config.reference_ops):
-        images, held_back = split_validation(load_training_images(config), run_config.val_fraction, run_config.seed)
+        method = create_method(config)
+        # one process reads every slice once (cached); DDP ranks read only their shares of
+        # each epoch (and the held-back slices), unless the method needs the whole pool
+        slices = training_slices(config)
+        everything = slices.read_all() if not context.is_distributed or needs_whole_normal_pool(method) else None
+        usable = select_training_slices(config, slices, everything)
+        held_mask = held_back_mask(len(usable), run_config.val_fraction, run_config.seed)
+        if everything is not None:
+            images, held_back = everything[usable.chosen[~held_mask]], everything[usable.chosen[held_mask]]
+            del everything  # the trainer holds its own copy
+        else:
+            images, held_back = usable.subset(~held_mask), usable.subset(held_mask)
+            held_back = held_back.read(torch.arange(len(held_back)))  # few: every rank reads them
         # made once from the run's seed: the same set at every epoch and after a resume
         validation = SyntheticValidationSet.build(held_back, config) if held_back.shape[0] else None
-        trainer = Trainer(create_method(config), images, device, context, validation)
+        trainer = Trainer(method, images, device, context, validation)
         records = run.read_log()
         if found is not None:
             saved_world = int(found.state.get("world_size", 1))
@@ -698,7 +815,7 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
         extras = f", augmented (strength {run_config.augment_strength:g})" if run_config.augment else ""
         if crops_liver(run_config):
             extras += ", cropped to the liver box"
-        say(f"training {config.variant}, {run_config.preset} preset, on {images.shape[0]} images{held} of "
+        say(f"training {config.variant}, {run_config.preset} preset, on {trainer.n_images} images{held} of "
             f"{run_config.image_size}x{run_config.image_size}{extras}, {run_config.epochs} epochs x "
             f"{trainer.steps_per_epoch} steps, device {device}{world}, "
             f"ops: {'reference' if ops.using_reference() else 'extension'}")

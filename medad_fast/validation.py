@@ -46,8 +46,8 @@ from .data.sources import anomaly_source_pool
 from .metrics import average_precision, roc_auc
 from .synthesis import AnomalySynthesizer
 
-__all__ = ["VALIDATION_SEED_OFFSET", "VALIDATION_DRAWS", "held_back_count", "split_validation", "SyntheticValidationSet",
-           "ValidationState"]
+__all__ = ["VALIDATION_SEED_OFFSET", "VALIDATION_DRAWS", "held_back_count", "held_back_mask", "split_validation",
+           "SyntheticValidationSet", "ValidationState"]
 
 #: added to the run's seed for the validation generators: the held-back choice and the
 #: anomalies never share a stream with the training generators (seed, seed + 1, seed + 2)
@@ -71,16 +71,25 @@ def held_back_count(n_images: int, val_fraction: float) -> int:
     return n_held
 
 
+def held_back_mask(n_images: int, val_fraction: float, seed: int) -> torch.Tensor:
+    """bool ``[n_images]``: True for the slices ``val_fraction`` holds back, a random subset
+    (:func:`held_back_count` of them) drawn from ``seed + VALIDATION_SEED_OFFSET``. An index
+    operation: the trainer selects by it before reading any pixel (a DDP rank reads only its
+    share, :mod:`medad_fast.data.training_slices`)."""
+    held = torch.zeros(n_images, dtype=torch.bool)
+    n_held = held_back_count(n_images, val_fraction)
+    if n_held:
+        order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed + VALIDATION_SEED_OFFSET))
+        held[order[:n_held]] = True
+    return held
+
+
 def split_validation(images: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(train [N - n, 1, S, S], held_back [n, 1, S, S])`` of ``images`` (uint8 normal
-    slices), the held-back ones a random subset (:func:`held_back_count`) drawn from
-    ``seed + VALIDATION_SEED_OFFSET``; both keep the original order."""
-    n_held = held_back_count(images.shape[0], val_fraction)
-    if n_held == 0:
+    slices), split by :func:`held_back_mask`; both keep the original order."""
+    if held_back_count(images.shape[0], val_fraction) == 0:
         return images, images[:0]
-    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed + VALIDATION_SEED_OFFSET))
-    held = torch.zeros(images.shape[0], dtype=torch.bool)
-    held[order[:n_held]] = True
+    held = held_back_mask(images.shape[0], val_fraction, seed)
     return images[~held], images[held]
 
 

@@ -198,7 +198,7 @@ def test_unwritable_output_is_a_named_error_before_any_work(checkpoint, ct, data
         raise AssertionError("work started before the output folder was checked")
 
     monkeypatch.setattr(medad_fast.predict, "read_geometry", no_work)
-    monkeypatch.setattr(medad_fast.train, "load_training_images", no_work)
+    monkeypatch.setattr(medad_fast.train, "training_slices", no_work)
     lits = ct["dir"] / "lits"
     write_nifti(lits / "volume-1.nii.gz", ct["hu"], AFFINE)
     write_nifti(lits / "segmentation-1.nii.gz", ct["liver"], AFFINE, dtype=np.uint8)

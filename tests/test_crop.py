@@ -297,11 +297,14 @@ def test_training_with_cropping_resumes_bitwise(name, small_liver, tmp_path, mon
 
 
 def test_ddad_reads_its_unlabeled_slices_cropped_too(small_liver, tmp_path, monkeypatch):
-    from medad_fast.methods.ddad import load_unlabeled_images
+    from medad_fast.methods import create_method
+    from medad_fast.train import supply_training_data
 
     monkeypatch.setenv("MEDAD_FAST_CACHE", str(tmp_path / "cache"))
     config = crop_config(small_liver, "ddad", unlabeled_split="valid", unlabeled=str(small_liver / "valid" / "good"))
-    images = load_unlabeled_images(config)
+    method = create_method(config)
+    supply_training_data(method, None)  # what the engine hands DDAD
+    images = method.unlabeled_images
     valid = load_split(small_liver, "valid", size=32, crop=True).images
     folder = ImageFileDataset(sorted((small_liver / "valid" / "good").rglob("*.png")), size=32, crop=True)
     assert torch.equal(images, torch.cat([torch.stack([folder[i].crop for i in range(len(folder))]), valid]))

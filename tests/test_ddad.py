@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+import warnings
 
 import pytest
 import torch
@@ -17,8 +18,8 @@ import torch.nn.functional as F
 
 from medad_fast.methods import create_method, image_scores, resolve_config
 from medad_fast.losses import focal_loss
-from medad_fast.methods.ddad import (discrepancy_maps, load_unlabeled_images, member_permutation, patch_anomalies,
-                                     rank_batches)
+from medad_fast.methods.ddad import discrepancy_maps, member_permutation, patch_anomalies, rank_batches
+from medad_fast.train import supply_training_data
 from medad_fast.models import AutoencoderEnsemble, DenseAutoencoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,12 +29,24 @@ CPU = torch.device("cpu")
 
 
 
-def tiny_method(setup: bool = True, **overrides):
+def tiny_method(setup: bool = True, normal: torch.Tensor | None = None, **overrides):
+    """A tiny DDAD on the CPU; ``setup``: given its declared data by the engine
+    (``normal``: the trainer's normal images, None as outside a trainer) and set up."""
     method = create_method(resolve_config("ddad", "tiny", **overrides))
     method.configure_runtime(CPU, amp=False, channels_last=False)
     if setup:
+        supply_training_data(method, normal)
         method.setup_training(CPU)
     return method
+
+
+def load_unlabeled_images(config):
+    """The unlabeled pool the engine hands to a DDAD of ``config`` (None: none configured)."""
+    method = create_method(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the NDM-only warning of a DDAD without a pool
+        supply_training_data(method, None)
+    return method.unlabeled_images
 
 
 def images_like(n: int = 4, side: int = 32, seed: int = 0) -> torch.Tensor:
@@ -217,10 +230,8 @@ def test_asr_reads_the_two_discrepancy_maps_and_learns_the_synthetic_mask(data):
 # ----------------------------------------------------------------------------- training
 
 def test_members_draw_their_own_shuffles_of_normal_and_union(data):
-    method = tiny_method(setup=False, unlabeled_split="test", data=str(data))
     pool = (torch.rand(16, 1, 32, 32) * 255).to(torch.uint8)
-    method.attach_training_images(pool)
-    method.setup_training(CPU)
+    method = tiny_method(normal=pool, unlabeled_split="test", data=str(data))
     assert method.union_pool.shape[0] == 16 + 8
     ndm, udm = method.member_batches(0)
     assert ndm.shape == (2, 4) and udm.shape == (2, 6)  # union 24 in the NDM's 4 steps: batches of 6
@@ -234,10 +245,8 @@ def test_members_draw_their_own_shuffles_of_normal_and_union(data):
 
 
 def test_stages_train_disjoint_networks_and_members_see_their_own_batches(data):
-    method = tiny_method(setup=False, unlabeled_split="test", data=str(data))
     pool = (torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(5)) * 255).to(torch.uint8)
-    method.attach_training_images(pool)
-    method.setup_training(CPU)
+    method = tiny_method(normal=pool, unlabeled_split="test", data=str(data))
     assert method.find_unused_parameters and method.ae_steps_per_epoch(99) == 4
     seen = {}
     method.normative.register_forward_hook(lambda module, args, out: seen.update(ndm=args[0]))

@@ -169,6 +169,47 @@ def test_collectives_on_two_gloo_processes(tmp_path):
 
 # ----------------------------------------------------------------------------- training under torchrun
 
+SHARES = textwrap.dedent("""
+    import json, sys
+    import torch
+    from medad_fast import distributed as D
+    from medad_fast.methods import create_method, resolve_config
+    from medad_fast.runtime import deterministic_mode
+    from medad_fast.train import Trainer, load_training_images, select_training_slices, training_slices
+
+    ctx = D.init_distributed(torch.device("cpu"))
+    torch.set_num_threads(1)
+    # 14 of the 16 slices: 7 per rank and epoch, batches of 3: 6 held per rank
+    config = resolve_config("ae", "tiny", data=sys.argv[1], seed=3, epochs=2, max_train_images=14, batch_size=3)
+    usable = select_training_slices(config, training_slices(config))  # each rank reads 8 slices for the flags
+    out = {"rank": ctx.rank}
+    for name, images in (("full", load_training_images(config)), ("shares", usable)):
+        with deterministic_mode(True, ctx.device):
+            trainer = Trainer(create_method(config), images, ctx.device, ctx)
+            held = []
+            for _ in range(config.run.epochs):
+                trainer.train_epoch()
+                held.append([trainer.resident_images, trainer.held.tolist() if trainer.slices is not None else None])
+        out[name] = {"held": held, "weights": [p.detach().flatten().tolist() for p in trainer.method.parameters()]}
+    with open(sys.argv[2] + f"/rank{ctx.rank}.json", "w") as f:
+        json.dump(out, f)
+""")
+
+
+def test_torchrun_ranks_reading_their_shares_train_as_ranks_holding_every_image(tmp_path, phantom):
+    script = tmp_path / "shares.py"
+    script.write_text(SHARES)
+    run_torchrun(script, str(phantom), str(tmp_path), env={"MEDAD_FAST_CACHE": str(tmp_path / "cache")})
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for out in results:
+        assert out["shares"]["weights"] == out["full"]["weights"], "reading the shares changed the weights"
+        assert [count for count, _ in out["full"]["held"]] == [14, 14]  # the full loading: all, every rank
+        assert [count for count, _ in out["shares"]["held"]] == [6, 6]  # <= ceil(14 / 2): its batches only
+    assert results[0]["full"]["weights"] == results[1]["full"]["weights"]
+    for epoch in range(2):  # the ranks hold different images, and a new share every epoch
+        assert set(results[0]["shares"]["held"][epoch][1]).isdisjoint(results[1]["shares"]["held"][epoch][1])
+    assert results[0]["shares"]["held"][0][1] != results[0]["shares"]["held"][1][1]
+
 DRIVER = REPO / "tests" / "train_driver.py"
 TINY_ARGS = ["--preset", "small", "--image-size", "32", "--recon-width", "2", "--seg-width", "2",
              "--batch-size", "4", "--source-pool-size", "4", "--seed", "5", "--deterministic", "--no-progress", "--checkpoint-every", "1"]
@@ -206,6 +247,8 @@ def test_torchrun_ranks_train_in_lockstep_on_different_data_and_anomalies(ddp_ru
     for step0, step1 in zip(*steps):
         assert step0["params"] == step1["params"], f"weights differ between ranks after step {step0['step']}"
         assert step0["mask"] != step1["mask"], f"both ranks drew the same anomalies at step {step0['step']}"
+    # each rank holds only its share of the epoch (8 of the 16 images), never the whole split
+    assert all(s["resident"] == 8 for rank in range(2) for s in steps[rank])
     for epoch in range(2):  # each epoch: the ranks' batches are disjoint and cover every image once
         seen = [i for rank in range(2) for s in steps[rank][2 * epoch: 2 * epoch + 2] for i in s["batch"]]
         assert sorted(seen) == list(range(16))

@@ -7,10 +7,11 @@ Usage (directly or under torchrun)::
 runs ``medad_fast.cli.main([COMMAND, ARGS...])`` and appends one JSON line per event to
 ``RECORD_DIR/rank<R>.jsonl``, flushed at once (so the record survives a SIGKILL):
 
-* ``{"event": "step", "step", "batch", "mask", "params", "ema"}`` after every training step:
+* ``{"event": "step", "step", "batch", "mask", "params", "ema", "resident"}`` after every training step:
   the global step count, the image indices of the batch, a SHA-256 of the anomaly masks
   synthesised for it and of every parameter of the model after the optimiser step, and of
-  the moving average of the weights (``--ema``; None without it);
+  the moving average of the weights (``--ema``; None without it), and how many training
+  images this rank holds (``resident``);
 * ``{"event": "write", "path"}`` for every file this process creates, renames or links
   (``os.open`` with ``O_CREAT``, ``os.replace``, ``os.link``: every atomic write).
 
@@ -97,7 +98,8 @@ def main() -> int:
         result = train_step(self, batch_index)
         record(event="step", step=self.state.step, batch=batch_index.tolist(), mask=sha(last_masks),
                params=sha(self.method.parameters()),
-               ema=sha(self.ema.weights.values()) if self.ema is not None else None)
+               ema=sha(self.ema.weights.values()) if self.ema is not None else None,
+               resident=self.resident_images)
         if self.state.step == signal_step:
             os.kill(os.getpid(), signal_number)
         return result

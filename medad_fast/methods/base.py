@@ -7,7 +7,10 @@ DDP and ``channels_last`` work on it as on any model) that says, and only says:
 ``name``, ``summary``      registry name and one line for ``medad-fast methods``
 ``Config``                 its own settings: a :class:`~medad_fast.config.MethodConfig` dataclass
 ``presets``                ``paper`` / ``small`` / ``tiny``: overrides of the run's and its own fields
-``attach_training_images``  the trainer's normal images (for methods that draw their own orders)
+``training_data()``        the data it needs beyond the trainer's batches, by name: the whole
+                           normal pool (:class:`NormalImages`), an unlabeled pool
+                           (:class:`UnlabeledImages`); the engine reads them
+``attach_training_data``   the engine hands them over (before ``setup_training``)
 ``setup_training(device)``  what training needs beyond the weights (anomaly sources, queues...)
 ``configure_optimizers()``  its optimisers and per-epoch lr schedulers
 ``on_train_step(step, n)``  per-iteration hook before each step (e.g. the alpha schedule)
@@ -37,7 +40,8 @@ the method wraps its network calls in :meth:`autocast` (losses stay in float32).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Union
 
 import torch
 from torch import nn
@@ -46,7 +50,31 @@ from ..config import Config, MethodConfig
 from ..models.scoring import image_scores, score_filter_size
 from ..runtime import amp_dtype
 
-__all__ = ["Method", "image_scores", "score_filter_size"]
+__all__ = ["Method", "NormalImages", "TrainingData", "UnlabeledImages", "image_scores", "score_filter_size"]
+
+
+@dataclass(frozen=True)
+class NormalImages:
+    """A method's need for the run's normal training images, every one of them on every rank
+    (``uint8 [N, 1, S, S]`` on the device): for a method that draws its own orders of the data
+    (DDAD's members). Without it, a DDP rank holds only the images of its own batches."""
+
+
+@dataclass(frozen=True)
+class UnlabeledImages:
+    """A method's need for unlabeled slices (labels never read; ``uint8 [M, 1, S, S]``, or
+    None when none is configured): the images of ``folder`` (``--unlabeled``), of the
+    ``split`` split of the run's data (``--unlabeled-split``) and, with ``data_json``, the
+    ``train["unlabeled"]`` pool of a ``data.json`` dataset; read by the engine
+    (:func:`medad_fast.data.unlabeled.load_unlabeled_pool`)."""
+
+    folder: str | None = None
+    split: str | None = None
+    data_json: bool = False
+
+
+#: what :meth:`Method.training_data` may ask for
+TrainingData = Union[NormalImages, UnlabeledImages]
 
 
 class Method(nn.Module):
@@ -105,10 +133,17 @@ class Method(nn.Module):
         return score_filter_size(self.config.run.image_size, getattr(self.config.method, "score_filter", None))
 
     # ------------------------------------------------------------------ training
-    def attach_training_images(self, images: torch.Tensor) -> None:
-        """Called by the trainer, before :meth:`setup_training`, with its normal training
-        images (``uint8 [N, 1, S, S]`` on the device). Default: ignored (a method that draws
-        its own orders of the data, as DDAD's members do, keeps them)."""
+    def training_data(self) -> dict[str, TrainingData]:
+        """The data training needs beyond the trainer's batches, by name (e.g. ``{"normal":
+        NormalImages(), "unlabeled": UnlabeledImages(folder=...)}``); the engine reads each
+        and hands them to :meth:`attach_training_data`. Default: none."""
+        return {}
+
+    def attach_training_data(self, data: dict[str, torch.Tensor | None]) -> None:
+        """Called by the engine, before :meth:`setup_training`, with what
+        :meth:`training_data` declared, under the same names: uint8 ``[N, 1, S, S]`` images
+        (the normal ones on the training device), None for an unlabeled pool nothing was
+        configured for (or when driven outside the trainer). Default: ignored."""
 
     def setup_training(self, device: torch.device) -> None:
         """Prepare what training needs beyond the weights (called once, after the weights

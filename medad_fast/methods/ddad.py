@@ -77,6 +77,15 @@ Where this is not DDAD-ASR's code, and why:
   ``small`` and ``tiny`` presets, as for every method on CT slices; the published presets
   have none, as DDAD.
 
+Data: DDAD declares what it trains on (:meth:`DDADMethod.training_data`) and the engine reads
+it (:mod:`medad_fast.data.unlabeled`; errors name ``--unlabeled`` / ``--unlabeled-split`` /
+``data.json``): the unlabeled pool, and the WHOLE normal pool on every rank. Under torchrun
+the other methods' ranks hold only the images of their own batches (:mod:`medad_fast.train`);
+DDAD's do not, by choice: every member draws its own permutation of the pool each
+autoencoder epoch and a rank takes its share of each, so the K members' shares of one epoch
+together cover most of the pool (1 - 2^-K of it on 2 ranks: 7/8 at K = 3), and loading them
+per epoch would save little memory for K times the reads.
+
 Presets: ``medianomaly`` (= ``paper``): DDAD-ASR's ``cfgs/BraTumor_AE.yaml`` at 64 x 64,
 K = 3, mean image score. ``small`` and ``tiny``: narrower networks for CPUs and tests.
 """
@@ -87,7 +96,6 @@ import contextlib
 import hashlib
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -96,15 +104,14 @@ from torch import nn
 
 from .. import distributed
 from ..config import Config, MethodConfig, setting
-from ..data.crop import crops_liver
 from ..losses import focal_loss
 from ..models.ensemble import AutoencoderEnsemble
 from ..models.refinement import RefinementNet
 from .registry import register
-from .base import Method
+from .base import Method, NormalImages, TrainingData, UnlabeledImages
 
-__all__ = ["DDADConfig", "DDADMethod", "IMAGE_SCORES", "STAGES", "discrepancy_maps", "load_unlabeled_images",
-           "member_permutation", "patch_anomalies"]
+__all__ = ["DDADConfig", "DDADMethod", "IMAGE_SCORES", "STAGES", "discrepancy_maps", "member_permutation",
+           "patch_anomalies"]
 
 #: the two training stages, in order (``method_state()["stage"]`` is the index)
 STAGES = ("autoencoders", "refinement")
@@ -245,54 +252,6 @@ def rank_batches(permutation: torch.Tensor, batch: int, steps: int | None = None
     return mine[: steps * batch].view(steps, batch)
 
 
-def _read_folder(folder: str, size: int, crop: bool = False) -> torch.Tensor:
-    from ..data.dataset import ImageFileDataset, read_slice
-    from ..data.layout import collect_image_files
-
-    path = Path(folder).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"config unlabeled={folder!r} (--unlabeled): folder not found: {path}")
-    try:
-        files = collect_image_files(path, what="unlabeled (--unlabeled)")
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"config unlabeled={folder!r} (--unlabeled): {exc}") from None
-    if crop:  # as the run's training slices: each cut to its liver box
-        dataset = ImageFileDataset(files, size, crop=True)
-        return torch.stack([dataset[i].crop for i in range(len(dataset))])
-    return torch.stack([read_slice(file, None, size)[0] for file in files])
-
-
-def load_unlabeled_images(config: Config) -> torch.Tensor | None:
-    """DDAD's unlabeled pool, ``uint8 [N, 1, S, S]`` (S = ``run.image_size``): the images of
-    ``method.unlabeled`` and/or of the ``method.unlabeled_split`` split of ``run.data``
-    (normal and abnormal, labels ignored); when neither is set and ``run.data`` is a
-    MedIAnomaly / DDAD-ASR ``data.json`` dataset, its whole ``train["unlabeled"]`` pool
-    (:func:`medad_fast.data.medianomaly.unlabeled_files`); otherwise None. Errors name the
-    setting and the path."""
-    m: DDADConfig = config.method
-    parts = []
-    if m.unlabeled is not None:
-        parts.append(_read_folder(m.unlabeled, config.run.image_size, crops_liver(config.run)))
-    if m.unlabeled_split is not None:
-        from ..data.bmad import load_split
-        if config.run.data is None:
-            raise ValueError(f"config unlabeled_split={m.unlabeled_split!r} (--unlabeled-split) needs the run's "
-                             f"data folder (--data)")
-        try:
-            parts.append(load_split(config.run.data, m.unlabeled_split, size=config.run.image_size,
-                                    crop=crops_liver(config.run)).images)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"config unlabeled_split={m.unlabeled_split!r} (--unlabeled-split): "
-                                    f"{exc}") from None
-    if m.data_json_pool is not False and config.run.data is not None:
-        from ..data.medianomaly import dataset_root, unlabeled_files
-        if dataset_root(config.run.data) is not None:  # a data.json dataset: its unlabeled pool, labels unread
-            from ..data.dataset import read_slice
-            files = unlabeled_files(config.run.data)
-            parts.append(torch.stack([read_slice(file, None, config.run.image_size)[0] for file in files]))
-    return torch.cat(parts) if parts else None
-
-
 @contextlib.contextmanager
 def _frozen(*modules: nn.Module | None):
     """Eval mode (BatchNorm's running statistics, not updated) and no gradient for the
@@ -365,18 +324,26 @@ class DDADMethod(Method):
         self._orders: tuple[int, torch.Tensor, torch.Tensor | None] | None = None  # (epoch, NDM, UDM batches)
 
     # ------------------------------------------------------------------ data
-    def attach_training_images(self, images: torch.Tensor) -> None:
-        self.normal_pool = images
+    def training_data(self) -> dict[str, TrainingData]:
+        """The whole normal pool (its members draw their own orders of it) and the unlabeled
+        pool of ``--unlabeled`` / ``--unlabeled-split`` / a ``data.json``'s ``train["unlabeled"]``."""
+        m: DDADConfig = self.config.method
+        return {"normal": NormalImages(),
+                "unlabeled": UnlabeledImages(m.unlabeled, m.unlabeled_split, m.data_json_pool is not False)}
 
-    def setup_training(self, device: torch.device) -> None:
-        unlabeled = load_unlabeled_images(self.config)
-        if unlabeled is None:
+    def attach_training_data(self, data: dict[str, torch.Tensor | None]) -> None:
+        self.normal_pool = data.get("normal")
+        self.unlabeled_images = data.get("unlabeled")
+        if self.unlabeled_images is None:
             warnings.warn("ddad: no unlabeled images, so no UDM ensemble: training DDAD's NDM-only variant "
                           "(anomaly map from the intra-discrepancy of the normal ensemble). Give unlabeled "
                           "slices with --unlabeled DIR or --unlabeled-split valid|test for DDAD's "
                           "inter-discrepancy.", UserWarning, stacklevel=2)
+
+    def setup_training(self, device: torch.device) -> None:
+        if self.unlabeled_images is None:
             return
-        self.unlabeled_images = unlabeled.to(device)
+        self.unlabeled_images = self.unlabeled_images.to(device)
         if self.normal_pool is not None:
             self.union_pool = torch.cat([self.normal_pool.to(device), self.unlabeled_images])
 
@@ -401,7 +368,7 @@ class DDADMethod(Method):
         the normal pool, UDM ``[K, b_u]`` into the union (None without a UDM); each member
         the batch of its own permutation (:func:`member_permutation`, :func:`rank_batches`)."""
         if self.normal_pool is None:
-            raise RuntimeError("member_batches needs the training images (attach_training_images)")
+            raise RuntimeError("member_batches needs the normal training images (attach_training_data)")
         seed, K = self.config.run.seed, self.config.method.members
         steps = self.ae_steps_per_epoch(0)
         epoch, position = divmod(step, steps)

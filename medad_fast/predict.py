@@ -8,6 +8,12 @@ Two kinds of input, one kind per call:
   SCAN is a NIfTI file (``.nii``, ``.nii.gz``) or a DICOM series folder, with one liver mask
   per scan, in the same order (see :func:`predict_volumes`).
 
+Either kind scores with a seed ensemble instead of one checkpoint: ``medad-fast predict
+INPUT... --ensemble RUN RUN... --out DIR`` (the library calls: a list of runs as
+``checkpoint``) scores with the mean of the runs' maps (:mod:`medad_fast.ensemble`: the
+averaging, the image score, the runs it refuses). An ensemble has no stored operating point:
+its CT lesion masks need ``--threshold``.
+
 Images: each is read as grayscale, resized to the model's side (area averaging to shrink,
 bilinear to enlarge, as the BMAD loader does) and scored. When the run crops to the liver box
 (``--crop``, :mod:`medad_fast.data.crop`), each image is cut to its liver box (``image > 0``;

@@ -243,7 +243,7 @@ def test_predict_ensemble_on_images(runs, data, tmp_path, capsys):
     assert "disagree on method" in err and str(runs["ae"][0]) in err
 
 
-def test_predict_ensemble_writes_the_mean_of_the_members_volume_maps(runs, tmp_path):
+def test_predict_ensemble_writes_the_mean_of_the_members_volume_maps(runs, tmp_path, capsys):
     """``predict --ensemble`` on a CT volume: its NIfTI map is the mean of the maps
     ``predict`` writes with each member alone."""
     affine = np.diag([0.8, 0.8, 2.5, 1.0])
@@ -268,6 +268,7 @@ def test_predict_ensemble_writes_the_mean_of_the_members_volume_maps(runs, tmp_p
     assert np.abs(ensemble_map - (member_maps[0] + member_maps[1]) / 2).max() <= MEAN_TOLERANCE
     assert summary["checkpoint"] == [str((p / "checkpoint.pt").resolve()) for p in paths]
     assert summary["threshold"] is None  # an ensemble has no calibrated operating point
+    assert "an ensemble has no calibrated operating point" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "onnx"])

@@ -65,6 +65,8 @@ def _main_volumes(args: argparse.Namespace) -> int:
     if summary["threshold"] is not None:
         print(f"lesion masks at pixel threshold {summary['threshold']:.6g} (map >= it) from "
               f"{summary['threshold_from']}")
+    elif args.ensemble:
+        print("no lesion masks: no --threshold (an ensemble has no calibrated operating point)")
     else:
         print(f"no lesion masks: no --threshold and the run is not calibrated ({CALIBRATE_HINT})")
     print(f"wrote {len(summary['scans'])} anomaly map(s), slice table(s) and review montage(s) and "

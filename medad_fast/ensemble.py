@@ -22,7 +22,8 @@ method's image score is a function of its map:
 Refusals (``ValueError`` naming both members and the field): members that disagree on the
 method, the image side, the preprocessing record (:mod:`medad_fast.preprocessing`: window,
 hist-eq, crop, side, input range: the same slice must be the same input to every member),
-or the rule that turns a map into an image score (``image_score``, the score filter's side);
+the rule that turns a map into an image score (``image_score``, the score filter's side),
+or, for ddad, the training stage that scores (initial map or refined probability);
 the same checkpoint twice (a run directory and its checkpoint file count as the same).
 Members with other method options (widths, epochs) are accepted: a seed ensemble is the
 common case, not a requirement.
@@ -56,6 +57,9 @@ _AGREEMENT: tuple[tuple[str, Callable[[Method], Any]], ...] = (
     ("preprocessing", lambda member: preprocessing_of(member.config).to_dict()),
     ("image_score", lambda member: getattr(member.config.method, "image_score", None)),
     ("score filter", lambda member: member.score_filter),
+    # a staged method's maps change kind with its stage (ddad: the autoencoders' initial map,
+    # then its refinement net's probability): not to be averaged across stages
+    ("stage", lambda member: getattr(member, "stage", None)),
 )
 
 

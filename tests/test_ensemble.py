@@ -215,6 +215,21 @@ def test_members_that_disagree_are_refused_naming_both(runs, tmp_path):
         load_ensemble([])
 
 
+def test_ddad_members_of_two_stages_are_refused():
+    """ddad's first stage scores with its autoencoders' initial map, its second with the
+    refinement net's probability: not one quantity to average."""
+    members = []
+    for stage in (0, 1):
+        config = resolve_config("ddad", "tiny")
+        member = create_method(config.with_preprocessing(decide_preprocessing(config.run)))
+        member.stage = stage
+        members.append(member)
+    with pytest.raises(ValueError, match=r"ensemble members ddad-0.pt and ddad-1.pt disagree on stage: 0 vs 1"):
+        SeedEnsemble(members, ["ddad-0.pt", "ddad-1.pt"])
+    members[1].stage = 0
+    SeedEnsemble(members, ["ddad-0.pt", "ddad-1.pt"])  # one stage: accepted
+
+
 def read_scores(out: Path) -> list[tuple[str, float]]:
     with (out / "scores.csv").open() as f:
         return [(row["path"], float(row["score"])) for row in csv.DictReader(f)]

@@ -33,7 +33,10 @@ extra file / ONNX ``metadata_props`` entry, readable without medad_fast), and is
   Scored with ONNX Runtime (``pip install medad-fast[onnx]``).
 
 Every registered method exports: frequency_aware (all modes), ae, draem and ddad (its
-refinement net or initial map, whichever the checkpoint's stage scores with).
+refinement net or initial map, whichever the checkpoint's stage scores with). A seed
+ensemble (``export --ensemble RUN RUN...``, :mod:`medad_fast.ensemble`) exports as one graph
+that runs its members one after another and averages their maps; it is read back as any
+exported file.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import json
 import math
 import os
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -51,7 +55,7 @@ from torch import nn
 from . import ops
 from .config import Config
 from .exported import CONFIG_KEY, EXPORT_FORMATS
-from .inference import load_method
+from .inference import load_ensemble, load_method
 from .io import check_writable_file
 from .preprocessing import PREPROCESSING_KEY, decide_preprocessing
 
@@ -146,8 +150,8 @@ def _batch_dim() -> dict[str, dict[int, object]]:
 
 
 def export_method(method: nn.Module, out: str | os.PathLike, fmt: str, aoti: bool = False) -> Path:
-    """Write ``method`` (a :class:`~medad_fast.methods.base.Method` in eval mode, on the
-    CPU) as ``fmt`` (``pt2`` or ``onnx``) to ``out``; ``aoti``: the pt2 file as an
+    """Write ``method`` (a :class:`~medad_fast.methods.base.Method` or a
+    :class:`~medad_fast.ensemble.SeedEnsemble`, in eval mode, on the CPU) as ``fmt`` (``pt2`` or ``onnx``) to ``out``; ``aoti``: the pt2 file as an
     AOTInductor package. Returns the path written."""
     if aoti and fmt != "pt2":
         raise ValueError(f"--aoti compiles a pt2 file; got --format {fmt}")
@@ -197,12 +201,19 @@ def export_method(method: nn.Module, out: str | os.PathLike, fmt: str, aoti: boo
     return out
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt: str, aoti: bool = False) -> Path:
+def export_checkpoint(checkpoint: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, fmt: str,
+                      aoti: bool = False) -> Path:
     """Export the method of a checkpoint (or run directory) as ``fmt`` to ``out``
-    (``aoti``: see :func:`export_method`)."""
+    (``aoti``: see :func:`export_method`); a list of runs: their seed ensemble
+    (:func:`~medad_fast.inference.load_ensemble`), as one graph that runs every member and
+    averages their maps (:class:`~medad_fast.ensemble.SeedEnsemble`); the file carries the
+    first member's config (the members share method, side and preprocessing record)."""
     out = Path(out)
     if fmt in EXPORT_FORMATS and out.suffix != EXPORT_FORMATS[fmt]:
         raise ValueError(f"--out {out}: a {fmt} file must end in {EXPORT_FORMATS[fmt]}")
     check_writable_file(out)  # before any work
-    method, _ = load_method(checkpoint, "cpu", amp=False)
+    if isinstance(checkpoint, (str, os.PathLike)):
+        method, _ = load_method(checkpoint, "cpu", amp=False)
+    else:
+        method, _ = load_ensemble(checkpoint, "cpu", amp=False)
     return export_method(method, out, fmt, aoti)

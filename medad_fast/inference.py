@@ -4,14 +4,16 @@ own code): resolve a checkpoint, rebuild its method, score batches of slices.
 No training code is imported here: a checkpoint carries the method's name and both parts
 of its config, so :func:`load_method` rebuilds any registered method from the file alone.
 :func:`load_scorer` also reads the files of ``medad-fast export`` (``.pt2``, ``.onnx``:
-:class:`medad_fast.exported.ExportedModel`); the scoring functions take either.
+:class:`medad_fast.exported.ExportedModel`), and, given a list of runs, their seed ensemble
+(:func:`load_ensemble`: :class:`medad_fast.ensemble.SeedEnsemble`); the scoring functions
+take any of them.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +22,20 @@ import torch
 from .checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint
 from .data.crop import paste_back
 from .data.dataset import SliceBatch, iter_batches
+from .ensemble import SeedEnsemble, check_distinct
 from .exported import ExportedModel, is_exported_file
 from .methods import Method, config_from_dict, get_method
 from .preprocessing import legacy_preprocessing
 from .runtime import compile_networks, resolve_device
 from .weight_averaging import EMA_KEY, averaged_state_dict, scoring_weights
 
-__all__ = ["resolve_checkpoint", "load_method", "load_scorer", "load_scorer_and_state", "scorer_facts", "score_batch",
-           "score_dataset", "score_images"]
+__all__ = ["resolve_checkpoint", "resolve_scorer", "load_method", "load_ensemble", "load_scorer",
+           "load_scorer_and_state", "scorer_facts", "score_batch", "score_dataset", "score_images"]
+
+#: what scores: a checkpoint file, run directory or exported file; or a list of runs (an ensemble)
+ScorerPath = str | os.PathLike | Sequence[str | os.PathLike]
+#: what :func:`load_scorer` returns
+Scorer = Method | ExportedModel | SeedEnsemble
 
 
 #: run directories whose best checkpoint this process has already announced
@@ -65,6 +73,14 @@ def resolve_checkpoint(run_or_checkpoint: str | os.PathLike, log: Callable[[str]
     return path
 
 
+def resolve_scorer(path: ScorerPath, log: Callable[[str], None] | None = _announce) -> Path | list[Path]:
+    """:func:`resolve_checkpoint` of a path, or of every run of a list (an ensemble's
+    members: a list stays a list, even of one)."""
+    if isinstance(path, (str, os.PathLike)):
+        return resolve_checkpoint(path, log)
+    return [resolve_checkpoint(member, log) for member in path]
+
+
 def load_method(run_or_checkpoint: str | os.PathLike, device: str | torch.device | None = "cpu",
                 amp: bool = True, compile: bool = False) -> tuple[Method, dict[str, Any]]:
     """The method of a checkpoint (or run directory) with its weights and state, on
@@ -94,37 +110,77 @@ def load_method(run_or_checkpoint: str | os.PathLike, device: str | torch.device
     return method, state
 
 
-def load_scorer(path: str | os.PathLike, device: str | torch.device | None = "cpu", compile: bool = False
-                ) -> Method | ExportedModel:
+def load_ensemble(runs: Sequence[str | os.PathLike], device: str | torch.device | None = "cpu", amp: bool = True,
+                  compile: bool = False) -> tuple[SeedEnsemble, dict[str, Any]]:
+    """The seed ensemble of ``runs`` (run directories or checkpoint files, each resolved as
+    :func:`resolve_checkpoint` does; at least one), every member loaded by
+    :func:`load_method` (``device``, ``amp``, ``compile`` as there; its EMA weights when it
+    kept them). ``ValueError`` naming both runs and the field for members that disagree on
+    method, image side, preprocessing record or image-score rule, or that repeat a
+    checkpoint (:func:`medad_fast.ensemble.check_members`); an exported file is refused
+    (export the ensemble instead). Returns ``(ensemble, state)``, ``state``:
+    ``{"ensemble": [checkpoint paths], "members": [{"checkpoint", "epoch", "weights"}]}``
+    (the members' checkpoint dicts are not kept)."""
+    paths = resolve_scorer(list(runs))
+    if not paths:
+        raise ValueError("an ensemble needs at least one run")
+    for path in paths:
+        if is_exported_file(path):
+            raise ValueError(f"{path}: an ensemble's members are run directories or checkpoints, not exported files "
+                             "(`medad-fast export --ensemble RUN...` writes the ensemble as one file)")
+    # the refusals that need no loading, before any weights are read
+    check_distinct(paths)
+    members, facts = [], []
+    for path in paths:
+        method, state = load_method(path, device, amp, compile)
+        members.append(method)
+        facts.append({"checkpoint": str(path.resolve()), "epoch": int(state.get("epoch", 0)),
+                      "weights": scoring_weights(state)})
+        del state  # its optimiser state and raw weights: not kept for N members
+    return SeedEnsemble(members, paths), {"ensemble": [fact["checkpoint"] for fact in facts], "members": facts}
+
+
+def load_scorer(path: ScorerPath, device: str | torch.device | None = "cpu", compile: bool = False) -> Scorer:
     """What scores with ``path``: an exported file (``.pt2``, ``.onnx``) ->
     :class:`~medad_fast.exported.ExportedModel`; a checkpoint or run directory -> its method
-    (:func:`load_method`, ``compile`` as there; an exported file is compiled already).
-    Either has ``config``, ``predict`` and ``to_memory_format``, all the scoring functions
+    (:func:`load_method`, ``compile`` as there; an exported file is compiled already); a
+    list of runs -> their :class:`~medad_fast.ensemble.SeedEnsemble` (:func:`load_ensemble`).
+    Each has ``config``, ``predict`` and ``to_memory_format``, all the scoring functions
     below use. Errors name the file."""
     return load_scorer_and_state(path, device, compile)[0]
 
 
-def load_scorer_and_state(path: str | os.PathLike, device: str | torch.device | None = "cpu", compile: bool = False
-                          ) -> tuple[Method | ExportedModel, dict[str, Any]]:
+def load_scorer_and_state(path: ScorerPath, device: str | torch.device | None = "cpu", compile: bool = False
+                          ) -> tuple[Scorer, dict[str, Any]]:
     """:func:`load_scorer` and the checkpoint dict (epoch, method state, ...; ``{}`` for an
-    exported file, which carries the run's config and preprocessing record only)."""
+    exported file, which carries the run's config and preprocessing record only; an
+    ensemble's members: :func:`load_ensemble`'s state)."""
+    if not isinstance(path, (str, os.PathLike)):
+        return load_ensemble(path, device, compile=compile)
     if is_exported_file(path):
         return ExportedModel.load(path, resolve_device(device)), {}
     return load_method(path, device, compile=compile)
 
 
-def scorer_facts(path: str | os.PathLike, state: dict[str, Any]) -> dict[str, Any]:
+def scorer_facts(path: ScorerPath, state: dict[str, Any]) -> dict[str, Any]:
     """What an evaluation report says about what scored (:func:`load_scorer_and_state`'s
-    ``path`` and ``state``): ``scorer`` ("checkpoint", or the exported file's format),
-    ``epoch`` and ``weights`` ("ema": the run's moving average, ``train --ema``; else "last";
-    both None for an exported file, which does not record them)."""
+    ``path`` and ``state``): ``scorer`` ("checkpoint", "ensemble", or the exported file's
+    format), ``epoch`` and ``weights`` ("ema": the run's moving average, ``train --ema``;
+    else "last"; both None for an exported file, which does not record them). An ensemble:
+    ``epoch`` None, ``weights`` its members' when they agree, else "mixed", and
+    ``members``: ``[{"checkpoint", "epoch", "weights"}]``."""
+    if not isinstance(path, (str, os.PathLike)):
+        members = state["members"]
+        weights = {member["weights"] for member in members}
+        return {"scorer": "ensemble", "epoch": None, "weights": weights.pop() if len(weights) == 1 else "mixed",
+                "members": members}
     if is_exported_file(path):
         return {"scorer": Path(path).suffix.lstrip("."), "epoch": None, "weights": None}
     return {"scorer": "checkpoint", "epoch": int(state.get("epoch", 0)), "weights": scoring_weights(state)}
 
 
 @torch.no_grad()
-def score_batch(method: Method | ExportedModel, images: torch.Tensor, device: torch.device | None = None
+def score_batch(method: Scorer, images: torch.Tensor, device: torch.device | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(maps float32 [B, H, W], scores float32 [B])`` on the CPU of one batch of images
     (uint8, or float in [0, 1], ``[B, 1, H, W]``) on the method's device (an exported
@@ -139,7 +195,7 @@ def score_batch(method: Method | ExportedModel, images: torch.Tensor, device: to
     return maps.float().cpu(), scores.float().cpu()
 
 
-def score_dataset(method: Method | ExportedModel, dataset, batch_size: int = 16, start: int = 0, stop: int | None = None,
+def score_dataset(method: Scorer, dataset, batch_size: int = 16, start: int = 0, stop: int | None = None,
                   progress: bool = False, device: torch.device | None = None
                   ) -> Iterator[tuple[SliceBatch, torch.Tensor, torch.Tensor]]:
     """``(batch, maps, scores)`` for the slices ``[start, stop)`` of a per-slice dataset
@@ -194,7 +250,7 @@ def _image_batch(images) -> torch.Tensor:
     return images
 
 
-def score_images(method: Method | ExportedModel, images, batch_size: int = 16, progress: bool = False,
+def score_images(method: Scorer, images, batch_size: int = 16, progress: bool = False,
                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel maps and image scores of a batch of grayscale images: a numpy array or a torch
     tensor, ``[N, 1, H, W]`` or ``[N, H, W]``, uint8 (0..255) or float in [0, 1] (anything

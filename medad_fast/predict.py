@@ -8,6 +8,12 @@ Two kinds of input, one kind per call:
   SCAN is a NIfTI file (``.nii``, ``.nii.gz``) or a DICOM series folder, with one liver mask
   per scan, in the same order (see :func:`predict_volumes`).
 
+Either kind scores with a seed ensemble instead of one checkpoint: ``medad-fast predict
+INPUT... --ensemble RUN RUN... --out DIR`` (the library calls: a list of runs as
+``checkpoint``) scores with the mean of the runs' maps (:mod:`medad_fast.ensemble`: the
+averaging, the image score, the runs it refuses). An ensemble has no stored operating point:
+its CT lesion masks need ``--threshold``.
+
 Images: each is read as grayscale, resized to the model's side (area averaging to shrink,
 bilinear to enlarge, as the BMAD loader does) and scored. When the run crops to the liver box
 (``--crop``, :mod:`medad_fast.data.crop`), each image is cut to its liver box (``image > 0``;
@@ -17,7 +23,8 @@ pasted back into the whole image; an image without liver is scored whole, with a
 Writes into ``--out``::
 
     scores.csv    path,score (one row per image, in input order)
-    scores.json   [{"path", "score", "heatmap"}...] plus the checkpoint and its preset
+    scores.json   [{"path", "score", "heatmap"}...] plus the checkpoint (an ensemble: the
+                  list of its members' checkpoints) and its preset
     heatmaps/     <index>-<stem>.png: the slice beside the slice with its anomaly map
                   (colour scale 0 .. the largest pixel value of the call, heatmap_scale)
 
@@ -82,7 +89,7 @@ import torch
 
 from . import __version__, distributed
 from .config import Config
-from .inference import load_scorer, resolve_checkpoint, score_dataset
+from .inference import ScorerPath, load_scorer, resolve_scorer, score_dataset
 from .data.dataset import ImageFileDataset
 from .data.layout import collect_image_files
 from .data.scan import (check_scan_values, display_slice, is_dicom_folder, is_nifti_path, nifti_like,
@@ -98,14 +105,15 @@ from .volume_inference import DEFAULT_TOP_K, aggregate_slice_scores, display_ima
 __all__ = ["predict", "predict_volumes", "is_volume_input"]
 
 
-def predict(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
+def predict(checkpoint: ScorerPath, inputs: list[str | Path], out: str | Path,
             device: str | torch.device | None = None, batch_size: int = 16, progress: bool = True,
             compile: bool = False) -> list[dict]:
     """Score the images of ``inputs`` with ``checkpoint`` (a checkpoint, run directory or a
-    file of ``medad-fast export``); write scores and heatmaps into ``out``. ``compile``:
+    file of ``medad-fast export``; a list of runs: their seed ensemble,
+    :mod:`medad_fast.ensemble`); write scores and heatmaps into ``out``. ``compile``:
     compile the method's networks (:func:`~medad_fast.runtime.compile_networks`). Returns
     ``[{"path", "score", "heatmap"}]`` in input order."""
-    checkpoint = resolve_checkpoint(checkpoint)
+    checkpoint = resolve_scorer(checkpoint)
     check_writable_folder(out)  # before any work
     files = collect_image_files(inputs)
     world = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
@@ -123,7 +131,12 @@ def predict(checkpoint: str | Path, inputs: list[str | Path], out: str | Path,
     return distributed.broadcast_object(rows)
 
 
-def _write_predictions(out: Path, checkpoint: Path, config: Config, dataset: ImageFileDataset,
+def _checkpoint_record(checkpoint: Path | list[Path]) -> str | list[str]:
+    """``scores.json``'s ``checkpoint``: the resolved path; an ensemble's: its members'."""
+    return str(checkpoint.resolve()) if isinstance(checkpoint, Path) else [str(p.resolve()) for p in checkpoint]
+
+
+def _write_predictions(out: Path, checkpoint: Path | list[Path], config: Config, dataset: ImageFileDataset,
                        maps: torch.Tensor, scores: torch.Tensor) -> list[dict]:
     """Heatmaps, scores.csv and scores.json of the gathered predictions."""
     # one colour scale for all heatmaps of this call: 0 .. the largest pixel value
@@ -142,7 +155,8 @@ def _write_predictions(out: Path, checkpoint: Path, config: Config, dataset: Ima
     writer.writerow(["path", "score"])
     writer.writerows([r["path"], f"{r['score']:.6f}"] for r in rows)
     atomic_write_text(out / "scores.csv", text.getvalue())
-    atomic_write_json(out / "scores.json", {"checkpoint": str(checkpoint.resolve()), "method": config.run.method,
+    atomic_write_json(out / "scores.json", {"checkpoint": _checkpoint_record(checkpoint),
+                                            "method": config.run.method,
                                             "variant": config.variant, "preset": config.run.preset,
                                             "image_size": config.run.image_size,
                                             "crop": "liver" if dataset.crop else "none",
@@ -200,7 +214,7 @@ def _read_scan_and_liver(geometry, source, liver_labels: list[float] | None, all
     return scan, liver
 
 
-def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks: list[str | Path],
+def predict_volumes(checkpoint: ScorerPath, scans: list[str | Path], liver_masks: list[str | Path],
                     out: str | Path, device: str | torch.device | None = None, batch_size: int = 16,
                     progress: bool = True, window: tuple[float, float] | None = None, hist_eq: bool | None = None,
                     top_k: int = DEFAULT_TOP_K, liver_labels: list[float] | None = None,
@@ -214,7 +228,8 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
     any nonzero value, or one of ``liver_labels``. ``window`` / ``hist_eq`` None: the
     model's preprocessing record's (:mod:`medad_fast.preprocessing`). ``threshold``: the
     pixel threshold of the ``_lesions`` masks; None: the run's stored operating point when it
-    has one (``operating_point.json`` beside the checkpoint), else no masks. ``dicom_seg``: also
+    has one (``operating_point.json`` beside the checkpoint; an ensemble, a list of runs, has
+    none), else no masks. ``dicom_seg``: also
     write each DICOM scan's mask as a DICOM SEG (needs a threshold). ``allow_nonfinite`` /
     ``allow_non_hu``: score NaN/infinite voxels as air, and scans that do not look like
     Hounsfield units as they are, with a warning, instead of refusing them
@@ -223,7 +238,7 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
     mask header is checked before anything is scored; errors raise ``ValueError`` (a
     :class:`~medad_fast.data.scan.VolumeError`) or ``FileNotFoundError`` naming the files,
     and leave ``out`` as it was."""
-    checkpoint = resolve_checkpoint(checkpoint)
+    checkpoint = resolve_scorer(checkpoint)
     check_writable_folder(out)  # before any work
     scans, liver_masks = [Path(p) for p in scans], [Path(p) for p in liver_masks]
     if not scans:
@@ -239,7 +254,8 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
     if dicom_seg:
         require_highdicom()  # a missing optional package is reported before any scoring
     try:
-        point = read_operating_point(checkpoint.parent)  # a broken file is reported before any scoring
+        # a broken file is reported before any scoring; an ensemble has no calibrated point of its own
+        point = read_operating_point(checkpoint.parent) if isinstance(checkpoint, Path) else None
     except ValueError:
         if threshold is None:
             raise
@@ -306,7 +322,7 @@ def predict_volumes(checkpoint: str | Path, scans: list[str | Path], liver_masks
                            for k, z, n, v in zip(result.slice_indices, result.z_mm, result.liver_pixels,
                                                  result.slice_scores)]})
             del scan, liver, result
-        summary = {"checkpoint": str(checkpoint.resolve()), "method": method.config.run.method,
+        summary = {"checkpoint": _checkpoint_record(checkpoint), "method": method.config.run.method,
                    "variant": method.config.variant, "preset": method.config.run.preset,
                    "image_size": method.config.run.image_size, "window": list(window), "hist_eq": hist_eq,
                    "crop": record.crop, "window_from": settings_from, "preprocessing": record.to_dict(), "top_k": top_k,

@@ -11,7 +11,11 @@ from ..exported import EXPORT_FORMATS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint file or run directory")
+    parser.add_argument("checkpoint", metavar="CKPT", nargs="?", default=None,
+                        help="checkpoint file or run directory (or --ensemble)")
+    parser.add_argument("--ensemble", nargs="+", metavar="RUN", default=None,
+                        help="instead of CKPT: the seed ensemble of these runs (one method and preprocessing), as "
+                             "one graph that averages their maps")
     parser.add_argument("--format", required=True, choices=list(EXPORT_FORMATS),
                         help="pt2: torch.export (with the fused ops); onnx: standard ops, for ONNX Runtime")
     parser.add_argument("--out", required=True, metavar="FILE", help="the file to write (.pt2 or .onnx)")
@@ -21,8 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if (args.checkpoint is None) == (args.ensemble is None):
+        print("medad-fast export: error: pass a CKPT or --ensemble RUN..., not " +
+              ("both" if args.checkpoint else "neither"), file=sys.stderr)
+        return 2
     try:
-        out = export_checkpoint(args.checkpoint, args.out, args.format, args.aoti)
+        out = export_checkpoint(args.ensemble or args.checkpoint, args.out, args.format, args.aoti)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"medad-fast export: error: {exc}", file=sys.stderr)
         return 2

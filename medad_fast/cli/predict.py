@@ -16,10 +16,15 @@ from ._arguments import add_display_arguments, add_value_check_arguments, int_at
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT",
-                        help="checkpoint file, run directory, or a .pt2 / .onnx file of `medad-fast export`")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="checkpoint file, run directory, or a .pt2 / .onnx file of `medad-fast export` (with "
+                             "--ensemble: none, every positional is an INPUT)")
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="image files or folders of images; or CT scans: NIfTI files (.nii, .nii.gz) or DICOM "
                              "series folders (then --liver-mask is required)")
+    parser.add_argument("--ensemble", nargs="+", metavar="RUN", default=None,
+                        help="score with the seed ensemble of these runs (run directories or checkpoints of one method "
+                             "and preprocessing): the mean of their maps; e.g. predict IMAGES... --ensemble RUN1 RUN2 "
+                             "RUN3 --out DIR")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     volumes = parser.add_argument_group("CT volumes")
     volumes.add_argument("--liver-mask", nargs="+", metavar="MASK", default=None,
@@ -47,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _main_volumes(args: argparse.Namespace) -> int:
     try:
-        summary = predict_volumes(args.checkpoint, args.inputs, args.liver_mask or [], args.out, args.device,
+        summary = predict_volumes(args.ensemble or args.checkpoint, args.inputs, args.liver_mask or [], args.out, args.device,
                                   args.batch_size, not args.no_progress, args.window, args.hist_eq, args.top_k,
                                   args.liver_label, args.threshold, args.dicom_seg, args.compile,
                                   args.allow_nonfinite, args.allow_non_hu)
@@ -60,6 +65,8 @@ def _main_volumes(args: argparse.Namespace) -> int:
     if summary["threshold"] is not None:
         print(f"lesion masks at pixel threshold {summary['threshold']:.6g} (map >= it) from "
               f"{summary['threshold_from']}")
+    elif args.ensemble:
+        print("no lesion masks: no --threshold (an ensemble has no calibrated operating point)")
     else:
         print(f"no lesion masks: no --threshold and the run is not calibrated ({CALIBRATE_HINT})")
     print(f"wrote {len(summary['scans'])} anomaly map(s), slice table(s) and review montage(s) and "
@@ -69,6 +76,12 @@ def _main_volumes(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.ensemble:  # no CKPT: the first positional is an input
+        args.inputs, args.checkpoint = [args.checkpoint, *args.inputs], None
+    elif not args.inputs:
+        print("medad-fast predict: error: no INPUT: pass CKPT INPUT... (or INPUT... --ensemble RUN...)",
+              file=sys.stderr)
+        return 2
     volume_inputs = [p for p in args.inputs if is_volume_input(p)]
     if volume_inputs or args.liver_mask:
         problem = None
@@ -92,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
               "get heatmaps only", file=sys.stderr)
         return 2
     try:
-        rows = predict(args.checkpoint, args.inputs, args.out, args.device, args.batch_size,
+        rows = predict(args.ensemble or args.checkpoint, args.inputs, args.out, args.device, args.batch_size,
                        not args.no_progress, args.compile)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"medad-fast predict: error: {exc}", file=sys.stderr)

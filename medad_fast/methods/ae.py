@@ -179,12 +179,9 @@ class AutoencoderMethod(Method):
         sigma = m.residual_sigma * self.config.run.image_size / 256
         return smoothed_residual_map(images, reconstruction, sigma, m.roi_threshold, squared=m.residual == "squared")
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(maps, scores)`` as :meth:`Method.predict`; the score is ``image_score``'s:
-        ``max_filter`` (the max of the mean-filtered map) or ``mean`` (MedIAnomaly's: the
-        mean of the map over the image)."""
-        maps, scores = super().predict(images)
+    def map_image_scores(self, maps: torch.Tensor) -> torch.Tensor:
+        """``image_score``'s: ``max_filter`` (the max of the mean-filtered map) or ``mean``
+        (MedIAnomaly's: the mean of the map over the image)."""
         if self.config.method.image_score == "mean":
-            scores = maps.flatten(1).mean(dim=1)
-        return maps, scores
+            return maps.float().flatten(1).mean(dim=1)
+        return super().map_image_scores(maps)

@@ -19,6 +19,9 @@ DDP and ``channels_last`` work on it as on any model) that says, and only says:
                            training device (all its randomness); returns ``(loss, terms)``,
                            ``terms`` a dict of detached scalar tensors logged as they are named
 ``predict(images)``         ``(maps [B, H, W], scores [B])`` float32, in eval mode, no grad
+``map_image_scores(maps)``  the image scores of maps ``[B, H, W]`` by the method's rule, or None
+                           when its image score is not a function of its map (SQUID's
+                           discriminator); seed ensembles score their mean map with it
 ``method_state()``          extra state to checkpoint beyond parameters and buffers
 ``log_values()``            plain numbers for the log (e.g. ``alpha``)
 ``compile_fullgraph``       False when ``--compile`` cannot trace a network as one graph
@@ -172,8 +175,8 @@ class Method(nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(maps float32 [B, H, W], scores float32 [B])`` of test images ``[B, 1, H, W]``
-        in [0, 1], in eval mode (the mode is restored afterwards). Image score: max of the
-        mean-filtered map (:func:`image_scores`)."""
+        in [0, 1], in eval mode (the mode is restored afterwards). Image score:
+        :meth:`map_image_scores` of the map."""
         if images.dim() != 4 or images.shape[1] != 1:
             raise ValueError(f"images must have shape [B, 1, H, W]; got {list(images.shape)}")
         was_training = self.training
@@ -182,7 +185,14 @@ class Method(nn.Module):
             maps = self.anomaly_maps(images).float()
         finally:
             self.train(was_training)
-        return maps, image_scores(maps, self.score_filter)
+        return maps, self.map_image_scores(maps)
+
+    def map_image_scores(self, maps: torch.Tensor) -> torch.Tensor | None:
+        """The image scores ``float32 [B]`` of pixel maps ``[B, H, W]`` by this method's
+        rule; None when its image score is not a function of its map (then a seed ensemble,
+        :mod:`medad_fast.ensemble`, averages its members' image scores instead). Default:
+        max of the mean-filtered map (:func:`image_scores`)."""
+        return image_scores(maps, self.score_filter)
 
     # ------------------------------------------------------------------ state
     def method_state(self) -> dict[str, Any]:

@@ -492,15 +492,12 @@ class DDADMethod(Method):
             maps = maps * (images > m.roi_threshold).to(maps.dtype)
         return maps.squeeze(1)
 
-    @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(maps, scores)`` as :meth:`Method.predict`; the score is ``image_score``'s:
-        ``max_filter`` (the max of the mean-filtered map) or ``mean`` (DDAD's: the mean of
-        the map over the image)."""
-        maps, scores = super().predict(images)
+    def map_image_scores(self, maps: torch.Tensor) -> torch.Tensor:
+        """``image_score``'s: ``max_filter`` (the max of the mean-filtered map) or ``mean``
+        (DDAD's: the mean of the map over the image)."""
         if self.config.method.image_score == "mean":
-            scores = maps.flatten(1).mean(dim=1)
-        return maps, scores
+            return maps.float().flatten(1).mean(dim=1)
+        return super().map_image_scores(maps)
 
     # ------------------------------------------------------------------ state
     def method_state(self) -> dict[str, Any]:

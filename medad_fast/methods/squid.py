@@ -112,7 +112,7 @@ from ..config import Config, MethodConfig, setting
 from ..models.scoring import smoothed_residual_map
 from ..models.squid import Decoder, Discriminator, InpaintingBlock, PatchEncoder, patchify, squid_widths
 from .registry import register
-from .base import Method, image_scores
+from .base import Method
 
 __all__ = ["IMAGE_SCORES", "AFFINE_TRANSLATE", "AFFINE_SCALE", "EPOCHS_MEDIANOMALY", "random_affine", "SquidConfig",
            "SquidMethod"]
@@ -391,9 +391,13 @@ class SquidMethod(Method):
             maps, scores = self._maps_and_scores(images)
         finally:
             self.train(was_training)
-        if self.config.method.image_score == "max_filter":
-            scores = image_scores(maps, self.score_filter)
-        return maps, scores.float()
+        map_scores = self.map_image_scores(maps)
+        return maps, (scores if map_scores is None else map_scores).float()
+
+    def map_image_scores(self, maps: torch.Tensor) -> torch.Tensor | None:
+        """``max_filter``: the max of the mean-filtered map; ``discriminator``: None (the
+        score is ``-D(I_s)``, not a function of the map)."""
+        return super().map_image_scores(maps) if self.config.method.image_score == "max_filter" else None
 
     # ------------------------------------------------------------------ state
     def method_state(self) -> dict[str, Any]:

@@ -165,7 +165,7 @@ def run_one(method: str, seed: int, data: Path, out: Path, device: str, epochs: 
     extra = initial_map_metrics(run, data, device) if method == "ddad" else {}
     minutes = (time.perf_counter() - start) / 60
     row = {"method": method, "seed": seed, "image_auroc": float(metrics["image_auroc"]),
-           "image_ap": float(metrics["image_ap"]), "minutes": round(minutes, 2), "epochs": config.run.epochs,
+           "image_ap": float(metrics["image_ap"]), "minutes": round(minutes, 4), "epochs": config.run.epochs,
            **extra}
     inter = (f"; inter-discrepancy map: AUROC {extra['image_auroc_inter']:.4f}, AP {extra['image_ap_inter']:.4f}"
              if extra else "")

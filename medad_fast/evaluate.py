@@ -73,11 +73,11 @@ import torch
 from .cpu_isa import isa_report
 from .data.dataset import BmadSliceDataset
 from .data.layout import is_image_level
-from .evaluation import EvaluationSource, ScoredBatch, run_evaluation
-from .inference import resolve_checkpoint, score_dataset, scorer_facts
+from .evaluation import (EvaluationSource, ScoredBatch, evaluation_dir, resolve_evaluated, run_evaluation,
+                         scorer_paths)
+from .inference import score_dataset, scorer_facts
 from .io import atomic_write_json, atomic_write_text
 from .metrics import PixelMetricsStream, image_metrics, roc_curve, roc_curve_from_counts
-from .operating_point import check_calibration_split, default_evaluation_dir
 from .visualize import plot_roc
 
 __all__ = ["evaluate", "SliceSource"]
@@ -88,19 +88,18 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str | None = None,
              progress: bool = True, reference_ops: bool = False, compile: bool = False,
              calibrate: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint (or run directory, or a ``.pt2`` / ``.onnx`` file of ``medad-fast
-    export``) of any method on a split of a BMAD-layout folder (None: ``valid`` with
+    export``, or a list of runs: their seed ensemble, :mod:`medad_fast.ensemble`, which never
+    calibrates) of any method on a split of a BMAD-layout folder (None: ``valid`` with
     ``calibrate``, else ``test``); write ``metrics.json``, ``roc.png`` and the heatmaps into
-    ``out`` (None: :func:`default_evaluation_dir`). ``calibrate``: also choose the operating
+    ``out`` (None: :func:`~medad_fast.evaluation.evaluation_dir`). ``calibrate``: also choose the operating
     point on this split and store it in the run folder (the file's folder;
     :mod:`medad_fast.operating_point`; ``ValueError`` on the test or train split); without it
     nothing is written into the run folder. Returns the metrics. ``compile``: compile the
     method's networks (:func:`~medad_fast.runtime.compile_networks`; an exported file is
     compiled already)."""
     split = split or ("valid" if calibrate else "test")
-    if calibrate:
-        check_calibration_split(split)
-    checkpoint = resolve_checkpoint(checkpoint)
-    out = Path(out) if out is not None else default_evaluation_dir(checkpoint, f"eval-{split}")
+    checkpoint = resolve_evaluated(checkpoint, calibrate, split)
+    out = Path(out) if out is not None else evaluation_dir(checkpoint, f"eval-{split}")
 
     def open_source(method) -> SliceSource:
         record = method.config.preprocessing  # as the run was trained; maps come back whole
@@ -145,7 +144,7 @@ class SliceSource(EvaluationSource):
         pixel = dict.fromkeys(PIXEL_KEYS) if pixel_counts is None else stream.metrics(pixel_counts)
         metrics = image_metrics(labels, scores) | pixel | {"image_level": pixel_counts is None}
         metrics.update({"split": self.split, "data": str(Path(self.data).resolve()),
-                        "checkpoint": str(checkpoint.resolve()),
+                        "checkpoint": scorer_paths(checkpoint),
                         "method": config.run.method, "variant": config.variant, **scorer_facts(checkpoint, state),
                         **{k: float(v) for k, v in state.get("method_state", {}).items()
                            if isinstance(v, (int, float))},

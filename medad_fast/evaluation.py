@@ -53,14 +53,45 @@ import numpy as np
 import torch
 
 from . import distributed
-from .inference import load_scorer_and_state
+from .inference import ScorerPath, load_scorer_and_state, resolve_scorer
 from .io import check_writable_folder, output_folder
 from .metrics import PixelMetricsStream
-from .operating_point import OPERATING_POINT_NAME, choose_operating_point, write_operating_point
+from .operating_point import (OPERATING_POINT_NAME, check_calibration_split, choose_operating_point,
+                              default_evaluation_dir, write_operating_point)
 from .runtime import ops_mode, resolve_device
 from .visualize import write_cases
 
-__all__ = ["ScoredBatch", "EvaluationSource", "run_evaluation"]
+__all__ = ["ScoredBatch", "EvaluationSource", "run_evaluation", "resolve_evaluated", "evaluation_dir",
+           "scorer_paths"]
+
+
+def resolve_evaluated(scorer: ScorerPath, calibrate: bool, split: str | None) -> Path | list[Path]:
+    """What is evaluated: a checkpoint (run directory, checkpoint, exported file) resolved,
+    or a seed ensemble's runs (a list, :mod:`medad_fast.ensemble`) each resolved.
+    ``ValueError`` for ``calibrate`` on the test or train split, or with an ensemble (its
+    operating point would have no run folder to go to, and ``predict`` never reads one for an
+    ensemble)."""
+    if calibrate:
+        check_calibration_split(split)
+    resolved = resolve_scorer(scorer)
+    if calibrate and isinstance(resolved, list):
+        raise ValueError("--calibrate with --ensemble: an ensemble has no run folder to store its operating point "
+                         "in; calibrate each run, or pass --threshold to predict")
+    return resolved
+
+
+def evaluation_dir(scorer: Path | list[Path], name: str) -> Path:
+    """The default ``--out``: ``<run>-<name>`` beside the run folder
+    (:func:`~medad_fast.operating_point.default_evaluation_dir`); an ensemble's beside its
+    first run's, ``<run>-ensemble<N>-<name>``."""
+    if isinstance(scorer, list):
+        return default_evaluation_dir(scorer[0], f"ensemble{len(scorer)}-{name}")
+    return default_evaluation_dir(scorer, name)
+
+
+def scorer_paths(scorer: Path | list[Path]) -> str | list[str]:
+    """``metrics.json``'s ``checkpoint``: the absolute path, or the list of an ensemble's."""
+    return [str(path.resolve()) for path in scorer] if isinstance(scorer, list) else str(scorer.resolve())
 
 
 @dataclass
@@ -133,10 +164,11 @@ class EvaluationSource:
         raise NotImplementedError
 
 
-def run_evaluation(checkpoint: Path, out: Path, open_source: Callable[[Any], EvaluationSource], *,
+def run_evaluation(checkpoint: Path | list[Path], out: Path, open_source: Callable[[Any], EvaluationSource], *,
                    device: str | torch.device | None, n_cases: int, progress: bool, reference_ops: bool,
                    compile: bool, calibrate: bool) -> dict[str, Any]:
-    """Evaluate the scorer at ``checkpoint`` (resolved) on ``open_source(method)`` and write
+    """Evaluate the scorer at ``checkpoint`` (:func:`resolve_evaluated`: a path, or a seed
+    ensemble's list, which never calibrates) on ``open_source(method)`` and write
     the outputs into ``out`` (see the module docstring). Returns the metrics, with ``out``
     added, on every rank; ``ValueError`` when ``calibrate`` cannot choose an operating point."""
     world = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun

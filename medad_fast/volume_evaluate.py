@@ -96,12 +96,12 @@ from .data import manifest as prepare_manifest
 from .data.cases import CASE_SOURCES, LabelSource, VolumeCase
 from .data.scan import (Geometry, LiverMaskSource, Volume, VolumeError, check_scan_values, display_slice,
                         open_liver_mask, read_geometry, read_volume, require_liver)
-from .evaluation import EvaluationSource, ScoredBatch, run_evaluation
-from .inference import resolve_checkpoint, scorer_facts
+from .evaluation import (EvaluationSource, ScoredBatch, evaluation_dir, resolve_evaluated, run_evaluation,
+                         scorer_paths)
+from .inference import scorer_facts
 from .io import atomic_write_json, atomic_write_text, check_writable_folder
 from .metrics import (DEFAULT_FP_BUDGETS, HIT_RULES, LESION_STRUCTURE, PixelMetricsStream, detection_thresholds,
                       image_metrics, lesion_froc, lesion_hits, roc_auc)
-from .operating_point import check_calibration_split, default_evaluation_dir
 from .preprocessing import scoring_window
 from .visualize import plot_froc
 from .volume_inference import DEFAULT_TOP_K, aggregate_slice_scores, display_images, read_ahead, score_volume
@@ -395,7 +395,7 @@ class VolumeSource(EvaluationSource):
                              f"with and {int((~volume_labels).sum())} without")
         record = config.preprocessing
         metrics: dict[str, Any] = {
-            "checkpoint": str(checkpoint.resolve()), "method": config.run.method,
+            "checkpoint": scorer_paths(checkpoint), "method": config.run.method,
             "variant": config.variant, "preset": config.run.preset,
             "image_size": config.run.image_size, **scorer_facts(checkpoint, state),
             "crop": record.crop, "preprocessing": record.to_dict(),
@@ -453,7 +453,7 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
                      allow_non_hu: bool = False, reference_ops: bool = False,
                      compile: bool = False, n_cases: int = 4) -> dict[str, Any]:
     """Evaluate ``checkpoint`` (a checkpoint, run directory or a ``.pt2`` / ``.onnx`` file of
-    ``medad-fast export``) on CT volumes (see the module docstring). ``reference_ops``: score
+    ``medad-fast export``, or a list of runs: their seed ensemble, which never calibrates) on CT volumes (see the module docstring). ``reference_ops``: score
     with the pure-PyTorch reference ops; ``compile``: compile the method's networks
     (:func:`~medad_fast.runtime.compile_networks`), as ``evaluate`` on slices. ``split`` /
     ``source``: what the cases are (for the output). ``calibrate``: choose the operating
@@ -467,10 +467,8 @@ def evaluate_volumes(checkpoint: str | Path, cases: list[VolumeCase], out: str |
     ``ValueError`` (:class:`~medad_fast.data.scan.VolumeError`) or ``FileNotFoundError``
     naming the files. Under torchrun each rank scores its share of the volumes (the loop of
     :func:`medad_fast.evaluation.run_evaluation`)."""
-    if calibrate:
-        check_calibration_split(split)
-    checkpoint = resolve_checkpoint(checkpoint)
-    out = Path(out) if out is not None else default_evaluation_dir(
+    checkpoint = resolve_evaluated(checkpoint, calibrate, split)
+    out = Path(out) if out is not None else evaluation_dir(
         checkpoint, "eval-volumes" if split is None else f"eval-volumes-{split}")
     check_writable_folder(out)  # before any work, the checks of the arguments included
     if not cases:

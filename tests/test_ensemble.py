@@ -316,3 +316,35 @@ def test_export_takes_a_checkpoint_or_an_ensemble(runs, tmp_path, capsys):
     assert "pass a CKPT or --ensemble RUN..., not neither" in capsys.readouterr().err
     assert cli(["export", str(run), "--ensemble", str(runs["ae"][1]), "--format", "pt2", "--out", out]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_evaluate_ensemble_scores_the_mean_map(runs, data, tmp_path, capsys):
+    members = runs["frequency_aware"]
+    out = tmp_path / "eval"
+    assert cli(["evaluate", "--ensemble", *map(str, members), "--data", str(data), "--out", str(out),
+                "--no-progress", "--device", "cpu", "--cases", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["scorer"] == "ensemble" and metrics["checkpoint"] == [str(p.resolve() / "checkpoint.pt")
+                                                                         for p in members]
+    # the slice scores are the ensemble's, scored here through the library
+    ensemble, _ = load_ensemble(members)
+    with open(out / "scores.csv") as table:
+        written = np.array([float(row["score"]) for row in csv.DictReader(table)])
+    images = load_split(data, "test", size=32)
+    np.testing.assert_allclose(written, score_images(ensemble, images.images)[1].numpy(), rtol=0, atol=1e-6)
+    # the default folder sits beside the first run and names the ensemble
+    assert cli(["evaluate", "--ensemble", *map(str, members), "--data", str(data), "--no-progress",
+                "--device", "cpu", "--cases", "0"]) == 0
+    assert (members[0].parent / f"{members[0].name}-ensemble3-eval-test" / "metrics.json").is_file()
+
+
+def test_evaluate_refuses_an_ensemble_with_calibrate_or_a_checkpoint(runs, data, tmp_path, capsys):
+    members = [str(p) for p in runs["ae"]]
+    assert cli(["evaluate", "--ensemble", *members, "--data", str(data), "--calibrate", "--out",
+                str(tmp_path / "a"), "--device", "cpu"]) == 2
+    assert "--calibrate with --ensemble" in capsys.readouterr().err
+    assert cli(["evaluate", members[0], "--ensemble", *members, "--data", str(data), "--device", "cpu"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert cli(["evaluate", "--data", str(data), "--device", "cpu"]) == 2
+    assert "RUN_OR_CKPT, or --ensemble" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

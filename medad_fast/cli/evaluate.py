@@ -20,8 +20,13 @@ _NO_MASKS = "n/a (no masks)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_or_checkpoint", metavar="RUN_OR_CKPT",
-                        help="run directory, checkpoint file or a file of `medad-fast export` (.pt2, .onnx)")
+    parser.add_argument("run_or_checkpoint", metavar="RUN_OR_CKPT", nargs="?",
+                        help="run directory, checkpoint file or a file of `medad-fast export` (.pt2, .onnx); "
+                             "or none, with --ensemble")
+    parser.add_argument("--ensemble", nargs="+", metavar="RUN", default=None,
+                        help="evaluate the seed ensemble of these runs (run directories or checkpoints of one method "
+                             "and preprocessing): the mean of their maps (no --calibrate); default --out "
+                             "<first run>-ensemble<N>-eval-<split>")
     parser.add_argument("--data", metavar="DIR", help="BMAD-layout folder or MedIAnomaly dataset (its data.json "
                                                       "folder) (or --scans / --manifest for CT volumes)")
     parser.add_argument("--split", default=None, choices=("test", "valid", "train"),
@@ -89,7 +94,7 @@ def _main_volumes(args: argparse.Namespace) -> int:
         else:
             cases = cases_from_arguments(args.scans, args.masks, args.labels, args.liver_label, args.tumour_label)
             skipped, split, source = [], None, None
-        metrics = evaluate_volumes(args.run_or_checkpoint, cases, args.out, device=args.device,
+        metrics = evaluate_volumes(args.scorer, cases, args.out, device=args.device,
                                    batch_size=args.batch_size, progress=not args.no_progress, window=args.window,
                                    hist_eq=args.hist_eq, top_k=args.top_k, lesion_thresholds=args.lesion_thresholds,
                                    split=split, source=source, skipped=skipped, calibrate=args.calibrate,
@@ -130,8 +135,17 @@ def _main_volumes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scorer_input(args: argparse.Namespace) -> str | None:
+    """The problem with RUN_OR_CKPT / --ensemble, or None: exactly one of them."""
+    if args.run_or_checkpoint and args.ensemble:
+        return f"pass RUN_OR_CKPT ({args.run_or_checkpoint}) or --ensemble RUN..., not both"
+    if not args.run_or_checkpoint and not args.ensemble:
+        return "pass the model: RUN_OR_CKPT, or --ensemble RUN1 RUN2 ..."
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
-    problem = _volume_inputs(args)
+    problem = _scorer_input(args) or _volume_inputs(args)
     if problem:
         print(f"medad-fast evaluate: error: {problem}", file=sys.stderr)
         return 2
@@ -142,10 +156,11 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"medad-fast evaluate: error: {exc}", file=sys.stderr)
         return 2
+    args.scorer = args.ensemble or args.run_or_checkpoint
     if args.scans or args.manifest:
         return _main_volumes(args)
     try:
-        metrics = evaluate(args.run_or_checkpoint, args.data, args.split, args.out, args.device,
+        metrics = evaluate(args.scorer, args.data, args.split, args.out, args.device,
                            args.batch_size, args.cases, not args.no_progress, args.reference_ops, args.compile,
                            args.calibrate)
     except (ValueError, FileNotFoundError) as exc:

@@ -7,7 +7,7 @@ VPY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 NVCC ?= nvcc
 CUDA_ARCHS ?= 80 90
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=20
 DEPS := pybind11 ninja setuptools wheel numpy scipy nibabel pydicom scikit-learn tqdm matplotlib pillow \
         pytest pytest-benchmark
 # test-only: a second, independent reader of the CT geometry (tests/test_second_reader.py);

@@ -4,7 +4,7 @@
 # (24 normal training slices, small faint test lesions), SEEDS seeds each, trained plain and
 # with `--ema DECAY`; then 3-seed ensembles of the plain runs (`evaluate --ensemble`, seeds
 # i, i+1, i+2 cyclically, one ensemble per seed). Prints, per row, the mean and sample sd over
-# the seeds (or ensembles) of evaluate's image AUROC and pixel AP.
+# the seeds (or ensembles) of evaluate's image AUROC, pixel AP and pixel AUROC (benchmarks/spread_table.py).
 #
 #   benchmarks/seed_spread.sh [OUT]   (default seed-spread-runs; SEEDS="0 1 2 3 4", EMA=0.99,
 #                                      METHODS="frequency_aware ae", DATA=a phantom folder to use instead)
@@ -55,23 +55,16 @@ for method in $METHODS; do
     evaluate "$RUNS/$method-ensemble3-s${seeds[$i]}" --ensemble "${members[@]}"
   done
 done
-$PY - "$RUNS" "$SEEDS" "$METHODS" <<'EOF'
-import json, statistics, sys
-from pathlib import Path
-runs, seeds, methods = Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3].split()
-print("| method | training | n | image AUROC (mean ± sd) | pixel AP (mean ± sd) | pixel AUROC (mean) |")
-print("|---|---|---|---|---|---|")
-for method in methods:
-    for variant, where in (("plain", "{}/eval-test"), ("ema", "{}/eval-test"), ("3-seed ensemble", "{}")):
-        tag = {"3-seed ensemble": "ensemble3"}.get(variant, variant)
-        found = [json.loads(p.read_text()) for s in seeds
-                 if (p := runs / where.format(f"{method}-{tag}-s{s}") / "metrics.json").is_file()]
-        if not found:
-            continue
-        def cell(key):
-            values = [m[key] for m in found]
-            spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-            return f"{statistics.mean(values):.3f}{spread}"
-        print(f"| {method} | {variant} | {len(found)} | {cell('image_auroc')} | {cell('pixel_ap')} | "
-              f"{statistics.mean(m['pixel_auroc'] for m in found):.3f} |")
-EOF
+rows=()
+for method in $METHODS; do
+  for variant in plain ema ensemble3; do
+    rows+=(--row "$method $variant")
+    for seed in $SEEDS; do
+      case $variant in
+        ensemble3) rows+=("$RUNS/$method-ensemble3-s$seed/metrics.json");;
+        *) rows+=("$RUNS/$method-$variant-s$seed/eval-test/metrics.json");;
+      esac
+    done
+  done
+done
+$PY "$(dirname "$0")/spread_table.py" "${rows[@]}"

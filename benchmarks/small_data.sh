@@ -40,28 +40,17 @@ for seed in $SEEDS; do
       base18) flags="--crop none --max-train-images 18";;
     esac
     run="$RUNS/$cfg-s$seed"
-    [ -f "$run/eval-test/metrics.json" ] && continue
+    [ -f "$run-eval-test/metrics.json" ] && continue
     # shellcheck disable=SC2086
     $PY -m medad_fast.cli train --data "$DATA" --preset small --seed "$seed" --out "$run" --no-progress \
       --device cpu $flags > "$run.train.log" 2>&1
-    $PY -m medad_fast.cli evaluate "$run" --data "$DATA" --no-progress --cases 0 --device cpu > "$run.eval.log" 2>&1
+    $PY -m medad_fast.cli evaluate "$run" --data "$DATA" --out "$run-eval-test" --no-progress --cases 0 --device cpu \
+      > "$run.eval.log" 2>&1
   done
 done
-$PY - "$RUNS" "$SEEDS" "$CONFIGS" <<'EOF'
-import json, statistics, sys
-from pathlib import Path
-runs, seeds, configs = Path(sys.argv[1]), sys.argv[2].split(), sys.argv[3].split()
-print("| run | seeds | image AUROC (mean ± sd) | pixel AP (mean ± sd) | pixel AUROC | epochs scored |")
-print("|---|---|---|---|---|---|")
-for cfg in configs:
-    found = [json.loads(p.read_text()) for s in seeds
-             if (p := runs / f"{cfg}-s{s}" / "eval-test" / "metrics.json").is_file()]
-    if not found:
-        continue
-    def cell(key):
-        values = [m[key] for m in found]
-        spread = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-        return f"{statistics.mean(values):.3f}{spread}"
-    print(f"| {cfg} | {len(found)} | {cell('image_auroc')} | {cell('pixel_ap')} | {cell('pixel_auroc')} | "
-          f"{', '.join(str(m['epoch']) for m in found)} |")
-EOF
+rows=()
+for cfg in $CONFIGS; do
+  rows+=(--row "$cfg")
+  for seed in $SEEDS; do rows+=("$RUNS/$cfg-s$seed-eval-test/metrics.json"); done
+done
+$PY "$(dirname "$0")/spread_table.py" "${rows[@]}"

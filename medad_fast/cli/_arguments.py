@@ -23,6 +23,14 @@ def int_at_least(minimum: int):
     return parse
 
 
+def add_ensemble_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--ensemble RUN...``: a seed ensemble (:mod:`medad_fast.ensemble`) instead of one
+    model; ``what``: what the verb does with it (the end of the help)."""
+    parser.add_argument("--ensemble", nargs="+", metavar="RUN", default=None,
+                        help="instead of one model, the seed ensemble of these runs (run directories or checkpoints "
+                             f"of one method and preprocessing): the mean of their maps; {what}")
+
+
 def add_display_arguments(group) -> None:
     """``--window LO HI`` and ``--hist-eq``: how CT slices are turned into the model's input
     (``evaluate`` and ``predict`` on volumes)."""

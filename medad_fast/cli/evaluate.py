@@ -13,7 +13,7 @@ from ..operating_point import check_calibration_split
 from ..volume_evaluate import (DEFAULT_LESION_THRESHOLDS, cases_from_arguments, cases_from_manifest,
                                evaluate_volumes)
 from ..volume_inference import DEFAULT_TOP_K
-from ._arguments import add_display_arguments, add_value_check_arguments, int_at_least
+from ._arguments import add_display_arguments, add_ensemble_argument, add_value_check_arguments, int_at_least
 
 #: printed for the pixel metrics of an image-level split
 _NO_MASKS = "n/a (no masks)"
@@ -23,10 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_or_checkpoint", metavar="RUN_OR_CKPT", nargs="?",
                         help="run directory, checkpoint file or a file of `medad-fast export` (.pt2, .onnx); "
                              "or none, with --ensemble")
-    parser.add_argument("--ensemble", nargs="+", metavar="RUN", default=None,
-                        help="evaluate the seed ensemble of these runs (run directories or checkpoints of one method "
-                             "and preprocessing): the mean of their maps (no --calibrate); default --out "
-                             "<first run>-ensemble<N>-eval-<split>")
+    add_ensemble_argument(parser, "no --calibrate; default --out <first run>-ensemble<N>-eval-<split>")
     parser.add_argument("--data", metavar="DIR", help="BMAD-layout folder or MedIAnomaly dataset (its data.json "
                                                       "folder) (or --scans / --manifest for CT volumes)")
     parser.add_argument("--split", default=None, choices=("test", "valid", "train"),

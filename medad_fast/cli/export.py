@@ -8,14 +8,13 @@ import sys
 
 from ..export import export_checkpoint
 from ..exported import EXPORT_FORMATS
+from ._arguments import add_ensemble_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="CKPT", nargs="?", default=None,
                         help="checkpoint file or run directory (or --ensemble)")
-    parser.add_argument("--ensemble", nargs="+", metavar="RUN", default=None,
-                        help="instead of CKPT: the seed ensemble of these runs (one method and preprocessing), as "
-                             "one graph that averages their maps")
+    add_ensemble_argument(parser, "written as one graph")
     parser.add_argument("--format", required=True, choices=list(EXPORT_FORMATS),
                         help="pt2: torch.export (with the fused ops); onnx: standard ops, for ONNX Runtime")
     parser.add_argument("--out", required=True, metavar="FILE", help="the file to write (.pt2 or .onnx)")

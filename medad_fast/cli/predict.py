@@ -11,7 +11,7 @@ from .. import distributed
 from ..operating_point import CALIBRATE_HINT
 from ..predict import is_volume_input, predict, predict_volumes
 from ..volume_inference import DEFAULT_TOP_K
-from ._arguments import add_display_arguments, add_value_check_arguments, int_at_least
+from ._arguments import add_display_arguments, add_ensemble_argument, add_value_check_arguments, int_at_least
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,10 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="image files or folders of images; or CT scans: NIfTI files (.nii, .nii.gz) or DICOM "
                              "series folders (then --liver-mask is required)")
-    parser.add_argument("--ensemble", nargs="+", metavar="RUN", default=None,
-                        help="score with the seed ensemble of these runs (run directories or checkpoints of one method "
-                             "and preprocessing): the mean of their maps; e.g. predict IMAGES... --ensemble RUN1 RUN2 "
-                             "RUN3 --out DIR")
+    add_ensemble_argument(parser, "e.g. predict IMAGES... --ensemble RUN1 RUN2 RUN3 --out DIR")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     volumes = parser.add_argument_group("CT volumes")
     volumes.add_argument("--liver-mask", nargs="+", metavar="MASK", default=None,

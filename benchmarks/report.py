@@ -169,9 +169,8 @@ def cpu_targets() -> list[Target]:
         def ema_cost(results: Results, method: str = method) -> float | None:
             group = next((g for g in results.groups if g.startswith(f"train step --ema {method} ")
                           and g.endswith(" cpu")), None)
-            ratio = None if group is None else _ratio(group, "extension, --ema 0.999", "extension")(results)
-            return None if ratio is None else ratio - 1.0
-        targets.append(Target(f"train step {method} (small): cost of --ema", "(step with --ema) / step - 1",
+            return None if group is None else _ratio(group, "ema update", "extension")(results)
+        targets.append(Target(f"train step {method} (small): cost of --ema", "ema update / step",
                               ema_cost, False, 0.03, percent=True))
     # DDAD's 2K autoencoders in grouped-convolution passes vs one at a time (small preset)
     targets.append(Target("ddad autoencoder step (small): batched vs sequential", "sequential / batched",
@@ -409,12 +408,14 @@ def render(runs: list[Run], facts: dict, command: str) -> str:
                 "(same groups on the device, synchronised timing, cupy's FFT as an extra high-pass peer",
                 "when cupy imports, GB/s against the device's copy bandwidth) were skipped.", ""]
     # the sections of this folder's benchmarks that run on their own, from their saved JSON
+    from averaging_cost import saved_section as averaging_section
     from inference_throughput import saved_section as inference_section
     from reproducible_cost import saved_section as reproducible_section
     from roofline import saved_section as roofline_section
     from volume_throughput import saved_section as volume_section
 
-    for section in (volume_section(), roofline_section(), inference_section(), reproducible_section()):
+    for section in (volume_section(), roofline_section(), inference_section(), reproducible_section(),
+                    averaging_section()):
         if section:
             out += [section]
     return "\n".join(out)

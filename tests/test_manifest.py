@@ -119,7 +119,7 @@ def test_one_case_source_per_kind_says_the_label_codes(tmp_path):
     lits = CASE_SOURCES["lits"].case("lits-3", "/d/volume-3.nii", "/d/segmentation-3.nii")
     label = Path("/d/segmentation-3.nii")
     assert lits == VolumeCase("lits-3", Path("/d/volume-3.nii"), (LabelSource(label, (1.0, 2.0)),),
-                              (LabelSource(label, (2.0,)),))
+                              (LabelSource(label, (2.0,)),), "lits", "/d/volume-3.nii", "/d/segmentation-3.nii")
     btcv = CASE_SOURCES["btcv"].case("btcv-1", "/b/img0001.nii.gz", "/b/label0001.nii.gz")
     assert btcv.liver == (LabelSource(Path("/b/label0001.nii.gz"), (6.0,)),) and btcv.tumour == ()
 
@@ -131,6 +131,7 @@ def test_one_case_source_per_kind_says_the_label_codes(tmp_path):
     assert case.scan == patient / "patient_dicom"  # folder names match in any case
     assert case.liver == (LabelSource(patient / "MASKS_DICOM/Liver"),)
     assert [s.path.name for s in case.tumour] == ["livertumor01", "livertumor02"]
+    assert (case.kind, case.image, case.label, case.problem) == ("dicom", str(patient), None, None)
     (patient / "MASKS_DICOM/Liver").rmdir()
     with pytest.raises(VolumeError, match=r"3Dircadb1.1: no MASKS_DICOM/liver folder"):
         CASE_SOURCES["dicom"].case("dicom-3Dircadb1.1", patient, None)

@@ -432,6 +432,29 @@ def test_patient_level_split_and_manifest(tmp_path):
     assert counts["slices"] == len(manifest["slices"])
 
 
+def test_prepare_finds_the_cases_volume_evaluation_reads_back(tmp_path):
+    """One patient type for both: discovery makes each patient with its case source, and the
+    manifest's patients read back (volume evaluation) are those same cases."""
+    from medad_fast.data.cases import CASE_SOURCES, VolumeCase
+    from medad_fast.volume_evaluate import cases_from_manifest
+
+    src, out = tmp_path / "lits", tmp_path / "out"
+    write_lits(src, [0, 1])
+    (src / "volume-2.nii.gz").write_bytes((src / "volume-0.nii.gz").read_bytes())  # an image without its label
+    found = volumes.discover_cases("lits", src.resolve())
+    assert all(isinstance(case, VolumeCase) for case in found)
+    good, broken = found[:2], found[2]
+    assert good == [CASE_SOURCES["lits"].case(c.name, c.image, c.label) for c in good]
+    assert [(c.name, c.kind, c.problem) for c in good] == [("lits-0", "lits", None), ("lits-1", "lits", None)]
+    assert good[0].scan == src.resolve() / "volume-0.nii.gz" and good[0].liver[0].path == Path(good[0].label)
+    assert (broken.name, broken.liver, broken.label) == ("lits-2", (), None)
+    assert "no label file segmentation-2" in broken.problem
+    report = prepare_dataset("lits", src, out, val_fraction=0, test_fraction=1, progress=False, log=lambda m: None)
+    assert report.failed == {"lits-2": broken.problem}
+    read_back, skipped = cases_from_manifest(out / "manifest.json", "test")
+    assert read_back == good and [s["patient"] for s in skipped] == ["lits-2"]
+
+
 def test_second_source_merges_into_same_out(tmp_path):
     btcv, lits, out = tmp_path / "btcv", tmp_path / "lits", tmp_path / "out"
     hu, label, affine = nifti_arrays(LITS_LIKE)

@@ -1,9 +1,11 @@
 """One case source per dataset kind: the file names and label codes of LiTS, BTCV and 3D-IRCADb.
 
-``medad-fast prepare`` (:mod:`medad_fast.data.volumes`) finds and reads patients through these
-sources, and volume evaluation (:func:`medad_fast.volume_evaluate.cases_from_manifest`) turns the
-patients a prepare manifest lists back into :class:`VolumeCase` s through the same ones, so
-which label is liver and which is tumour, and what the folders are called, is said once:
+A patient is a :class:`VolumeCase`, made by its source's ``case(patient, image, label)`` from
+the files that name it: ``medad-fast prepare`` (:func:`medad_fast.data.volumes.discover_cases`)
+makes one for each patient it finds and converts those, and volume evaluation
+(:func:`medad_fast.volume_evaluate.cases_from_manifest`) makes the same ones back from the
+patients a prepare manifest lists (it records ``image`` and ``label``), so which label is liver
+and which is tumour, and what the folders are called, is said once:
 
 - ``lits``: ``volume-N.nii[.gz]`` + ``segmentation-N.nii[.gz]``; label 1 = liver, 2 = tumour
   (tumour counts as liver); labels run 0..2 (a larger one means another dataset).
@@ -21,7 +23,7 @@ from pathlib import Path
 from medad_fast.data.scan import VolumeError
 
 __all__ = ["LabelSource", "VolumeCase", "NiftiCaseSource", "DicomCaseSource", "CASE_SOURCES", "KINDS",
-           "find_child"]
+           "find_child", "unreadable_case"]
 
 
 @dataclass(frozen=True)
@@ -34,13 +36,26 @@ class LabelSource:
 
 @dataclass(frozen=True)
 class VolumeCase:
-    """One patient's scan and labels: ``liver`` sources united are its liver, ``tumour`` sources
-    united its tumour (none: a scan without tumour)."""
+    """One patient: ``name`` (its id), ``scan`` (the CT: a NIfTI file or a DICOM series
+    folder), its ``liver`` sources (united: its liver) and ``tumour`` sources (united: its
+    tumour; none: a scan without tumour).
+
+    A case made by a case source (:data:`CASE_SOURCES`) also says how it was found, as a
+    prepare manifest records it (:class:`medad_fast.data.manifest.PatientRecord`): ``kind``
+    (the source's key), ``image`` (the NIfTI image file, or the DICOM patient folder) and
+    ``label`` (the NIfTI label file; None for DICOM, whose masks are inside the folder);
+    ``problem`` is set when the case was found but cannot be read (:func:`unreadable_case`:
+    no label sources then). A case given by hand (``evaluate --volume``) has none of these.
+    """
 
     name: str
     scan: Path
     liver: tuple[LabelSource, ...]
     tumour: tuple[LabelSource, ...] = ()
+    kind: str | None = None
+    image: str | None = None
+    label: str | None = None
+    problem: str | None = None
 
 
 def find_child(folder: Path | None, name: str) -> Path | None:
@@ -67,10 +82,11 @@ class NiftiCaseSource:
 
     def case(self, patient: str, image: str | Path, label: str | Path | None) -> VolumeCase:
         """The patient whose image and label files prepare found (its manifest lists them)."""
-        label = Path(label)
+        label_path = Path(label)
         return VolumeCase(patient, Path(image),
-                          (LabelSource(label, tuple(map(float, self.liver_values + self.tumour_values))),),
-                          (LabelSource(label, tuple(map(float, self.tumour_values))),) if self.tumour_values else ())
+                          (LabelSource(label_path, tuple(map(float, self.liver_values + self.tumour_values))),),
+                          (LabelSource(label_path, tuple(map(float, self.tumour_values))),) if self.tumour_values else (),
+                          self.kind, str(image), str(label))
 
 
 @dataclass(frozen=True)
@@ -99,9 +115,11 @@ class DicomCaseSource:
         return ct_dir, liver_dir, tumours
 
     def case(self, patient: str, image: str | Path, label: str | Path | None = None) -> VolumeCase:
-        """The patient folder prepare found (``label`` unused: the masks are inside it)."""
+        """The patient folder prepare found (``label`` unused: the masks are inside it);
+        ``VolumeError`` naming the folder when its CT or liver series is missing."""
         ct_dir, liver_dir, tumours = self.folders(image)
-        return VolumeCase(patient, ct_dir, (LabelSource(liver_dir),), tuple(LabelSource(d) for d in tumours))
+        return VolumeCase(patient, ct_dir, (LabelSource(liver_dir),), tuple(LabelSource(d) for d in tumours),
+                          self.kind, str(image), None if label is None else str(label))
 
 
 CASE_SOURCES: dict[str, NiftiCaseSource | DicomCaseSource] = {
@@ -110,3 +128,10 @@ CASE_SOURCES: dict[str, NiftiCaseSource | DicomCaseSource] = {
     "dicom": DicomCaseSource(),
 }
 KINDS = tuple(CASE_SOURCES)
+
+
+def unreadable_case(kind: str, patient: str, image: str | Path, label: str | Path | None, problem: str) -> VolumeCase:
+    """A patient found but known not to be readable (``problem``, naming the file: an image
+    without its label, a zipped DICOM series, a missing mask series): no label sources;
+    reading it raises ``VolumeError(problem)``."""
+    return VolumeCase(patient, Path(image), (), (), kind, str(image), None if label is None else str(label), problem)

@@ -10,7 +10,9 @@ Sources (``KIND``):
   and ``MASKS_DICOM/liver/`` plus optional ``MASKS_DICOM/livertumor*/`` (mask series, nonzero
   stored value = inside). SRC is one patient folder or a folder containing them.
 
-Reading (NIfTI headers and voxels, DICOM series, orientation, the HU window) is
+Each patient found is a :class:`medad_fast.data.cases.VolumeCase`, made by its kind's case
+source (:data:`medad_fast.data.cases.CASE_SOURCES`), the one volume evaluation makes back from
+the manifest. Reading (NIfTI headers and voxels, DICOM series, orientation, the HU window) is
 :mod:`medad_fast.data.scan`'s, shared with ``medad-fast predict`` on volumes; this module adds
 the datasets' label conventions, the liver slab, the split and the BMAD writing.
 
@@ -73,7 +75,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from medad_fast.data.cases import CASE_SOURCES, KINDS
+from medad_fast.data.cases import CASE_SOURCES, KINDS, VolumeCase, unreadable_case
 from medad_fast.data.layout import MANIFEST_NAME, WRITTEN_SUFFIX, parse_slice_stem, slice_folders, slice_relpaths, slice_stem
 from medad_fast.data.manifest import (FORMAT_VERSION, PatientRecord, PrepareManifest, PrepareSettings,
                                       SliceRecord, SourceRecord)
@@ -87,7 +89,7 @@ __all__ = [
     "KINDS",
     "DEFAULT_WINDOW",
     "VolumeError",
-    "CaseTask",
+    "VolumeCase",
     "LiverSlab",
     "RenderedSlices",
     "PrepareReport",
@@ -109,22 +111,6 @@ DEFAULT_TEST_FRACTION = 0.2
 
 
 # --------------------------------------------------------------------------- data classes
-
-
-@dataclass(frozen=True)
-class CaseTask:
-    """One patient to convert.
-
-    ``image``: NIfTI file, or the patient folder for DICOM. ``label``: NIfTI label file, None
-    for DICOM (the masks live inside the patient folder). ``problem``: set when discovery
-    already knows the case cannot be converted (e.g. an image without its label).
-    """
-
-    patient: str
-    kind: str
-    image: str
-    label: str | None
-    problem: str | None = None
 
 
 @dataclass
@@ -191,8 +177,9 @@ def _walk_files(root: Path, prune: Iterable[str] = ()) -> list[Path]:
     return found
 
 
-def _discover_nifti(kind: str, src: Path) -> list[CaseTask]:
-    image_prefix, label_prefix = CASE_SOURCES[kind].image_prefix, CASE_SOURCES[kind].label_prefix
+def _discover_nifti(kind: str, src: Path) -> list[VolumeCase]:
+    source = CASE_SOURCES[kind]
+    image_prefix, label_prefix = source.image_prefix, source.label_prefix
     image_re, label_re = (re.compile(re.escape(prefix) + r"(\d+)\.nii(\.gz)?") for prefix in (image_prefix, label_prefix))
     images: dict[str, list[Path]] = {}
     labels: dict[str, list[Path]] = {}
@@ -201,7 +188,7 @@ def _discover_nifti(kind: str, src: Path) -> list[CaseTask]:
             match = pattern.fullmatch(path.name)
             if match:
                 table.setdefault(match.group(1), []).append(path)
-    tasks = []
+    cases = []
     for number in sorted(set(images) | set(labels), key=lambda n: (int(n), n)):
         patient = f"{kind}-{number}"
         image_files, label_files = images.get(number, []), labels.get(number, [])
@@ -212,32 +199,39 @@ def _discover_nifti(kind: str, src: Path) -> list[CaseTask]:
             problem = f"{image_files[0]}: no label file {label_prefix}{number}.nii[.gz] found under {src}"
         elif not image_files:
             problem = f"{label_files[0]}: no image file {image_prefix}{number}.nii[.gz] found under {src}"
-        tasks.append(CaseTask(patient, kind, str((image_files or label_files)[0]),
-                              str(label_files[0]) if label_files else None, problem))
-    return tasks
+        image, label = str((image_files or label_files)[0]), str(label_files[0]) if label_files else None
+        cases.append(unreadable_case(kind, patient, image, label, problem) if problem
+                     else source.case(patient, image, label))
+    return cases
 
 
-def _discover_dicom(src: Path) -> list[CaseTask]:
+def _discover_dicom(src: Path) -> list[VolumeCase]:
     dicom = CASE_SOURCES["dicom"]
-    tasks = []
+    cases = []
     for dirpath, dirnames, filenames in os.walk(src):
         here = Path(dirpath)
         names = {d.lower() for d in dirnames}
+        patient = f"dicom-{_safe_id(here.name)}"
         if dicom.ct_folder.lower() in names:
-            tasks.append(CaseTask(f"dicom-{_safe_id(here.name)}", "dicom", str(here), None))
+            try:
+                cases.append(dicom.case(patient, str(here), None))
+            except VolumeError as e:  # no liver mask series: reported when the patient is converted
+                cases.append(unreadable_case("dicom", patient, str(here), None, str(e)))
             dirnames[:] = []  # a patient folder holds no further patients
             continue
         zipped = {f.lower() for f in filenames}
         if f"{dicom.ct_folder.lower()}.zip" in zipped:
-            tasks.append(CaseTask(f"dicom-{_safe_id(here.name)}", "dicom", str(here), None,
-                                  problem=f"{here / (dicom.ct_folder + '.zip')}: unzip {dicom.ct_folder}.zip and "
-                                          f"{dicom.masks_folder}.zip first (prepare reads DICOM folders)"))
+            cases.append(unreadable_case("dicom", patient, str(here), None,
+                                         f"{here / (dicom.ct_folder + '.zip')}: unzip {dicom.ct_folder}.zip and "
+                                         f"{dicom.masks_folder}.zip first (prepare reads DICOM folders)"))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-    return sorted(tasks, key=lambda t: t.patient)
+    return sorted(cases, key=lambda case: case.name)
 
 
-def discover_cases(kind: str, src: str | Path) -> list[CaseTask]:
-    """Find the patients of ``kind`` under ``src`` (sorted by patient id).
+def discover_cases(kind: str, src: str | Path) -> list[VolumeCase]:
+    """Find the patients of ``kind`` under ``src`` (sorted by patient id), each a
+    :class:`medad_fast.data.cases.VolumeCase` made by its case source (``kind``, ``image``,
+    ``label`` as the manifest records them; ``problem`` when it cannot be converted).
 
     Raises ``FileNotFoundError`` naming ``src`` when there is nothing of that kind, and
     ``ValueError`` when two cases map to the same patient id.
@@ -247,21 +241,21 @@ def discover_cases(kind: str, src: str | Path) -> list[CaseTask]:
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"SRC folder not found: {src}")
-    tasks = _discover_dicom(src) if kind == "dicom" else _discover_nifti(kind, src)
-    if not tasks:
+    cases = _discover_dicom(src) if kind == "dicom" else _discover_nifti(kind, src)
+    if not cases:
         expected = {
             "lits": "volume-N.nii[.gz] + segmentation-N.nii[.gz]",
             "btcv": "img/imgXXXX.nii.gz + label/labelXXXX.nii.gz",
             "dicom": "patient folders with PATIENT_DICOM/ and MASKS_DICOM/liver/",
         }[kind]
         raise FileNotFoundError(f"no {kind} data found under {src} (expected {expected})")
-    seen: dict[str, CaseTask] = {}
-    for task in tasks:
-        if task.patient in seen:
-            raise ValueError(f"two cases map to the same patient id {task.patient!r}: "
-                             f"{seen[task.patient].image} and {task.image}; rename one of them")
-        seen[task.patient] = task
-    return tasks
+    seen: dict[str, VolumeCase] = {}
+    for case in cases:
+        if case.name in seen:
+            raise ValueError(f"two cases map to the same patient id {case.name!r}: "
+                             f"{seen[case.name].image} and {case.image}; rename one of them")
+        seen[case.name] = case
+    return cases
 
 
 # --------------------------------------------------------------------------- orientation
@@ -489,42 +483,42 @@ def _remove_patient_files(out: Path, patient: str) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _read_case(task: CaseTask) -> LiverSlab:
-    if task.problem:
-        raise VolumeError(task.problem)
-    if task.kind == "dicom":
-        return read_dicom_case(task.image)
-    return read_nifti_case(task.image, task.label, task.kind)
+def _read_case(case: VolumeCase) -> LiverSlab:
+    if case.problem:
+        raise VolumeError(case.problem)
+    if case.kind == "dicom":
+        return read_dicom_case(case.image)
+    return read_nifti_case(case.image, case.label, case.kind)
 
 
-def process_case(task: CaseTask, split: str, settings: PrepareSettings, out: str) -> dict[str, Any]:
+def process_case(case: VolumeCase, split: str, settings: PrepareSettings, out: str) -> dict[str, Any]:
     """Convert one patient and write its slices under ``out``; never raises for bad data.
 
     Returns ``{"patient", "slices": [SliceRecord], "dropped_abnormal": n, "error": str|None}``.
     """
-    result: dict[str, Any] = {"patient": task.patient, "slices": [], "dropped_abnormal": 0, "error": None}
+    result: dict[str, Any] = {"patient": case.name, "slices": [], "dropped_abnormal": 0, "error": None}
     try:
-        volume = _read_case(task)
+        volume = _read_case(case)
         rendered = render_slices(volume, settings.window, settings.hist_eq, settings.size)
         out_dir = Path(out)
-        _remove_patient_files(out_dir, task.patient)
+        _remove_patient_files(out_dir, case.name)
         for image, mask, abnormal, index in zip(rendered.images, rendered.masks, rendered.abnormal,
                                                 rendered.slice_indices):
             if split == "train" and abnormal:  # train holds normal slices only
                 result["dropped_abnormal"] += 1
                 continue
-            image_rel, mask_rel = slice_relpaths(split, bool(abnormal), slice_stem(task.patient, int(index)))
+            image_rel, mask_rel = slice_relpaths(split, bool(abnormal), slice_stem(case.name, int(index)))
             save_png(out_dir / image_rel, image)
             if mask_rel:
                 save_png(out_dir / mask_rel, mask)
             result["slices"].append(SliceRecord(image=image_rel, mask=mask_rel, split=split, label=int(abnormal),
-                                                patient=task.patient, slice_index=int(index), source=volume.source))
+                                                patient=case.name, slice_index=int(index), source=volume.source))
     except VolumeError as e:
         result["error"] = str(e)
     except MemoryError:
-        result["error"] = f"{task.image}: out of memory while converting (try fewer --workers)"
+        result["error"] = f"{case.image}: out of memory while converting (try fewer --workers)"
     except Exception as e:  # a bug or an unforeseen file problem: report it, keep going
-        result["error"] = f"{task.image}: unexpected {type(e).__name__}: {e}"
+        result["error"] = f"{case.image}: unexpected {type(e).__name__}: {e}"
     return result
 
 
@@ -557,9 +551,9 @@ def _read_own_manifest(out: Path) -> PrepareManifest | None:
 
 
 def _source_entry(manifest: PrepareManifest, kind: str, src: Path, settings: PrepareSettings,
-                  tasks: list[CaseTask]) -> SourceRecord:
+                  cases: list[VolumeCase]) -> SourceRecord:
     """Find (resume) or create the manifest entry of this source, checking consistency."""
-    patients_now = {t.patient for t in tasks}
+    patients_now = {case.name for case in cases}
     for entry in manifest.sources:
         if entry.kind == kind and entry.src == str(src):
             if entry.settings != settings:
@@ -580,7 +574,7 @@ def _source_entry(manifest: PrepareManifest, kind: str, src: Path, settings: Pre
         raise ValueError(f"patient id {clash[0]!r} of {src} is already in OUT (from {others[clash[0]]}); "
                          "choose a new OUT")
     split = split_patients(sorted(patients_now), settings.val_fraction, settings.test_fraction, settings.seed)
-    by_patient = {t.patient: t for t in tasks}
+    by_patient = {case.name: case for case in cases}
     entry = SourceRecord(kind=kind, src=str(src), settings=settings,
                          patients={p: PatientRecord(split=split[p], image=by_patient[p].image, label=by_patient[p].label)
                                    for p in sorted(patients_now)})
@@ -645,18 +639,18 @@ def prepare_dataset(kind: str, src: str | Path, out: str | Path, *, window: tupl
         raise ValueError(f"OUT {out_path} must not be inside SRC {src_path} (the source is never modified)")
     if out_path in src_path.parents:
         raise ValueError(f"SRC {src_path} must not be inside OUT {out_path}")
-    tasks = discover_cases(kind, src_path)
+    cases = discover_cases(kind, src_path)
     previous = _read_own_manifest(out_path)
     check_writable_folder(out_path, "OUT")  # before any work
     manifest = previous or PrepareManifest()
-    entry = _source_entry(manifest, kind, src_path, settings, tasks)
+    entry = _source_entry(manifest, kind, src_path, settings, cases)
     manifest.counts = prepare_manifest.count(manifest)
     out_path.mkdir(parents=True, exist_ok=True)
     prepare_manifest.write(out_path, manifest)  # OUT is recognisably ours from now on
 
-    report = PrepareReport(out=out_path, n_cases=len(tasks))
-    pending = [t for t in tasks if entry.patients[t.patient].status != "done"]
-    report.skipped = [t.patient for t in tasks if entry.patients[t.patient].status == "done"]
+    report = PrepareReport(out=out_path, n_cases=len(cases))
+    pending = [case for case in cases if entry.patients[case.name].status != "done"]
+    report.skipped = [case.name for case in cases if entry.patients[case.name].status == "done"]
     say = log or (lambda message: tqdm.write(message, file=sys.stderr))
     if report.skipped:
         say(f"prepare {kind}: {len(report.skipped)} volume(s) already done in {out_path}, resuming")
@@ -672,9 +666,9 @@ def prepare_dataset(kind: str, src: str | Path, out: str | Path, *, window: tupl
 
     with tqdm(total=len(pending), desc=f"prepare {kind}", unit="volume", disable=not progress) as bar:
         if workers == 1 or len(pending) <= 1:
-            for task in pending:
-                bar.set_postfix_str(task.patient)
-                handle(process_case(task, entry.patients[task.patient].split, settings, str(out_path)))
+            for case in pending:
+                bar.set_postfix_str(case.name)
+                handle(process_case(case, entry.patients[case.name].split, settings, str(out_path)))
                 bar.update(1)
         else:
             # forkserver: workers start from a clean process (no inherited threads/locks from
@@ -683,17 +677,17 @@ def prepare_dataset(kind: str, src: str | Path, out: str | Path, *, window: tupl
             context.set_forkserver_preload([__name__])
             with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context,
                                      initializer=_worker_init) as pool:
-                futures = {pool.submit(process_case, task, entry.patients[task.patient].split, settings,
-                                       str(out_path)): task for task in pending}
+                futures = {pool.submit(process_case, case, entry.patients[case.name].split, settings,
+                                       str(out_path)): case for case in pending}
                 for future in as_completed(futures):
-                    task = futures[future]
+                    case = futures[future]
                     try:
                         result = future.result()
                     except Exception as e:  # a worker died (e.g. killed for memory)
-                        result = {"patient": task.patient, "slices": [], "dropped_abnormal": 0,
-                                  "error": f"{task.image}: worker process failed ({type(e).__name__}: {e})"}
+                        result = {"patient": case.name, "slices": [], "dropped_abnormal": 0,
+                                  "error": f"{case.image}: worker process failed ({type(e).__name__}: {e})"}
                     handle(result)
-                    bar.set_postfix_str(task.patient)
+                    bar.set_postfix_str(case.name)
                     bar.update(1)
     report.counts = manifest.counts
     return report

@@ -103,8 +103,8 @@ class RunConfig:
     augment_strength: float = 1.0  # in [0, 1]: scales every augmentation range (0: the identity)
     val_fraction: float = 0.0  # normal slices held back for a synthetic validation set (not trained on)
     patience: int | None = None  # stop after this many epochs without a better validation score
-    # liver-box cropping (medad_fast.data.crop): "liver", "none", or "auto" (crop the data of
-    # `medad-fast prepare`, not other BMAD folders); training saves the resolved value
+    # liver-box cropping (medad_fast.data.crop): "liver", "none", or "auto" (crop liver-masked
+    # data: prepare's, or 0 outside one connected foreground); training saves the resolved value
     crop: str = "auto"
     # exponential moving average of the weights, its decay in (0, 1) (medad_fast.weight_averaging);
     # None: off. With it, validation and everything that scores a checkpoint use the average

@@ -103,7 +103,7 @@ from .augment import NormalSliceAugmentation
 from .checkpoint import (BEST_NAME, DEFAULT_KEEP, LATEST_NAME, global_rng_states, latest_valid_checkpoint,
                          list_checkpoints, point_best_checkpoint, restore_global_rng_states, save_checkpoint)
 from .config import Config, RunConfig
-from .data.crop import crops_liver, resolve_crop
+from .data.crop import CropChoice, choose_crop, crops_liver
 from .data.training_slices import TrainingSlices
 from .data.unlabeled import load_unlabeled_pool
 from .preprocessing import decide_preprocessing
@@ -727,13 +727,15 @@ def train(config: Config, out: str | Path, *, resume: bool = False, device: str 
     check_writable_folder(out)  # before any work
     # "auto" cropping is decided once, here, from the data; config.json and the checkpoints
     # keep the decision, which evaluate and predict follow
-    config = config.replace(crop=resolve_crop(config.run.crop, config.run.data))
+    crop = choose_crop(config.run.crop, config.run.data)
+    auto_crop = crop if config.run.crop == "auto" else None  # said in the log: what the data looked like
+    config = config.replace(crop=crop.crop)
     # so is the preprocessing record (window, hist-eq, crop, side): scoring takes it from the
     # run, never from the data again
     config = config.with_preprocessing(decide_preprocessing(config.run))
     context = distributed.init_distributed(resolve_device(device))  # a no-op without torchrun
     with deterministic_mode(deterministic, context.device):
-        return _train(config, Path(out), resume, context, progress, log, keep_checkpoints)
+        return _train(config, Path(out), resume, context, progress, log, keep_checkpoints, auto_crop)
 
 
 def _restore_best_link(run: RunDirectory, trainer: Trainer, found: Any) -> None:
@@ -750,7 +752,9 @@ def _restore_best_link(run: RunDirectory, trainer: Trainer, found: Any) -> None:
 
 
 def _train(config: Config, out: Path, resume: bool, context: DistributedContext, progress: bool, log: Any,
-           keep_checkpoints: int) -> dict[str, Any]:
+           keep_checkpoints: int, auto_crop: CropChoice | None = None) -> dict[str, Any]:
+    """The training of :func:`train` (its arguments); ``auto_crop``: what ``--crop auto``
+    resolved to and why, said in the log (None: the crop was given)."""
     device, run_config = context.device, config.run
     run = RunDirectory(out, writer=context.is_main, keep_checkpoints=keep_checkpoints)
     emit = log or (lambda message: print(message, file=sys.stderr))
@@ -815,6 +819,8 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
         extras = f", augmented (strength {run_config.augment_strength:g})" if run_config.augment else ""
         if crops_liver(run_config):
             extras += ", cropped to the liver box"
+        if auto_crop is not None:
+            say(f"--crop auto -> {auto_crop.crop}: {auto_crop.reason}")
         say(f"training {config.variant}, {run_config.preset} preset, on {trainer.n_images} images{held} of "
             f"{run_config.image_size}x{run_config.image_size}{extras}, {run_config.epochs} epochs x "
             f"{trainer.steps_per_epoch} steps, device {device}{world}, "

@@ -8,7 +8,8 @@
 #
 # Everything goes to demo_out/ (DEMO_OUT overrides); a re-run starts a fresh training run.
 # Extra arguments are passed to `medad-fast train` after DEMO_TRAIN_ARGS (e.g. --device cuda,
-# --epochs 5); DEMO_TRAIN_ARGS="" trains the plain small preset.
+# --epochs 5); DEMO_TRAIN_ARGS="--crop none" trains the plain small preset on whole slices
+# (DEMO_TRAIN_ARGS="": the small preset with --crop auto, which crops the phantom's liver-masked slices).
 #
 # The demo runs with the CPU kernels pinned to AVX2 (`--reproducible`: medad_fast/cpu_isa.py),
 # so it prints the same figures on AVX2 and AVX-512 machines; MEDAD_FAST_REPRODUCIBLE=0 runs

@@ -17,8 +17,9 @@ import torch
 from medad_fast import train as train_module
 from medad_fast.config import Config
 from medad_fast.data.bmad import load_split
-from medad_fast.data.crop import (Box, EmptyLiverWarning, crop_to_box, group_boxes, liver_box, liver_extent,
-                                  paste_back, resolve_crop, square_box)
+from medad_fast.data.crop import (MIN_BOX_FRACTION, Box, EmptyLiverWarning, MaskCheck, check_liver_masked,
+                                  choose_crop, crop_to_box, group_boxes, is_liver_masked, liver_box, liver_extent,
+                                  paste_back, resolve_crop, slice_is_liver_masked, square_box)
 from medad_fast.data.dataset import BmadSliceDataset, ImageFileDataset
 from medad_fast.data.phantom import write_phantom_dataset
 from medad_fast.io import save_png
@@ -53,14 +54,33 @@ def test_the_box_is_square_holds_the_liver_with_a_margin_and_stays_inside():
     assert box.left <= extent.left - 26 and box.right >= extent.right + 26  # the margin on the long side
     assert 0 <= box.top and box.bottom <= 512 and 0 <= box.left and box.right <= 512
     # at the image's edge the box is shifted inside, not cut
-    corner = liver_box(liver_slice(centre=(60, 450), radii=(50, 55), lesion=(60, 450)) > 0)
-    assert corner.right == 512 and corner.top == 0 and corner.height == corner.width == math.ceil(1.2 * 111)
+    corner_liver = liver_slice(centre=(120, 400), radii=(110, 130), lesion=(120, 400)) > 0
+    corner, corner_extent = liver_box(corner_liver), liver_extent(corner_liver)
+    assert corner_extent.right == 512 and corner_extent.width == 242
+    assert corner.right == 512 and corner.top == 0 and corner.height == corner.width == math.ceil(1.2 * 242)
     # a liver filling the image: the box is the whole image, never larger
     assert square_box(Box(0, 0, 64, 64), (64, 64)) == Box(0, 0, 64, 64)
     # [N, H, W]: one box for the union of the slices
     two = np.zeros((2, 50, 50), bool)
     two[0, 10:20, 10:20] = two[1, 30:40, 30:40] = True
     assert liver_extent(two) == Box(10, 10, 30, 30)
+
+
+def test_a_sliver_of_liver_gets_the_smallest_box_centred_and_clipped(tmp_path):
+    assert MIN_BOX_FRACTION == 0.5
+    sliver = Box(250, 250, 4, 10)  # the liver's tip, a few pixels
+    assert square_box(sliver, (512, 512), min_fraction=0.0).height == 12  # unbounded: 12 px magnified to the input
+    assert square_box(sliver, (512, 512)) == Box(250 + (4 - 256) // 2, 250 + (10 - 256) // 2, 256, 256)  # centred
+    assert square_box(Box(2, 500, 4, 10), (512, 512)) == Box(0, 256, 256, 256)  # clipped into the slice
+    assert square_box(sliver, (512, 300)).height == 256  # the slice's longer side
+    large = Box(190, 70, 221, 261)  # a mid-liver slice: its own box, unchanged
+    assert square_box(large, (512, 512)) == square_box(large, (512, 512), min_fraction=0.0)
+    # one function for training and scoring: a dataset's box of a sliver slice is the bound's
+    image = np.zeros((64, 64), np.float32)
+    image[30:32, 40:45] = 0.5
+    assert liver_box(image > 0) == Box(30 + (2 - 32) // 2, 40 + (5 - 32) // 2, 32, 32)
+    box = ImageFileDataset([save_png(tmp_path / "sliver.png", image)], size=32, crop=True)[0].box
+    assert box == liver_box(image > 0).rescaled((64, 64), (32, 32)) and box.height == 16
 
 
 @pytest.mark.parametrize("lesion, centre, radii", [
@@ -118,7 +138,7 @@ def test_an_empty_liver_keeps_the_whole_slice_with_a_message_naming_it():
     with pytest.warns(EmptyLiverWarning, match=r"slice-7\.png: no liver pixel \(nothing > 0\) to crop to; "
                                                r"using the whole slice"):
         boxes = group_boxes([None, Box(5, 5, 10, 10)], [(40, 30), (40, 40)], ["a", "b"], ["slice-7.png", "x"])
-    assert boxes[0] == Box(0, 0, 40, 30) and boxes[1].height == 12
+    assert boxes[0] == Box(0, 0, 40, 30) and boxes[1].height == 20  # 12 px raised to the smallest box
     # a slice without liver in a volume that has some takes the volume's box, silently
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -159,14 +179,72 @@ def test_slices_of_one_volume_share_a_box_and_load_split_matches_the_dataset(tmp
 
 # ----------------------------------------------------------------------------- the setting
 
-def test_auto_crops_prepared_ct_only_and_old_runs_read_as_whole_slices(tmp_path, data):
-    assert resolve_crop("auto", data) == "none"  # the phantom: already model-sized
+def masked_slices(count: int, shape=(64, 64)) -> list[np.ndarray]:
+    """``count`` liver-masked slices (elliptical livers at varied places, 0 outside)."""
+    return [liver_slice(shape, (20 + 3 * i, 24 + 2 * i), (10 + i % 4, 14), (20 + 3 * i, 24 + 2 * i))
+            for i in range(count)]
+
+
+def natural_slices(count: int, shape=(64, 64)) -> list[np.ndarray]:
+    """``count`` natural-background images: a bright disc on a dark, noisy background where
+    most (70 %) but not all of the background pixels are exactly 0, as an 8-bit MRI export."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    out = []
+    for i in range(count):
+        disc = (yy - 30 - i) ** 2 + (xx - 32) ** 2 <= 14 ** 2
+        noise = np.where(rng.random(shape) < 0.7, 0, rng.integers(1, 4, shape)) / 255.0
+        out.append(np.where(disc, 0.6, noise).astype(np.float32))
+    return out
+
+
+def write_train_folder(root: Path, slices: list[np.ndarray]) -> Path:
+    for i, image in enumerate(slices):
+        save_png(root / "train" / "good" / f"s{i:03d}.png", image)
+    return root
+
+
+def test_a_slice_is_liver_masked_when_0_surrounds_one_foreground():
+    assert slice_is_liver_masked(liver_slice())  # one liver, 0 around it
+    assert not slice_is_liver_masked(np.zeros((64, 64)))  # nothing > 0
+    assert not slice_is_liver_masked(np.full((64, 64), 0.5))  # a foreground filling the slice
+    assert not slice_is_liver_masked(natural_slices(1)[0])  # exact zeros scattered through noise
+    two = np.zeros((64, 64))
+    two[5:20, 5:20] = two[40:55, 40:55] = 0.5
+    assert not slice_is_liver_masked(two)  # two pieces of equal size are not one foreground
+    two[40:55, 40:55] = 0.0
+    two[40:42, 40:42] = 0.5
+    assert slice_is_liver_masked(two)  # a speck beside the liver (a cut-off lobe) is allowed
+
+
+def test_auto_crops_liver_masked_and_prepared_data_and_not_natural_images(tmp_path, data):
+    choice = choose_crop("auto", data)  # the phantom: 0 outside its liver
+    assert choice.crop == "liver" and choice.reason.startswith("16 of 16 sampled training slices of ")
+    assert choice.reason.endswith(": liver-masked") and is_liver_masked(data)
+    natural = write_train_folder(tmp_path / "natural", natural_slices(8))
+    choice = choose_crop("auto", natural)
+    assert choice.crop == "none" and "0 of 8 sampled" in choice.reason and "not liver-masked" in choice.reason
+    # a few natural images among liver-masked ones: still liver-masked at 90 %, not below it
+    mixed = write_train_folder(tmp_path / "mixed", masked_slices(18) + natural_slices(2))
+    assert check_liver_masked(mixed) == MaskCheck(str(mixed), 20, 18) and resolve_crop("auto", mixed) == "liver"
+    mixed3 = write_train_folder(tmp_path / "mixed3", masked_slices(17) + natural_slices(3))
+    assert resolve_crop("auto", mixed3) == "none"
+    # a larger folder: a seeded sample of MASK_CHECK_SAMPLE slices, the same each time
+    many = write_train_folder(tmp_path / "many", masked_slices(70))
+    assert check_liver_masked(many).sampled == 64 == check_liver_masked(many, seed=0).sampled
+    # no data, no training split: nothing to crop to
     assert resolve_crop("auto", None) == "none"
+    assert choose_crop("auto", tmp_path / "missing").reason.startswith("no training slices to look at (")
+    # prepare's folders crop from their manifest alone
     prepared = tmp_path / "prepared"
     prepared.mkdir()
     (prepared / "manifest.json").write_text(json.dumps({"generator": "medad_fast.prepare"}))
-    assert resolve_crop("auto", prepared) == "liver" and resolve_crop("none", prepared) == "none"
-    assert resolve_crop("liver", data) == "liver"
+    choice = choose_crop("auto", prepared)
+    assert choice.crop == "liver" and "written by medad-fast prepare" in choice.reason
+    assert resolve_crop("none", prepared) == "none" and resolve_crop("liver", natural) == "liver"
+
+
+def test_old_runs_read_as_whole_slices():
     with pytest.raises(ValueError, match="crop"):
         resolve_config("ae", "tiny", crop="box")
     saved = resolve_config("ae", "tiny").to_dict()
@@ -205,6 +283,27 @@ def test_cropping_shows_the_model_the_lesions_at_a_larger_scale(small_liver):
 
 def crop_config(data: Path, method: str = "frequency_aware", **settings) -> Config:
     return resolve_config(method, "tiny", data=str(data), seed=2, crop="liver", **settings)
+
+
+def test_train_with_crop_auto_says_what_it_chose_and_records_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDAD_FAST_CACHE", str(tmp_path / "cache"))
+    for name, slices, chosen in (("masked", masked_slices(6), "liver"), ("natural", natural_slices(6), "none")):
+        folder = write_train_folder(tmp_path / name, slices)
+        said = []
+        config = resolve_config("ae", "tiny", data=str(folder), epochs=1, seed=2)
+        assert config.run.crop == "auto"
+        train(config, tmp_path / f"run-{name}", progress=False, log=said.append)
+        expected = f"--crop auto -> {chosen}: {check_liver_masked(folder).describe()}"
+        assert expected in said, said
+        saved = json.loads((tmp_path / f"run-{name}" / "config.json").read_text())
+        assert saved["run"]["crop"] == saved["preprocessing"]["crop"] == chosen
+        started, = [line for line in said if line.startswith("training ")]
+        assert ("cropped to the liver box" in started) == (chosen == "liver")
+    # a crop given on the command line is not looked into, nor said
+    said = []
+    train(resolve_config("ae", "tiny", data=str(tmp_path / "masked"), epochs=1, seed=2, crop="none"),
+          tmp_path / "run-none", progress=False, log=said.append)
+    assert not any(line.startswith("--crop auto") for line in said)
 
 
 def test_a_cropped_run_evaluates_and_predicts_on_whole_slices(small_liver, tmp_path, monkeypatch):

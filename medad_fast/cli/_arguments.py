@@ -72,7 +72,9 @@ def add_small_data_arguments(parser: argparse.ArgumentParser) -> argparse._Argum
     g.add_argument("--crop", choices=CROP_MODES,
                    help="liver: cut every slice to its (volume's) liver box plus a margin before resizing it to "
                         "the model's side, and paste the maps back into the whole slice; none: resize the whole "
-                        "slice; auto (default): liver for data written by `medad-fast prepare`, else none")
+                        "slice; auto (default): liver when the training slices are liver-masked (written by "
+                        "`medad-fast prepare`, or 0 outside one connected foreground), else none; the log says "
+                        "which and why")
     g.add_argument("--skip-empty-slices", action="store_true", default=None,
                    help="leave out training slices without liver (all black), with one warning saying how many "
                         "(default: refuse them)")

@@ -28,7 +28,7 @@ from typing import Iterable
 
 import torch
 
-from medad_fast.data.crop import CROP_MARGIN
+from medad_fast.data.crop import CROP_MARGIN, MIN_BOX_FRACTION
 from medad_fast.data.dataset import BmadSliceDataset, check_size, read_slice
 from medad_fast.data.layout import MANIFEST_NAME, SPLITS, SliceFile, list_split
 from medad_fast.io import atomic_write_bytes
@@ -79,7 +79,8 @@ def clear_memory_cache() -> None:
 
 def _cache_key(entries: list[SliceFile], size: int, crop: bool = False, manifest: Path | None = None) -> str:
     # the crop's part only when cropping: the keys of the uncropped sets stay what they were
-    cropped = f"|crop-margin={CROP_MARGIN}" if crop else ""
+    # (and the box rule's settings: a changed rule makes other crops)
+    cropped = f"|crop-margin={CROP_MARGIN}|crop-min-box={MIN_BOX_FRACTION}" if crop else ""
     digest = hashlib.sha256(f"bmad-v{CACHE_FORMAT}|size={size}{cropped}".encode())
     if crop and manifest is not None and manifest.is_file():  # it tells the volumes, which share a box
         stat = manifest.stat()

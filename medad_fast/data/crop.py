@@ -16,20 +16,32 @@ volume paths (:func:`medad_fast.volume_inference.score_volume`) all go through i
 - One box per VOLUME when the slices' volume is known (the ``prepare`` manifest, a
   ``<volume>_<index>`` file name, a CT scan): the union of its slices' liver extents, so every
   slice of a patient is seen at the same scale; else one box per slice.
-- The box is square, ``(1 + 2 * CROP_MARGIN)`` times the extent's longer side (capped at the
-  image's longer side), centred on the extent and shifted to stay inside the image when it
-  fits; where it does not, it reaches past the border and the crop is padded with 0
-  (background).
+- The box is square, ``(1 + 2 * CROP_MARGIN)`` times the extent's longer side, but at least
+  ``MIN_BOX_FRACTION`` (0.5) of the image's longer side and at most all of it; centred on the
+  extent and shifted to stay inside the image when it fits; where it does not, it reaches past
+  the border and the crop is padded with 0 (background). The lower bound keeps a slice near
+  the liver's top or bottom, a sliver of liver, from being magnified to the whole input
+  (where such normal slices would score high); training and every scoring path use the same
+  :func:`square_box`, so a model is scored with the boxes it was trained with.
 - A slice (or a whole volume) without any liver pixel keeps the whole slice as its box,
   with an :class:`EmptyLiverWarning` naming the file: nothing to crop to, but nothing to
   crash on either.
 
 ``crop`` modes: ``"liver"`` crops, ``"none"`` resizes the whole slice (the behaviour before
 cropping existed, and what runs trained before it are read as), ``"auto"`` (the default)
-crops the data written by ``medad-fast prepare`` (CT slices at their scanner resolution) and
-not other BMAD folders (BMAD's own 256 x 256 slices, the phantom: already model-sized, so
-the published and the demo's figures stay as they were). Training resolves ``"auto"`` once
-and saves the result in the run's config, which evaluate and predict follow.
+crops liver-masked data and nothing else (:func:`choose_crop`): the folders written by
+``medad-fast prepare`` (its manifest says so), and any other folder whose training slices
+look liver-masked (:func:`check_liver_masked`: BMAD's liver slices, the phantom). The rule,
+decided from the images: of up to ``MASK_CHECK_SAMPLE`` (64) training slices (a seeded
+sample), at least ``MIN_MASKED_SHARE`` (90 %) have some pixels > 0, at most
+``MAX_FOREGROUND_FRACTION`` (60 %) of the slice, with the largest 8-connected piece of them
+holding ``MIN_CONNECTED_SHARE`` (90 %) of them, and exactly 0 everywhere else
+(:func:`slice_is_liver_masked`): a zero background around one foreground. A natural image
+(a foreground filling most of the slice, or exact zeros scattered through background noise,
+as in an 8-bit MRI export) fails it; so would any other organ masked to a zero background
+(a skull-stripped brain), which is then cropped to the organ's box too. Training resolves
+``"auto"`` once, says in its log which it chose and why (:class:`CropChoice`), and saves the
+result in the run's config and preprocessing record, which evaluate and predict follow.
 """
 
 from __future__ import annotations
@@ -43,16 +55,28 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from medad_fast.data.layout import list_split
 from medad_fast.data.manifest import written_by_prepare
-from medad_fast.io import resize_images
+from medad_fast.io import read_png_gray, resize_images
 
-__all__ = ["Box", "EmptyLiverWarning", "CROP_MODES", "CROP_MARGIN", "liver_extent", "square_box", "liver_box",
-           "group_boxes", "box_window", "crop_to_box", "paste_back", "resolve_crop", "crops_liver"]
+__all__ = ["Box", "EmptyLiverWarning", "CROP_MODES", "CROP_MARGIN", "MIN_BOX_FRACTION", "liver_extent", "square_box",
+           "liver_box", "group_boxes", "box_window", "crop_to_box", "paste_back", "slice_is_liver_masked",
+           "MaskCheck", "check_liver_masked", "is_liver_masked", "CropChoice", "choose_crop", "resolve_crop",
+           "crops_liver"]
 
 CROP_MODES = ("auto", "liver", "none")
 #: room around the liver on each side, as a fraction of the liver extent's longer side
 #: (lesions on the liver's edge and the synthesis' border effects stay inside the crop)
 CROP_MARGIN = 0.1
+#: the smallest crop box, as a fraction of the slice's longer side. A slice near the top or
+#: bottom of the liver holds a sliver of it; its own box would magnify those few pixels to the
+#: whole input, and such normal slices then score as anomalous (on liver-masked BMAD CT the
+#: per-slice box raised pixel AP 0.09 -> 0.77 but dropped the slice-level image AUROC
+#: 0.91 -> 0.66). A mid-liver box on a 512 x 512 CT slice is 0.54-0.66 of the side (an extent
+#: of 230-280 px plus the margins), so a floor of 0.5 leaves those boxes alone and shows a
+#: sliver at most 2x larger than the whole slice does, about the scale of a mid-liver slice. The
+#: phantom's boxes (the demo's data) are 174-256 of 256 px: none is changed.
+MIN_BOX_FRACTION = 0.5
 
 
 class EmptyLiverWarning(UserWarning):
@@ -105,13 +129,17 @@ def liver_extent(liver: np.ndarray | torch.Tensor) -> Box | None:
     return Box(int(rows[0]), int(cols[0]), int(rows[-1]) - int(rows[0]) + 1, int(cols[-1]) - int(cols[0]) + 1)
 
 
-def square_box(extent: Box, shape: tuple[int, int], margin: float = CROP_MARGIN) -> Box:
+def square_box(extent: Box, shape: tuple[int, int], margin: float = CROP_MARGIN,
+               min_fraction: float = MIN_BOX_FRACTION) -> Box:
     """The square crop of an image of ``shape`` (H, W) around ``extent`` (see the module
-    docstring): side ``ceil((1 + 2 margin) * longer side)``, at most ``max(H, W)``; centred on
-    the extent, then shifted inside the image along each axis where the side fits."""
+    docstring): side ``ceil((1 + 2 margin) * longer side)``, at least
+    ``ceil(min_fraction * max(H, W))`` (:data:`MIN_BOX_FRACTION`: a sliver of liver is not
+    magnified to the whole input) and at most ``max(H, W)``; centred on the extent, then
+    shifted inside the image along each axis where the side fits."""
     height, width = int(shape[0]), int(shape[1])
-    side = min(math.ceil((1.0 + 2.0 * margin) * max(extent.height, extent.width)), max(height, width))
-    side = max(side, 1)
+    longest = max(height, width)
+    side = math.ceil((1.0 + 2.0 * margin) * max(extent.height, extent.width))
+    side = max(min(max(side, math.ceil(min_fraction * longest)), longest), 1)
 
     def start(low: int, length: int, size: int) -> int:
         first = low + (length - side) // 2  # centred (rounded towards low)
@@ -196,15 +224,109 @@ def paste_back(maps: torch.Tensor, box: Box, full_shape: tuple[int, int], fill: 
     return out
 
 
-def resolve_crop(mode: str, data: str | os.PathLike | None) -> str:
-    """``"liver"`` or ``"none"``: what ``mode`` (one of :data:`CROP_MODES`) means for the data
-    folder ``data``. ``"auto"`` crops exactly the folders written by ``medad-fast prepare``
-    (its manifest), whose slices are CT at scanner resolution with 0 outside the liver."""
+# --------------------------------------------------------------------------- "auto": is the data liver-masked?
+
+#: training slices that :func:`check_liver_masked` looks at (a seeded sample when there are more)
+MASK_CHECK_SAMPLE = 64
+#: a liver-masked slice's foreground (> 0) covers at most this fraction of it (the phantom's
+#: liver: 25-50 %; a CT liver: well under 40 %); a natural image's foreground is most of it
+MAX_FOREGROUND_FRACTION = 0.6
+#: the share of the foreground its largest connected piece holds, at least (the rest: a
+#: liver lobe cut apart near the liver's top, never scattered noise)
+MIN_CONNECTED_SHARE = 0.9
+#: the share of the sampled slices that must look liver-masked for the data to count as such
+MIN_MASKED_SHARE = 0.9
+
+
+def slice_is_liver_masked(image: np.ndarray) -> bool:
+    """Whether one slice (``[H, W]``, any numeric dtype) looks liver-masked: some pixels are
+    > 0, at most :data:`MAX_FOREGROUND_FRACTION` of them, and the largest 8-connected piece
+    of those holds at least :data:`MIN_CONNECTED_SHARE` of them; every other pixel is
+    exactly 0 (a zero background around one foreground, as BMAD, ``prepare`` and the
+    phantom write). A natural image has a foreground of most of the slice, or exact zeros
+    scattered through noise (many small pieces)."""
+    from scipy import ndimage  # here: only "auto" needs it
+
+    foreground = np.asarray(image) > 0
+    count = int(foreground.sum())
+    if count == 0 or count > MAX_FOREGROUND_FRACTION * foreground.size:
+        return False
+    pieces, n = ndimage.label(foreground, structure=np.ones((3, 3), dtype=bool))
+    largest = int(np.bincount(pieces.ravel())[1:].max()) if n else 0
+    return largest >= MIN_CONNECTED_SHARE * count
+
+
+@dataclass(frozen=True)
+class MaskCheck:
+    """What :func:`check_liver_masked` saw: ``masked`` of ``sampled`` training slices of
+    ``folder`` look liver-masked (:func:`slice_is_liver_masked`)."""
+
+    folder: str
+    sampled: int
+    masked: int
+
+    @property
+    def liver_masked(self) -> bool:
+        """At least :data:`MIN_MASKED_SHARE` of the sampled slices look liver-masked."""
+        return self.sampled > 0 and self.masked >= MIN_MASKED_SHARE * self.sampled
+
+    def describe(self) -> str:
+        """e.g. ``"64 of 64 sampled training slices of DATA are 0 outside one connected
+        foreground covering at most 60% of the slice: liver-masked"``."""
+        verdict = "liver-masked" if self.liver_masked else f"not liver-masked (that needs {MIN_MASKED_SHARE:.0%})"
+        return (f"{self.masked} of {self.sampled} sampled training slices of {self.folder} are 0 outside one "
+                f"connected foreground covering at most {MAX_FOREGROUND_FRACTION:.0%} of the slice: {verdict}")
+
+
+def check_liver_masked(folder: str | os.PathLike, sample: int = MASK_CHECK_SAMPLE, seed: int = 0) -> MaskCheck:
+    """Look at up to ``sample`` training slices of the data folder ``folder`` (any layout
+    :func:`medad_fast.data.layout.list_split` reads; a seeded sample when it has more) at
+    their file's resolution. ``FileNotFoundError`` naming the folder when it has no training
+    split; ``ValueError`` naming an unreadable image."""
+    files = list_split(folder, "train")
+    chosen = (range(len(files)) if len(files) <= sample
+              else sorted(np.random.default_rng(seed).choice(len(files), size=sample, replace=False)))
+    masked = sum(slice_is_liver_masked(read_png_gray(files[i].image)) for i in chosen)
+    return MaskCheck(str(folder), len(chosen), int(masked))
+
+
+def is_liver_masked(folder: str | os.PathLike) -> bool:
+    """Whether the training slices of ``folder`` are liver-masked (:func:`check_liver_masked`)."""
+    return check_liver_masked(folder).liver_masked
+
+
+@dataclass(frozen=True)
+class CropChoice:
+    """What a crop mode means for a data folder: ``crop`` (``"liver"`` or ``"none"``) and
+    ``reason``, one sentence for the training log."""
+
+    crop: str
+    reason: str
+
+
+def choose_crop(mode: str, data: str | os.PathLike | None) -> CropChoice:
+    """What ``mode`` (one of :data:`CROP_MODES`) means for the data folder ``data``, and why.
+    ``"auto"`` crops the folders written by ``medad-fast prepare`` (its manifest) and any
+    folder whose training slices are liver-masked (:func:`check_liver_masked`); a folder
+    without a training split (or no folder) is not cropped."""
     if mode not in CROP_MODES:
         raise ValueError(f"crop must be one of {list(CROP_MODES)}, got {mode!r}")
     if mode != "auto":
-        return mode
-    return "liver" if written_by_prepare(data) else "none"
+        return CropChoice(mode, f"--crop {mode} given")
+    if data is None:
+        return CropChoice("none", "no data folder to look at")
+    if written_by_prepare(data):
+        return CropChoice("liver", f"{data} was written by medad-fast prepare (CT slices, 0 outside the liver)")
+    try:
+        check = check_liver_masked(data)
+    except FileNotFoundError as e:
+        return CropChoice("none", f"no training slices to look at ({e})")
+    return CropChoice("liver" if check.liver_masked else "none", check.describe())
+
+
+def resolve_crop(mode: str, data: str | os.PathLike | None) -> str:
+    """``"liver"`` or ``"none"``: what ``mode`` means for ``data`` (:func:`choose_crop`)."""
+    return choose_crop(mode, data).crop
 
 
 def crops_liver(run) -> bool:

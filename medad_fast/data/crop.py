@@ -229,10 +229,12 @@ def paste_back(maps: torch.Tensor, box: Box, full_shape: tuple[int, int], fill: 
 #: training slices that :func:`check_liver_masked` looks at (a seeded sample when there are more)
 MASK_CHECK_SAMPLE = 64
 #: a liver-masked slice's foreground (> 0) covers at most this fraction of it (the phantom's
-#: liver: 25-50 %; a CT liver: well under 40 %); a natural image's foreground is most of it
+#: liver: 25-50 %; a CT liver less, its box being about half the slice); a natural image's
+#: foreground is most of it
 MAX_FOREGROUND_FRACTION = 0.6
-#: the share of the foreground its largest connected piece holds, at least (the rest: a
-#: liver lobe cut apart near the liver's top, never scattered noise)
+#: the share of the foreground its largest connected piece holds, at least (room for a small
+#: piece of liver cut off near the liver's top or bottom; exact zeros scattered through a
+#: natural image's noise leave its foreground in many pieces)
 MIN_CONNECTED_SHARE = 0.9
 #: the share of the sampled slices that must look liver-masked for the data to count as such
 MIN_MASKED_SHARE = 0.9

@@ -7,16 +7,19 @@
 # the seeds (or ensembles) of evaluate's image AUROC, pixel AP and pixel AUROC (benchmarks/spread_table.py).
 #
 #   benchmarks/seed_spread.sh [OUT]   (default seed-spread-runs; SEEDS="0 1 2 3 4", EMA=0.99,
-#                                      METHODS="frequency_aware ae", DATA=a phantom folder to use instead)
+#                                      METHODS="frequency_aware ae", CROP=auto|liver|none,
+#                                      DATA=a phantom folder to use instead)
 #
-# Finished runs and evaluations are reused. One thread per run (OMP_NUM_THREADS=1), default
-# options otherwise (no --crop given: the run's default). The decay 0.99 averages about the
+# Finished runs and evaluations are reused (a run keeps the --crop it was trained with: use
+# another OUT for another CROP). One thread per run (OMP_NUM_THREADS=1), default options
+# otherwise (CROP: --crop, default auto, which crops the phantom's liver-masked slices). The decay 0.99 averages about the
 # last 100 steps: the few-slices runs take 3 steps per epoch (24 slices, batch 8), 210 in all.
 set -euo pipefail
 OUT=${1:-seed-spread-runs}
 SEEDS=${SEEDS:-"0 1 2 3 4"}
 EMA=${EMA:-0.99}
 METHODS=${METHODS:-"frequency_aware ae"}
+CROP=${CROP:-auto}
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=1
 DATA=${DATA:-"$OUT/few"}
@@ -33,7 +36,7 @@ for method in $METHODS; do
   for seed in $SEEDS; do
     for variant in plain ema; do
       run="$RUNS/$method-$variant-s$seed"
-      flags=""
+      flags="--crop $CROP"
       [ "$variant" = ema ] && flags="--ema $EMA"
       if [ ! -f "$run/checkpoint.pt" ]; then
         # shellcheck disable=SC2086

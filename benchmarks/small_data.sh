@@ -12,7 +12,9 @@
 # resize), aug (--augment), val (--val-fraction 0.25: 18 trained on, the best epoch by the
 # synthetic validation score), augval (both), cropaug, cropval (crop with one of the two),
 # all (crop + aug + val), base18
-# (--max-train-images 18: what the held-back slices cost without any selection). Finished runs
+# (--max-train-images 18: what the held-back slices cost without any selection), cropema
+# (crop + --ema 0.99: the averaged weights, the last epoch) and cropemaval (crop + --ema 0.99 +
+# --val-fraction 0.25: the best epoch by the averaged weights' synthetic validation score). Finished runs
 # are reused. One thread per run (OMP_NUM_THREADS=1); about a minute per run on an idle
 # 2-core machine. (Before --liver-scale the data was `--few-slices` alone, whose liver fills
 # most of the slice; its runs were in $OUT/runs, these are in $OUT/runs-liver.)
@@ -38,6 +40,8 @@ for seed in $SEEDS; do
       cropval) flags="--crop liver --val-fraction 0.25";;
       all) flags="--crop liver --augment --val-fraction 0.25";;
       base18) flags="--crop none --max-train-images 18";;
+      cropema) flags="--crop liver --ema 0.99";;
+      cropemaval) flags="--crop liver --ema 0.99 --val-fraction 0.25";;
     esac
     run="$RUNS/$cfg-s$seed"
     [ -f "$run-eval-test/metrics.json" ] && continue

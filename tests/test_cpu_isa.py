@@ -77,7 +77,8 @@ def test_info_reports_the_kernels_in_use_and_the_flag_pins_them():
 # ----------------------------------------------------------------------------- same figures
 
 # The paper's method, tiny preset (32 x 32, its convolutions run in oneDNN), 2 epochs on one
-# thread, seed 0. Recorded with torch 2.13.0+cpu under the pin: the SHA-256 of the trained
+# thread, seed 0, whole slices (`--crop none`: recorded before --crop auto cropped the phantom;
+# the figures check the kernels, not the crop). Recorded with torch 2.13.0+cpu under the pin: the SHA-256 of the trained
 # weights (every parameter and buffer, in state_dict order) and the last epoch's loss.
 # Measured on a 2-core AMD EPYC with AVX-512: the unpinned run ends with other weights
 # (cbc752ed5af590a8..., loss 1.50457445).
@@ -88,7 +89,7 @@ RECORDED_LOSS = "1.50467083"
 
 def short_training(data: Path, out: Path, env: dict[str, str], *flags: str) -> tuple[str, str]:
     run(["train", "--data", str(data), "--preset", "tiny", "--epochs", "2", "--seed", "0", "--out", str(out),
-         "--no-progress", *flags], env)
+         "--crop", "none", "--no-progress", *flags], env)
     from medad_fast.checkpoint import load_checkpoint
 
     state = load_checkpoint(out / "checkpoint.pt", map_location="cpu")["model"]

@@ -96,8 +96,9 @@ def test_the_engine_reads_what_a_method_declares_and_hands_it_over(data, tmp_pat
     folder.mkdir()
     for path in sorted((data / "test").rglob("img/*.png"))[:3]:
         shutil.copy(path, folder / f"{path.parent.parent.name}-{path.name}")
-    # the folder travels in an unrelated setting of the config: the method names it
-    config = resolve_config("ae", "tiny", data=str(data), anomaly_source=str(folder))
+    # the folder travels in an unrelated setting of the config: the method names it (whole
+    # slices: the expected images below are read uncropped)
+    config = resolve_config("ae", "tiny", data=str(data), anomaly_source=str(folder), crop="none")
     slices = select_training_slices(config, training_slices(config))
     trainer = Trainer(PoolHungry(config), slices, CPU)
     received = trainer.method.received
@@ -120,11 +121,17 @@ def test_a_missing_declared_folder_is_an_error_naming_the_setting(data, tmp_path
 
 
 def test_ddad_gets_its_unlabeled_pool_from_the_engine(data):
-    config = resolve_config("ddad", "tiny", data=str(data), unlabeled_split="test")
+    config = resolve_config("ddad", "tiny", data=str(data), unlabeled_split="test", crop="none")
     trainer = Trainer(create_method(config), load_training_images(config), CPU)
     method = trainer.method
     assert torch.equal(method.unlabeled_images, load_split(data, "test", size=32).images)
     assert method.normal_pool is trainer.images and method.union_pool.shape[0] == 16 + 8
+    # --crop auto crops the phantom's liver-masked slices: the unlabeled pool is cut as the
+    # training slices are
+    cropped = resolve_config("ddad", "tiny", data=str(data), unlabeled_split="test")
+    method = Trainer(create_method(cropped), load_training_images(cropped), CPU).method
+    assert torch.equal(method.unlabeled_images, load_split(data, "test", size=32, crop=True).images)
+    assert not torch.equal(method.unlabeled_images, load_split(data, "test", size=32).images)
 
 
 def test_a_method_asking_for_something_unknown_is_refused(data):

@@ -10,7 +10,8 @@
 #                                      METHODS="frequency_aware ae", CROP=auto|liver|none,
 #                                      DATA=a phantom folder to use instead)
 #
-# Finished runs and evaluations are reused (a run keeps the --crop it was trained with: use
+# Finished runs and evaluations are reused, interrupted runs resumed (a run keeps the --crop it
+# was trained with: use
 # another OUT for another CROP). One thread per run (OMP_NUM_THREADS=1), default options
 # otherwise (CROP: --crop, default auto, which crops the phantom's liver-masked slices). The decay 0.99 averages about the
 # last 100 steps: the few-slices runs take 3 steps per epoch (24 slices, batch 8), 210 in all.
@@ -38,10 +39,12 @@ for method in $METHODS; do
       run="$RUNS/$method-$variant-s$seed"
       flags="--crop $CROP"
       [ "$variant" = ema ] && flags="--ema $EMA"
-      if [ ! -f "$run/checkpoint.pt" ]; then
+      if [ ! -f "$run/eval-test/metrics.json" ]; then
+        # an interrupted run (its checkpoints, no evaluation) continues where it stopped
+        [ -f "$run/checkpoint.pt" ] && flags="$flags --resume"
         # shellcheck disable=SC2086
         $PY -m medad_fast.cli train --method "$method" --data "$DATA" --preset small --seed "$seed" --out "$run" \
-          --no-progress --device cpu $flags > "$run.train.log" 2>&1
+          --no-progress --device cpu $flags >> "$run.train.log" 2>&1
       fi
       evaluate "$run/eval-test" "$run"
     done

@@ -11,10 +11,10 @@
 #                                      DATA=a phantom folder to use instead)
 #
 # Finished runs and evaluations are reused, interrupted runs resumed (a run keeps the --crop it
-# was trained with: use
-# another OUT for another CROP). One thread per run (OMP_NUM_THREADS=1), default options
-# otherwise (CROP: --crop, default auto, which crops the phantom's liver-masked slices). The decay 0.99 averages about the
-# last 100 steps: the few-slices runs take 3 steps per epoch (24 slices, batch 8), 210 in all.
+# was trained with: use another OUT for another CROP). One thread per run (OMP_NUM_THREADS=1),
+# default options otherwise (CROP: --crop, default auto, which crops the phantom's liver-masked
+# slices). The decay 0.99 averages about the last 100 steps: the few-slices runs take 3 steps
+# per epoch (24 slices, batch 8), 210 in all.
 set -euo pipefail
 OUT=${1:-seed-spread-runs}
 SEEDS=${SEEDS:-"0 1 2 3 4"}

@@ -21,15 +21,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-sys.path.insert(0, str(REPO))
+import sections  # this folder's RESULTS.md sections and paths
+from sections import BENCH_DIR, REPO, RESULTS_MD
 
-import sections  # noqa: E402  (this folder's RESULTS.md sections)
+sys.path.insert(0, str(REPO))  # medad_fast from this checkout
 from medad_fast import cpu_isa  # noqa: E402
 
 RESULTS_JSON = BENCH_DIR / "averaging_cost.json"
-RESULTS_MD = BENCH_DIR / "RESULTS.md"
 SECTION = "## What weight averaging and seed ensembles cost"
 KEYWORD = "train_step_ema or ensemble"
 COMMAND = "python benchmarks/averaging_cost.py"

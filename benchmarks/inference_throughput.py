@@ -35,11 +35,10 @@ from pathlib import Path
 
 import torch
 
-import sections  # this folder's RESULTS.md sections
+import sections  # this folder's RESULTS.md sections and paths
+from sections import BENCH_DIR, RESULTS_MD
 
-BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_JSON = BENCH_DIR / "inference_throughput.json"
-RESULTS_MD = BENCH_DIR / "RESULTS.md"
 SECTION = "## Inference throughput: eager vs compiled vs exported"
 VARIANTS = ("eager", "compiled", "pt2", "onnx")
 

@@ -45,12 +45,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import sections  # this folder's RESULTS.md sections
+import sections  # this folder's RESULTS.md sections and paths
+from sections import BENCH_DIR, RESULTS_MD
 from sections import merge_section  # noqa: F401 (re-exported for tests/test_roofline.py)
 
-BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_JSON = BENCH_DIR / "roofline.json"
-RESULTS_MD = BENCH_DIR / "RESULTS.md"
 SECTION = "## Roofline: counted work / time vs the matmul rate"
 MATMUL_SIDE = 2048
 BREAKDOWN_METHOD = "frequency_aware"

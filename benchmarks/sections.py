@@ -12,6 +12,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+#: this folder, the checkout above it, and the report the sections go to
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS_MD = BENCH_DIR / "RESULTS.md"
+
 
 def merge_section(results_md: str, section: str) -> str:
     """``results_md`` with the section titled like ``section``'s first line (``## ...``)

@@ -28,11 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-import sections  # this folder's RESULTS.md sections
+import sections  # this folder's RESULTS.md sections and paths
+from sections import BENCH_DIR, RESULTS_MD
 
-BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_JSON = BENCH_DIR / "volume_throughput.json"
-RESULTS_MD = BENCH_DIR / "RESULTS.md"
 SECTION = "## CT volume prediction"
 METHOD = "frequency_aware"
 

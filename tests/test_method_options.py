@@ -160,7 +160,7 @@ def test_compare_passes_each_method_its_own_settings_and_the_anomaly_source(data
     out = tmp_path / "cmp"
     assert cli(["compare", "--data", str(data), "--methods", "frequency_aware,ae", "--preset", "tiny", "--epochs", "1",
                 "--out", str(out), "--device", "cpu", "--no-progress", "--image-score", "mean",
-                "--anomaly-source", str(sources)]) == 0
+                "--anomaly-source", str(sources), "--ema", "0.9"]) == 0
     printed = capsys.readouterr().out
     assert "--image-score goes to ae; ignored by frequency_aware (no such setting)" in printed
     assert "--anomaly-source goes to frequency_aware; ignored by ae" in printed
@@ -169,6 +169,10 @@ def test_compare_passes_each_method_its_own_settings_and_the_anomaly_source(data
     assert paper["run"]["anomaly_source"] == str(sources.resolve()) and "image_score" not in paper["method_config"]
     assert ae["run"]["anomaly_source"] is None and ae["method_config"]["image_score"] == "mean"
     assert "--image-score mean" in (out / "compare.md").read_text()
+    # --ema reaches every method, and each row is scored with the average
+    assert paper["run"]["ema"] == ae["run"]["ema"] == 0.9
+    assert all(json.loads((out / name / "eval" / "metrics.json").read_text())["weights"] == "ema"
+               for name in ("frequency_aware", "ae"))
 
 
 def test_compare_refuses_a_value_a_method_does_not_take(data, tmp_path, capsys):

@@ -55,8 +55,8 @@ def add_value_check_arguments(group) -> None:
 
 
 def add_small_data_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """``--augment/--no-augment``, ``--augment-strength``, ``--val-fraction``, ``--patience``
-    (default None: the preset's, all off), ``--crop`` (default auto) and
+    """``--augment/--no-augment``, ``--augment-strength``, ``--val-fraction``, ``--patience``,
+    ``--ema`` (default None: the preset's, all off), ``--crop`` (default auto) and
     ``--skip-empty-slices``; shared by ``train`` and ``compare``."""
     g = parser.add_argument_group("small training sets and real CT (default: off; --crop auto)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
@@ -67,6 +67,11 @@ def add_small_data_arguments(parser: argparse.ArgumentParser) -> argparse._Argum
     g.add_argument("--val-fraction", type=float, metavar="F",
                    help="hold back this fraction of the normal slices as a synthetic validation set; keep "
                         "the best epoch as checkpoint-best.pt (default 0: off)")
+    g.add_argument("--ema", type=float, metavar="DECAY",
+                   help="keep an exponential moving average of the weights with this decay in (0, 1), e.g. 0.999 "
+                        "(about the last 1/(1-DECAY) steps; BatchNorm statistics averaged too), updated after every "
+                        "step and saved in the checkpoints; validation, evaluate, predict and export then use the "
+                        "average (default: off)")
     g.add_argument("--patience", type=int, metavar="P",
                    help="stop after P epochs without a better validation score (needs --val-fraction)")
     g.add_argument("--crop", choices=CROP_MODES,
@@ -84,7 +89,7 @@ def add_small_data_arguments(parser: argparse.ArgumentParser) -> argparse._Argum
 def small_data_values(args: argparse.Namespace) -> dict[str, Any]:
     """The run settings of :func:`add_small_data_arguments` (None: not given)."""
     return {"augment": args.augment, "augment_strength": args.augment_strength, "val_fraction": args.val_fraction,
-            "patience": args.patience, "crop": args.crop, "skip_empty_slices": args.skip_empty_slices}
+            "patience": args.patience, "ema": args.ema, "crop": args.crop, "skip_empty_slices": args.skip_empty_slices}
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -93,7 +98,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     check_method_options(args)
     overrides = dict(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
-        max_train_images=args.max_train_images, seed=args.seed, ema=args.ema,
+        max_train_images=args.max_train_images, seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes,
         anomaly_source=str(args.anomaly_source) if args.anomaly_source else None, data=str(args.data),

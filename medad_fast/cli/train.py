@@ -45,11 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, help="training side in pixels")
     g.add_argument("--max-train-images", type=int, help="use at most N training slices (seeded subset)")
     g.add_argument("--seed", type=int)
-    g.add_argument("--ema", type=float, metavar="DECAY",
-                   help="keep an exponential moving average of the weights with this decay in (0, 1), e.g. 0.999 "
-                        "(about the last 1/(1-DECAY) steps; BatchNorm statistics averaged too), updated after every "
-                        "step and saved in the checkpoints; validation, evaluate, predict and export then use the "
-                        "average (default: off)")
     g.add_argument("--checkpoint-every", type=int, metavar="E", help="write a checkpoint every E epochs")
     g.add_argument("--checkpoint-minutes", type=float, metavar="M",
                    help="write a checkpoint when M minutes have passed since the last one (default 10)")

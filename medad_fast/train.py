@@ -828,12 +828,14 @@ def _train(config: Config, out: Path, resume: bool, context: DistributedContext,
         if trainer.ema is not None:
             total_steps = run_config.epochs * trainer.steps_per_epoch
             say(f"exponential moving average of the weights, decay {trainer.ema.decay:g} (about the last "
-                f"{trainer.ema.horizon:.0f} steps): validation, evaluate, predict and export use the average")
-            if trainer.ema.horizon > total_steps:
-                say(f"warning: --ema {trainer.ema.decay:g} averages over about {trainer.ema.horizon:.0f} steps but the "
-                    f"run has {total_steps}: at its end the average still holds "
-                    f"{trainer.ema.first_step_share(total_steps):.0%} of the first step's weights; a decay of at most "
-                    f"{max(0.0, 1.0 - 5.0 / total_steps):.3g} averages over the last fifth of the run")
+                f"{trainer.ema.horizon:.0f} steps once warmed up, from step {trainer.ema.warm_after}): validation, "
+                f"evaluate, predict and export use the average")
+            if trainer.ema.warm_after > total_steps:
+                last = trainer.ema.decay_at(total_steps - 1)
+                say(f"warning: --ema {trainer.ema.decay:g} is still warming up when the run ends: its last decay is "
+                    f"{last:.3g}, an average of about the last {1.0 / (1.0 - last):.0f} steps rather than "
+                    f"{trainer.ema.horizon:.0f} (the warm-up ends at step {trainer.ema.warm_after}, the run at "
+                    f"{total_steps})")
         if trainer.stopped_early:
             say(f"{run.path} was stopped early at epoch {trainer.state.epoch} (--patience): nothing to train")
 

@@ -57,17 +57,31 @@ def test_update_by_hand_two_steps_decay_one_half():
     assert ema.weights["linear.weight"].item() == 0.5 and ema.weights["linear.bias"].item() == -0.25
     assert ema.weights["norm.running_mean"].item() == pytest.approx(0.2)
     assert ema.weights["norm.running_var"].item() == pytest.approx(1.1)
-    step()  # weights w 0, b -0.5, mean 0.38, var 1.19; average = (first + second) / 2
+    step()  # weights w 0, b -0.5, mean 0.38, var 1.19; the warm-up's decay min(0.5, 2/11) = 2/11:
+    # average = (2 first + 9 second) / 11
     assert ema.updates == 2
-    assert ema.weights["linear.weight"].item() == 0.25 and ema.weights["linear.bias"].item() == -0.375
-    assert ema.weights["norm.running_mean"].item() == pytest.approx(0.29)
-    assert ema.weights["norm.running_var"].item() == pytest.approx(1.145)
+    assert ema.weights["linear.weight"].item() == pytest.approx(1 / 11)
+    assert ema.weights["linear.bias"].item() == pytest.approx(-5 / 11)
+    assert ema.weights["norm.running_mean"].item() == pytest.approx(3.82 / 11)
+    assert ema.weights["norm.running_var"].item() == pytest.approx(12.91 / 11)
     assert ema.weights["norm.weight"].item() == 1.0 and ema.weights["norm.bias"].item() == 0.0  # never trained
     # applied(): the module holds the average inside, exactly its own weights afterwards
     with ema.applied():
-        assert net.linear.weight.item() == 0.25 and net.norm.running_mean.item() == pytest.approx(0.29)
+        assert net.linear.weight.item() == pytest.approx(1 / 11)
+        assert net.norm.running_mean.item() == pytest.approx(3.82 / 11)
     assert net.linear.weight.item() == 0.0 and net.linear.bias.item() == -0.5
     assert net.norm.running_mean.item() == pytest.approx(0.38) and int(net.norm.num_batches_tracked) == 2
+
+
+def test_the_warm_up_decay_and_the_first_steps_share():
+    """d_t = min(decay, (1 + t) / (10 + t)) (TensorFlow's num_updates warm-up): the decay is
+    reached at t = (10 decay - 1) / (1 - decay); the first step's share is the product."""
+    ema = ExponentialMovingAverage(nn.Linear(1, 1), 0.5)
+    assert [ema.decay_at(t) for t in (1, 2, 7, 8, 100)] == [2 / 11, 3 / 12, 8 / 17, 0.5, 0.5]
+    assert ema.warm_after == 8 and ExponentialMovingAverage(nn.Linear(1, 1), 0.99).warm_after == 890
+    assert ema.first_step_share(1) == 1.0 and ema.first_step_share(3) == pytest.approx(2 / 11 * 3 / 12)
+    # 0.99 over the 210 steps of a few-slices run: without the warm-up 0.99 ** 209 = 12 %
+    assert ExponentialMovingAverage(nn.Linear(1, 1), 0.99).first_step_share(210) == pytest.approx(3.7e-15, rel=1e-2)
 
 
 def test_what_each_method_averages():
@@ -113,7 +127,11 @@ def _train(data: Path, out: Path, name: str = "frequency_aware", epochs: int = 3
 
 
 def test_checkpoint_holds_the_average_updated_after_every_step(data, tmp_path):
-    state = _train(data, tmp_path / "run", ema=0.9)
+    said = []
+    state = _train(data, tmp_path / "run", ema=0.9, log=said.append)
+    # 12 steps end inside the warm-up (0.9 is reached at update 80): the log says so
+    warning = next(line for line in said if line.startswith("warning: --ema 0.9"))
+    assert "last decay is 0.571" in warning and "warm-up ends at step 80, the run at 12" in warning
     ema = state["ema"]
     assert ema["decay"] == 0.9 and ema["updates"] == state["step"] == 12  # 3 epochs x 4 steps
     method = get_method("frequency_aware")(config_from_dict(state["config"]))

@@ -2,13 +2,16 @@
 # How much a trained model depends on its seed, and what steadies it: the paper's method
 # (frequency_aware) and ae at the `small` preset on `medad-fast phantom --few-slices` data
 # (24 normal training slices, small faint test lesions), SEEDS seeds each, trained plain and
-# with `--ema DECAY`; then 3-seed ensembles of the plain runs (`evaluate --ensemble`, seeds
-# i, i+1, i+2 cyclically, one ensemble per seed). Prints, per row, the mean and sample sd over
+# with `--ema DECAY`; then 3-seed ensembles of the plain runs and of the EMA runs
+# (`evaluate --ensemble`, seeds i, i+1, i+2 cyclically, one ensemble per seed). Prints, per row, the mean and sample sd over
 # the seeds (or ensembles) of evaluate's image AUROC, pixel AP and pixel AUROC (benchmarks/spread_table.py).
 #
 #   benchmarks/seed_spread.sh [OUT]   (default seed-spread-runs; SEEDS="0 1 2 3 4", EMA=0.99,
 #                                      METHODS="frequency_aware ae", CROP=auto|liver|none,
-#                                      DATA=a phantom folder to use instead)
+#                                      DATA=a phantom folder to use instead,
+#                                      VARIANTS="plain ema" (one lane of a split run),
+#                                      TRAIN_ARGS=more train options, e.g. the demo's
+#                                      "--image-size 80 --epochs 60")
 #
 # Finished runs and evaluations are reused, interrupted runs resumed (a run keeps the --crop it
 # was trained with: use another OUT for another CROP). One thread per run (OMP_NUM_THREADS=1),
@@ -21,6 +24,8 @@ SEEDS=${SEEDS:-"0 1 2 3 4"}
 EMA=${EMA:-0.99}
 METHODS=${METHODS:-"frequency_aware ae"}
 CROP=${CROP:-auto}
+TRAIN_ARGS=${TRAIN_ARGS:-}
+VARIANTS=${VARIANTS:-"plain ema"}
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=1
 DATA=${DATA:-"$OUT/few"}
@@ -35,10 +40,10 @@ evaluate() {  # evaluate OUT_DIR MODEL...
 }
 for method in $METHODS; do
   for seed in $SEEDS; do
-    for variant in plain ema; do
+    for variant in $VARIANTS; do
       run="$RUNS/$method-$variant-s$seed"
-      flags="--crop $CROP"
-      [ "$variant" = ema ] && flags="--ema $EMA"
+      flags="--crop $CROP $TRAIN_ARGS"
+      [ "$variant" = ema ] && flags="$flags --ema $EMA"
       if [ ! -f "$run/eval-test/metrics.json" ]; then
         # an interrupted run (its checkpoints, no evaluation) continues where it stopped
         [ -f "$run/checkpoint.pt" ] && flags="$flags --resume"
@@ -49,25 +54,27 @@ for method in $METHODS; do
       evaluate "$run/eval-test" "$run"
     done
   done
-  # 3-seed ensembles of the plain runs: seeds i, i+1, i+2 (cyclically)
+  # 3-seed ensembles of the plain and of the EMA runs: seeds i, i+1, i+2 (cyclically)
   set -- $SEEDS
   n=$#
   seeds=("$@")
-  for ((i = 0; i < n; i++)); do
-    members=()
-    for ((j = 0; j < 3 && j < n; j++)); do
-      members+=("$RUNS/$method-plain-s${seeds[$(((i + j) % n))]}")
+  for variant in $VARIANTS; do
+    for ((i = 0; i < n; i++)); do
+      members=()
+      for ((j = 0; j < 3 && j < n; j++)); do
+        members+=("$RUNS/$method-$variant-s${seeds[$(((i + j) % n))]}")
+      done
+      evaluate "$RUNS/$method-$variant-ensemble3-s${seeds[$i]}" --ensemble "${members[@]}"
     done
-    evaluate "$RUNS/$method-ensemble3-s${seeds[$i]}" --ensemble "${members[@]}"
   done
 done
 rows=()
 for method in $METHODS; do
-  for variant in plain ema ensemble3; do
+  for variant in plain ema plain-ensemble3 ema-ensemble3; do
     rows+=(--row "$method $variant")
     for seed in $SEEDS; do
       case $variant in
-        ensemble3) rows+=("$RUNS/$method-ensemble3-s$seed/metrics.json");;
+        *-ensemble3) rows+=("$RUNS/$method-$variant-s$seed/metrics.json");;
         *) rows+=("$RUNS/$method-$variant-s$seed/eval-test/metrics.json");;
       esac
     done

@@ -3,8 +3,9 @@
 # (frequency_aware) and ae at the `small` preset on `medad-fast phantom --few-slices` data
 # (24 normal training slices, small faint test lesions), SEEDS seeds each, trained plain and
 # with `--ema DECAY`; then 3-seed ensembles of the plain runs and of the EMA runs
-# (`evaluate --ensemble`, seeds i, i+1, i+2 cyclically, one ensemble per seed). Prints, per row, the mean and sample sd over
-# the seeds (or ensembles) of evaluate's image AUROC, pixel AP and pixel AUROC (benchmarks/spread_table.py).
+# (`evaluate --ensemble`, seeds i, i+1, i+2 cyclically, one ensemble per seed). Prints, per
+# row, the mean and sample sd over the seeds (or ensembles) of evaluate's image AUROC, pixel AP
+# and pixel AUROC (benchmarks/spread_table.py).
 #
 #   benchmarks/seed_spread.sh [OUT]   (default seed-spread-runs; SEEDS="0 1 2 3 4", EMA=0.99,
 #                                      METHODS="frequency_aware ae", CROP=auto|liver|none,

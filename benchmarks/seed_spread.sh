@@ -3,7 +3,10 @@
 # (frequency_aware) and ae at the `small` preset on `medad-fast phantom --few-slices` data
 # (24 normal training slices, small faint test lesions), SEEDS seeds each, trained plain and
 # with `--ema DECAY`; then 3-seed ensembles of the plain runs and of the EMA runs
-# (`evaluate --ensemble`, seeds i, i+1, i+2 cyclically, one ensemble per seed). Prints, per
+# (`evaluate --ensemble`). ENSEMBLES=cyclic (the default) makes one ensemble per seed, of seeds
+# i, i+1, i+2 cyclically: as many ensembles as seeds, but they share members, which understates
+# their sd; ENSEMBLES=disjoint groups the seeds in threes in order (0-2, 3-5, ...; a short last
+# group is left out), so no two ensembles share a run: use 15 seeds for 5 ensembles. Prints, per
 # row, the mean and sample sd over the seeds (or ensembles) of evaluate's image AUROC, pixel AP
 # and pixel AUROC (benchmarks/spread_table.py).
 #
@@ -11,6 +14,7 @@
 #                                      METHODS="frequency_aware ae", CROP=auto|liver|none,
 #                                      DATA=a phantom folder to use instead,
 #                                      VARIANTS="plain ema" (one lane of a split run),
+#                                      ENSEMBLES=cyclic|disjoint,
 #                                      TRAIN_ARGS=more train options, e.g. the demo's
 #                                      "--image-size 80 --epochs 60")
 #
@@ -27,10 +31,14 @@ METHODS=${METHODS:-"frequency_aware ae"}
 CROP=${CROP:-auto}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 VARIANTS=${VARIANTS:-"plain ema"}
+ENSEMBLES=${ENSEMBLES:-cyclic}
+case $ENSEMBLES in cyclic|disjoint) ;; *) echo "ENSEMBLES must be cyclic or disjoint, not '$ENSEMBLES'" >&2; exit 2;; esac
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=1
 DATA=${DATA:-"$OUT/few"}
 RUNS="$OUT/runs"
+# the ensembles' folder suffix: the cyclic ones keep the name earlier tables were made with
+if [ "$ENSEMBLES" = cyclic ]; then ensemble=ensemble3; else ensemble=disjoint3; fi
 mkdir -p "$RUNS"
 [ -f "$DATA/manifest.json" ] || $PY -m medad_fast.cli phantom "$DATA" --few-slices --no-progress
 evaluate() {  # evaluate OUT_DIR MODEL...
@@ -55,27 +63,29 @@ for method in $METHODS; do
       evaluate "$run/eval-test" "$run"
     done
   done
-  # 3-seed ensembles of the plain and of the EMA runs: seeds i, i+1, i+2 (cyclically)
+  # 3-seed ensembles of the plain and of the EMA runs, named after their first seed:
+  # cyclic: seeds i, i+1, i+2 (mod n); disjoint: seeds 3k, 3k+1, 3k+2
   set -- $SEEDS
   n=$#
   seeds=("$@")
+  if [ "$ENSEMBLES" = cyclic ]; then starts=$(seq 0 $((n - 1))); else starts=$(seq 0 3 $((n - 3))); fi
   for variant in $VARIANTS; do
-    for ((i = 0; i < n; i++)); do
+    for i in $starts; do
       members=()
       for ((j = 0; j < 3 && j < n; j++)); do
         members+=("$RUNS/$method-$variant-s${seeds[$(((i + j) % n))]}")
       done
-      evaluate "$RUNS/$method-$variant-ensemble3-s${seeds[$i]}" --ensemble "${members[@]}"
+      evaluate "$RUNS/$method-$variant-$ensemble-s${seeds[$i]}" --ensemble "${members[@]}"
     done
   done
 done
 rows=()
 for method in $METHODS; do
-  for variant in plain ema plain-ensemble3 ema-ensemble3; do
+  for variant in plain ema "plain-$ensemble" "ema-$ensemble"; do
     rows+=(--row "$method $variant")
     for seed in $SEEDS; do
       case $variant in
-        *-ensemble3) rows+=("$RUNS/$method-$variant-s$seed/metrics.json");;
+        *-"$ensemble") rows+=("$RUNS/$method-$variant-s$seed/metrics.json");;
         *) rows+=("$RUNS/$method-$variant-s$seed/eval-test/metrics.json");;
       esac
     done

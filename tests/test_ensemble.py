@@ -340,6 +340,30 @@ def test_evaluate_ensemble_scores_the_mean_map(runs, data, tmp_path, capsys):
     assert (members[0].parent / f"{members[0].name}-ensemble3-eval-test" / "metrics.json").is_file()
 
 
+def test_ensemble_spread_scores_subsets_as_evaluate_does(runs, data, tmp_path):
+    """benchmarks/ensemble_spread.py's metrics of a pool's subsets are evaluate's, bit for
+    bit: the 3-run ensemble's (``evaluate --ensemble``) and each run's own."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ensemble_spread
+
+    members = runs["frequency_aware"]
+    table = tmp_path / "subsets.json"
+    assert ensemble_spread.main(["--data", str(data), "--sizes", "1,3", "--json", str(table),
+                                 *map(str, members)]) == 0
+    found = json.loads(table.read_text())
+    keys = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "aupro_0.3", "best_dice")
+    for subset, scorer in [(found["3"][0], ["--ensemble", *map(str, members)])] + \
+            [(found["1"][i], [str(run)]) for i, run in enumerate(members)]:
+        out = tmp_path / f"eval-{len(subset['members'])}-{Path(subset['members'][0]).name}"
+        assert cli(["evaluate", *scorer, "--data", str(data), "--out", str(out), "--no-progress", "--device",
+                    "cpu", "--cases", "0"]) == 0
+        evaluated = json.loads((out / "metrics.json").read_text())
+        assert {k: subset[k] for k in keys} == {k: evaluated[k] for k in keys}, subset["members"]
+    with pytest.raises(SystemExit):  # a size larger than the pool
+        ensemble_spread.main(["--data", str(data), "--sizes", "4", *map(str, members)])
+
+
 def test_evaluate_refuses_an_ensemble_with_calibrate_or_a_checkpoint(runs, data, tmp_path, capsys):
     members = [str(p) for p in runs["ae"]]
     assert cli(["evaluate", "--ensemble", *members, "--data", str(data), "--calibrate", "--out",

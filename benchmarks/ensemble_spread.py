@@ -11,10 +11,12 @@ sd of image AUROC, pixel AP and pixel AUROC over the subsets.
 Why subsets of a pool: five 3-seed ensembles that share no member take 15 trainings and still
 give a sd from 5 numbers; cyclic ensembles of 5 runs (seeds i, i+1, i+2) share members and
 understate the spread. The subsets of a pool of n runs share members too, but every one is a
-fair draw of "a k-seed ensemble", so their sd estimates the spread one would see; for a
-metric that were the mean of its members' it would understate it by the finite-pool factor
-``sqrt((n - k) / (n - 1))`` (0.93 for k = 3 of 15), which the last column undoes. Size 1 is
-the single runs (its sd is the sample sd over the pool, as ``spread_table.py`` gives it).
+fair draw of "a k-seed ensemble", so their spread estimates the one to expect; for a metric
+that were the mean of its members' the sd over all k-subsets would understate the sd of
+independent k-seed ensembles by the finite-pool factor ``sqrt((n - k) / n)`` (0.89 for
+k = 3 of 15), so the table's sd is the subsets' (as a population) times ``sqrt(n / (n - k))``
+(for k = 1: the sample sd over the pool, as ``spread_table.py`` gives it). For metrics that
+are not a mean of the members' (AP, AUROC of the mean map) the factor is an approximation.
 
 Subsets: all of them when there are at most ``--max-subsets``, else that many distinct ones
 drawn at random (``--subset-seed``). The maps of all runs are kept in memory
@@ -111,21 +113,24 @@ def subsets(n: int, k: int, max_subsets: int, rng: random.Random) -> list[tuple[
     return sorted(chosen)
 
 
-def spread(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else float("nan")
+def spread(values: list[float], n: int, k: int) -> float:
+    """The sd of the metric of independent k-run ensembles, from ``values`` over k-subsets of
+    a pool of n runs: the subsets' sd (as a population) times the finite-pool factor's
+    inverse ``sqrt(n / (n - k))``; NaN when it cannot be told (k = n, or one value)."""
+    if k >= n or len(values) < 2:
+        return float("nan")
+    return statistics.pstdev(values) * math.sqrt(n / (n - k))
 
 
 def table(rows: dict[int, list[dict]], n: int) -> str:
     lines = ["| members | ensembles | " + " | ".join(f"{name} (mean ± sd)" for name, _ in COLUMNS)
-             + " | pixel AP sd, pool-corrected | pixel AP sd / single runs' |",
-             "|---|---|" + "---|" * len(COLUMNS) + "---|---|"]
-    single = spread([m["pixel_ap"] for m in rows[1]]) if 1 in rows else float("nan")
+             + " | pixel AP sd / single runs' |",
+             "|---|---|" + "---|" * len(COLUMNS) + "---|"]
+    single = spread([m["pixel_ap"] for m in rows[1]], n, 1) if 1 in rows else float("nan")
     for k, found in sorted(rows.items()):
-        cells = [f"{statistics.mean([m[key] for m in found]):.3f} ± {spread([m[key] for m in found]):.3f}"
-                 for _, key in COLUMNS]
-        ap_sd = spread([m["pixel_ap"] for m in found])
-        corrected = ap_sd * math.sqrt((n - 1) / (n - k)) if k < n else float("nan")
-        lines.append(f"| {k} | {len(found)} | " + " | ".join(cells) + f" | {corrected:.3f} | {corrected / single:.2f} |")
+        sds = {key: spread([m[key] for m in found], n, k) for _, key in COLUMNS}
+        cells = [f"{statistics.mean([m[key] for m in found]):.3f} ± {sds[key]:.3f}" for _, key in COLUMNS]
+        lines.append(f"| {k} | {len(found)} | " + " | ".join(cells) + f" | {sds['pixel_ap'] / single:.2f} |")
     return "\n".join(lines)
 
 

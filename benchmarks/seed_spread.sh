@@ -8,7 +8,8 @@
 # their sd; ENSEMBLES=disjoint groups the seeds in threes in order (0-2, 3-5, ...; a short last
 # group is left out), so no two ensembles share a run: use 15 seeds for 5 ensembles. Prints, per
 # row, the mean and sample sd over the seeds (or ensembles) of evaluate's image AUROC, pixel AP
-# and pixel AUROC (benchmarks/spread_table.py).
+# and pixel AUROC (benchmarks/spread_table.py). For the spread of k-seed ensembles drawn from
+# many seeds' runs (every k-subset of a pool), run benchmarks/ensemble_spread.py on OUT/runs.
 #
 #   benchmarks/seed_spread.sh [OUT]   (default seed-spread-runs; SEEDS="0 1 2 3 4", EMA=0.99,
 #                                      METHODS="frequency_aware ae", CROP=auto|liver|none,

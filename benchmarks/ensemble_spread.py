@@ -38,8 +38,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # medad_fast from this checkout
-from medad_fast.data.crop import paste_back  # noqa: E402
+from medad_fast.data.crop import paste_back_each  # noqa: E402
 from medad_fast.data.dataset import BmadSliceDataset, iter_batches  # noqa: E402
+from medad_fast.ensemble import average_outputs  # noqa: E402
 from medad_fast.inference import load_method, score_batch  # noqa: E402
 from medad_fast.metrics import PixelMetricsStream, image_metrics  # noqa: E402
 
@@ -81,22 +82,16 @@ def score_pool(runs: list[Path], data: Path, split: str, batch_size: int = 16) -
 
 def ensemble_metrics(members: tuple[int, ...], pool: dict) -> dict[str, float]:
     """The metrics of the ensemble of the pool's runs ``members`` (indices), computed as
-    :class:`medad_fast.ensemble.SeedEnsemble` and ``evaluate`` compute them: the members'
-    maps summed in order and divided by their count, the image score of that mean map (the
-    mean score when the method's score is not a function of its map; a single run's own
-    score), the mean map pasted back into each slice's box for the pixel metrics."""
-    map_sum = score_sum = None
-    for i in members:
-        map_sum = pool["maps"][i] if map_sum is None else map_sum + pool["maps"][i]
-        score_sum = pool["scores"][i] if score_sum is None else score_sum + pool["scores"][i]
-    count = len(members)
-    mean_maps = map_sum / count
-    image_scores = pool["method"].map_image_scores(mean_maps) if count > 1 else None
-    if image_scores is None:
-        image_scores = score_sum / count
+    :class:`medad_fast.ensemble.SeedEnsemble` and ``evaluate`` compute them
+    (:func:`medad_fast.ensemble.average_outputs`; a single run: its own maps and scores),
+    the mean map pasted back into each slice's box for the pixel metrics."""
+    if len(members) == 1:  # a run alone: its own maps and scores, as evaluate scores it
+        mean_maps, image_scores = pool["maps"][members[0]], pool["scores"][members[0]]
+    else:
+        mean_maps, image_scores = average_outputs(((pool["maps"][i], pool["scores"][i]) for i in members),
+                                                  pool["method"].map_image_scores)
     if pool["boxes"] is not None:
-        mean_maps = torch.cat([paste_back(mean_maps[i:i + 1], box, pool["frame"])
-                               for i, box in enumerate(pool["boxes"])])
+        mean_maps = paste_back_each(mean_maps, pool["boxes"], pool["frame"])
     stream = PixelMetricsStream()
     stream.add(pool["masks"], mean_maps.numpy())
     return image_metrics(pool["labels"], image_scores.float().numpy()) | stream.metrics(stream.counts("AUROC"))

@@ -37,7 +37,7 @@ lesion masks only with ``--threshold``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from torch import nn
 from .methods import Method
 from .preprocessing import preprocessing_of
 
-__all__ = ["SeedEnsemble", "check_distinct", "check_members"]
+__all__ = ["SeedEnsemble", "average_outputs", "check_distinct", "check_members"]
 
 
 #: (field named in a refusal, what of a member it compares)
@@ -120,14 +120,28 @@ class SeedEnsemble(nn.Module):
         """``(maps float32 [B, H, W], scores float32 [B])`` of images ``[B, 1, H, W]`` in
         [0, 1]: the mean of the members' maps, and its image score (the mean of the members'
         scores when the method's score is not a function of its map). The members run one
-        after another; only the running sums are kept."""
-        map_sum = score_sum = None
-        for member in self.members:
-            maps, scores = member.predict(member.to_memory_format(images))
-            # out of place: the sum is also traced by torch.export (export --ensemble)
-            map_sum = maps.float() if map_sum is None else map_sum + maps.float()
-            score_sum = scores.float() if score_sum is None else score_sum + scores.float()
-        count = len(self.members)
-        mean_maps = map_sum / count
-        scores = self.map_image_scores(mean_maps)
-        return mean_maps, (score_sum / count if scores is None else scores.float())
+        after another; only the running sums are kept (:func:`average_outputs`)."""
+        return average_outputs((member.predict(member.to_memory_format(images)) for member in self.members),
+                               self.map_image_scores)
+
+
+def average_outputs(outputs: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    map_image_scores: Callable[[torch.Tensor], torch.Tensor | None]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ensemble of the members' outputs ``(maps [B, H, W], scores [B])``, taken one at a
+    time: ``(mean map float32, map_image_scores(mean map))``, or the mean score where
+    ``map_image_scores`` returns None (a score that is not a function of the map). Sums in
+    the members' order; only the running sums are kept. The one rule of
+    :meth:`SeedEnsemble.predict` and ``benchmarks/ensemble_spread.py``."""
+    map_sum = score_sum = None
+    count = 0
+    for maps, scores in outputs:
+        # out of place: the sum is also traced by torch.export (export --ensemble)
+        map_sum = maps.float() if map_sum is None else map_sum + maps.float()
+        score_sum = scores.float() if score_sum is None else score_sum + scores.float()
+        count += 1
+    if count == 0:
+        raise ValueError("an ensemble needs at least one member")
+    mean_maps = map_sum / count
+    scores = map_image_scores(mean_maps)
+    return mean_maps, (score_sum / count if scores is None else scores.float())

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .checkpoint import BEST_NAME, LATEST_NAME, load_checkpoint
-from .data.crop import paste_back
+from .data.crop import paste_back_each
 from .data.dataset import SliceBatch, iter_batches
 from .ensemble import SeedEnsemble, check_distinct
 from .exported import ExportedModel, is_exported_file
@@ -202,7 +202,7 @@ def score_dataset(method: Scorer, dataset, batch_size: int = 16, start: int = 0,
     (:mod:`medad_fast.data.dataset`), read and scored one batch at a time. ``maps``:
     float32 ``[B, S, S]``, on the whole slices (``batch.images``): with liver-box cropping
     the method scores ``batch.crops`` and each map is pasted back into its box
-    (:func:`medad_fast.data.crop.paste_back`)."""
+    (:func:`medad_fast.data.crop.paste_back_each`)."""
     stop = len(dataset) if stop is None else stop
     batches = iter_batches(dataset, batch_size, start, stop)
     if progress:
@@ -213,7 +213,7 @@ def score_dataset(method: Scorer, dataset, batch_size: int = 16, start: int = 0,
         maps, scores = score_batch(method, batch.model_inputs, device)
         if batch.boxes is not None:
             frame = tuple(batch.images.shape[-2:])
-            maps = torch.cat([paste_back(maps[i:i + 1], box, frame) for i, box in enumerate(batch.boxes)])
+            maps = paste_back_each(maps, batch.boxes, frame)
         yield batch, maps, scores
 
 

@@ -19,7 +19,8 @@ from medad_fast.config import Config
 from medad_fast.data.bmad import load_split
 from medad_fast.data.crop import (MIN_BOX_FRACTION, Box, EmptyLiverWarning, MaskCheck, check_liver_masked,
                                   choose_crop, crop_to_box, group_boxes, is_liver_masked, liver_box, liver_extent,
-                                  paste_back, resolve_crop, slice_is_liver_masked, square_box)
+                                  paste_back, paste_back_each, resolve_crop, slice_is_liver_masked,
+                                  square_box)
 from medad_fast.data.dataset import BmadSliceDataset, ImageFileDataset
 from medad_fast.data.phantom import write_phantom_dataset
 from medad_fast.io import save_png
@@ -123,6 +124,18 @@ def test_a_box_past_the_border_is_padded_and_pasted_back():
     expected = torch.nn.functional.interpolate(torch.nn.functional.interpolate(image, size=(50, 30), mode="area"),
                                                size=(100, 60), mode="bilinear", align_corners=False)[:, 0]
     assert torch.allclose(back[..., 1:-1], expected[..., 1:-1], atol=1e-5)
+
+
+def test_paste_back_each_puts_every_map_into_its_own_box():
+    maps = torch.rand(3, 16, 16)
+    boxes = [Box(0, 0, 20, 20), Box(5, 7, 30, 30), Box(-4, 10, 40, 40)]
+    each = paste_back_each(maps, boxes, (40, 48))
+    assert each.shape == (3, 40, 48)
+    for i, box in enumerate(boxes):
+        assert torch.equal(each[i:i + 1], paste_back(maps[i:i + 1], box, (40, 48)))
+    assert paste_back_each(maps[:0], [], (40, 48)).shape == (0, 40, 48)
+    with pytest.raises(ValueError, match="3 maps but 2 boxes"):
+        paste_back_each(maps, boxes[:2], (40, 48))
 
 
 def test_box_rescaled_into_the_model_sized_slice():

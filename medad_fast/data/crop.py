@@ -60,8 +60,8 @@ from medad_fast.data.manifest import written_by_prepare
 from medad_fast.io import read_png_gray, resize_images
 
 __all__ = ["Box", "EmptyLiverWarning", "CROP_MODES", "CROP_MARGIN", "MIN_BOX_FRACTION", "liver_extent", "square_box",
-           "liver_box", "group_boxes", "box_window", "crop_to_box", "paste_back", "slice_is_liver_masked",
-           "MaskCheck", "check_liver_masked", "is_liver_masked", "CropChoice", "choose_crop", "resolve_crop",
+           "liver_box", "group_boxes", "box_window", "crop_to_box", "paste_back", "paste_back_each",
+           "slice_is_liver_masked", "MaskCheck", "check_liver_masked", "is_liver_masked", "CropChoice", "choose_crop", "resolve_crop",
            "crops_liver"]
 
 CROP_MODES = ("auto", "liver", "none")
@@ -222,6 +222,16 @@ def paste_back(maps: torch.Tensor, box: Box, full_shape: tuple[int, int], fill: 
     if y0 < y1 and x0 < x1:
         out[:, y0:y1, x0:x1] = resized[:, y0 - box.top:y1 - box.top, x0 - box.left:x1 - box.left]
     return out
+
+
+def paste_back_each(maps: torch.Tensor, boxes: list[Box], full_shape: tuple[int, int]) -> torch.Tensor:
+    """:func:`paste_back` of each map ``maps[i]`` (``[N, h, w]``) into its own box
+    ``boxes[i]`` (per-slice crops): ``[N, H, W]`` = ``full_shape``."""
+    if len(boxes) != maps.shape[0]:
+        raise ValueError(f"{maps.shape[0]} maps but {len(boxes)} boxes")
+    if not boxes:
+        return maps.new_zeros(0, int(full_shape[0]), int(full_shape[1]), dtype=torch.float32)
+    return torch.cat([paste_back(maps[i:i + 1], box, full_shape) for i, box in enumerate(boxes)])
 
 
 # --------------------------------------------------------------------------- "auto": is the data liver-masked?
